@@ -1,0 +1,124 @@
+"""Tune param spaces, one function per research question, composed with `merge` (PAPER_SPEC §11, §13).
+
+Experimental factors (pattern, count, class, seed) are grid axes; nuisance and mitigation
+hyperparameters are sampled. Optimiser variants that change several keys at once are grid axes over
+small dicts under a named key; the trainable flattens them.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+from ray import tune
+
+from spurious.errors import SpuriousError
+
+PAPER_PATTERNS = ("s1", "s2", "s3", "r1", "r2", "r3", "core")
+MNIST_COUNTS = (0, 3, 5, 10, 20, 100, 2000, 5000)
+CIFAR_COUNTS = (0, 3, 5, 10, 20, 100, 500)
+SEEDS = (0, 1, 2, 3, 4)
+# Documented upper bound of the noise search: σ = 1 already costs most clean accuracy (§11.3).
+NOISE_SIGMA_MAX = 1.0
+
+
+def grid(values: Iterable[Any]) -> dict:
+    """Return a Tune grid axis over `values`."""
+    return tune.grid_search(list(values))
+
+
+def merge(*spaces: dict) -> dict:
+    """Return the union of param spaces; a key set by two spaces raises (compose, never override)."""
+    out: dict = {}
+    for space in spaces:
+        clash = set(out) & set(space)
+        if clash:
+            raise SpuriousError(f"search spaces both set {', '.join(sorted(clash))}")
+        out.update(space)
+    return out
+
+
+def rarity_grid(patterns: Sequence[str] = PAPER_PATTERNS, n_spurious: Sequence[int] = MNIST_COUNTS,
+                targets: Sequence[int] = (0, 1), data_seeds: Sequence[int] = SEEDS) -> dict:
+    """Return the pattern × n_spurious × target × data_seed grid (the paper's core design, §5.2)."""
+    return {"pattern": grid(patterns), "n_spurious": grid(n_spurious), "target": grid(targets),
+            "data_seed": grid(data_seeds)}
+
+
+def optimizer_space(variants: Sequence[dict]) -> dict:
+    """Return a grid over optimiser variants, each a dict of optimizer/lr/grad_clip/momentum settings."""
+    return {"optim": grid(variants)}
+
+
+def mitigation_space(l2: tuple[float, float] = (1e-6, 1e-1),
+                     noise_sigma: tuple[float, float] = (0.0, NOISE_SIGMA_MAX)) -> dict:
+    """Return a sampled space: L2 weight log-uniform (its floor stands in for "off") and input-noise σ uniform."""
+    lo, hi = l2
+    if not 0 < lo < hi:
+        raise SpuriousError(f"l2 bounds must satisfy 0 < low < high, got {l2}")
+    if not 0 <= noise_sigma[0] <= noise_sigma[1]:
+        raise SpuriousError(f"noise_sigma bounds must satisfy 0 <= low <= high, got {noise_sigma}")
+    return {"l2": tune.loguniform(lo, hi), "noise_sigma": tune.uniform(*noise_sigma)}
+
+
+def mitigation_grid(l2: Sequence[float] = (), noise_sigma: Sequence[float] = (), grad_clip: Sequence[float] = ()) -> dict:
+    """Return a grid over one mitigation at a time plus the unmitigated baseline (§11.1)."""
+    variants = [{"l2": 0.0, "noise_sigma": 0.0, "grad_clip": 0.0}]
+    for key, values in (("l2", l2), ("noise_sigma", noise_sigma), ("grad_clip", grad_clip)):
+        variants += [{**variants[0], key: float(v)} for v in values]
+    return {"mitigation": grid(variants)}
+
+
+# PAPER_SPEC §13 optimiser variants.
+G1_OPTIMIZERS = (
+    {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "grad_clip": 0.0},
+    {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "grad_clip": 0.1},
+    {"optimizer": "adam", "lr": 0.01, "grad_clip": 0.0},
+    {"optimizer": "adam", "lr": 0.01, "grad_clip": 1.0},
+    {"optimizer": "adam", "lr": 0.01, "grad_clip": 0.1},
+    {"optimizer": "adam", "lr": 0.01, "grad_clip": 0.01},
+)
+G3_OPTIMIZERS = (
+    {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "grad_clip": 0.0},
+    {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "grad_clip": 0.1},
+    {"optimizer": "adam", "lr": 0.01, "grad_clip": 0.0},
+    {"optimizer": "adam", "lr": 0.01, "grad_clip": 0.1},
+)
+
+
+def g1_space() -> dict:
+    """Return grid G1: {mnist, fashion} × 7 patterns × n × c × seeds × {LargeMLP, CNN002} × 6 optimisers."""
+    return merge({"dataset": grid(["mnist", "fashion"]), "model": grid(["large_mlp", "cnn002"]),
+                  "epochs": 70, "batch_size": 128, "l2": 0.0},
+                 rarity_grid(PAPER_PATTERNS, MNIST_COUNTS), optimizer_space(G1_OPTIMIZERS))
+
+
+def g3_space() -> dict:
+    """Return grid G3: CIFAR-10 × 7 patterns × n ≤ 500 × c × seeds, aug01 ResNet20, 4 optimisers, wd 1e-4."""
+    return merge({"dataset": "cifar10", "model": "resnet20", "augmentation": "aug01", "epochs": 70,
+                  "batch_size": 128, "l2": 1e-4},
+                 rarity_grid(PAPER_PATTERNS, CIFAR_COUNTS), optimizer_space(G3_OPTIMIZERS))
+
+
+def regularization_space(dataset: str = "mnist") -> dict:
+    """Return the §11 sweep: Adam 0.01, class 0, S3, 5 seeds, one mitigation at a time (wd, clip, noise)."""
+    if dataset == "cifar10":
+        base = {"dataset": "cifar10", "model": "resnet20", "augmentation": "aug01"}
+        mitigations = mitigation_grid(l2=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2), noise_sigma=(0.1, 0.2, 0.5, 1.0, 2.0),
+                                      grad_clip=(0.01, 0.1, 1.0, 10.0))
+        counts = (0, 1, 3, 5, 10, 20, 100, 1000)
+    else:
+        base = {"dataset": dataset, "model": "large_mlp"}
+        mitigations = mitigation_grid(l2=(1e-5, 1e-4, 1e-3, 1e-2, 5e-2, 1e-1),
+                                      noise_sigma=(0.05, 0.1, 0.2, 0.5, 0.75, 1.0, 5.0),
+                                      grad_clip=(1e-1, 1e-2, 1e-3, 1e-4, 1e-5))
+        counts = (0, 1, 3, 5, 10, 20, 100)
+    return merge({**base, "optimizer": "adam", "lr": 0.01, "epochs": 70, "batch_size": 128},
+                 rarity_grid(["s3"], counts, [0], SEEDS), mitigations)
+
+
+def count_trials(space: dict, num_samples: int = 1) -> int:
+    """Return how many trials Tune will create from `space` (product of grid axes × num_samples)."""
+    total = num_samples
+    for value in space.values():
+        if isinstance(value, dict) and set(value) == {"grid_search"}:
+            total *= len(value["grid_search"])
+    return total

@@ -1,0 +1,1 @@
+"""spurious package."""

@@ -1,0 +1,114 @@
+"""The typed, frozen configuration of one training run (the paper's experimental unit)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from spurious.errors import SpuriousError
+
+OPTIMIZERS = ("sgd", "adam")
+AUGMENTATIONS = ("none", "aug01")
+SPLITS = ("full", "mia_target", "mia_shadow")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run: data (dataset, pattern, n_spurious, target, data_seed) and hyperparameters."""
+
+    dataset: str = "fashion"
+    model: str = "large_mlp"
+    pattern: str = "s3"
+    n_spurious: int = 0
+    target: int = 0
+    data_seed: int = 0
+    seed: int = 0
+    split: str = "full"
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    l2: float = 0.0
+    grad_clip: float = 0.0
+    noise_sigma: float = 0.0
+    augmentation: str = "none"
+    epochs: int = 70
+    batch_size: int = 128
+    tau: float = 0.1
+    eval_batch_size: int = 2000
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _check_values(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the config as a plain dict of primitives."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """Return a copy with `changes` applied (validated)."""
+        return from_dict({**self.to_dict(), **changes})
+
+
+FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}
+_PY_TYPES = {"str": str, "int": int, "float": float}
+
+
+def field_names() -> list[str]:
+    """Return the config keys in declaration order."""
+    return list(FIELD_TYPES)
+
+
+def _coerce(key: str, value: Any) -> Any:
+    want = _PY_TYPES[FIELD_TYPES[key]]
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if want is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        return _coerce(key, value.item())
+    return value
+
+
+def from_dict(values: Mapping[str, Any]) -> TrainConfig:
+    """Build a validated config; unknown keys and wrong types raise a one-line SpuriousError."""
+    unknown = sorted(set(values) - set(FIELD_TYPES))
+    if unknown:
+        raise SpuriousError(f"unknown config key(s) {', '.join(map(repr, unknown))}; "
+                            f"allowed keys: {', '.join(FIELD_TYPES)}")
+    return TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    for key, type_name in FIELD_TYPES.items():
+        value, want = getattr(cfg, key), _PY_TYPES[type_name]
+        if isinstance(value, bool) or not isinstance(value, want):
+            raise SpuriousError(f"config key {key!r} must be {type_name}, got {value!r} "
+                                f"({type(value).__name__})")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise SpuriousError(message)
+
+
+def _check_values(cfg: TrainConfig) -> None:
+    _require(cfg.optimizer in OPTIMIZERS, f"optimizer {cfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    _require(cfg.augmentation in AUGMENTATIONS,
+             f"augmentation {cfg.augmentation!r} is not one of {', '.join(AUGMENTATIONS)}")
+    _require(cfg.split in SPLITS, f"split {cfg.split!r} is not one of {', '.join(SPLITS)}")
+    for key in ("lr", "l2", "noise_sigma", "grad_clip", "momentum", "tau"):
+        _require(math.isfinite(getattr(cfg, key)), f"{key} must be finite, got {getattr(cfg, key)!r}")
+    _require(cfg.lr > 0, f"lr must be > 0, got {cfg.lr!r}")
+    _require(cfg.l2 >= 0, f"l2 must be >= 0, got {cfg.l2!r}")
+    _require(cfg.noise_sigma >= 0, f"noise_sigma must be >= 0, got {cfg.noise_sigma!r}")
+    _require(cfg.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {cfg.grad_clip!r}")
+    _require(0 <= cfg.momentum < 1, f"momentum must be in [0, 1), got {cfg.momentum!r}")
+    _require(0 < cfg.tau < 1, f"tau must be in (0, 1), got {cfg.tau!r}")
+    for key in ("epochs", "batch_size", "eval_batch_size"):
+        _require(getattr(cfg, key) >= 1, f"{key} must be >= 1, got {getattr(cfg, key)!r}")
+    for key in ("n_spurious", "data_seed", "seed", "target"):
+        _require(getattr(cfg, key) >= 0, f"{key} must be >= 0, got {getattr(cfg, key)!r}")
+    _require(cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"),
+             f"device {cfg.device!r} is not one of auto, cpu, cuda[:N], mps")

@@ -1,0 +1,256 @@
+"""The training engine: a pure function from config + data + model factory to a trained model (§7).
+
+All data lives on the device as tensors; batches are gathered with a random permutation from a
+dedicated generator, so there is no DataLoader, no per-sample Python and no per-step host sync.
+Example (no Ray involved)::
+
+    from spurious import config, train
+    cfg = config.TrainConfig(pattern="s3", n_spurious=100, epochs=3)
+    result = train.run(cfg, on_epoch=lambda metrics, snapshot: print(metrics))
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from spurious import datasets, metrics, models, patterns
+from spurious.config import AUGMENTATIONS, TrainConfig
+from spurious.errors import SpuriousError
+from spurious.planted import PlantedData, plant
+
+CHECKPOINT_FORMAT = 1
+# The reference's MultiStepLR milestone table, keyed by the largest epoch count it applies to (§7.1).
+MILESTONES = ((30, (15, 25)), (40, (20, 30)), (50, (25, 40)), (60, (30, 50)), (70, (40, 50, 60)),
+              (80, (40, 60, 70)), (120, (50, 90, 110)), (140, (60, 100, 120)), (160, (40, 80, 120, 140)),
+              (200, (80, 140, 180)))
+
+ModelFactory = Callable[[TrainConfig, PlantedData], torch.nn.Module]
+Snapshot = Callable[[], dict]
+EpochCallback = Callable[[dict, Snapshot], Any]
+
+
+class TrainingError(RuntimeError):
+    """Training broke down (non-finite loss or parameters); the message is one line."""
+
+
+@dataclass
+class TrainResult:
+    """The trained model, the per-epoch metrics and the final checkpoint state."""
+
+    model: torch.nn.Module
+    history: list[dict] = field(default_factory=list)
+    state: dict = field(default_factory=dict)
+
+    @property
+    def final(self) -> dict:
+        """Return the last epoch's metrics."""
+        return self.history[-1] if self.history else {}
+
+
+def milestones(epochs: int) -> list[int]:
+    """Return the reference's MultiStepLR milestones for a run of `epochs` epochs (§7.1)."""
+    for limit, steps in MILESTONES:
+        if epochs <= limit:
+            return list(steps)
+    return [60, 120]
+
+
+def resolve_device(name: str) -> torch.device:
+    """Return the torch device for `name`; `auto` picks CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SpuriousError(f"device {name!r} was asked for but no CUDA GPU is available; use cpu or auto")
+    return torch.device(name)
+
+
+def validate_names(cfg: TrainConfig) -> None:
+    """Raise a SpuriousError if the dataset, model or pattern name is unknown."""
+    datasets.DATASETS.canonical(cfg.dataset)
+    aug = models.parse_model_name(cfg.model).augmentation
+    if aug not in (None, *AUGMENTATIONS):
+        raise SpuriousError(f"augmentation {aug!r} in model name {cfg.model!r} is not one of "
+                            f"{', '.join(AUGMENTATIONS)}")
+    patterns.get(cfg.pattern)
+
+
+def prepare(cfg: TrainConfig, root: str | Path | None = None) -> PlantedData:
+    """Return the planted data for `cfg`, loading the dataset from `root` or the usual places."""
+    validate_names(cfg)
+    return plant(datasets.load(cfg.dataset, root), cfg.pattern, cfg.n_spurious, cfg.target, cfg.data_seed,
+                 cfg.split)
+
+
+def default_model(cfg: TrainConfig, data: PlantedData) -> torch.nn.Module:
+    """Build `cfg.model` from the model registry for the data's input shape."""
+    return models.build(cfg.model, data.input_shape, data.num_classes)
+
+
+def augmentation_of(cfg: TrainConfig) -> str:
+    """Return the augmentation in force: the config's, or the one named in a reference model string."""
+    if cfg.augmentation != "none":
+        return cfg.augmentation
+    return models.parse_model_name(cfg.model).augmentation or "none"
+
+
+def aug01(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random crop with zero padding 4 and random horizontal flip, per image, as tensor ops (§6.3)."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (4, 4, 4, 4))
+    dy, dx = (torch.randint(0, 9, (2, n), generator=gen, device=x.device))
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    out = padded[batch, chans, rows, cols]
+    flip = torch.rand(n, generator=gen, device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    """Return SGD (momentum, no Nesterov) or Adam, with coupled L2 weight decay `cfg.l2` (§7.1)."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.l2)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.l2)
+
+
+class Engine:
+    """Holds the model, optimiser, scheduler and RNGs of one run; `fit` trains it epoch by epoch."""
+
+    def __init__(self, cfg: TrainConfig, data: PlantedData, model_factory: Optional[ModelFactory] = None):
+        self.cfg, self.device = cfg, resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.model = (model_factory or default_model)(cfg, data).to(self.device)
+        self.data = data.to(self.device)
+        self.optimizer = make_optimizer(cfg, self.model.parameters())
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones(cfg.epochs), 0.1)
+        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.augment = aug01 if augmentation_of(cfg) == "aug01" else None
+        self.epoch, self.history = 0, []
+
+    def train_epoch(self) -> tuple[float, float]:
+        """Run one epoch over the shuffled patterned training set; return running loss and accuracy."""
+        cfg, x, y = self.cfg, self.data.x_train, self.data.y_train
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        for idx in torch.randperm(len(y), generator=self.gen, device=self.device).split(cfg.batch_size):
+            xb, yb = x[idx], y[idx]
+            if self.augment is not None:
+                xb = self.augment(xb, self.gen)
+            if cfg.noise_sigma > 0:
+                xb = xb + cfg.noise_sigma * torch.randn(xb.shape, generator=self.gen, device=self.device)
+            out = self.model(xb)
+            loss = F.cross_entropy(out, yb)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_value_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            loss_sum += loss.detach() * len(yb)
+            correct += (out.argmax(1) == yb).sum()
+        return (loss_sum / len(y)).item(), (correct.double() / len(y)).item()
+
+    def evaluate(self) -> dict[str, float]:
+        """Return the clean and patterned test metrics of the current model (§5)."""
+        d = self.data
+        return metrics.evaluate(self.model, d.x_test, d.y_test, d.x_test_patterned, d.target, self.cfg.tau,
+                                self.cfg.eval_batch_size)
+
+    def step(self) -> dict:
+        """Train and evaluate one epoch; return its metrics (raises TrainingError on divergence)."""
+        start, lr = time.perf_counter(), self.optimizer.param_groups[0]["lr"]
+        train_loss, train_acc = self.train_epoch()
+        if not np.isfinite(train_loss):
+            raise TrainingError(f"training loss became {train_loss} at epoch {self.epoch + 1} "
+                                f"(lr={lr}, optimizer={self.cfg.optimizer}); lower the learning rate")
+        self.scheduler.step()
+        self.epoch += 1
+        row = {"epoch": self.epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
+               **self.evaluate(), "epoch_time_s": time.perf_counter() - start}
+        self.history.append(row)
+        return row
+
+    def fit(self, on_epoch: Optional[EpochCallback] = None) -> TrainResult:
+        """Train up to `cfg.epochs`, calling `on_epoch(metrics, snapshot)` after every epoch."""
+        while self.epoch < self.cfg.epochs:
+            row = self.step()
+            if on_epoch is not None:
+                on_epoch(dict(row), self.snapshot)
+        return TrainResult(self.model, list(self.history), self.snapshot())
+
+    def snapshot(self) -> dict:
+        """Return a checkpoint: model, optimiser, scheduler, epoch, RNG states, config, planted indices."""
+        rng = {"torch": torch.get_rng_state(), "generator": self.gen.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        sched = {k: v for k, v in self.scheduler.state_dict().items() if k != "milestones"}
+        return {"format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(), "epoch": self.epoch,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "scheduler": sched,
+                "rng": rng, "spurious_idx": torch.from_numpy(np.asarray(self.data.spurious_idx, np.int64)),
+                "history": [dict(r) for r in self.history]}
+
+    def restore(self, state: dict) -> None:
+        """Continue from a checkpoint made by `snapshot` (same config)."""
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise SpuriousError(f"checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.gen.set_state(state["rng"]["generator"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.epoch, self.history = int(state["epoch"]), [dict(r) for r in state["history"]]
+
+
+def train(cfg: TrainConfig, data: PlantedData, model_factory: Optional[ModelFactory] = None,
+          on_epoch: Optional[EpochCallback] = None, resume: Optional[dict] = None) -> TrainResult:
+    """Train a model on `data` per `cfg`; `on_epoch(metrics, snapshot)` sees every epoch (§7)."""
+    engine = Engine(cfg, data, model_factory)
+    if resume is not None:
+        engine.restore(resume)
+    return engine.fit(on_epoch)
+
+
+def run(cfg: TrainConfig, on_epoch: Optional[EpochCallback] = None, root: str | Path | None = None,
+        resume: Optional[dict] = None) -> TrainResult:
+    """Load and plant the data for `cfg`, then train; the library's one-call entry point."""
+    return train(cfg, prepare(cfg, root), on_epoch=on_epoch, resume=resume)
+
+
+def save_checkpoint(state: dict, path: str | Path) -> Path:
+    """Write a checkpoint atomically (temporary file, then rename) and return its path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint safely (`weights_only=True`: it may come from another machine) onto the CPU."""
+    try:
+        return torch.load(Path(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SpuriousError(f"checkpoint {str(path)!r} does not exist") from None
+    except Exception as err:  # torch raises many types for corrupt files
+        raise SpuriousError(f"checkpoint {str(path)!r} cannot be read: {type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''}") from None
+
+
+def model_from_checkpoint(state: dict, input_shape: tuple[int, int, int], num_classes: int = 10) -> torch.nn.Module:
+    """Rebuild the model of a checkpoint on the CPU, in eval mode."""
+    from spurious.config import from_dict
+
+    cfg = from_dict(state["config"])
+    model = models.build(cfg.model, input_shape, num_classes)
+    model.load_state_dict(state["model"])
+    return model.eval()

@@ -1,0 +1,209 @@
+"""The study catalog: named studies (small Python functions) and YAML study files with the same fields.
+
+Each study is a param space for one trainable plus a smoke variant that runs in about a minute.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from ray import tune
+
+import search_spaces as ss
+from spurious.errors import SpuriousError
+from spurious.registry import Registry
+
+KINDS = ("train",)
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """A named study: a Tune param space, its smoke variant and how to run it."""
+
+    name: str
+    description: str
+    space: dict
+    smoke: dict = field(default_factory=dict)
+    kind: str = "train"
+    num_samples: int = 1
+    checkpoint_every: int = 5
+    expected_time: str = ""
+
+    def resolved(self, smoke: bool = False, overrides: dict | None = None) -> dict:
+        """Return the param space with the smoke variant and `--set` overrides applied."""
+        space = copy.deepcopy(self.space)
+        if smoke:
+            space = apply_overrides(space, self.smoke)
+        return apply_overrides(space, overrides or {})
+
+    def trial_count(self, smoke: bool = False, overrides: dict | None = None) -> int:
+        """Return the number of trials the resolved study creates."""
+        return ss.count_trials(self.resolved(smoke, overrides), self.num_samples)
+
+
+STUDIES: Registry[Callable[[], StudySpec]] = Registry("study")
+
+
+def study(name: str):
+    """Register a study function; its docstring is the study's description."""
+    def wrap(fn: Callable[[], StudySpec]) -> Callable[[], StudySpec]:
+        STUDIES.register(name, fn)
+        return fn
+    return wrap
+
+
+@study("demo")
+def demo() -> StudySpec:
+    """Rare S3/R3 patterns on real Fashion-MNIST with LargeMLP (the README's main job).
+
+    Command: `study run demo` — 16 trials (2 patterns × n ∈ {0, 3, 10, 100} × 2 data seeds), 6 epochs,
+    about 4 minutes on 2 CPU cores. Smoke: 2 trials, 1 epoch.
+    """
+    space = ss.merge({"dataset": "fashion", "model": "large_mlp", "optimizer": "sgd", "lr": 0.01,
+                      "momentum": 0.9, "epochs": 6, "batch_size": 128},
+                     ss.rarity_grid(["s3", "r3"], [0, 3, 10, 100], [0], [0, 1]))
+    return StudySpec("demo", _doc(demo), space, smoke={"epochs": 1, "n_spurious": [0, 100], "pattern": "s3",
+                                                        "data_seed": 0},
+                     checkpoint_every=2, expected_time="~4 min on 2 CPUs")
+
+
+@study("paper-mlp")
+def paper_mlp() -> StudySpec:
+    """Grid G1 of the paper (PAPER_SPEC §13.1): MNIST and Fashion-MNIST, LargeMLP and CNN002, 6 optimisers.
+
+    Command: `study run paper-mlp --address auto --gpus-per-trial 0.25` — 13,440 trials of 70 epochs
+    (2 datasets × 2 models × 6 optimisers × 7 patterns × 8 counts × 2 classes × 5 seeds; the n = 0
+    baseline is trained once per pattern and seed). Hours on a GPU cluster. Smoke: Fashion, LargeMLP,
+    SGD, S3, n ∈ {0, 100}, 1 epoch.
+    """
+    smoke = {"dataset": "fashion", "model": "large_mlp", "optim": [ss.G1_OPTIMIZERS[0]], "pattern": "s3",
+             "n_spurious": [0, 100], "target": 0, "data_seed": 0, "epochs": 1}
+    return StudySpec("paper-mlp", _doc(paper_mlp), ss.g1_space(), smoke=smoke, checkpoint_every=10,
+                     expected_time="~13k trials; hours on a GPU cluster")
+
+
+@study("paper-cifar10")
+def paper_cifar10() -> StudySpec:
+    """Grid G3 of the paper (PAPER_SPEC §13.1): CIFAR-10, aug01 ResNet20, 4 optimisers, wd 1e-4.
+
+    Command: `study run paper-cifar10 --address auto --gpus-per-trial 0.5` — 1,960 trials of 70 epochs
+    (4 optimisers × 7 patterns × 7 counts × 2 classes × 5 seeds). Needs the CIFAR-10 python batches
+    (`--data-dir`). Smoke: SGD, S3, n ∈ {0, 100}, 1 epoch.
+    """
+    smoke = {"optim": [ss.G3_OPTIMIZERS[0]], "pattern": "s3", "n_spurious": [0, 100], "target": 0,
+             "data_seed": 0, "epochs": 1}
+    return StudySpec("paper-cifar10", _doc(paper_cifar10), ss.g3_space(), smoke=smoke, checkpoint_every=10,
+                     expected_time="~2k trials; a day on one GPU")
+
+
+@study("regularization")
+def regularization() -> StudySpec:
+    """The regularisation sweeps of PAPER_SPEC §11 on Fashion-MNIST: weight decay, clipping, input noise.
+
+    Command: `study run regularization` — 665 trials (19 mitigation settings × 7 counts × 5 seeds), Adam
+    0.01, S3, class 0, 70 epochs. The reference ran this on MNIST; `--set dataset=mnist` does that.
+    Smoke: 3 settings (baseline, l2 1e-3, σ 0.5), n ∈ {0, 100}, 1 epoch.
+    """
+    smoke = {"mitigation": [{"l2": 0.0, "noise_sigma": 0.0, "grad_clip": 0.0},
+                            {"l2": 1e-3, "noise_sigma": 0.0, "grad_clip": 0.0},
+                            {"l2": 0.0, "noise_sigma": 0.5, "grad_clip": 0.0}],
+             "n_spurious": [0, 100], "data_seed": 0, "epochs": 1}
+    return StudySpec("regularization", _doc(regularization), ss.regularization_space("fashion"), smoke=smoke,
+                     checkpoint_every=10, expected_time="~665 trials; ~2 h on one GPU")
+
+
+def _doc(fn: Callable) -> str:
+    return (fn.__doc__ or "").strip()
+
+
+def names() -> list[str]:
+    """Return the catalog's study names."""
+    return STUDIES.names()
+
+
+def get(name_or_path: str) -> StudySpec:
+    """Return a catalog study by name, or load a YAML study file."""
+    if name_or_path.endswith((".yaml", ".yml")) or Path(name_or_path).is_file():
+        return load_yaml(name_or_path)
+    return STUDIES.get(name_or_path)()
+
+
+def apply_overrides(space: dict, overrides: dict) -> dict:
+    """Return `space` with keys replaced; lists become grid axes; keys also drop out of variant dicts."""
+    out = dict(space)
+    for key, value in overrides.items():
+        for axis, spec in list(out.items()):
+            if _is_grid(spec) and all(isinstance(v, dict) for v in spec["grid_search"]):
+                out[axis] = ss.grid(_dedupe([{k: v for k, v in variant.items() if k != key}
+                                             for variant in spec["grid_search"]]))
+        out[key] = to_domain(value)
+    return out
+
+
+def _is_grid(spec: Any) -> bool:
+    return isinstance(spec, dict) and set(spec) == {"grid_search"}
+
+
+def _dedupe(items: list) -> list:
+    out = []
+    for item in items:
+        if item not in out:
+            out.append(item)
+    return out
+
+
+DISTRIBUTIONS = {"loguniform": tune.loguniform, "uniform": tune.uniform, "randint": tune.randint}
+
+
+def to_domain(value: Any) -> Any:
+    """Return the Tune value for a YAML/`--set` value: list → grid, {grid: [...]}, {loguniform: [a, b]} …"""
+    if isinstance(value, list):
+        if not value:
+            raise SpuriousError("an empty list is not a valid grid axis")
+        return ss.grid(value)
+    if isinstance(value, dict) and len(value) == 1:
+        (kind, args), = value.items()
+        if kind == "grid":
+            return to_domain(list(args))
+        if kind == "choice":
+            return tune.choice(list(args))
+        if kind in DISTRIBUTIONS:
+            if not isinstance(args, list) or len(args) != 2:
+                raise SpuriousError(f"{kind} needs [low, high], got {args!r}")
+            return DISTRIBUTIONS[kind](*args)
+    return value
+
+
+YAML_KEYS = {"name", "description", "space", "smoke", "kind", "num_samples", "checkpoint_every", "expected_time",
+             "base"}
+
+
+def load_yaml(path: str | Path) -> StudySpec:
+    """Load a YAML study file (fields as StudySpec; `base:` names a catalog study to start from)."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise SpuriousError(f"study file {str(path)!r} does not exist") from None
+    except yaml.YAMLError as err:
+        raise SpuriousError(f"study file {str(path)!r} is not valid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(raw, dict):
+        raise SpuriousError(f"study file {str(path)!r} must be a mapping with keys {', '.join(sorted(YAML_KEYS))}")
+    unknown = set(raw) - YAML_KEYS
+    if unknown:
+        raise SpuriousError(f"study file {str(path)!r} has unknown key(s) {', '.join(sorted(unknown))}; "
+                            f"allowed: {', '.join(sorted(YAML_KEYS))}")
+    base = STUDIES.get(raw["base"])() if "base" in raw else None
+    space = apply_overrides(base.space if base else {}, raw.get("space") or {})
+    if not space:
+        raise SpuriousError(f"study file {str(path)!r} has an empty space (set `space:` or `base:`)")
+    kind = raw.get("kind", base.kind if base else "train")
+    if kind not in KINDS:
+        raise SpuriousError(f"study kind {kind!r} is not one of {', '.join(KINDS)}")
+    return StudySpec(name=str(raw.get("name", Path(path).stem)), description=str(raw.get("description", "")),
+                     space=space, smoke=raw.get("smoke") or (base.smoke if base else {}), kind=kind,
+                     num_samples=int(raw.get("num_samples", 1)),
+                     checkpoint_every=int(raw.get("checkpoint_every", base.checkpoint_every if base else 5)),
+                     expected_time=str(raw.get("expected_time", "")))

@@ -1,0 +1,42 @@
+"""The frozen training config rejects unknown keys, wrong types and out-of-range values in one line."""
+import pytest
+
+from spurious import config
+from spurious.errors import SpuriousError
+
+
+def test_defaults_are_the_papers_mlp_setting():
+    cfg = config.TrainConfig()
+    assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.batch_size, cfg.epochs, cfg.l2) == ("sgd", .01, .9, 128, 70, 0.)
+
+
+def test_from_dict_coerces_ints_to_floats_and_round_trips():
+    cfg = config.from_dict({"lr": 1, "n_spurious": 3.0, "l2": 0})
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.n_spurious == 3
+    assert config.from_dict(cfg.to_dict()) == cfg
+    assert cfg.replace(seed=4).seed == 4
+
+
+def test_unknown_key_names_it_and_the_allowed_keys():
+    with pytest.raises(SpuriousError, match=r"unknown config key\(s\) 'learning_rate'.*allowed keys: dataset"):
+        config.from_dict({"learning_rate": 0.1})
+
+
+@pytest.mark.parametrize("key,value", [("lr", "fast"), ("n_spurious", 2.5), ("epochs", True), ("pattern", 8)])
+def test_wrong_types_name_the_key(key, value):
+    with pytest.raises(SpuriousError, match=f"config key '{key}' must be"):
+        config.from_dict({key: value})
+
+
+@pytest.mark.parametrize("key,value,msg", [
+    ("l2", -1e-4, "l2 must be >= 0"), ("noise_sigma", -0.1, "noise_sigma must be >= 0"),
+    ("lr", 0.0, "lr must be > 0"), ("optimizer", "rmsprop", "optimizer 'rmsprop'"),
+    ("n_spurious", -3, "n_spurious must be >= 0"), ("tau", 1.5, "tau must be in"),
+    ("epochs", 0, "epochs must be >= 1"), ("augmentation", "aug02", "augmentation 'aug02'"),
+    ("lr", float("nan"), "lr must be finite"), ("device", "tpu", "device 'tpu'"),
+    ("split", "half", "split 'half'"),
+])
+def test_bad_values_fail_with_one_line(key, value, msg):
+    with pytest.raises(SpuriousError, match=msg) as err:
+        config.from_dict({key: value})
+    assert "\n" not in str(err.value)

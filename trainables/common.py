@@ -1,0 +1,66 @@
+"""The one thin layer that talks to Ray Tune's reporting API (it has changed across Ray versions)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from ray import tune
+
+from spurious import train
+from spurious.errors import SpuriousError
+
+CHECKPOINT_FILE = "checkpoint.pt"
+FAULT_FILE_ENV = "SPURIOUS_FAULT_FILE"
+
+
+def flatten_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge nested dicts (e.g. a grid over optimiser variants) into one flat config dict."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        items = flatten_config(value).items() if isinstance(value, Mapping) else [(key, value)]
+        for k, v in items:
+            if k in flat and flat[k] != v:
+                raise SpuriousError(f"config key {k!r} is set twice with different values ({flat[k]!r}, {v!r})")
+            flat[k] = v
+    return flat
+
+
+def restored_state() -> dict | None:
+    """Return the checkpoint Ray hands a restored trial, or None for a fresh trial."""
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        return train.load_checkpoint(Path(directory) / CHECKPOINT_FILE)
+
+
+def report(metrics: dict, state: dict | None = None) -> None:
+    """Report one epoch's metrics to Tune, with a checkpoint when `state` is given."""
+    if state is None:
+        tune.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        train.save_checkpoint(state, Path(directory) / CHECKPOINT_FILE)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+
+
+def maybe_inject_fault(epoch: int) -> None:
+    """Raise once if the fault file named by $SPURIOUS_FAULT_FILE exists (reliability tests, chaos drills).
+
+    The file holds the epoch after which to fail; it is deleted first, so the retried trial runs on.
+    """
+    path = os.environ.get(FAULT_FILE_ENV)
+    if not path or not os.path.exists(path):
+        return
+    if epoch >= int(Path(path).read_text().strip() or 0):
+        os.unlink(path)
+        raise RuntimeError(f"injected fault after epoch {epoch} ({FAULT_FILE_ENV}={path})")
+
+
+def use_trial_threads() -> None:
+    """Match torch's CPU threads to the CPUs Tune gave this trial."""
+    cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
+    torch.set_num_threads(max(1, int(cpus)))

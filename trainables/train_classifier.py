@@ -1,0 +1,29 @@
+"""`train_classifier`: one training run of the paper's experimental unit as a Ray Tune trainable."""
+from __future__ import annotations
+
+from typing import Mapping
+
+from spurious import config as config_lib, train
+from spurious.datasets import Dataset
+from spurious.planted import plant
+from trainables.common import flatten_config, maybe_inject_fault, report, restored_state, use_trial_threads
+
+
+def train_classifier(config: Mapping, datasets: Mapping[str, Dataset], checkpoint_every: int = 5) -> None:
+    """Train one model; report every epoch through Tune, checkpoint every `checkpoint_every` epochs and at the end.
+
+    `datasets` comes from `tune.with_parameters`, so it travels through Ray's object store and worker
+    nodes need no copy of the data files.
+    """
+    cfg = config_lib.from_dict(flatten_config(config))
+    use_trial_threads()
+    data = plant(datasets[cfg.dataset], cfg.pattern, cfg.n_spurious, cfg.target, cfg.data_seed, cfg.split)
+
+    def on_epoch(metrics: dict, snapshot) -> None:
+        epoch = metrics["epoch"]
+        due = epoch == cfg.epochs or (checkpoint_every > 0 and epoch % checkpoint_every == 0)
+        metrics["n_planted"] = len(data.spurious_idx)
+        report(metrics, snapshot() if due else None)
+        maybe_inject_fault(epoch)
+
+    train.train(cfg, data, on_epoch=on_epoch, resume=restored_state())
