@@ -1,0 +1,181 @@
+"""Tidy DataFrames from experiment directories: one row per trial (`load`) or per trial × epoch (`load_epochs`).
+
+Reads Tune's plain files (each trial directory's `params.json`, `result.json`, `error.txt` and
+`checkpoint_*`), so it needs no Ray and works on finished, partly finished and resumed experiments.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from spurious.errors import SpuriousError
+
+CONFIG_COLUMNS = ("dataset", "model", "pattern", "n_spurious", "target", "data_seed", "seed", "split", "optimizer",
+                  "lr", "momentum", "l2", "grad_clip", "noise_sigma", "augmentation", "epochs", "batch_size",
+                  "tau")
+METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "spurious_score", "spurious_score_nontarget",
+           "patterned_acc", "patterned_target_rate")
+# Keys that identify a cell of a study; seeds are replicates, not cells.
+REPLICATE_KEYS = ("data_seed", "seed")
+
+
+def _full_config(params: dict) -> dict:
+    """Return the trial's flat config with the training defaults filled in (every row has every key)."""
+    from spurious.config import TrainConfig
+
+    return {**{f.name: f.default for f in dataclasses.fields(TrainConfig)},
+            **_flatten(params)}
+
+
+def _flatten(config: dict) -> dict:
+    flat = {}
+    for key, value in config.items():
+        flat.update(_flatten(value) if isinstance(value, dict) else {key: value})
+    return flat
+
+
+def _read_results(trial_dir: Path) -> list[dict]:
+    path = trial_dir / "result.json"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a killed driver
+    return rows
+
+
+def _epochs(rows: list[dict]) -> list[dict]:
+    """Keep the last report of each epoch (a restored trial repeats epochs after its checkpoint)."""
+    by_epoch = {r["epoch"]: r for r in rows if "epoch" in r}
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def _trial_dirs(path: Path) -> list[Path]:
+    if (path / "params.json").exists():
+        return [path]
+    dirs = sorted(p.parent for p in path.glob("*/params.json"))
+    if not dirs and not path.exists():
+        raise SpuriousError(f"experiment directory {str(path)!r} does not exist")
+    return dirs
+
+
+def _error_line(trial_dir: Path) -> str | None:
+    path = trial_dir / "error.txt"
+    if not path.exists():
+        return None
+    lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    causes = [ln for ln in lines if not ln.startswith(("Traceback", "File ", "^", "~")) and ":" in ln]
+    return (causes[-1] if causes else lines[-1] if lines else "unknown error")[:300]
+
+
+def _latest_checkpoint(trial_dir: Path) -> str | None:
+    ckpts = sorted(trial_dir.glob("checkpoint_*"))
+    return str(ckpts[-1]) if ckpts else None
+
+
+def _dir_trial_id(trial_dir: Path) -> str:
+    match = re.search(r"_([0-9a-f]{5}_[0-9]{5})(_|$)", trial_dir.name)
+    return match.group(1) if match else trial_dir.name
+
+
+def _trial_row(trial_dir: Path) -> dict:
+    config = _full_config(json.loads((trial_dir / "params.json").read_text()))
+    epochs = _epochs(_read_results(trial_dir))
+    final = epochs[-1] if epochs else {}
+    error = _error_line(trial_dir)
+    done = bool(epochs) and final.get("epoch") == config.get("epochs")
+    status = "TERMINATED" if done else "ERROR" if error else "INCOMPLETE"
+    row = {"experiment": trial_dir.parent.name, "trial_id": final.get("trial_id") or _dir_trial_id(trial_dir),
+           "status": status, "error": error if not done else None, "epochs_done": final.get("epoch", 0),
+           **config, **{m: final.get(m, math.nan) for m in METRICS},
+           "time_total_s": final.get("time_total_s", math.nan), "hostname": final.get("hostname"),
+           "checkpoint": _latest_checkpoint(trial_dir), "trial_dir": str(trial_dir)}
+    return row
+
+
+def load(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
+    """Return one row per trial of one or more experiment directories: config, final metrics, status."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    rows = [_trial_row(d) for p in paths for d in _trial_dirs(Path(p))]
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return pd.DataFrame(columns=["experiment", "trial_id", "status", *CONFIG_COLUMNS, *METRICS])
+    return df
+
+
+def load_epochs(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
+    """Return one row per (trial, epoch): the trial's config columns and that epoch's metrics."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    rows = []
+    for p in paths:
+        for d in _trial_dirs(Path(p)):
+            config = _full_config(json.loads((d / "params.json").read_text()))
+            for r in _epochs(_read_results(d)):
+                rows.append({"experiment": d.parent.name, "trial_id": r.get("trial_id"), **config,
+                             "epoch": r["epoch"], "lr": r.get("lr"), **{m: r.get(m, math.nan) for m in METRICS}})
+    return pd.DataFrame(rows)
+
+
+def errored(df: pd.DataFrame) -> list[str]:
+    """Return `trial_id: reason` for each errored trial."""
+    if df.empty:
+        return []
+    bad = df[df["status"] == "ERROR"]
+    return [f"{r.trial_id}: {r.error}" for r in bad.itertuples()]
+
+
+def cell_keys(df: pd.DataFrame, by: Sequence[str]) -> list[str]:
+    """Return `by` plus every other config column that varies across `df` (excluding seeds)."""
+    extra = [c for c in CONFIG_COLUMNS if c in df and c not in by and c not in REPLICATE_KEYS
+             and df[c].astype(str).nunique() > 1]
+    return [*extra, *by]
+
+
+def summarize(df: pd.DataFrame, by: Sequence[str] = ("pattern", "n_spurious"),
+              metric: str = "spurious_score") -> pd.DataFrame:
+    """Return mean, standard error and count of `metric` per cell, and the one-sided Welch p-value of
+    each cell against its n = 0 baseline cell (same other keys; PAPER_SPEC §5.2)."""
+    from spurious.metrics import welch_greater
+
+    done = df[df["status"] == "TERMINATED"] if "status" in df else df
+    keys = cell_keys(done, list(by))
+    if done.empty:
+        return pd.DataFrame(columns=[*keys, "mean", "se", "count", "p_vs_baseline"])
+    grouped = done.groupby(keys, dropna=False)[metric]
+    out = grouped.agg(mean="mean", se=lambda s: s.std(ddof=1) / np.sqrt(len(s)) if len(s) > 1 else np.nan,
+                      count="count").reset_index()
+    if "n_spurious" in keys:
+        values = {k: g[metric].to_numpy() for k, g in done.groupby(keys, dropna=False)}
+        out["p_vs_baseline"] = [
+            welch_greater(values[key], values.get(_baseline_key(key, keys), np.array([])))
+            if row.n_spurious != 0 else np.nan
+            for key, row in zip(out[keys].itertuples(index=False, name=None), out.itertuples())]
+    return out
+
+
+def _baseline_key(key: tuple, keys: list[str]) -> tuple:
+    return tuple(0 if k == "n_spurious" else v for k, v in zip(keys, key))
+
+
+def score_table(df: pd.DataFrame, metric: str = "spurious_score") -> str:
+    """Return a plain-text table of `metric` (mean ± s.e. over seeds): rows pattern (and other varying
+    factors), columns n_spurious."""
+    summary = summarize(df, metric=metric)
+    if summary.empty:
+        return f"(no finished trials to summarise {metric})"
+    summary["cell"] = [f"{m:.3f} ± {s:.3f}" if not np.isnan(s) else f"{m:.3f}"
+                       for m, s in zip(summary["mean"], summary["se"])]
+    rows = [k for k in cell_keys(summary, ["pattern"]) if k != "n_spurious"]
+    table = summary.pivot_table(index=rows, columns="n_spurious", values="cell", aggfunc="first")
+    table.columns = [f"n={c}" for c in table.columns]
+    return f"{metric} (mean ± s.e. over seeds)\n" + table.to_string()
