@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--data-dir")
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--skip-harness", action="store_true", help="only the engine benchmark")
+    parser.set_defaults(_handlers={**COMMANDS, **_extensions(sub)})
     return parser
 
 
@@ -188,13 +189,24 @@ def cmd_bench(args) -> int:
 
 
 COMMANDS = {"list": cmd_list, "show": cmd_show, "run": cmd_run, "resume": cmd_resume, "bench": cmd_bench}
+# Modules that add subcommands: each has `register(subparsers) -> {name: handler(args) -> int}`.
+EXTENSIONS: tuple[str, ...] = ()
+
+
+def _extensions(sub) -> dict:
+    import importlib
+
+    handlers = {}
+    for module in EXTENSIONS:
+        handlers.update(importlib.import_module(module).register(sub))
+    return handlers
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `study` console script; user mistakes print one line and exit 2."""
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        return args._handlers[args.command](args)
     except SpuriousError as err:
         print(f"study: error: {err}", file=sys.stderr)
         return 2
