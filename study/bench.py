@@ -1,0 +1,72 @@
+"""`study bench`: engine speed against a reference-shaped loop, and Ray Tune harness overhead, in one run.
+
+Numbers are printed, never asserted by tests (speed targets are benchmark targets).
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+
+import torch
+
+from spurious import bench, datasets, train
+from spurious.config import TrainConfig
+from spurious.planted import plant
+
+HARNESS_TRIALS = 8
+HARNESS_EPOCHS = 3
+
+
+def engine_section(data_dir: str | None, repeats: int) -> dict:
+    """Print and return seconds per epoch of LargeMLP on full Fashion-MNIST: engine vs reference loop."""
+    cfg = TrainConfig(dataset="fashion", model="large_mlp", pattern="s3", n_spurious=10, batch_size=128)
+    data = train.prepare(cfg, data_dir)
+    res = bench.engine_vs_reference(cfg, data, repeats)
+    device = train.resolve_device(cfg.device)
+    print(f"engine vs reference-shaped loop — LargeMLP, full Fashion-MNIST, batch 128, SGD, {device}, "
+          f"{torch.get_num_threads()} threads (median of {repeats} epochs)")
+    print(f"  training step only : engine {res['engine_train_s']:.3f} s/epoch, reference "
+          f"{res['reference_train_s']:.3f} s/epoch, ratio {res['train_ratio']:.2f} (target <= 1.00)")
+    print(f"  with epoch metrics : engine {res['engine_full_s']:.3f} s/epoch, reference "
+          f"{res['reference_full_s']:.3f} s/epoch, ratio {res['full_ratio']:.2f} (target <= 1.15)")
+    return res
+
+
+def harness_configs() -> list[TrainConfig]:
+    """Return the 8 trials of the harness benchmark (2 patterns × 2 counts × 2 seeds, 3 epochs)."""
+    return [TrainConfig(dataset="fashion", pattern=p, n_spurious=n, data_seed=s, epochs=HARNESS_EPOCHS)
+            for p in ("s3", "r3") for n in (0, 10) for s in (0, 1)]
+
+
+def harness_section(data_dir: str | None) -> dict:
+    """Print and return wall time of the 8-trial study through Ray Tune vs back-to-back in this process."""
+    from study import catalog, runner
+
+    configs = harness_configs()
+    data = datasets.load("fashion", data_dir)
+    start = time.perf_counter()
+    for cfg in configs:
+        train.train(cfg, plant(data, cfg.pattern, cfg.n_spurious, cfg.target, cfg.data_seed))
+    serial = time.perf_counter() - start
+
+    space = {"dataset": "fashion", "epochs": HARNESS_EPOCHS, "pattern": {"grid_search": ["s3", "r3"]},
+             "n_spurious": {"grid_search": [0, 10]}, "data_seed": {"grid_search": [0, 1]}}
+    spec = catalog.StudySpec("bench-harness", "harness overhead benchmark", space, checkpoint_every=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        options = runner.RunOptions(storage_path=tmp, name="bench", data_dir=data_dir, verbose=0)
+        start = time.perf_counter()
+        runner.run(runner.prepare(spec, options), options)
+        tuned = time.perf_counter() - start
+    ratio = tuned / serial
+    print(f"harness overhead — {HARNESS_TRIALS} trials × {HARNESS_EPOCHS} epochs, Fashion-MNIST LargeMLP")
+    print(f"  back-to-back in one process: {serial:.1f} s; through Ray Tune (embedded, incl. start-up): "
+          f"{tuned:.1f} s; ratio {ratio:.2f} (target <= 1.25)")
+    return {"serial_s": serial, "tune_s": tuned, "ratio": ratio}
+
+
+def main(data_dir: str | None = None, repeats: int = 3, harness: bool = True) -> dict:
+    """Run every benchmark section and return the numbers."""
+    out = {"engine": engine_section(data_dir, repeats)}
+    if harness:
+        out["harness"] = harness_section(data_dir)
+    return out
