@@ -63,8 +63,8 @@ def _sample(value: Any) -> Any:
 def check_domains(space: Mapping[str, Any]) -> None:
     """Raise if a sampled L2, noise or clip range reaches below zero."""
     for key in NONNEGATIVE_KEYS:
-        lower = getattr(space.get(key), "lower", None)
-        if lower is not None and lower < 0:
+        lower = getattr(space.get(key), "lower", None) if hasattr(space.get(key), "sample") else None
+        if isinstance(lower, (int, float)) and lower < 0:
             raise SpuriousError(f"{key} range starts at {lower}; {key} must be >= 0")
 
 
@@ -164,10 +164,15 @@ class Prepared:
 
 def prepare(spec: StudySpec, options: RunOptions) -> Prepared:
     """Resolve the study and validate every trial config and the data; raise SpuriousError on bad input."""
+    name = options.name or default_name(spec, options.smoke)
+    target = Path(options.storage_uri()) / name
+    if "://" not in options.storage_uri() and target.exists():
+        raise SpuriousError(f"experiment {str(target)!r} already exists; continue it with `study resume "
+                            f"{target}` or choose another --name")
     space = spec.resolved(options.smoke, options.overrides)
     data = load_datasets(dataset_names(space), options.data_dir)
     configs = validate(space, data)
-    return Prepared(spec, space, configs, data, options.name or default_name(spec, options.smoke))
+    return Prepared(spec, space, configs, data, name)
 
 
 def write_meta(path: Path, prepared: Prepared, options: RunOptions, resources: dict) -> None:
@@ -194,6 +199,7 @@ def run(prepared: Prepared, options: RunOptions, callbacks: list | None = None) 
     """Run a prepared study through a Tuner and return its ResultGrid."""
     start_ray(options)
     resources = trial_resources(options)
+    _fresh_experiment_state(len(prepared.configs) * prepared.spec.num_samples)
     exp_path = Path(options.storage_uri()) / prepared.name
     write_meta(exp_path, prepared, options, resources)
     tuner = tune.Tuner(
@@ -205,6 +211,14 @@ def run(prepared: Prepared, options: RunOptions, callbacks: list | None = None) 
     return tuner.fit()
 
 
+def _fresh_experiment_state(trials: int) -> None:
+    """Save Tune's experiment state every 2 s for studies of up to 1,000 trials (Tune's default is every
+    10 s or more), so a killed driver loses at most 2 s of trial bookkeeping; larger studies keep Tune's
+    adaptive period because saving their state costs more."""
+    if trials <= 1000:
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+
+
 def resume(path: str | Path, retry_errored: bool = False, options: RunOptions | None = None,
            callbacks: list | None = None) -> tune.ResultGrid:
     """Continue an interrupted study: finished trials stay finished, unfinished ones restart from checkpoints."""
@@ -214,6 +228,7 @@ def resume(path: str | Path, retry_errored: bool = False, options: RunOptions | 
         raise SpuriousError(f"{str(path)!r} holds no restorable Tune experiment")
     options = options or RunOptions()
     start_ray(options)
+    _fresh_experiment_state(int(meta.get("trials", 0)))
     data = load_datasets(meta["datasets"], meta.get("data_dir"))
     trainable = build_trainable(data, meta["checkpoint_every"], trial_resources(_resume_options(options, meta)))
     tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,

@@ -1,0 +1,109 @@
+"""End-to-end studies on embedded Ray (2 CPUs) through the real `study` CLI, on real Fashion-MNIST.
+
+Each test runs the CLI in a subprocess (as a user would), so Ray starts and stops with it.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from analysis import frames
+from tests.conftest import requires_fashion
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray, requires_fashion]
+METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "spurious_score", "spurious_score_nontarget",
+           "patterned_acc", "patterned_target_rate")
+
+
+def study(*argv, env=None, timeout=600, **kw):
+    return subprocess.run([sys.executable, "-m", "study.cli", *argv], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})}, **kw)
+
+
+def start_study(*argv, env=None):
+    return subprocess.Popen([sys.executable, "-m", "study.cli", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def finished_trials(exp: Path, epochs: int) -> list[Path]:
+    done = []
+    for result in exp.glob("*/result.json"):
+        lines = [json.loads(ln) for ln in result.read_text().splitlines() if ln.strip().endswith("}")]
+        if any(r.get("epoch") == epochs for r in lines):
+            done.append(result)
+    return done
+
+
+def test_smoke_study_completes_with_all_metrics_in_the_result_grid(tmp_path):
+    proc = study("run", "demo", "--smoke", "--storage-path", str(tmp_path), "--name", "smoke", "-v", "0",
+                 "--wandb", "off")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "spurious_score (mean ± s.e. over seeds)" in proc.stdout and "experiment:" in proc.stdout
+    from ray import tune
+
+    grid = tune.ResultGrid(tune.ExperimentAnalysis(str(tmp_path / "smoke")))
+    df = grid.get_dataframe()
+    assert len(df) == 2 and not grid.errors
+    for metric in METRICS:
+        assert df[metric].notna().all(), metric
+    tidy = frames.load(tmp_path / "smoke")
+    assert (tidy["status"] == "TERMINATED").all()
+    assert sorted(tidy["spurious_score"]) == pytest.approx(sorted(df["spurious_score"]))
+    assert all(Path(c).exists() for c in tidy["checkpoint"])
+
+
+def test_killed_driver_then_resume_finishes_without_rerunning_finished_trials(tmp_path):
+    exp = tmp_path / "killed"
+    args = ("run", "demo", "--smoke", "--set", "n_spurious=[0,3,10,100]", "--set", "epochs=3",
+            "--max-concurrent", "1", "--storage-path", str(tmp_path), "--name", "killed", "-v", "0",
+            "--wandb", "off")
+    proc = start_study(*args)
+    deadline = time.time() + 300
+    while time.time() < deadline and not finished_trials(exp, 3):
+        time.sleep(0.5)
+    assert finished_trials(exp, 3), "no trial finished in time"
+    time.sleep(3)  # let Tune record the finished trial (experiment state is saved every 2 s)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    before = {p: p.read_text() for p in finished_trials(exp, 3)}
+    assert len(before) < 4, "the study must be interrupted before it ends"
+
+    resumed = study("resume", str(exp), "-v", "0", timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    df = frames.load(exp)
+    assert len(df) == 4 and (df["status"] == "TERMINATED").all()
+    for path, text in before.items():
+        assert path.read_text() == text, f"finished trial {path.parent.name} was run again"
+    epochs = frames.load_epochs(exp)
+    assert len(epochs) == 4 * 3, "every trial keeps every reported epoch exactly once"
+
+
+def test_trial_fault_is_retried_from_its_last_checkpoint(tmp_path):
+    fault = tmp_path / "fault.txt"
+    fault.write_text("2")  # fail once, right after epoch 2 (checkpointed: demo checkpoints every 2 epochs)
+    proc = study("run", "demo", "--smoke", "--set", "n_spurious=100", "--set", "epochs=3", "--storage-path",
+                 str(tmp_path), "--name", "fault", "-v", "0", "--wandb", "off",
+                 env={"SPURIOUS_FAULT_FILE": str(fault)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not fault.exists(), "the fault must have fired"
+    (result,) = (tmp_path / "fault").glob("*/result.json")
+    epochs = [json.loads(ln)["epoch"] for ln in result.read_text().splitlines()]
+    assert epochs == [1, 2, 3], f"the retry must continue after the epoch-2 checkpoint, saw {epochs}"
+    assert frames.load(tmp_path / "fault")["status"].tolist() == ["TERMINATED"]
+
+
+def test_diverging_trial_errors_with_one_line_and_the_study_goes_on(tmp_path):
+    proc = study("run", "demo", "--smoke", "--set", "n_spurious=100", "--set", "lr=[0.01,1.0e12]",
+                 "--set", "momentum=0.0", "--max-failures", "0", "--storage-path", str(tmp_path), "--name", "nan", "-v", "0",
+                 "--wandb", "off")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    df = frames.load(tmp_path / "nan")
+    assert sorted(df["status"]) == ["ERROR", "TERMINATED"]
+    (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("errored:")]
+    assert "training loss became" in line
