@@ -39,7 +39,8 @@ from spurious.train import TrainingError
 LossFn = Callable[[nn.Module], torch.Tensor]
 
 # §8.2: (scale, depth when n >= 100, depth when n < 100); damping 0.01 and repeats 10 everywhere.
-REFERENCE_DEFAULTS = {"fashion": (100.0, 1000, 2000), "cifar10": (100.0, 1000, 1000), "mnist": (25.0, 1000, 2000)}
+REFERENCE_DEFAULTS = {"fashion": (100.0, 1000, 2000), "cifar10": (100.0, 1000, 1000),
+                      "mnist": (25.0, 1000, 2000)}
 DEFAULT_DAMPING = 0.01
 DEFAULT_REPEATS = 10
 DEFAULT_MAX_NORM_RATIO = 1e6
@@ -81,10 +82,9 @@ def ce_loss(x: torch.Tensor, y: torch.Tensor) -> LossFn:
     return lambda model: F.cross_entropy(model(x), y)
 
 
-def example_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Return the (n, P) matrix of single-example cross-entropy gradients ∇θ ℓ(z) (§8.3 step 1)."""
-    params = trainable_params(model)
-    return torch.stack([flat_grad(ce_loss(x[i:i + 1], y[i:i + 1])(model), params) for i in range(len(y))])
+def summed_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Return Σ ∇θ ℓ(z) over the examples (x, y): one example's gradient (§8.3 step 1), or a group's sum."""
+    return flat_grad(F.cross_entropy(model(x), y, reduction="sum"), trainable_params(model))
 
 
 def _check_estimate(h: torch.Tensor, v_norm: float, max_norm_ratio: float, where: str) -> None:
@@ -111,22 +111,24 @@ def _lissa_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, v: torch.Tens
 
 
 def lissa_inverse_hvp(model: nn.Module, data_x: torch.Tensor, data_y: torch.Tensor, v: torch.Tensor,
-                      depth: int, scale: float, damping: float = DEFAULT_DAMPING, repeats: int = DEFAULT_REPEATS,
-                      generator: Optional[torch.Generator] = None, batch_size: int = 1,
-                      reference_scaling: bool = False,
+                      depth: int, scale: float, damping: float = DEFAULT_DAMPING,
+                      repeats: int = DEFAULT_REPEATS, generator: Optional[torch.Generator] = None,
+                      batch_size: int = 1, reference_scaling: bool = False,
                       max_norm_ratio: float = DEFAULT_MAX_NORM_RATIO) -> torch.Tensor:
     """Return the LiSSA estimate of (H + damping·I)⁻¹ v, H the mean cross-entropy Hessian on the data.
 
     Each of `repeats` runs takes `depth` steps, each on `batch_size` examples drawn with replacement
     (the reference uses batch 1; batch_size ≥ len(data) uses the full-data Hessian, deterministically);
-    the runs are averaged. With `reference_scaling` the reference's un-divided estimate
-    s·(H + damping·s·I)⁻¹ v is returned instead (module docstring). Call it with the model in eval mode.
+    the runs are averaged; `generator` (on the data's device) makes the draws reproducible. With
+    `reference_scaling` the reference's un-divided estimate s·(H + damping·s·I)⁻¹ v is returned instead
+    (module docstring). Call it with the model in eval mode.
     """
     _check_lissa_args(depth, scale, damping, repeats, batch_size)
     v = v.detach()
     v_norm = float(v.norm())
     if not math.isfinite(v_norm):
-        raise TrainingError(f"LiSSA got a non-finite vector v (|v| = {v_norm}); the model's gradient is not finite")
+        raise TrainingError(f"LiSSA got a non-finite vector v (|v| = {v_norm}): the model's gradient is not "
+                            "finite")
     if v_norm == 0.0:
         return torch.zeros_like(v)
     decay = 1.0 - damping if reference_scaling else 1.0 - damping / scale
@@ -157,8 +159,9 @@ def group_inverse_hvp(model: nn.Module, x_group: torch.Tensor, y_group: torch.Te
     `per_example=True` runs LiSSA once per example, as the reference does; False runs it once on the
     summed gradient, which has the same expectation (LiSSA is linear in v) at 1/n of the cost.
     """
-    grads = example_gradients(model, x_group, y_group)
-    vectors = grads if per_example else grads.sum(0, keepdim=True)
+    if not per_example:
+        return lissa_inverse_hvp(model, x_train, y_train, summed_gradient(model, x_group, y_group), **lissa)
+    vectors = (summed_gradient(model, x_group[i:i + 1], y_group[i:i + 1]) for i in range(len(y_group)))
     return sum(lissa_inverse_hvp(model, x_train, y_train, v, **lissa) for v in vectors)
 
 

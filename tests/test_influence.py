@@ -28,7 +28,10 @@ def toy_data(m=200, d=6, k=3, seed=0):
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Tiny models run fastest, and unaffected by a busy machine, on one thread."""
+    """Small models run fastest on one thread, and are not slowed tenfold when the machine is busy.
+
+    The test_deletion and test_mia modules import this autouse fixture too.
+    """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -57,7 +60,8 @@ def logistic(d=6, k=3, seed=0):
 def tiny_mlp(x, y, d=6, k=3, seed=0):
     """Return a 43-parameter tanh MLP after 20 L-BFGS steps: its Hessian is mildly indefinite, top ≈ 1."""
     torch.manual_seed(seed)
-    return fit_full_batch(nn.Sequential(nn.Linear(d, 4), nn.Tanh(), nn.Linear(4, k)).double(), x, y, max_iter=20)
+    model = nn.Sequential(nn.Linear(d, 4), nn.Tanh(), nn.Linear(4, k)).double()
+    return fit_full_batch(model, x, y, max_iter=20)
 
 
 def exact_hessian(model, x, y):
@@ -91,8 +95,8 @@ def test_full_batch_lissa_equals_damped_inverse(kind, damping):
     model = fit_full_batch(logistic(), x, y) if kind == "logistic" else tiny_mlp(x, y)
     hess = exact_hessian(model, x, y)
     eye = torch.eye(len(hess), dtype=torch.float64)
-    assert torch.linalg.eigvalsh(hess + damping * eye).min() > 0, "the damped Hessian must be positive definite"
-    v = influence.example_gradients(model, x[:1], y[:1])[0]
+    assert torch.linalg.eigvalsh(hess + damping * eye).min() > 0, "the damped Hessian must be positive"
+    v = influence.summed_gradient(model, x[:1], y[:1])
     got = influence.lissa_inverse_hvp(model, x, y, v, depth=1500, scale=2.0, damping=damping, repeats=1,
                                       batch_size=len(y))
     assert rel_err(got, torch.linalg.solve(hess + damping * eye, v)) < 1e-6
@@ -103,7 +107,7 @@ def test_reference_scaling_reproduces_the_undivided_estimate():
     x, y = toy_data()
     model = fit_full_batch(logistic(), x, y)
     hess, eye = exact_hessian(model, x, y), torch.eye(21, dtype=torch.float64)
-    v = influence.example_gradients(model, x[:1], y[:1])[0]
+    v = influence.summed_gradient(model, x[:1], y[:1])
     d, s = 0.01, 2.0
     kw = dict(depth=1500, scale=s, repeats=1, batch_size=len(y))
     ref = influence.lissa_inverse_hvp(model, x, y, v, damping=d, reference_scaling=True, **kw)
@@ -114,8 +118,9 @@ def test_reference_scaling_reproduces_the_undivided_estimate():
 
 def exact_update(model, x_group, y_group, x, y, damping):
     hess = exact_hessian(model, x, y)
-    g = influence.example_gradients(model, x_group, y_group).sum(0)
-    return torch.linalg.solve(hess + damping * torch.eye(len(hess), dtype=torch.float64), g) / (len(y) - len(y_group))
+    g = influence.summed_gradient(model, x_group, y_group)
+    eye = torch.eye(len(hess), dtype=torch.float64)
+    return torch.linalg.solve(hess + damping * eye, g) / (len(y) - len(y_group))
 
 
 def test_stochastic_group_influence_agrees_with_exact_inverse_hessian():
@@ -135,7 +140,8 @@ def test_per_example_and_summed_runs_agree_with_the_full_hessian():
     model = tiny_mlp(x, y)
     group = torch.arange(3)
     kw = dict(depth=600, scale=2.0, damping=0.1, repeats=1, batch_size=len(y))
-    a, b = (influence.group_inverse_hvp(model, x[group], y[group], x, y, per_example=p, **kw) for p in (True, False))
+    a, b = (influence.group_inverse_hvp(model, x[group], y[group], x, y, per_example=p, **kw)
+            for p in (True, False))
     assert rel_err(a, b) < 1e-8
     assert rel_err(a / (len(y) - 3), exact_update(model, x[group], y[group], x, y, damping=0.1)) < 1e-6
 
@@ -169,7 +175,7 @@ def test_update_returns_an_eval_copy_and_leaves_the_model_alone():
 def test_divergence_is_a_clear_training_error():
     x, y = toy_data()
     model = fit_full_batch(logistic(), x, y)
-    v = influence.example_gradients(model, x[:1], y[:1])[0]
+    v = influence.summed_gradient(model, x[:1], y[:1])
     with pytest.raises(TrainingError, match="LiSSA diverged") as err:  # scale far below the top eigenvalue
         influence.lissa_inverse_hvp(model, x, y, v, depth=2000, scale=0.01, repeats=1, batch_size=len(y))
     assert "\n" not in str(err.value)
@@ -180,7 +186,7 @@ def test_divergence_is_a_clear_training_error():
 def test_norm_guard_is_configurable():
     x, y = toy_data()
     model = fit_full_batch(logistic(), x, y)
-    v = influence.example_gradients(model, x[:1], y[:1])[0]
+    v = influence.summed_gradient(model, x[:1], y[:1])
     kw = dict(depth=200, scale=5.0, damping=0.01, repeats=1, batch_size=len(y))
     influence.lissa_inverse_hvp(model, x, y, v, **kw)
     with pytest.raises(TrainingError, match="limit 1.5x"):  # the true inverse has a norm > 1.5 |v|
@@ -200,7 +206,8 @@ def test_bad_settings_are_user_errors():
     x, y = toy_data()
     model = logistic()
     v = torch.ones(21, dtype=torch.float64)
-    for bad in (dict(depth=0), dict(scale=0.0), dict(damping=-1.0), dict(repeats=0), dict(scale=float("inf"))):
+    for bad in (dict(depth=0), dict(scale=0.0), dict(damping=-1.0), dict(repeats=0),
+                dict(scale=float("inf"))):
         with pytest.raises(SpuriousError):
             influence.lissa_inverse_hvp(model, x, y, v, **{**dict(depth=10, scale=10.0), **bad})
     with pytest.raises(SpuriousError, match="smaller than the training set"):
