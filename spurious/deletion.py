@@ -91,15 +91,16 @@ def parameter_distance(model_a: torch.nn.Module, model_b: torch.nn.Module) -> fl
     if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
         raise SpuriousError("parameter_distance needs two models of the same architecture")
     with torch.no_grad():
-        return math.sqrt(sum(float((a[k].double() - b[k].to(a[k].device).double()).square().sum()) for k in a))
+        squares = (float((a[k].double() - b[k].to(a[k].device).double()).square().sum()) for k in a)
+        return math.sqrt(sum(squares))
 
 
 REPORT_METRICS = ("spurious_score", "spurious_score_nontarget", "test_acc")
 
 
-def deletion_report(before_model: torch.nn.Module, after_model: torch.nn.Module, oracle_model: torch.nn.Module,
-                    data: PlantedData, wall_time_s: float = float("nan"), tau: float = 0.1,
-                    batch_size: int = 2000) -> dict[str, float]:
+def deletion_report(before_model: torch.nn.Module, after_model: torch.nn.Module,
+                    oracle_model: torch.nn.Module, data: PlantedData, wall_time_s: float = float("nan"),
+                    tau: float = 0.1, batch_size: int = 2000) -> dict[str, float]:
     """Return flat metrics of a deletion: spurious scores and clean accuracy of the original (`before`),
     deleted (`after`) and oracle models, each one's parameter distance to the oracle, and the wall time."""
     row: dict[str, float] = {}

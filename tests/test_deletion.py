@@ -7,15 +7,7 @@ from spurious.config import TrainConfig
 from spurious.errors import SpuriousError
 from spurious.planted import plant
 from tests.conftest import requires_fashion
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models train fastest, and unaffected by a busy machine, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.test_influence import one_thread  # noqa: F401  (autouse fixture)
 
 
 def cfg(**kw):
