@@ -28,6 +28,13 @@ def flatten_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return flat
 
 
+def dataset_for(datasets: Mapping[str, Any], name: str) -> Any:
+    """Return the dataset the driver shipped for `name` (a dataset name or alias)."""
+    from spurious.datasets import DATASETS
+
+    return datasets[DATASETS.canonical(name)]
+
+
 def restored_state() -> dict | None:
     """Return the checkpoint Ray hands a restored trial, or None for a fresh trial."""
     checkpoint = tune.get_checkpoint()

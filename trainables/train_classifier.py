@@ -6,7 +6,7 @@ from typing import Mapping
 from spurious import config as config_lib, train
 from spurious.datasets import Dataset
 from spurious.planted import plant
-from trainables.common import flatten_config, maybe_inject_fault, report, restored_state, use_trial_threads
+from trainables.common import dataset_for, flatten_config, maybe_inject_fault, report, restored_state, use_trial_threads
 
 
 def train_classifier(config: Mapping, datasets: Mapping[str, Dataset], checkpoint_every: int = 5) -> None:
@@ -17,7 +17,7 @@ def train_classifier(config: Mapping, datasets: Mapping[str, Dataset], checkpoin
     """
     cfg = config_lib.from_dict(flatten_config(config))
     use_trial_threads()
-    data = plant(datasets[cfg.dataset], cfg.pattern, cfg.n_spurious, cfg.target, cfg.data_seed, cfg.split)
+    data = plant(dataset_for(datasets, cfg.dataset), cfg.pattern, cfg.n_spurious, cfg.target, cfg.data_seed, cfg.split)
 
     def on_epoch(metrics: dict, snapshot) -> None:
         epoch = metrics["epoch"]

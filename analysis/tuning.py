@@ -1,0 +1,105 @@
+"""Results of a mitigation-tuning study: the Pareto set, the recommended setting and the trade-off figure."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis import frames
+
+SETTING_KEYS = ("l2", "noise_sigma", "lr")
+VALUE_KEYS = ("spurious_score", "spurious_score_se", "test_acc", "test_acc_se")
+
+
+def load_search(root: str | Path) -> pd.DataFrame:
+    """Return one row per search trial: setting, seed-averaged final metrics (± s.e.), epochs, status."""
+    search = Path(root) / "search"
+    rows = []
+    for trial_dir in frames._trial_dirs(search) if search.exists() else []:
+        config = frames._full_config(json.loads((trial_dir / "params.json").read_text()))
+        epochs = frames._epochs(frames._read_results(trial_dir))
+        final = epochs[-1] if epochs else {}
+        done = bool(epochs) and final.get("epoch") == config["epochs"]
+        rows.append({"trial_id": final.get("trial_id", trial_dir.name), **{k: config[k] for k in SETTING_KEYS},
+                     **{k: final.get(k, math.nan) for k in VALUE_KEYS}, "epochs_done": final.get("epoch", 0),
+                     "status": "TERMINATED" if done else "STOPPED" if epochs else "INCOMPLETE"})
+    return pd.DataFrame(rows, columns=["trial_id", *SETTING_KEYS, *VALUE_KEYS, "epochs_done", "status"])
+
+
+def pareto_front(df: pd.DataFrame, minimize: str = "spurious_score", maximize: str = "test_acc") -> pd.DataFrame:
+    """Return the rows no other row dominates (≤ on `minimize`, ≥ on `maximize`, strictly better on one)."""
+    a, b = df[minimize].to_numpy(float), df[maximize].to_numpy(float)
+    keep = [not np.any((a <= a[i]) & (b >= b[i]) & ((a < a[i]) | (b > b[i]))) for i in range(len(df))]
+    return df[np.array(keep, dtype=bool)].sort_values(minimize)
+
+
+def recommend(df: pd.DataFrame, baseline_acc: float, max_acc_drop: float) -> dict | None:
+    """Return the lowest-score finished setting with accuracy ≥ baseline − D (ties: higher accuracy)."""
+    feasible = df[df["test_acc"] >= baseline_acc - max_acc_drop]
+    if feasible.empty:
+        return None
+    best = feasible.sort_values(["spurious_score", "test_acc"], ascending=[True, False]).iloc[0]
+    return {k: (float(v) if isinstance(v, (int, float, np.floating)) else v) for k, v in best.items()}
+
+
+def write_summary(root: str | Path, baseline: dict, max_acc_drop: float, objective: str) -> dict:
+    """Write tuning.json, pareto.csv and tradeoff.png into the experiment directory; return the summary."""
+    root = Path(root)
+    df = load_search(root)
+    finished = df[df["status"] == "TERMINATED"]
+    front = pareto_front(finished) if len(finished) else finished
+    front.to_csv(root / "pareto.csv", index=False)
+    summary = {"objective": objective, "max_acc_drop": max_acc_drop, "baseline": baseline,
+               "trials": int(len(df)), "finished": int(len(finished)),
+               "pareto": front.to_dict(orient="records"),
+               "recommended": recommend(finished, baseline["test_acc"], max_acc_drop)}
+    (root / "tuning.json").write_text(json.dumps(summary, indent=2, default=float))
+    tradeoff_figure(finished, front, baseline, root / "tradeoff.png")
+    return summary
+
+
+def tradeoff_figure(df: pd.DataFrame, front: pd.DataFrame, baseline: dict, path: Path) -> Path:
+    """Scatter of spurious score vs clean accuracy per setting (colour = log10 l2, size = σ), front and baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    if len(df):
+        points = ax.scatter(df["test_acc"], df["spurious_score"], c=np.log10(df["l2"].clip(lower=1e-12)),
+                            s=30 + 120 * df["noise_sigma"], cmap="viridis", alpha=0.8, edgecolors="k")
+        fig.colorbar(points, ax=ax, label="log10 L2 weight (marker size: noise σ)")
+        ax.plot(front["test_acc"], front["spurious_score"], "r--", lw=1, label="Pareto front")
+    ax.scatter([baseline["test_acc"]], [baseline["spurious_score"]], marker="*", s=250, c="red",
+               edgecolors="k", label="unmitigated baseline", zorder=5)
+    ax.set_xlabel("clean test accuracy (mean over seeds)")
+    ax.set_ylabel("spurious score (mean over seeds)")
+    ax.set_title("Mitigation trade-off")
+    ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _fmt(row: dict) -> str:
+    return (f"l2={row['l2']:.3g}  σ={row['noise_sigma']:.3g}  lr={row['lr']:.3g}  "
+            f"score={row['spurious_score']:.3f} ± {row['spurious_score_se']:.3f}  "
+            f"acc={row['test_acc']:.4f} ± {row['test_acc_se']:.4f}")
+
+
+def format_summary(summary: dict) -> str:
+    """Return the Pareto table, the baseline and the recommendation as text."""
+    b = summary["baseline"]
+    lines = [f"unmitigated baseline (l2=0, σ=0): score={b['spurious_score']:.3f} ± {b['spurious_score_se']:.3f}  "
+             f"acc={b['test_acc']:.4f} ± {b['test_acc_se']:.4f}",
+             f"Pareto set ({len(summary['pareto'])} of {summary['finished']} finished settings):"]
+    lines += [f"  {_fmt(row)}" for row in summary["pareto"]]
+    rec = summary["recommended"]
+    rule = f"lowest score with accuracy >= baseline - {summary['max_acc_drop']}"
+    lines.append(f"recommended ({rule}): {_fmt(rec) if rec else 'none of the settings qualifies'}")
+    return "\n".join(lines)

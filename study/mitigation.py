@@ -1,0 +1,230 @@
+"""`study tune-mitigation`: Optuna (through Ray Tune's OptunaSearch) finds the L2 / input-noise settings that
+remove a rare spurious correlation at the least clean-accuracy cost.
+
+Layout of an experiment directory `<storage>/<name>/`:
+
+- `study.json`        what `study resume` needs (kind `tune-mitigation`, the base config, the tuning options);
+- `baseline/`         a Tune experiment with one trial: the unmitigated setting (l2 = 0, σ = 0), run first;
+- `search/`           the Tune experiment of the search (one trial per proposed setting);
+- `optuna.journal`    the Optuna study (journal file storage: survives restarts, safe with concurrent
+                      writers; `optuna-dashboard optuna.journal` opens it);
+- `tuning.json`, `pareto.csv`, `tradeoff.png`: the result.
+
+Objectives: `pareto` minimises the spurious score and maximises clean accuracy (multi-objective TPE or
+NSGA-II) and reports the Pareto set; `constrained` minimises the spurious score subject to clean accuracy
+≥ baseline − D (Optuna constraints), and an ASHA scheduler stops settings whose penalised objective
+lags at the same epoch. Both recommend the lowest-score setting whose accuracy is within D of the baseline.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import optuna
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+import search_spaces as ss
+from analysis import tuning as tuning_analysis
+from spurious import config as config_lib
+from spurious.errors import SpuriousError
+from study import runner
+from study.catalog import StudySpec
+from trainables.tune_mitigation import tune_mitigation
+
+OBJECTIVES = ("pareto", "constrained")
+SAMPLERS = ("tpe", "nsga2")
+JOURNAL = "optuna.journal"
+
+
+@dataclass(frozen=True)
+class TuningOptions:
+    """What to search and how: trials, objective, accuracy budget D, seeds per trial, sampler, bounds."""
+
+    trials: int = 20
+    objective: str = "pareto"
+    max_acc_drop: float = 0.02
+    seeds: int = 3
+    sampler: str = "tpe"
+    l2_low: float = 1e-6
+    l2_high: float = 1e-1
+    sigma_max: float = ss.NOISE_SIGMA_MAX
+    tune_lr: bool = False
+    sampler_seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.objective in OBJECTIVES, f"objective {self.objective!r} is not one of {', '.join(OBJECTIVES)}"),
+            (self.sampler in SAMPLERS, f"sampler {self.sampler!r} is not one of {', '.join(SAMPLERS)}"),
+            (0 <= self.max_acc_drop <= 1, f"--max-acc-drop must be in [0, 1], got {self.max_acc_drop}"),
+            (self.trials >= 1, f"--trials must be >= 1, got {self.trials}"),
+            (self.seeds >= 1, f"--seeds must be >= 1, got {self.seeds}"),
+            (0 < self.l2_low < self.l2_high, f"l2 bounds must satisfy 0 < low < high, got "
+                                             f"[{self.l2_low}, {self.l2_high}]"),
+            (self.sigma_max >= 0 and math.isfinite(self.sigma_max),
+             f"--sigma-max must be a finite number >= 0, got {self.sigma_max}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SpuriousError(message)
+
+    def space(self, base_lr: float) -> dict:
+        """Return the Tune search space (converted to Optuna distributions by OptunaSearch)."""
+        space = ss.mitigation_space((self.l2_low, self.l2_high), (0.0, self.sigma_max))
+        if self.tune_lr:
+            space["lr"] = tune.loguniform(base_lr / 10, base_lr * 10)
+        return space
+
+
+def constraint_of(trial) -> list[float]:
+    """Optuna constraints function: the reported accuracy shortfall (≤ 0 is feasible)."""
+    return [float(trial.user_attrs.get("constraint", 0.0))]
+
+
+def make_searcher(options: TuningOptions, journal: Path, study_name: str):
+    """Return the OptunaSearch for the objective, with a journal-file Optuna storage."""
+    constrained = options.objective == "constrained"
+    sampler_kwargs = {"seed": options.sampler_seed, "constraints_func": constraint_of if constrained else None}
+    if options.sampler == "nsga2":
+        sampler = optuna.samplers.NSGAIISampler(population_size=max(4, min(50, options.trials // 2)),
+                                                **sampler_kwargs)
+    else:
+        sampler = optuna.samplers.TPESampler(n_startup_trials=max(3, min(10, options.trials // 3)),
+                                             **sampler_kwargs)
+    storage = JournalStorage(JournalFileBackend(str(journal)))
+    metric, mode = (("spurious_score", "min") if constrained else (["spurious_score", "test_acc"], ["min", "max"]))
+    return ConstrainedOptunaSearch(metric=metric, mode=mode, sampler=sampler, storage=storage,
+                                   study_name=study_name)
+
+
+class ConstrainedOptunaSearch(OptunaSearch):
+    """OptunaSearch that hands a trial's reported `constraint` to Optuna before telling its result."""
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if result and "constraint" in result and trial_id in self._ot_trials:
+            self._ot_trials[trial_id].set_user_attr("constraint", float(result["constraint"]))
+        super().on_trial_complete(trial_id, result, error)
+
+
+def base_config(spec: StudySpec, smoke: bool, overrides: dict) -> dict:
+    """Return the fixed training settings of the tuning study; grid axes are not allowed here."""
+    space = spec.resolved(smoke, overrides)
+    for key, value in space.items():
+        if isinstance(value, dict):
+            raise SpuriousError(f"tune-mitigation needs one value for {key!r}, got a search axis; "
+                                f"set it with --set {key}=VALUE")
+    for key in ("l2", "noise_sigma"):
+        space.pop(key, None)
+    return config_lib.from_dict(space).to_dict()
+
+
+def _trainable(data, seeds: int, checkpoint_every: int, resources: dict, min_acc: float | None):
+    trainable = tune.with_parameters(tune_mitigation, datasets=dict(data), seeds=seeds,
+                                     checkpoint_every=checkpoint_every, min_acc=min_acc)
+    return tune.with_resources(trainable, resources)
+
+
+def _scheduler(options: TuningOptions, epochs: int):
+    if options.objective != "constrained" or epochs < 3:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="training_iteration", metric="objective", mode="min", max_t=epochs,
+                         grace_period=max(1, epochs // 3), reduction_factor=2)
+
+
+def _run_config(options: runner.RunOptions, root: Path, name: str) -> tune.RunConfig:
+    return tune.RunConfig(name=name, storage_path=str(root), verbose=options.verbose,
+                          failure_config=tune.FailureConfig(max_failures=options.max_failures),
+                          checkpoint_config=tune.CheckpointConfig(num_to_keep=options.keep_checkpoints))
+
+
+def run_baseline(root: Path, base: dict, tuning: TuningOptions, data, resources: dict, checkpoint_every: int,
+                 options: runner.RunOptions) -> dict:
+    """Run (or finish) the unmitigated baseline and return its seed-averaged final metrics."""
+    path = root / "baseline"
+    trainable = _trainable(data, tuning.seeds, checkpoint_every, resources, None)
+    if tune.Tuner.can_restore(str(path)):
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(trainable, param_space={**base, "l2": 0.0, "noise_sigma": 0.0},
+                           run_config=_run_config(options, root, "baseline"))
+    grid = tuner.fit()
+    result = grid[0]
+    if result.error or not result.metrics or result.metrics.get("epoch") != base["epochs"]:
+        raise SpuriousError(f"the unmitigated baseline did not finish: {result.error}")
+    return {k: result.metrics[k] for k in ("spurious_score", "spurious_score_se", "test_acc", "test_acc_se")}
+
+
+def run_search(root: Path, base: dict, tuning: TuningOptions, data, resources: dict, checkpoint_every: int,
+               options: runner.RunOptions, baseline: dict, retry_errored: bool = False) -> tune.ResultGrid:
+    """Run (or continue) the Optuna search over mitigation settings."""
+    path = root / "search"
+    min_acc = baseline["test_acc"] - tuning.max_acc_drop if tuning.objective == "constrained" else None
+    trainable = _trainable(data, tuning.seeds, checkpoint_every, resources, min_acc)
+    if tune.Tuner.can_restore(str(path)):
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=retry_errored)
+        return tuner.fit()
+    searcher = make_searcher(tuning, root / JOURNAL, root.name)
+    tune_config = tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(tuning, base["epochs"]),
+                                  num_samples=tuning.trials, max_concurrent_trials=options.max_concurrent)
+    tuner = tune.Tuner(trainable, param_space={**base, **tuning.space(base["lr"])}, tune_config=tune_config,
+                       run_config=_run_config(options, root, "search"))
+    return tuner.fit()
+
+
+def _meta(spec: StudySpec, base: dict, tuning: TuningOptions, options: runner.RunOptions, resources: dict,
+          dataset: str) -> dict:
+    return {"study": spec.name, "kind": "tune-mitigation", "base": base, "tuning": asdict(tuning),
+            "datasets": [dataset], "data_dir": options.data_dir, "checkpoint_every": spec.checkpoint_every,
+            "resources": resources, "trials": tuning.trials + 1, "smoke": options.smoke,
+            "overrides": options.overrides, "max_concurrent": options.max_concurrent}
+
+
+def run(spec: StudySpec, options: runner.RunOptions, tuning: TuningOptions) -> Path:
+    """Validate, run the baseline, then the search; write and print the result. Returns the experiment dir."""
+    base = base_config(spec, options.smoke, options.overrides)
+    prepared = runner.prepare(StudySpec(spec.name, spec.description, base), options)
+    root = Path(options.storage_uri()) / prepared.name
+    if "://" in str(options.storage_uri()):
+        raise SpuriousError("tune-mitigation keeps its Optuna journal next to the results: use a local or "
+                            "shared-file-system --storage-path, not a URI")
+    runner.start_ray(options)
+    resources = runner.trial_resources(options)
+    root.mkdir(parents=True, exist_ok=True)
+    dataset = sorted(prepared.data)[0]
+    (root / runner.META_FILE).write_text(json.dumps(_meta(spec, base, tuning, options, resources, dataset),
+                                                    indent=2, default=str))
+    print(f"tune-mitigation {spec.name}: baseline + {tuning.trials} settings × {tuning.seeds} seeds -> {root}",
+          flush=True)
+    return _execute(root, base, tuning, prepared.data, resources, spec.checkpoint_every, options)
+
+
+def _execute(root: Path, base: dict, tuning: TuningOptions, data, resources: dict, checkpoint_every: int,
+             options: runner.RunOptions, retry_errored: bool = False) -> Path:
+    runner._fresh_experiment_state(tuning.trials + 1)
+    baseline = run_baseline(root, base, tuning, data, resources, checkpoint_every, options)
+    run_search(root, base, tuning, data, resources, checkpoint_every, options, baseline, retry_errored)
+    summary = tuning_analysis.write_summary(root, baseline, tuning.max_acc_drop, tuning.objective)
+    print()
+    print(tuning_analysis.format_summary(summary))
+    print(f"\nOptuna study: optuna-dashboard {root / JOURNAL}")
+    print(f"experiment: {root}")
+    return root
+
+
+def resume(root: Path, meta: dict, options: runner.RunOptions, retry_errored: bool) -> Path:
+    """Continue a tune-mitigation study: finish the baseline if needed, then the search with its history."""
+    tuning = TuningOptions(**meta["tuning"])
+    runner.start_ray(options)
+    data = runner.load_datasets(meta["datasets"], meta.get("data_dir"))
+    res = meta.get("resources", {})
+    resources = runner.trial_resources(runner.RunOptions(cpus_per_trial=res.get("cpu", 1.0),
+                                                         gpus_per_trial=res.get("gpu")))
+    opts = runner.RunOptions(max_concurrent=meta.get("max_concurrent"), verbose=options.verbose)
+    return _execute(root, meta["base"], tuning, data, resources, meta["checkpoint_every"], opts, retry_errored)

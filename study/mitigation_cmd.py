@@ -1,0 +1,70 @@
+"""`study tune-mitigation`: the CLI of the Optuna mitigation search (see study/mitigation.py)."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+from spurious.errors import SpuriousError
+
+
+def register(sub) -> dict:
+    """Add the `tune-mitigation` subcommand."""
+    from study import cli
+
+    p = sub.add_parser("tune-mitigation", help="Optuna search for the L2 / noise setting that removes a pattern",
+                       description="Search L2 weight and input-noise σ (optionally lr) with Optuna through Ray "
+                                   "Tune, after evaluating the unmitigated baseline.")
+    p.add_argument("--study", default="mitigation", help="tuning study to start from (catalog name or YAML)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="fix a training setting, e.g. --set pattern=r3 --set n_spurious=3")
+    p.add_argument("--trials", type=int, help="settings to try (default 20)")
+    p.add_argument("--objective", help="pareto (default: score vs accuracy) or constrained")
+    p.add_argument("--max-acc-drop", type=float, help="accuracy budget D below the baseline (default 0.02)")
+    p.add_argument("--seeds", type=int, help="data seeds averaged per setting (default 3)")
+    p.add_argument("--sampler", help="tpe (default) or nsga2")
+    p.add_argument("--sigma-max", type=float, help="upper bound of the noise σ search (default 1.0)")
+    p.add_argument("--l2-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="log-uniform L2 range (default 1e-6 0.1; the floor stands in for 'off')")
+    p.add_argument("--tune-lr", action="store_true", help="also search lr (log-uniform, base/10 … base×10)")
+    p.add_argument("--smoke", action="store_true", help="3 settings × 2 seeds, 1 epoch")
+    cli.add_run_options(p)
+    return {"tune-mitigation": handle}
+
+
+def tuning_options(spec, smoke: bool, args: argparse.Namespace | None = None):
+    """Return TuningOptions from the study's defaults, its smoke variant and the command line."""
+    from study.mitigation import TuningOptions
+
+    values = {**spec.tuning, **(spec.smoke_tuning if smoke else {})}
+    if args is not None:
+        cli_values = {"trials": args.trials, "objective": args.objective, "max_acc_drop": args.max_acc_drop,
+                      "seeds": args.seeds, "sampler": args.sampler, "sigma_max": args.sigma_max,
+                      "tune_lr": args.tune_lr or None}
+        if args.l2_range:
+            cli_values.update(l2_low=args.l2_range[0], l2_high=args.l2_range[1])
+        values.update({k: v for k, v in cli_values.items() if v is not None})
+    allowed = {f.name for f in fields(TuningOptions)}
+    unknown = set(values) - allowed
+    if unknown:
+        raise SpuriousError(f"unknown tuning option(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}")
+    return TuningOptions(**values)
+
+
+def run_spec(spec, options, args: argparse.Namespace | None = None) -> int:
+    """Run a tune-mitigation study and print its result."""
+    from study import mitigation
+
+    tuning = tuning_options(spec, options.smoke, args)
+    mitigation.run(spec, options, tuning)
+    return 0
+
+
+def handle(args: argparse.Namespace) -> int:
+    from study import catalog, cli, runner
+
+    spec = catalog.get(args.study)
+    if spec.kind != "tune-mitigation":
+        raise SpuriousError(f"study {args.study!r} is a {spec.kind!r} study, not a tune-mitigation study")
+    options = cli.run_options(args)
+    runner.check_address(args.address)
+    return run_spec(spec, options, args)

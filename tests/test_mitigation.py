@@ -1,0 +1,120 @@
+"""Optuna mitigation tuning: Pareto logic, option checking, and end-to-end runs with kill + resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import tuning
+from spurious.errors import SpuriousError
+from study import cli
+from study.mitigation import TuningOptions
+from tests.conftest import requires_fashion
+
+
+def test_pareto_front_is_exactly_the_non_dominated_set():
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"spurious_score": rng.random(200).round(2), "test_acc": rng.random(200).round(2)})
+    front = tuning.pareto_front(df)
+    for i, row in df.iterrows():
+        dominated = ((df.spurious_score <= row.spurious_score) & (df.test_acc >= row.test_acc)
+                     & ((df.spurious_score < row.spurious_score) | (df.test_acc > row.test_acc))).any()
+        assert (i in front.index) == (not dominated)
+
+
+def test_recommend_picks_lowest_score_within_the_accuracy_budget():
+    df = pd.DataFrame({"l2": [0.1, 0.01, 0.001], "noise_sigma": [0.0, 0.1, 0.2], "lr": [0.01] * 3,
+                       "spurious_score": [0.0, 0.02, 0.05], "test_acc": [0.70, 0.84, 0.86]})
+    assert tuning.recommend(df, baseline_acc=0.86, max_acc_drop=0.02)["l2"] == 0.01
+    assert tuning.recommend(df, baseline_acc=0.86, max_acc_drop=0.2)["l2"] == 0.1
+    assert tuning.recommend(df, baseline_acc=0.95, max_acc_drop=0.0) is None
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"objective": "fastest"}, "objective 'fastest'"), ({"max_acc_drop": 1.5}, "[0, 1]"),
+    ({"max_acc_drop": -0.1}, "[0, 1]"), ({"l2_low": -1.0}, "0 < low < high"), ({"sigma_max": -1.0}, "sigma-max"),
+    ({"seeds": 0}, "--seeds"), ({"sampler": "cmaes"}, "sampler 'cmaes'"), ({"trials": 0}, "--trials"),
+])
+def test_bad_tuning_options(kwargs, message):
+    with pytest.raises(SpuriousError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        TuningOptions(**kwargs)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--objective", "fastest"], "objective 'fastest' is not one of pareto, constrained"),
+    (["--max-acc-drop", "3"], "--max-acc-drop must be in [0, 1]"),
+    (["--l2-range", "-1", "1"], "l2 bounds must satisfy 0 < low < high"),
+    (["--study", "demo"], "not a tune-mitigation study"),
+    (["--set", "n_spurious=[0,3]"], "needs one value for 'n_spurious'"),
+])
+def test_cli_rejects_bad_tuning_input_with_one_line(capsys, tmp_path, argv, message):
+    code = cli.main(["tune-mitigation", *argv, "--storage-path", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def journal_trials(root, name):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(study_name=name,
+                              storage=JournalStorage(JournalFileBackend(str(root / "optuna.journal"))))
+    return study.trials
+
+
+def finished_search_trials(root, epochs):
+    out = {}
+    for path in (root / "search").glob("*/result.json"):
+        rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip().endswith("}")]
+        if any(r.get("epoch") == epochs for r in rows):
+            out[path] = path.read_text()
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@requires_fashion
+def test_smoke_tuning_run_then_kill_and_resume_keeps_trials_and_sampler_history(tmp_path):
+    """A tuning run on embedded Ray, killed during its search and resumed with `study resume`."""
+    root = tmp_path / "tune"
+    args = [sys.executable, "-m", "study.cli", "tune-mitigation", "--smoke", "--trials", "4", "--seeds", "2",
+            "--set", "epochs=2", "--set", "n_spurious=100", "--max-concurrent", "1", "--storage-path",
+            str(tmp_path), "--name", "tune", "-v", "0", "--wandb", "off"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            text=True)
+    deadline = time.time() + 400
+    while time.time() < deadline and len(finished_search_trials(root, 2)) < 2:
+        time.sleep(0.5)
+    time.sleep(3)  # let Tune save its experiment state and searcher
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    before = finished_search_trials(root, 2)
+    assert 2 <= len(before) < 4, f"expected an interrupted search, found {len(before)} finished trials"
+    history = {t.number: t.params for t in journal_trials(root, "tune") if t.state.name == "COMPLETE"}
+    assert len(history) >= 2
+
+    resumed = subprocess.run([sys.executable, "-m", "study.cli", "resume", str(root), "-v", "0"],
+                             capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "unmitigated baseline" in resumed.stdout and "recommended" in resumed.stdout
+    for path, text in before.items():
+        assert path.read_text() == text, "a finished trial was run again"
+    trials = journal_trials(root, "tune")
+    complete = {t.number: t.params for t in trials if t.state.name == "COMPLETE"}
+    assert len(complete) == 4, "the search must finish its 4 settings"
+    assert all(complete[n] == p for n, p in history.items()), "the sampler's history must be kept"
+
+    summary = json.loads((root / "tuning.json").read_text())
+    df = tuning.load_search(root)
+    finished = df[df.status == "TERMINATED"]
+    assert len(finished) == 4 and summary["finished"] == 4
+    front = {(r["l2"], r["noise_sigma"]) for r in summary["pareto"]}
+    assert front == set(zip(*[tuning.pareto_front(finished)[k] for k in ("l2", "noise_sigma")]))
+    assert summary["baseline"]["test_acc"] > 0.7
+    assert (root / "tradeoff.png").stat().st_size > 10_000

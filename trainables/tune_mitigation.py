@@ -1,0 +1,65 @@
+"""`tune_mitigation`: one mitigation setting (L2, σ, optionally lr) scored over K data seeds in one trial.
+
+The K models are trained in lock-step inside the trial, epoch by epoch, so the trial reports the
+seed-averaged spurious score and clean accuracy every epoch. That makes the objective less noisy
+than one seed (the score of a single seed is very noisy at small n), lets a Tune scheduler stop a
+hopeless setting early on the averaged curve, and keeps one Optuna trial per setting, so the
+sampler sees exactly one (averaged) value per point it proposed.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from spurious import config as config_lib, train
+from spurious.datasets import Dataset
+from spurious.planted import plant
+from trainables.common import dataset_for, flatten_config, maybe_inject_fault, report, restored_state, use_trial_threads
+
+AVERAGED = ("train_loss", "train_acc", "test_loss", "test_acc", "spurious_score", "spurious_score_nontarget",
+            "patterned_acc", "patterned_target_rate")
+
+
+def seed_average(rows: list[dict]) -> dict:
+    """Return the mean of each metric over seeds, with `<metric>_se` standard errors and per-seed scores."""
+    out: dict = {"epoch": rows[0]["epoch"], "lr": rows[0]["lr"], "n_seeds": len(rows)}
+    for key in AVERAGED:
+        values = np.array([r[key] for r in rows], dtype=float)
+        out[key] = float(values.mean())
+        out[f"{key}_se"] = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+    out["spurious_score_per_seed"] = [float(r["spurious_score"]) for r in rows]
+    return out
+
+
+def constrained_objective(metrics: dict, min_acc: float | None) -> dict:
+    """Return the constraint value (≤ 0 is feasible) and a penalised objective for schedulers."""
+    if min_acc is None:
+        return {}
+    violation = min_acc - metrics["test_acc"]
+    penalty = max(0.0, violation)
+    return {"constraint": violation, "objective": metrics["spurious_score"] + (1.0 + penalty if penalty else 0.0)}
+
+
+def tune_mitigation(config: Mapping, datasets: Mapping[str, Dataset], seeds: int = 3, checkpoint_every: int = 5,
+                    min_acc: float | None = None) -> None:
+    """Train `seeds` models (data seeds data_seed … data_seed+seeds−1) of one setting; report seed means."""
+    base = config_lib.from_dict(flatten_config(config))
+    use_trial_threads()
+    data = dataset_for(datasets, base.dataset)
+    engines = []
+    for k in range(seeds):
+        cfg = base.replace(data_seed=base.data_seed + k)
+        engines.append(train.Engine(cfg, plant(data, cfg.pattern, cfg.n_spurious, cfg.target, cfg.data_seed,
+                                               cfg.split)))
+    state = restored_state()
+    if state is not None:
+        for engine, member in zip(engines, state["members"]):
+            engine.restore(member)
+    while engines[0].epoch < base.epochs:
+        metrics = seed_average([engine.step() for engine in engines])
+        metrics.update(constrained_objective(metrics, min_acc))
+        epoch = metrics["epoch"]
+        due = epoch == base.epochs or (checkpoint_every > 0 and epoch % checkpoint_every == 0)
+        report(metrics, {"members": [e.snapshot() for e in engines]} if due else None)
+        maybe_inject_fault(epoch)
