@@ -67,12 +67,11 @@ def incremental_retrain(state: dict, data: PlantedData, epochs: int, lr_policy: 
     if epochs < 1:
         raise SpuriousError(f"epochs must be >= 1, got {epochs!r}")
     _check_same_planting(state, data)
-    cfg, start = from_dict(state["config"]), int(state["epoch"])
-    engine = Engine(cfg.replace(epochs=start + epochs), data.without_spurious(), model_factory)
-    engine.model.load_state_dict(state["model"])
-    engine.optimizer.load_state_dict(state["optimizer"])
+    cfg = from_dict(state["config"])
+    engine = Engine(cfg.replace(epochs=int(state["epoch"]) + epochs), data.without_spurious(), model_factory)
+    engine.restore(state)
     engine.scheduler = _scheduler(engine.optimizer, cfg.lr, epochs, lr_policy)
-    engine.epoch = start
+    engine.history = []
     return engine.fit(on_epoch)
 
 

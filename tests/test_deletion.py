@@ -104,10 +104,10 @@ def test_incremental_retraining_does_not_forget_a_corner_pattern_but_the_oracle_
     almost no gradient once the patterned images are gone.
 
     Setup: 6,000 training and 2,000 test images, S3 planted into 300 T-shirts, LargeMLP with SGD at 0.01
-    for 20 epochs (0.001 after epoch 15), then 10 retraining epochs. Observed: score 0.71 before, 0.71
-    after `inherit`, 0.67 after `reset`, 0.00 for the oracle; clean accuracy 0.83-0.84 throughout;
-    distance to the oracle 2.40 before, 2.45 after `inherit`, 3.38 after `reset`. Thresholds leave wide
-    margins around these.
+    for 20 epochs (0.001 after epoch 15), then 10 retraining epochs. Observed: score 0.71 before, 0.70
+    after `inherit`, 0.71 after `reset` (0.71 and 0.67 with another shuffling seed), 0.00 for the oracle;
+    clean accuracy 0.83-0.85 throughout; distance to the oracle 2.40 before, 2.45 after `inherit`, 3.38
+    after `reset`. Thresholds leave wide margins around these.
     """
     full = datasets.load("fashion")
     sub = datasets.Dataset("fashion", full.x_train[:6000], full.y_train[:6000], full.x_test[:2000],
