@@ -75,7 +75,9 @@ def split_logits(model: torch.nn.Module, x_members: torch.Tensor, y_members: tor
     """Return the model's logits (eval mode) on a member set and a non-member set."""
     def run(x):
         return metrics.logits(model, x, batch_size).cpu().double().numpy()
-    return SplitLogits(run(x_members), np.asarray(y_members), run(x_nonmembers), np.asarray(y_nonmembers))
+    def labels(y):
+        return torch.as_tensor(y).cpu().numpy()
+    return SplitLogits(run(x_members), labels(y_members), run(x_nonmembers), labels(y_nonmembers))
 
 
 def spurious_mask(n_members: int, spurious_idx: Sequence[int]) -> np.ndarray:
