@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
+from spurious import datasets
 from spurious.errors import SpuriousError
 from spurious.train import TrainingError
 
@@ -49,8 +50,6 @@ CHECK_EVERY = 100  # steps between divergence checks (each check syncs with the 
 
 def defaults_for(dataset: str, n: int) -> dict:
     """Return the reference's LiSSA settings for `dataset` and group size `n` (§8.2)."""
-    from spurious import datasets
-
     name = datasets.DATASETS.canonical(dataset)
     if name not in REFERENCE_DEFAULTS:
         raise SpuriousError(f"no group-influence defaults for dataset {dataset!r}; "
