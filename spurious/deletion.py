@@ -45,9 +45,9 @@ def _check_same_planting(state: dict, data: PlantedData) -> None:
     """Raise unless the checkpoint was trained on `data` (same planted training indices)."""
     saved = np.asarray(state["spurious_idx"]).astype(np.int64)
     if not np.array_equal(np.sort(saved), np.sort(np.asarray(data.spurious_idx, np.int64))):
-        raise SpuriousError(f"the checkpoint planted {len(saved)} spurious examples but the data given has "
-                            f"{len(data.spurious_idx)} other ones; pass the planted data the checkpoint was "
-                            "trained on (not data.without_spurious())")
+        raise SpuriousError(f"the data's {len(data.spurious_idx)} planted examples are not the checkpoint's "
+                            f"{len(saved)}; pass the planted data the checkpoint was trained on "
+                            "(not data.without_spurious())")
 
 
 def incremental_retrain(state: dict, data: PlantedData, epochs: int, lr_policy: str = "inherit",
@@ -60,7 +60,8 @@ def incremental_retrain(state: dict, data: PlantedData, epochs: int, lr_policy: 
     reference does (0.01 → 1e-5 after 70 epochs), but runs exactly `epochs` epochs where the reference
     repeats the checkpoint's last epoch number (71 epochs for "70 → 140"). `reset` keeps the optimiser
     state (momentum, Adam moments) but restarts the rate at the config's base `lr` and runs the usual
-    milestone schedule for `epochs` epochs. Epochs are numbered on from the checkpoint's.
+    milestone schedule for `epochs` epochs. Epochs are numbered on from the checkpoint's, and shuffling
+    continues the checkpoint's random stream.
     """
     if lr_policy not in LR_POLICIES:
         raise SpuriousError(f"lr_policy {lr_policy!r} is not one of {', '.join(LR_POLICIES)}")
