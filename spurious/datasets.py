@@ -350,8 +350,11 @@ def _not_found_message(name: str, tried: list[str]) -> str:
     return f"cannot load dataset {name!r}; tried: {'; '.join(tried)}. To supply it, {how}."
 
 
-def load(name: str, root: str | os.PathLike | None = None, verify: bool = True) -> Dataset:
-    """Return dataset `name`, found in the first usable place (see the module docstring); §2."""
+def load(name: str, root: str | os.PathLike | None = None, verify: bool = True, download: bool = True) -> Dataset:
+    """Return dataset `name`, found in the first usable place (see the module docstring); §2.
+
+    `download=False` skips the last place (a torchvision download), e.g. for checks that must not fetch.
+    """
     name = DATASETS.canonical(name)
     tried = []
     for label, base in _places(name, root):
@@ -362,6 +365,9 @@ def load(name: str, root: str | os.PathLike | None = None, verify: bool = True) 
             return _try_place(name, base, verify)
         except _Rejected as err:
             tried.append(f"{label} {base}: {err}")
+    if not download:
+        tried.append("torchvision download (skipped)")
+        raise SpuriousError(_not_found_message(name, tried))
     try:
         return _download_and_load(name, verify)
     except _Rejected as err:

@@ -32,7 +32,7 @@ import search_spaces as ss
 from analysis import tuning as tuning_analysis
 from spurious import config as config_lib
 from spurious.errors import SpuriousError
-from study import runner
+from study import cluster, runner
 from study.catalog import StudySpec
 from trainables.tune_mitigation import tune_mitigation
 
@@ -196,6 +196,7 @@ def run(spec: StudySpec, options: runner.RunOptions, tuning: TuningOptions) -> P
                             "shared-file-system --storage-path, not a URI")
     runner.start_ray(options)
     resources = runner.trial_resources(options)
+    cluster.check_storage(options.storage_uri())
     root.mkdir(parents=True, exist_ok=True)
     dataset = sorted(prepared.data)[0]
     (root / runner.META_FILE).write_text(json.dumps(_meta(spec, base, tuning, options, resources, dataset),

@@ -15,6 +15,7 @@ from ray import tune
 
 from spurious import config as config_lib, datasets, train
 from spurious.errors import SpuriousError
+from study import cluster
 from study.catalog import StudySpec
 from trainables.common import flatten_config
 from trainables.train_classifier import train_classifier
@@ -199,6 +200,7 @@ def run(prepared: Prepared, options: RunOptions, callbacks: list | None = None) 
     """Run a prepared study through a Tuner and return its ResultGrid."""
     start_ray(options)
     resources = trial_resources(options)
+    cluster.check_storage(options.storage_uri())
     _fresh_experiment_state(len(prepared.configs) * prepared.spec.num_samples)
     exp_path = Path(options.storage_uri()) / prepared.name
     write_meta(exp_path, prepared, options, resources)

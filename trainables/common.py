@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
+import ray
 import torch
 from ray import tune
 
@@ -46,6 +47,7 @@ def restored_state() -> dict | None:
 
 def report(metrics: dict, state: dict | None = None) -> None:
     """Report one epoch's metrics to Tune, with a checkpoint when `state` is given."""
+    metrics = {**metrics, "node_id": ray.get_runtime_context().get_node_id()}
     if state is None:
         tune.report(metrics)
         return

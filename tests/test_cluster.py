@@ -1,0 +1,107 @@
+"""Multi-node behaviour on a real Ray cluster on this machine (ray.cluster_utils.Cluster: a head that
+runs no trials and worker nodes), the cluster-launcher config and the shared-storage guard."""
+import json
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from spurious.errors import SpuriousError
+from tests.conftest import requires_fashion
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cluster_yaml_passes_ray_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    validate_config(prepare_config(config))
+    head = config["available_node_types"][config["head_node_type"]]
+    workers = [v for k, v in config["available_node_types"].items() if k != config["head_node_type"]]
+    assert head["resources"].get("CPU") == 0, "the head runs the driver, not trials"
+    assert any(w["min_workers"] == 0 and w["node_config"]["InstanceType"].startswith(("g", "p")) for w in workers)
+    assert all("--dashboard-host=127.0.0.1" in c for c in config["head_start_ray_commands"] if "--head" in c)
+    assert any("pip install -q -e ~/rare-spurious-study" in c for c in config["setup_commands"])
+    assert "~/rare-spurious-study" in config["file_mounts"]
+
+
+def test_node_local_storage_on_a_multi_node_cluster_is_refused(monkeypatch):
+    from study import cluster
+
+    monkeypatch.setattr(cluster, "alive_nodes", lambda: [{"address": "10.0.0.1"}, {"address": "10.0.0.2"}])
+    monkeypatch.setattr(cluster, "nodes_missing_storage", lambda path: ["10.0.0.2"])
+    with pytest.raises(SpuriousError, match="not shared with node.*10.0.0.2"):
+        cluster.check_storage("/local/results")
+    cluster.check_storage("s3://bucket/studies")  # URIs are shared by construction
+
+
+def result_rows(exp: Path) -> dict[Path, list[dict]]:
+    out = {}
+    for path in exp.glob("*/result.json"):
+        out[path] = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip().endswith("}")]
+    return out
+
+
+@pytest.fixture
+def three_node_cluster():
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    yield cluster, workers
+    cluster.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@requires_fashion
+def test_study_spreads_over_nodes_and_survives_losing_a_worker(three_node_cluster, tmp_path):
+    """Trials run on both workers; removing one mid-study restarts its trial from the last checkpoint
+    elsewhere, and every trial finishes."""
+    cluster, workers = three_node_cluster
+    exp = tmp_path / "multi"
+    doctor = subprocess.run([sys.executable, "-m", "study.cli", "doctor", "--address", cluster.address,
+                             "--storage-path", str(tmp_path), "--datasets", "fashion", "--wandb", "off"],
+                            capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    assert "3 node(s)" in doctor.stdout and "every node sees the storage path" in doctor.stdout
+
+    proc = subprocess.Popen([sys.executable, "-m", "study.cli", "run", "demo", "--smoke",
+                             "--set", "n_spurious=[0,3,10,100]", "--set", "epochs=5", "--address", cluster.address,
+                             "--storage-path", str(tmp_path), "--name", "multi", "-v", "0", "--wandb", "off"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+    victim = workers[0]
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait until a trial on the victim node is past its epoch-2 checkpoint
+        rows = [r for rs in result_rows(exp).values() for r in rs]
+        if any(r.get("node_id") == victim.node_id and r["epoch"] >= 3 for r in rows):
+            break
+        time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail("no trial reached epoch 3 on the victim node")
+    cluster.remove_node(victim)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+
+    results = result_rows(exp)
+    assert len(results) == 4
+    final_nodes = Counter(rows[-1]["node_id"] for rows in results.values())
+    all_nodes = {r["node_id"] for rows in results.values() for r in rows}
+    assert len(all_nodes) >= 2, "trials must run on more than one node"
+    assert victim.node_id not in final_nodes, "no trial may finish on the removed node"
+    redone = {p.parent.name: len(rows) - len({r["epoch"] for r in rows}) for p, rows in results.items()}
+    moved = [rows for rows in results.values() if {r["node_id"] for r in rows} >= {victim.node_id}]
+    assert moved, "a trial must have been moved off the removed node"
+    for rows in moved:  # the victim's trial had checkpointed epoch 2: only later epochs may run twice
+        epochs = [r["epoch"] for r in rows]
+        assert epochs.count(1) == 1 and epochs.count(2) == 1, f"epochs 1-2 were checkpointed, not redone: {epochs}"
+        assert sorted(set(epochs)) == [1, 2, 3, 4, 5] and epochs[-1] == 5
+    print(f"\ntrials per node (where each trial finished): {dict(final_nodes)}; epochs redone per trial: {redone}")
+    (tmp_path / "cluster_summary.json").write_text(json.dumps({"final_nodes": final_nodes, "redone": redone}))
