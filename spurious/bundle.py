@@ -1,0 +1,658 @@
+"""Bundled training: K small models of one architecture trained in lock-step in one process (issue 8).
+
+The reference grids are thousands of 70-epoch trainings of tiny models; one model per process leaves a
+GPU idle on kernel launches and Python. A bundle stacks the K members' parameters (`torch.func`
+`stack_module_state`) and runs their forward and backward passes together (`functional_call` under
+`vmap`), so every kernel does K models' work. Each member keeps its own planted data (data_seed,
+pattern, n_spurious, target), seed, lr, l2, grad_clip, noise_sigma and tau; the members must agree on
+the keys of `compatible_key` (architecture, epochs, batch size, optimiser type, momentum, augmentation,
+dataset and split). Example::
+
+    from spurious import bundle, datasets
+    from spurious.config import TrainConfig
+    cfgs = [TrainConfig(n_spurious=100, data_seed=s, epochs=3) for s in range(8)]
+    engine = bundle.BundleEngine(cfgs, bundle.plant_members(cfgs, datasets.load("fashion")))
+    results = engine.fit(lambda rows, snapshot: print([r["spurious_score"] for r in rows]))
+
+Equivalence with separate runs: per member, the model init (`torch.manual_seed(seed)` then
+`models.build`), the shuffling, noise and aug01 draws (a generator seeded with `seed`, drawn in
+`Engine`'s order) and the SGD/Adam/MultiStepLR arithmetic are those of `spurious.train.Engine`.
+With `vmap_chunk=1` (the CPU default) each member's forward/backward runs the very kernels `Engine`
+runs, and members sharing lr and l2 get bit-identical results; batched passes (`vmap_chunk>1`, the GPU
+default) and per-member lr/l2 change float rounding only (tests/test_bundle.py bounds it).
+Only models without dropout, BatchNorm or buffers can be bundled (dropout under vmap cannot draw the
+masks separate runs draw); in the registry those are the MLPs, where the reference grids are.
+
+Memory model: members share one clean training tensor (`MemberData.base_x`; the dataset's own tensor
+for the full split) and each stores only its planted rows, so a bundle holds one (N, C, H, W) pool plus
+the planted rows of all members (60k Fashion: 188 MB + 3 KB per planted image), a (K, N) int64 row
+table, and the deduplicated test sets (31 MB per distinct patterned test set: one per pattern for
+patch patterns, one per data seed for noise patterns). Parameters, gradients and optimiser state are
+K x (2-4) x the model size.
+"""
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from spurious import datasets, models, patterns, train
+from spurious.config import TrainConfig
+from spurious.errors import SpuriousError
+from spurious.planted import PlantedData, split_arrays
+
+# The config keys every member of a bundle shares; all other keys may differ per member.
+BUNDLE_KEYS = ("dataset", "split", "model", "augmentation", "epochs", "batch_size", "optimizer", "momentum",
+               "eval_batch_size", "device")
+GAMMA = 0.1  # MultiStepLR decay, as in spurious.train.Engine (§7.1)
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
+
+BundleSnapshot = Callable[[], list]
+BundleCallback = Callable[[list, BundleSnapshot], Any]
+
+
+def compatible_key(cfg: TrainConfig) -> tuple[tuple[str, Any], ...]:
+    """Return the (key, value) pairs that must agree for configs to share a bundle; group configs by it."""
+    values = {**cfg.to_dict(), "dataset": datasets.DATASETS.canonical(cfg.dataset),
+              "model": models.parse_model_name(cfg.model).arch, "augmentation": train.augmentation_of(cfg),
+              "momentum": cfg.momentum if cfg.optimizer == "sgd" else None}
+    return tuple((key, values[key]) for key in BUNDLE_KEYS)
+
+
+def check_compatible(cfgs: Sequence[TrainConfig]) -> None:
+    """Raise a SpuriousError naming the first key on which a config disagrees with the first one."""
+    if not cfgs:
+        raise SpuriousError("a bundle needs at least one config")
+    first = dict(compatible_key(cfgs[0]))
+    for i, cfg in enumerate(cfgs[1:], 1):
+        for key, value in compatible_key(cfg):
+            if value != first[key]:
+                raise SpuriousError(f"cannot bundle: member {i} has {key}={value!r} but member 0 has "
+                                    f"{key}={first[key]!r}; bundled members must agree on {', '.join(BUNDLE_KEYS)}")
+
+
+# ------------------------------------------------------------------------------------------ member data
+
+
+@dataclass(frozen=True)
+class MemberData:
+    """One member's planted data, stored compactly: a shared base tensor plus its own planted rows.
+
+    `base_dirty` lists base rows that are not clean (they hold another planting); only rows in
+    `planted_idx` are read from `planted_x`, every other row comes from `base_x`.
+    """
+
+    base_x: torch.Tensor
+    base_y: torch.Tensor
+    base_dirty: np.ndarray
+    planted_idx: np.ndarray
+    planted_x: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    x_test_patterned: torch.Tensor
+    pattern: str
+    target: int
+    data_seed: int
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """Return (C, H, W) of one image."""
+        return tuple(self.base_x.shape[1:])
+
+    def materialize(self) -> PlantedData:
+        """Return the member's data as a full PlantedData (copies the training images)."""
+        x = self.base_x.clone()
+        x[torch.from_numpy(self.planted_idx)] = self.planted_x
+        return PlantedData(x, self.base_y, self.x_test, self.y_test, self.x_test_patterned, self.planted_idx,
+                           self.pattern, self.target, self.data_seed, self.num_classes)
+
+
+def member_data(data: PlantedData | MemberData) -> MemberData:
+    """Return `data` as MemberData, sharing its tensors (no copy of the training images)."""
+    if isinstance(data, MemberData):
+        return data
+    idx = np.asarray(data.spurious_idx, np.int64)
+    return MemberData(data.x_train, data.y_train, idx, idx, data.x_train[torch.from_numpy(idx)], data.x_test,
+                      data.y_test, data.x_test_patterned, data.pattern, data.target, data.data_seed,
+                      data.num_classes)
+
+
+def plant_members(cfgs: Sequence[TrainConfig], dataset: datasets.Dataset) -> list[MemberData]:
+    """Return each config's planted data as `spurious.planted.plant` makes it, without K image copies."""
+    splits: dict[tuple[str, int], tuple] = {}
+    interner = _Interner()
+    return [_plant_member(cfg, dataset, splits, interner) for cfg in cfgs]
+
+
+def _plant_member(cfg: TrainConfig, dataset: datasets.Dataset, splits: dict, interner: "_Interner") -> MemberData:
+    """Return one member's MemberData; mirrors `planted.plant` (same rows, same pattern draws)."""
+    train.validate_names(cfg)
+    key = (cfg.split, 0 if cfg.split == "full" else cfg.data_seed)
+    if key not in splits:
+        splits[key] = split_arrays(dataset, cfg.split, cfg.data_seed)
+    x_train, y_train, x_test, y_test = splits[key]
+    n = 0 if cfg.split == "mia_shadow" else cfg.n_spurious
+    idx = datasets.choose_spurious(y_train, cfg.target, n, cfg.data_seed)
+    rows = x_train[torch.from_numpy(idx)]
+    planted = patterns.apply(cfg.pattern, rows, cfg.data_seed) if len(idx) else rows
+    x_test_patterned = interner.intern(patterns.apply(cfg.pattern, x_test, cfg.data_seed))
+    return MemberData(x_train, y_train, np.empty(0, np.int64), idx, planted, x_test, y_test, x_test_patterned,
+                      cfg.pattern, cfg.target, cfg.data_seed, dataset.num_classes)
+
+
+class _Interner:
+    """Maps equal tensors to one shared instance (identity first, then a cheap fingerprint, then equality)."""
+
+    def __init__(self) -> None:
+        self.by_print: dict[tuple, list[torch.Tensor]] = {}
+
+    def intern(self, t: torch.Tensor) -> torch.Tensor:
+        """Return an already seen tensor equal to `t`, or `t` itself (remembered)."""
+        flat = t.reshape(-1)
+        key = (tuple(t.shape), t.dtype, float(flat.sum(dtype=torch.float64)),
+               float(flat[::4099].sum(dtype=torch.float64)))
+        same = self.by_print.setdefault(key, [])
+        for seen in same:
+            if seen is t or torch.equal(seen, t):
+                return seen
+        same.append(t)
+        return t
+
+
+class _TrainPool:
+    """All members' training images in one pool: the distinct base tensors, then every planted row.
+
+    `table[k, i]` is the pool row of member k's training example i, so a batch of every member is one
+    gather, `x[table.gather(1, perms)[:, a:b]]`.
+    """
+
+    def __init__(self, members: Sequence[MemberData], device: torch.device) -> None:
+        bases: list[list] = []  # [x, y, dirty rows (set), owned]
+        which = [self._assign(bases, m) for m in members]
+        offsets = np.cumsum([0] + [len(b[1]) for b in bases])
+        n_rows = np.cumsum([offsets[-1]] + [len(m.planted_idx) for m in members])
+        tables = []
+        for k, m in enumerate(members):
+            table = torch.arange(len(m.base_y), dtype=torch.long) + int(offsets[which[k]])
+            table[torch.from_numpy(m.planted_idx)] = torch.arange(int(n_rows[k]), int(n_rows[k + 1]))
+            tables.append(table)
+        self.x = torch.cat([b[0] for b in bases] + [m.planted_x for m in members]).to(device)
+        self.y = torch.cat([b[1] for b in bases] + [m.base_y[torch.from_numpy(m.planted_idx)] for m in members])
+        self.y, self.table = self.y.to(device), torch.stack(tables).to(device)
+
+    @staticmethod
+    def _assign(bases: list[list], m: MemberData) -> int:
+        """Return the index of a base `m` can share (filling rows it knows clean), adding one if none fits."""
+        planted = set(m.planted_idx.tolist())
+        for i, (x, y, dirty, owned) in enumerate(bases):
+            if x is m.base_x and not dirty and not len(m.base_dirty):
+                return i
+            if x.shape == m.base_x.shape and torch.equal(y, m.base_y):
+                differ = set((x != m.base_x).flatten(1).any(1).nonzero().flatten().tolist())
+                if differ <= dirty | planted | set(m.base_dirty.tolist()):
+                    _fill_clean_rows(bases[i], m, planted)
+                    return i
+        bases.append([m.base_x, m.base_y, set(m.base_dirty.tolist()), False])
+        return len(bases) - 1
+
+
+def _fill_clean_rows(base: list, m: MemberData, planted: set) -> None:
+    """Copy into the base the rows it holds dirty but member `m` holds clean (cloning the base once)."""
+    fill = sorted(base[2] - planted - set(m.base_dirty.tolist()))
+    if fill:
+        if not base[3]:
+            base[0], base[3] = base[0].clone(), True
+        rows = torch.tensor(fill, dtype=torch.long)
+        base[0][rows] = m.base_x[rows]
+        base[2] = base[2] - set(fill)
+
+
+# ------------------------------------------------------------------------------------------ optimisers
+
+
+def _per_member(values: Sequence[float], device: torch.device) -> float | torch.Tensor:
+    """Return the common value as a float when all members agree (torch's exact scalar path), else (K,)."""
+    if all(v == values[0] for v in values):
+        return float(values[0])
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def _bcast(value: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    """Return a (K,) per-member tensor viewed as (K, 1, ..., 1) to broadcast over `like`; floats as-is."""
+    return value if isinstance(value, float) else value.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _add_scaled(p: torch.Tensor, d: torch.Tensor, coef: float | torch.Tensor, sign: float) -> None:
+    """p += sign * coef * d, with torch.optim's own formula for scalar and tensor coefficients."""
+    if isinstance(coef, float):
+        p.add_(d, alpha=sign * coef)
+    else:
+        p.addcmul_(d, _bcast(coef, p), value=sign)
+
+
+def _decayed(g: torch.Tensor, p: torch.Tensor, l2: float | torch.Tensor) -> torch.Tensor:
+    """Return the gradient with coupled L2 weight decay, as torch.optim adds it (§7.1)."""
+    if isinstance(l2, float):
+        return g if l2 == 0 else g.add(p, alpha=l2)
+    return g.addcmul(p, _bcast(l2, p))
+
+
+class _StackedSGD:
+    """torch.optim.SGD (momentum, no dampening, no Nesterov, coupled L2) on stacked (K, ...) tensors."""
+
+    def __init__(self, params: dict[str, torch.Tensor], momentum: float) -> None:
+        self.momentum = momentum
+        self.buf = {n: torch.zeros_like(p) for n, p in params.items()} if momentum else {}
+
+    def step(self, params: dict, grads: dict, lr: float | torch.Tensor, l2: float | torch.Tensor, _: int) -> None:
+        """Apply one update; a zero buffer times momentum plus d equals torch's first-step clone of d."""
+        for n, p in params.items():
+            d = _decayed(grads[n], p, l2)
+            if self.momentum:
+                d = self.buf[n].mul_(self.momentum).add_(d)
+            _add_scaled(p, d, lr, -1.0)
+
+    def member_state(self, k: int, names: list[str], steps: int) -> dict[int, dict]:
+        """Return member k's torch.optim.SGD `state` (empty before the first step or without momentum)."""
+        if not steps or not self.momentum:
+            return {}
+        return {i: {"momentum_buffer": self.buf[n][k].clone()} for i, n in enumerate(names)}
+
+    def load_member(self, k: int, names: list[str], state: dict) -> None:
+        """Load member k's buffers from a torch.optim.SGD `state` (missing entries: zero)."""
+        for i, n in enumerate(names):
+            if self.momentum:
+                buf = state.get(i, {}).get("momentum_buffer")
+                self.buf[n][k] = 0 if buf is None else buf
+
+
+class _StackedAdam:
+    """torch.optim.Adam (betas 0.9/0.999, eps 1e-8, coupled L2, no AMSGrad) on stacked (K, ...) tensors."""
+
+    def __init__(self, params: dict[str, torch.Tensor], _momentum: float) -> None:
+        self.exp_avg = {n: torch.zeros_like(p) for n, p in params.items()}
+        self.exp_avg_sq = {n: torch.zeros_like(p) for n, p in params.items()}
+
+    def step(self, params: dict, grads: dict, lr: float | torch.Tensor, l2: float | torch.Tensor, steps: int) -> None:
+        """Apply update number `steps` (1-based), in torch's single-tensor Adam order of operations."""
+        (b1, b2), step = ADAM_BETAS, float(steps)
+        bias1, bias2_sqrt = 1 - b1 ** step, (1 - b2 ** step) ** 0.5
+        step_size = lr / bias1
+        for n, p in params.items():
+            d = _decayed(grads[n], p, l2)
+            m, v = self.exp_avg[n].lerp_(d, 1 - b1), self.exp_avg_sq[n]
+            v.mul_(b2).addcmul_(d, d, value=1 - b2)
+            denom = (v.sqrt() / bias2_sqrt).add_(ADAM_EPS)
+            if isinstance(step_size, float):
+                p.addcdiv_(m, denom, value=-step_size)
+            else:
+                p.addcmul_(m / denom, _bcast(step_size, p), value=-1)
+
+    def member_state(self, k: int, names: list[str], steps: int) -> dict[int, dict]:
+        """Return member k's torch.optim.Adam `state` (empty before the first step)."""
+        if not steps:
+            return {}
+        return {i: {"step": torch.tensor(float(steps)), "exp_avg": self.exp_avg[n][k].clone(),
+                    "exp_avg_sq": self.exp_avg_sq[n][k].clone()} for i, n in enumerate(names)}
+
+    def load_member(self, k: int, names: list[str], state: dict) -> None:
+        """Load member k's moments from a torch.optim.Adam `state` (missing entries: zero)."""
+        for i, n in enumerate(names):
+            entry = state.get(i, {})
+            self.exp_avg[n][k] = entry.get("exp_avg", 0)
+            self.exp_avg_sq[n][k] = entry.get("exp_avg_sq", 0)
+
+
+OPTIMIZERS = {"sgd": _StackedSGD, "adam": _StackedAdam}
+
+
+def lr_after(base_lr: float, epochs_done: int, total_epochs: int) -> float:
+    """Return the lr MultiStepLR (γ = 0.1, reference milestones) gives after `epochs_done` steps (§7.1)."""
+    counts, lr = Counter(train.milestones(total_epochs)), base_lr
+    for epoch in range(1, epochs_done + 1):
+        if epoch in counts:
+            lr = lr * GAMMA ** counts[epoch]
+    return lr
+
+
+def _check_bundlable(model: nn.Module, name: str) -> None:
+    """Raise a SpuriousError if the model has dropout, BatchNorm or buffers, which bundling cannot match."""
+    bad = sorted({type(m).__name__ for m in model.modules()
+                  if isinstance(m, (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm))})
+    if bad or any(True for _ in model.buffers()):
+        what = ", ".join(bad) if bad else "buffers"
+        raise SpuriousError(f"model {name!r} has {what}; bundling supports only models without dropout, "
+                            f"BatchNorm or buffers (the MLPs); train it one model per process")
+
+
+def _test_metrics(clean: torch.Tensor, patterned: torch.Tensor, y: torch.Tensor, target: torch.Tensor,
+                  tau: torch.Tensor) -> list[dict[str, float]]:
+    """Return `metrics.evaluate`'s keys per member from (K, N, classes) logits, with its arithmetic (§5)."""
+    k, n = y.shape
+    loss = torch.stack([F.cross_entropy(clean[i], y[i]) for i in range(k)])
+    index = target.view(k, 1, 1).expand(k, n, 1)
+    p_clean, p_pat = (z.softmax(2).gather(2, index).squeeze(2) for z in (clean, patterned))
+    rise = (p_pat - p_clean > tau[:, None]).float()
+    other = (y != target[:, None]).float()
+    count, pred = other.sum(1), patterned.argmax(2)
+    stats = torch.stack([loss, (clean.argmax(2) == y).float().mean(1), rise.mean(1), (rise * other).sum(1) / count,
+                         ((pred == y).float() * other).sum(1) / count,
+                         ((pred == target[:, None]).float() * other).sum(1) / count])
+    keys = ("test_loss", "test_acc", "spurious_score", "spurious_score_nontarget", "patterned_acc",
+            "patterned_target_rate")
+    return [dict(zip(keys, column)) for column in stats.T.tolist()]
+
+
+# ------------------------------------------------------------------------------------------ the engine
+
+
+class BundleEngine:
+    """Trains K compatible configs in lock-step; per member it reproduces `spurious.train.Engine`.
+
+    `vmap_chunk` is how many members share one vmapped forward/backward pass: all of them by default
+    on a GPU; 1 on the CPU, where running each member's small matmuls back to back is cache-friendlier
+    than one batched matmul (the stacked optimiser, gathers and evaluation still run once per bundle).
+    A member whose training loss becomes non-finite is dropped: its rows become None and `failed`
+    holds the message `Engine` would raise; the others go on (all failing raises TrainingError).
+    """
+
+    def __init__(self, cfgs: Sequence[TrainConfig], datas: Sequence[PlantedData | MemberData],
+                 vmap_chunk: Optional[int] = None) -> None:
+        check_compatible(cfgs)
+        if len(cfgs) != len(datas):
+            raise SpuriousError(f"a bundle needs one data per config, got {len(cfgs)} configs and {len(datas)} datas")
+        self.cfgs, self.k = list(cfgs), len(cfgs)
+        self.device = train.resolve_device(cfgs[0].device)
+        self.members = [member_data(d) for d in datas]
+        _check_data(self.members)
+        self.chunk = max(1, min(self.k, vmap_chunk or (self.k if self.device.type == "cuda" else 1)))
+        self._init_models()
+        self._init_data()
+        self.optimizer = OPTIMIZERS[cfgs[0].optimizer](self.params, cfgs[0].momentum)
+        self.gens = [torch.Generator(device=self.device).manual_seed(c.seed) for c in cfgs]
+        self.augment = train.aug01 if train.augmentation_of(cfgs[0]) == "aug01" else None
+        self.perturbed = self.augment is not None or any(c.noise_sigma > 0 for c in cfgs)
+        self.lrs = [c.lr for c in cfgs]
+        self.epoch, self.steps = 0, 0
+        self.histories: list[list[dict]] = [[] for _ in cfgs]
+        self.failed: dict[int, str] = {}
+
+    def _init_models(self) -> None:
+        """Build each member exactly as Engine does (seed, then models.build) and stack the parameters."""
+        shape, classes = self.members[0].input_shape, self.members[0].num_classes
+        built = []
+        for cfg in self.cfgs:
+            torch.manual_seed(cfg.seed)
+            built.append(models.build(cfg.model, shape, classes))
+        _check_bundlable(built[0], self.cfgs[0].model)
+        self.template = copy.deepcopy(built[0]).to("meta")
+        stacked, _ = stack_module_state(built)
+        self.params = {n: p.detach().to(self.device).contiguous() for n, p in stacked.items()}
+        self.names = list(self.params)
+
+    def _init_data(self) -> None:
+        """Pool the training rows and deduplicate the test sets; keep per-member targets and taus."""
+        self.pool = _TrainPool(self.members, self.device)
+        interner, self.tests = _Interner(), {}
+        self.clean_ids = [self._test_id(interner, (m.x_test, m.y_test)) for m in self.members]
+        self.patterned_ids = [self._test_id(interner, (m.x_test_patterned,)) for m in self.members]
+        self.y_test = torch.stack([self.tests[i][1] for i in self.clean_ids])
+        self.targets = torch.tensor([m.target for m in self.members], device=self.device)
+        self.taus = torch.tensor([c.tau for c in self.cfgs], dtype=torch.float32, device=self.device)
+
+    def _test_id(self, interner: _Interner, tensors: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
+        """Return the key of a (deduplicated) test tensor tuple, moving new ones to the device."""
+        shared = tuple(interner.intern(t) for t in tensors)
+        key = tuple(id(t) for t in shared)  # the interner keeps the tensors alive, so ids stay unique
+        if key not in self.tests:
+            self.tests[key] = tuple(t.to(self.device) for t in shared)
+        return key
+
+    # ---------------------------------------------------------------- one member's computation
+
+    def _member_loss(self, params: dict, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return one member's mean CE loss and number of correct predictions on a batch (Engine's loss)."""
+        out = functional_call(self.template, params, (x,))
+        return F.cross_entropy(out, y), (out.argmax(1) == y).sum()
+
+    def _member_logits(self, params: dict, x: torch.Tensor) -> torch.Tensor:
+        """Return one member's logits on `x`."""
+        return functional_call(self.template, params, (x,))
+
+    def _chunks(self) -> list[tuple[int, int]]:
+        """Return the [a, b) member ranges of the vmapped passes."""
+        return [(a, min(a + self.chunk, self.k)) for a in range(0, self.k, self.chunk)]
+
+    def _grads(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """Return stacked gradients, per-member losses and correct counts of one step's batch (K, B, ...)."""
+        parts, losses, correct = [], [], []
+        for a, b in self._chunks():
+            single = b - a == 1
+            leaves = {n: (p[a] if single else p[a:b]).detach().requires_grad_() for n, p in self.params.items()}
+            fn = self._member_loss if single else vmap(self._member_loss)
+            loss, right = fn(leaves, xb[a] if single else xb[a:b], yb[a] if single else yb[a:b])
+            grads = torch.autograd.grad(loss.sum(), list(leaves.values()))
+            parts.append([g.unsqueeze(0) if single else g for g in grads])
+            losses.append(loss.detach().reshape(-1))
+            correct.append(right.reshape(-1))
+        grads = [p[0] if len(parts) == 1 else torch.cat(p) for p in zip(*parts)]
+        return dict(zip(self.names, grads)), torch.cat(losses), torch.cat(correct)
+
+    # ---------------------------------------------------------------- training
+
+    def _batch(self, order: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return every member's batch (K, B, C, H, W) and labels, augmented and noised as Engine does."""
+        rows = order[:, start:start + self.cfgs[0].batch_size]
+        xb, yb = self.pool.x[rows], self.pool.y[rows]
+        if not self.perturbed:
+            return xb, yb
+        return torch.stack([self._perturb(k, xb[k]) for k in range(self.k)]), yb
+
+    def _perturb(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        """Return member k's batch after aug01 and Gaussian noise, drawn from its generator in Engine's order."""
+        sigma, gen = self.cfgs[k].noise_sigma, self.gens[k]
+        if self.augment is not None:
+            x = self.augment(x, gen)
+        if sigma > 0:
+            x = x + sigma * torch.randn(x.shape, generator=gen, device=self.device)
+        return x
+
+    def _hyper(self) -> tuple:
+        """Return this epoch's per-member lr, l2 and clip bound (floats when all members agree)."""
+        lr = _per_member(self.lrs, self.device)
+        l2 = _per_member([c.l2 for c in self.cfgs], self.device)
+        clip = _per_member([c.grad_clip or float("inf") for c in self.cfgs], self.device)
+        return lr, l2, clip
+
+    def train_epoch(self) -> tuple[list[float], list[float]]:
+        """Run one epoch for every member; return per-member running loss and accuracy (Engine's)."""
+        n = self.pool.table.shape[1]
+        perms = torch.stack([torch.randperm(n, generator=g, device=self.device) for g in self.gens])
+        order = self.pool.table.gather(1, perms)
+        lr, l2, clip = self._hyper()
+        loss_sum = torch.zeros(self.k, device=self.device)
+        correct = torch.zeros(self.k, device=self.device, dtype=torch.long)
+        for start in range(0, n, self.cfgs[0].batch_size):
+            xb, yb = self._batch(order, start)
+            grads, losses, right = self._grads(xb, yb)
+            if isinstance(clip, torch.Tensor) or clip != float("inf"):
+                for g in grads.values():
+                    g.clamp_(-_bcast(clip, g), _bcast(clip, g))
+            self.steps += 1
+            with torch.no_grad():
+                self.optimizer.step(self.params, grads, lr, l2, self.steps)
+            loss_sum += losses * yb.shape[1]
+            correct += right
+        return (loss_sum / n).tolist(), (correct.double() / n).tolist()
+
+    @torch.no_grad()
+    def _logits(self, ids: list[tuple]) -> torch.Tensor:
+        """Return (K, N_test, classes) logits of every member on its test tensor `ids[k]`, in eval batches."""
+        out = [None] * self.k
+        for key in dict.fromkeys(ids):
+            members = [k for k in range(self.k) if ids[k] == key]
+            for i in range(0, len(members), self.chunk):
+                chunk = members[i:i + self.chunk]
+                for k, z in zip(chunk, self._chunk_logits(chunk, self.tests[key][0])):
+                    out[k] = z
+        return torch.stack(out).float()
+
+    def _chunk_logits(self, chunk: list[int], x: torch.Tensor) -> torch.Tensor:
+        """Return (len(chunk), N, classes) logits of the members `chunk` on `x`."""
+        bs = self.cfgs[0].eval_batch_size
+        if len(chunk) == 1:
+            params = {n: p[chunk[0]] for n, p in self.params.items()}
+            return torch.cat([self._member_logits(params, x[i:i + bs]) for i in range(0, len(x), bs)])[None]
+        params = {n: p[chunk] for n, p in self.params.items()}
+        fn = vmap(self._member_logits, in_dims=(0, None))
+        return torch.cat([fn(params, x[i:i + bs]) for i in range(0, len(x), bs)], dim=1)
+
+    def evaluate(self) -> list[dict[str, float]]:
+        """Return every member's clean and patterned test metrics (`metrics.evaluate`'s keys, §5)."""
+        clean, patterned = self._logits(self.clean_ids), self._logits(self.patterned_ids)
+        return _test_metrics(clean, patterned, self.y_test, self.targets, self.taus)
+
+    def step(self) -> list[Optional[dict]]:
+        """Train and evaluate one epoch; return each member's metrics row (None once a member has failed)."""
+        start, lrs = time.perf_counter(), list(self.lrs)
+        train_loss, train_acc = self.train_epoch()
+        self._mark_failures(train_loss, lrs)
+        self.epoch += 1
+        self.lrs = [lr_after(c.lr, self.epoch, c.epochs) for c in self.cfgs]
+        tests, seconds = self.evaluate(), time.perf_counter() - start
+        rows: list[Optional[dict]] = []
+        for k in range(self.k):
+            row = None if k in self.failed else {"epoch": self.epoch, "lr": lrs[k], "train_loss": train_loss[k],
+                                                 "train_acc": train_acc[k], **tests[k], "epoch_time_s": seconds}
+            if row is not None:
+                self.histories[k].append(row)
+            rows.append(row)
+        return rows
+
+    def _mark_failures(self, train_loss: list[float], lrs: list[float]) -> None:
+        """Record members whose loss became non-finite; raise TrainingError when no member is left."""
+        for k, loss in enumerate(train_loss):
+            if k not in self.failed and not np.isfinite(loss):
+                self.failed[k] = (f"training loss became {loss} at epoch {self.epoch + 1} (lr={lrs[k]}, "
+                                  f"optimizer={self.cfgs[k].optimizer}); lower the learning rate")
+        if len(self.failed) == self.k:
+            raise train.TrainingError(f"every bundle member diverged; member 0: {self.failed[0]}")
+
+    def fit(self, on_epoch: Optional[BundleCallback] = None) -> list[train.TrainResult]:
+        """Train to `epochs`, calling `on_epoch(rows, snapshot)` after every epoch; one result per member."""
+        while self.epoch < self.cfgs[0].epochs:
+            rows = self.step()
+            if on_epoch is not None:
+                on_epoch([dict(r) if r else None for r in rows], self.snapshot)
+        states = self.snapshot()
+        return [train.TrainResult(self.member_model(k), list(self.histories[k]), states[k]) for k in range(self.k)]
+
+    def member_model(self, k: int) -> nn.Module:
+        """Return member k as a standalone model (a copy of its current parameters) on the bundle's device."""
+        model = copy.deepcopy(self.template)
+        model.load_state_dict({n: p[k].clone() for n, p in self.params.items()}, assign=True)
+        return model
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def snapshot(self) -> list[dict]:
+        """Return one checkpoint per member, each in exactly the format of `spurious.train.Engine.snapshot`."""
+        return [self._member_snapshot(k) for k in range(self.k)]
+
+    def _member_snapshot(self, k: int) -> dict:
+        """Return member k's checkpoint; optimiser/scheduler dicts come from real torch objects."""
+        cfg = self.cfgs[k]
+        model = {n: p[k].detach().clone() for n, p in self.params.items()}
+        optimizer, scheduler = self._torch_states(k, list(model.values()))
+        rng = {"torch": torch.get_rng_state(), "generator": self.gens[k].get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {"format": train.CHECKPOINT_FORMAT, "config": cfg.to_dict(), "epoch": self.epoch, "model": model,
+                "optimizer": optimizer, "scheduler": scheduler, "rng": rng,
+                "spurious_idx": torch.from_numpy(np.asarray(self.members[k].planted_idx, np.int64)),
+                "history": [dict(r) for r in self.histories[k]]}
+
+    def _torch_states(self, k: int, tensors: list[torch.Tensor]) -> tuple[dict, dict]:
+        """Return member k's optimiser and scheduler state dicts as Engine's torch objects would hold them."""
+        cfg = self.cfgs[k]
+        opt = train.make_optimizer(cfg, tensors)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, train.milestones(cfg.epochs), GAMMA)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # stepping a scheduler without optimizer.step() warns
+            for _ in range(self.epoch):
+                sched.step()
+        state = opt.state_dict()
+        state["state"] = self.optimizer.member_state(k, self.names, self.steps)
+        return state, {key: v for key, v in sched.state_dict().items() if key != "milestones"}
+
+    def restore(self, states: Sequence[dict]) -> None:
+        """Continue from per-member checkpoints (from `snapshot` or from separate `Engine` runs) at one epoch."""
+        self._check_states(states)
+        for k, state in enumerate(states):
+            for n in self.names:
+                self.params[n][k] = state["model"][n].to(self.device)
+            self.optimizer.load_member(k, self.names, {i: {key: _to(v, self.device) for key, v in s.items()}
+                                                       for i, s in state["optimizer"]["state"].items()})
+            self.lrs[k] = float(state["optimizer"]["param_groups"][0]["lr"])
+            self.gens[k].set_state(state["rng"]["generator"])
+            self.histories[k] = [dict(r) for r in state["history"]]
+        torch.set_rng_state(states[0]["rng"]["torch"])
+        if "cuda" in states[0]["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(states[0]["rng"]["cuda"], self.device)
+        self.epoch = int(states[0]["epoch"])
+        self.steps = self.epoch * -(-self.pool.table.shape[1] // self.cfgs[0].batch_size)
+        self.failed = {}
+
+    def _check_states(self, states: Sequence[dict]) -> None:
+        """Raise a SpuriousError unless there is one same-epoch checkpoint of the right config per member."""
+        if len(states) != self.k:
+            raise SpuriousError(f"restore needs {self.k} member checkpoints, got {len(states)}")
+        for k, state in enumerate(states):
+            if state.get("format") != train.CHECKPOINT_FORMAT:
+                raise SpuriousError(f"member {k}: checkpoint format {state.get('format')!r} is not "
+                                    f"{train.CHECKPOINT_FORMAT}")
+            mine, theirs = self.cfgs[k].to_dict(), state["config"]
+            differ = sorted(key for key in mine if key != "device" and theirs.get(key) != mine[key])
+            if differ:
+                raise SpuriousError(f"member {k}: checkpoint config differs on {', '.join(differ)}")
+        epochs = {int(s["epoch"]) for s in states}
+        if len(epochs) != 1:
+            raise SpuriousError(f"bundle members must resume from the same epoch, got epochs {sorted(epochs)}")
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    """Return tensors moved to `device`; other values unchanged."""
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+def _check_data(members: Sequence[MemberData]) -> None:
+    """Raise a SpuriousError unless all members' data have the same shapes and sizes."""
+    def shape_of(m: MemberData) -> dict[str, Any]:
+        return {"input shape": m.input_shape, "training-set size": len(m.base_y), "test-set size": len(m.y_test),
+                "number of classes": m.num_classes, "patterned test-set size": len(m.x_test_patterned)}
+
+    first = shape_of(members[0])
+    for i, m in enumerate(members[1:], 1):
+        for key, value in shape_of(m).items():
+            if value != first[key]:
+                raise SpuriousError(f"cannot bundle: member {i} has {key} {value} but member 0 has {first[key]}")
+
+
+def train_bundle(cfgs: Sequence[TrainConfig], datas: Sequence[PlantedData | MemberData],
+                 on_epoch: Optional[BundleCallback] = None, resume: Optional[Sequence[dict]] = None,
+                 vmap_chunk: Optional[int] = None) -> list[train.TrainResult]:
+    """Train the configs as one bundle; `on_epoch(rows, snapshot)` sees every epoch; one result per member."""
+    engine = BundleEngine(cfgs, datas, vmap_chunk)
+    if resume is not None:
+        engine.restore(resume)
+    return engine.fit(on_epoch)
