@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -22,6 +23,10 @@ CONFIG_COLUMNS = ("dataset", "model", "pattern", "n_spurious", "target", "data_s
                   "tau")
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "spurious_score", "spurious_score_nontarget",
            "patterned_acc", "patterned_target_rate")
+# Reported values kept in the frames but not summarised (`lr` per epoch is the scheduled rate, so
+# `load` keeps the config's `lr` and only `load_epochs` has the epoch's).
+EXTRAS = ("epoch_time_s", "n_planted")
+SUMMARY_COLUMNS = ("mean", "se", "count", "p_vs_baseline")
 # Keys that identify a cell of a study; seeds are replicates, not cells.
 REPLICATE_KEYS = ("data_seed", "seed")
 
@@ -41,6 +46,13 @@ def _flatten(config: dict) -> dict:
     return flat
 
 
+def _read_params(trial_dir: Path) -> dict:
+    try:
+        return json.loads((trial_dir / "params.json").read_text())
+    except json.JSONDecodeError as err:
+        raise SpuriousError(f"{str(trial_dir / 'params.json')!r} is not valid JSON ({err})") from None
+
+
 def _read_results(trial_dir: Path) -> list[dict]:
     path = trial_dir / "result.json"
     if not path.exists():
@@ -51,7 +63,7 @@ def _read_results(trial_dir: Path) -> list[dict]:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
             continue  # a line cut short by a killed driver
-    return rows
+    return [r for r in rows if isinstance(r, dict)]
 
 
 def _epochs(rows: list[dict]) -> list[dict]:
@@ -89,7 +101,7 @@ def _dir_trial_id(trial_dir: Path) -> str:
 
 
 def _trial_row(trial_dir: Path) -> dict:
-    config = _full_config(json.loads((trial_dir / "params.json").read_text()))
+    config = _full_config(_read_params(trial_dir))
     epochs = _epochs(_read_results(trial_dir))
     final = epochs[-1] if epochs else {}
     error = _error_line(trial_dir)
@@ -97,33 +109,49 @@ def _trial_row(trial_dir: Path) -> dict:
     status = "TERMINATED" if done else "ERROR" if error else "INCOMPLETE"
     row = {"experiment": trial_dir.parent.name, "trial_id": final.get("trial_id") or _dir_trial_id(trial_dir),
            "status": status, "error": error if not done else None, "epochs_done": final.get("epoch", 0),
-           **config, **{m: final.get(m, math.nan) for m in METRICS},
+           **config, **{m: final.get(m, math.nan) for m in (*METRICS, *EXTRAS)},
            "time_total_s": final.get("time_total_s", math.nan), "hostname": final.get("hostname"),
            "checkpoint": _latest_checkpoint(trial_dir), "trial_dir": str(trial_dir)}
     return row
 
 
+def _as_list(paths: str | Path | Iterable[str | Path]) -> list[Path]:
+    return [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+
+
 def load(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     """Return one row per trial of one or more experiment directories: config, final metrics, status."""
-    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    rows = [_trial_row(d) for p in paths for d in _trial_dirs(Path(p))]
+    rows = [_trial_row(d) for p in _as_list(paths) for d in _trial_dirs(p)]
     df = pd.DataFrame(rows)
     if df.empty:
         return pd.DataFrame(columns=["experiment", "trial_id", "status", *CONFIG_COLUMNS, *METRICS])
     return df
 
 
+def _epoch_rows(trial_dir: Path) -> list[dict]:
+    config = _full_config(_read_params(trial_dir))
+    return [{"experiment": trial_dir.parent.name, "trial_id": r.get("trial_id") or _dir_trial_id(trial_dir),
+             **config, "epoch": r["epoch"], "lr": r.get("lr", math.nan),
+             **{m: r.get(m, math.nan) for m in (*METRICS, *EXTRAS)}}
+            for r in _epochs(_read_results(trial_dir))]
+
+
 def load_epochs(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
-    """Return one row per (trial, epoch): the trial's config columns and that epoch's metrics."""
-    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    rows = []
-    for p in paths:
-        for d in _trial_dirs(Path(p)):
-            config = _full_config(json.loads((d / "params.json").read_text()))
-            for r in _epochs(_read_results(d)):
-                rows.append({"experiment": d.parent.name, "trial_id": r.get("trial_id"), **config,
-                             "epoch": r["epoch"], "lr": r.get("lr"), **{m: r.get(m, math.nan) for m in METRICS}})
+    """Return one row per (trial, epoch): the trial's config columns and that epoch's metrics (`lr` is the
+    epoch's scheduled learning rate)."""
+    rows = [row for p in _as_list(paths) for d in _trial_dirs(p) for row in _epoch_rows(d)]
+    if not rows:
+        return pd.DataFrame(columns=["experiment", "trial_id", *CONFIG_COLUMNS, "epoch", *METRICS])
     return pd.DataFrame(rows)
+
+
+def join_source(df: pd.DataFrame, sources: pd.DataFrame, on: str = "source_trial_id") -> pd.DataFrame:
+    """Return `df` with the row of `sources` whose trial_id equals `df[on]` joined on, its columns suffixed
+    `_source` (e.g. a deletion study's trials next to the training trials they started from)."""
+    if on not in df:
+        raise SpuriousError(f"column {on!r} is not in the frame; columns: {', '.join(map(str, df.columns))}")
+    renamed = sources.rename(columns=lambda c: f"{c}_source")
+    return df.merge(renamed, how="left", left_on=on, right_on="trial_id_source")
 
 
 def errored(df: pd.DataFrame) -> list[str]:
@@ -137,7 +165,7 @@ def errored(df: pd.DataFrame) -> list[str]:
 def cell_keys(df: pd.DataFrame, by: Sequence[str]) -> list[str]:
     """Return `by` plus every other config column that varies across `df` (excluding seeds)."""
     extra = [c for c in CONFIG_COLUMNS if c in df and c not in by and c not in REPLICATE_KEYS
-             and df[c].astype(str).nunique() > 1]
+             and df[c].astype(str).nunique(dropna=False) > 1]
     return [*extra, *by]
 
 
@@ -145,22 +173,38 @@ def summarize(df: pd.DataFrame, by: Sequence[str] = ("pattern", "n_spurious"),
               metric: str = "spurious_score") -> pd.DataFrame:
     """Return mean, standard error and count of `metric` per cell, and the one-sided Welch p-value of
     each cell against its n = 0 baseline cell (same other keys; PAPER_SPEC §5.2)."""
-    from spurious.metrics import welch_greater
-
     done = df[df["status"] == "TERMINATED"] if "status" in df else df
+    done = done[done[metric].notna()] if metric in done else done
     keys = cell_keys(done, list(by))
     if done.empty:
-        return pd.DataFrame(columns=[*keys, "mean", "se", "count", "p_vs_baseline"])
-    grouped = done.groupby(keys, dropna=False)[metric]
-    out = grouped.agg(mean="mean", se=lambda s: s.std(ddof=1) / np.sqrt(len(s)) if len(s) > 1 else np.nan,
-                      count="count").reset_index()
-    if "n_spurious" in keys:
-        values = {k: g[metric].to_numpy() for k, g in done.groupby(keys, dropna=False)}
-        out["p_vs_baseline"] = [
-            welch_greater(values[key], values.get(_baseline_key(key, keys), np.array([])))
-            if row.n_spurious != 0 else np.nan
-            for key, row in zip(out[keys].itertuples(index=False, name=None), out.itertuples())]
+        return pd.DataFrame(columns=[*keys, *SUMMARY_COLUMNS])
+    grouped = done.groupby(keys, dropna=False, sort=True)[metric]
+    out = grouped.agg(mean="mean", se=_stderr, count="count").reset_index()
+    samples = {_hashable(k): v.to_numpy(dtype=float) for k, v in grouped}
+    cells = out[keys].itertuples(index=False, name=None)
+    out["p_vs_baseline"] = [_p_value(samples, key, keys) for key in cells]
     return out
+
+
+def _stderr(values: pd.Series) -> float:
+    return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else math.nan
+
+
+def _hashable(key) -> tuple:
+    """Return a dict key for a group; NaN (a missing config value) compares equal to itself here."""
+    key = key if isinstance(key, tuple) else (key,)
+    return tuple(None if isinstance(v, float) and math.isnan(v) else v for v in key)
+
+
+def _p_value(samples: dict, key: tuple, keys: list[str]) -> float:
+    from spurious.metrics import welch_greater
+
+    if "n_spurious" not in keys or key[keys.index("n_spurious")] == 0:
+        return math.nan
+    baseline = samples.get(_hashable(_baseline_key(key, keys)), np.array([]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # scipy warns on near-identical seeds; p stands
+        return welch_greater(samples[_hashable(key)], baseline)
 
 
 def _baseline_key(key: tuple, keys: list[str]) -> tuple:
@@ -173,9 +217,21 @@ def score_table(df: pd.DataFrame, metric: str = "spurious_score") -> str:
     summary = summarize(df, metric=metric)
     if summary.empty:
         return f"(no finished trials to summarise {metric})"
-    summary["cell"] = [f"{m:.3f} ± {s:.3f}" if not np.isnan(s) else f"{m:.3f}"
-                       for m, s in zip(summary["mean"], summary["se"])]
+    return f"{metric} (mean ± s.e. over seeds)\n" + pivot_cells(summary).to_string()
+
+
+def pivot_cells(summary: pd.DataFrame, digits: int = 3, mark_p: float | None = None) -> pd.DataFrame:
+    """Return a `summarize` frame as text cells 'mean ± se': rows pattern (and other varying factors),
+    columns n=…; with `mark_p`, cells whose p-value vs n = 0 is below it get a '*'."""
+    summary = summary.copy()
+    summary["cell"] = [_cell(m, s, p, digits, mark_p)
+                       for m, s, p in zip(summary["mean"], summary["se"], summary["p_vs_baseline"])]
     rows = [k for k in cell_keys(summary, ["pattern"]) if k != "n_spurious"]
     table = summary.pivot_table(index=rows, columns="n_spurious", values="cell", aggfunc="first")
     table.columns = [f"n={c}" for c in table.columns]
-    return f"{metric} (mean ± s.e. over seeds)\n" + table.to_string()
+    return table
+
+
+def _cell(mean: float, se: float, p: float, digits: int, mark_p: float | None) -> str:
+    text = f"{mean:.{digits}f} ± {se:.{digits}f}" if not np.isnan(se) else f"{mean:.{digits}f}"
+    return text + ("*" if mark_p is not None and p < mark_p else "")
