@@ -1,0 +1,175 @@
+"""`write_report`: tidy frames, summary tables, figures and an index.html for one or more experiments.
+
+Command: `study report results/demo-20261128-120000` writes results/demo-20261128-120000/report/:
+trials.csv/.parquet, epochs.csv/.parquet, summary_<metric>.csv, summary.md, figures/*.png, index.html.
+"""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from analysis import figures, frames
+from spurious.errors import SpuriousError
+
+SUMMARY_METRICS = ("spurious_score", "test_acc")
+SIGNIFICANT = 0.05
+WEIGHT_MAP_PANELS = 4
+WEIGHT_MAP_FIGURES = 8
+WEIGHT_MAP_GROUP = ("dataset", "model", "optimizer", "target", "pattern")
+
+
+def write_report(experiment_dirs: str | Path | Iterable[str | Path],
+                 out_dir: str | Path | None = None) -> Path:
+    """Write the report of `experiment_dirs` into `out_dir` (default EXPERIMENT_DIR/report); return it."""
+    single = isinstance(experiment_dirs, (str, Path))
+    dirs = [Path(experiment_dirs)] if single else [Path(d) for d in experiment_dirs]
+    if not dirs:
+        raise SpuriousError("write_report needs at least one experiment directory")
+    df = frames.load(dirs)
+    if df.empty:
+        raise SpuriousError(f"no trials (no */params.json) in {', '.join(map(str, dirs))}")
+    out = Path(out_dir) if out_dir else dirs[0] / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    write_frame(df, out / "trials")
+    write_frame(frames.load_epochs(dirs), out / "epochs")
+    summaries = {m: frames.summarize(df, metric=m) for m in SUMMARY_METRICS}
+    for metric, summary in summaries.items():
+        summary.to_csv(out / f"summary_{metric}.csv", index=False)
+    (out / "summary.md").write_text(summary_markdown(df, summaries))
+    pngs = write_figures(df, out / "figures")
+    (out / "index.html").write_text(index_html(dirs, df, summaries, [p.relative_to(out) for p in pngs]))
+    return out
+
+
+def write_frame(df: pd.DataFrame, stem: Path) -> list[Path]:
+    """Write `df` as `<stem>.csv` and `<stem>.parquet`; return both paths."""
+    csv, parquet = stem.with_suffix(".csv"), stem.with_suffix(".parquet")
+    df.to_csv(csv, index=False)
+    _parquet_safe(df).to_parquet(parquet, index=False)
+    return [csv, parquet]
+
+
+def _parquet_safe(df: pd.DataFrame) -> pd.DataFrame:
+    """Return `df` with object columns of mixed Python types as strings (Parquet needs one type a column)."""
+    out = df.copy()
+    for column in out.columns[out.dtypes == object]:
+        kinds = {type(v) for v in out[column].dropna()}
+        if len(kinds) > 1:
+            out[column] = out[column].map(lambda v: v if v is None or v is np.nan else str(v))
+    return out
+
+
+def _display(summary: pd.DataFrame) -> pd.DataFrame:
+    """Return the summary with paper pattern labels (S1…Co) in the pattern column."""
+    if "pattern" not in summary or summary.empty:
+        return summary
+    from spurious.patterns import short_name
+
+    return summary.assign(pattern=summary["pattern"].map(short_name))
+
+
+def markdown_table(table: pd.DataFrame, index: bool = True) -> str:
+    """Return `table` as a GitHub-flavoured Markdown table."""
+    flat = table.reset_index() if index else table
+    header = [str(c) for c in flat.columns]
+    rows = [[_md(v) for v in row] for row in flat.itertuples(index=False, name=None)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _md(value) -> str:
+    if isinstance(value, float):
+        return "" if np.isnan(value) else f"{value:.4g}"
+    return str(value).replace("|", "\\|")
+
+
+def _counts(df: pd.DataFrame) -> str:
+    counts = df["status"].value_counts().sort_index()
+    return ", ".join(f"{n} {status.lower()}" for status, n in counts.items())
+
+
+def summary_markdown(df: pd.DataFrame, summaries: dict[str, pd.DataFrame]) -> str:
+    """Return the Markdown summary: per metric, a pattern × n table of mean ± s.e. and the long table."""
+    parts = [f"# Summary\n\nExperiments: {', '.join(sorted(df['experiment'].astype(str).unique()))}. "
+             f"Trials: {len(df)} ({_counts(df)}).\n\nCells are mean ± s.e. over seeds; * marks a one-sided "
+             f"Welch test against the n = 0 cell with p < {SIGNIFICANT} (PAPER_SPEC §5.2).\n"]
+    for metric, summary in summaries.items():
+        parts.append(f"## {figures.label(metric)} (`{metric}`)\n")
+        if summary.empty:
+            parts.append("No finished trials.\n")
+            continue
+        parts.append(markdown_table(frames.pivot_cells(_display(summary), mark_p=SIGNIFICANT)) + "\n")
+        parts.append(f"<details><summary>all cells</summary>\n\n{markdown_table(summary, index=False)}\n\n"
+                     "</details>\n")
+    errors = frames.errored(df)
+    if errors:
+        parts.append("## Errored trials\n\n" + "\n".join(f"- {e}" for e in errors) + "\n")
+    return "\n".join(parts)
+
+
+def weight_map_sets(df: pd.DataFrame) -> list[tuple[str, list[str]]]:
+    """Return (name, checkpoints) per dataset/model/optimizer/target/pattern: the first seed's checkpoint at
+    up to WEIGHT_MAP_PANELS values of n, without mitigation (the panels of PAPER_SPEC §12.3)."""
+    if "checkpoint" not in df:
+        return []
+    done = df[(df["status"] == "TERMINATED") & df["checkpoint"].notna()]
+    for knob in figures.MITIGATIONS:
+        done = done[done[knob] == 0] if knob in done else done
+    if done.empty:
+        return []
+    first = done.sort_values(["data_seed", "seed"]).groupby([*WEIGHT_MAP_GROUP, "n_spurious"]).head(1)
+    sets = []
+    for key, group in first.groupby(list(WEIGHT_MAP_GROUP), sort=True):
+        group = group.sort_values("n_spurious")
+        spread = np.linspace(0, len(group) - 1, min(len(group), WEIGHT_MAP_PANELS))
+        picks = np.unique(spread.round().astype(int))
+        sets.append(("_".join(map(str, key)), group["checkpoint"].iloc[picks].tolist()))
+    return sets[:WEIGHT_MAP_FIGURES]
+
+
+def write_figures(df: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Write every figure the frame supports; return the PNG paths."""
+    paths = [*figures.score_vs_n(df, out_dir), *figures.accuracy_vs_n(df, out_dir),
+             *figures.mitigation_tradeoff(df, out_dir)]
+    for name, checkpoints in weight_map_sets(df):
+        try:
+            paths.append(figures.weight_map(checkpoints, out_dir / f"weight_map_{_safe(name)}.png"))
+        except SpuriousError:
+            continue  # not an MLP, or an unreadable checkpoint: no weight map for this group
+    return paths
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
+
+
+def index_html(dirs: Sequence[Path], df: pd.DataFrame, summaries: dict[str, pd.DataFrame],
+               pngs: Sequence[Path]) -> str:
+    """Return a self-contained HTML page showing the summary tables, figures and links to the data files."""
+    esc = html.escape
+    body = [f"<h1>Report: {esc(', '.join(d.name for d in dirs))}</h1>",
+            f"<p>{len(df)} trials ({esc(_counts(df))}) from {esc(', '.join(str(d) for d in dirs))}.</p>"]
+    for metric, summary in summaries.items():
+        body.append(f"<h2>{esc(figures.label(metric))} <code>{esc(metric)}</code></h2>")
+        body.append("<p>No finished trials.</p>" if summary.empty else
+                    frames.pivot_cells(_display(summary), mark_p=SIGNIFICANT).to_html(border=0))
+    body.append(f"<p class=note>mean ± s.e. over seeds; * p &lt; {SIGNIFICANT}, one-sided Welch test "
+                "vs n = 0.</p>")
+    errors = frames.errored(df)
+    if errors:
+        body.append("<h2>Errored trials</h2><ul>" + "".join(f"<li>{esc(e)}</li>" for e in errors) + "</ul>")
+    body.append("<h2>Figures</h2>")
+    body += [f'<figure><img src="{esc(p.as_posix())}" alt="{esc(p.stem)}"><figcaption>{esc(p.stem)}'
+             f"</figcaption></figure>" for p in pngs]
+    files = ["summary.md", *[f"summary_{m}.csv" for m in summaries], "trials.csv", "trials.parquet",
+             "epochs.csv", "epochs.parquet"]
+    body.append("<h2>Data</h2><ul>" + "".join(f'<li><a href="{f}">{f}</a></li>' for f in files) + "</ul>")
+    style = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse}td,th{padding:2px 10px;text-align:right}"
+             "tr:nth-child(even){background:#f4f4f4}img{max-width:100%}figure{margin:1em 0}.note{color:#555}")
+    return (f"<!doctype html><html><head><meta charset=utf-8><title>{esc(dirs[0].name)} report</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
