@@ -57,6 +57,10 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="directory with the dataset files (else $SPURIOUS_DATA, system folders, cache)")
     p.add_argument("--yes", action="store_true", help="do not ask before launching a large study")
     p.add_argument("-v", "--verbose", type=int, default=1, choices=[0, 1, 2], help="Tune output level")
+    p.add_argument("--wandb", default="auto", choices=["auto", "off", "offline", "online"],
+                   help="W&B: one run per trial (default auto: online if an API key is configured, else offline)")
+    p.add_argument("--wandb-project", default="rare-spurious-study", help="W&B project")
+    p.add_argument("--wandb-entity", help="W&B entity (team or user; default: the key's default entity)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,9 +138,10 @@ def confirm(count: int, assume_yes: bool) -> None:
 
 
 def cmd_run(args) -> int:
-    from study import catalog, runner
+    from study import catalog, runner, wandb_setup
 
     spec = catalog.get(args.study)
+    wandb_mode = wandb_setup.resolve_mode(args.wandb)
     options = runner.RunOptions(storage_path=args.storage_path, name=args.name, address=args.address,
                                 cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
                                 max_concurrent=args.max_concurrent, data_dir=args.data_dir, smoke=args.smoke,
@@ -146,8 +151,13 @@ def cmd_run(args) -> int:
     confirm(len(prepared.configs) * spec.num_samples, args.yes)
     print(f"study {spec.name}: {len(prepared.configs) * spec.num_samples} trials -> "
           f"{options.storage_uri()}/{prepared.name}", flush=True)
-    results = runner.run(prepared, options)
-    return finish(results.experiment_path)
+    experiment_dir = f"{options.storage_uri()}/{prepared.name}"
+    callbacks = wandb_setup.callbacks(wandb_mode, args.wandb_project, args.wandb_entity, experiment_dir,
+                                      prepared.name)
+    results = runner.run(prepared, options, callbacks=callbacks)
+    code = finish(results.experiment_path)
+    wandb_setup.print_sync_hint(wandb_mode, experiment_dir)
+    return code
 
 
 def _check_resources(args) -> None:
@@ -190,7 +200,7 @@ def cmd_bench(args) -> int:
 
 COMMANDS = {"list": cmd_list, "show": cmd_show, "run": cmd_run, "resume": cmd_resume, "bench": cmd_bench}
 # Modules that add subcommands: each has `register(subparsers) -> {name: handler(args) -> int}`.
-EXTENSIONS: tuple[str, ...] = ()
+EXTENSIONS: tuple[str, ...] = ("study.report_cmd",)
 
 
 def _extensions(sub) -> dict:

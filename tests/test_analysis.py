@@ -292,3 +292,18 @@ def test_report_includes_weight_maps_when_mlp_checkpoints_exist(experiment, tmp_
     out = report.write_report(experiment, tmp_path / "rep")
     maps = sorted(p.name for p in (out / "figures").glob("weight_map_*.png"))
     assert maps == ["weight_map_fashion_large_mlp_sgd_0_r3.png", "weight_map_fashion_large_mlp_sgd_0_s3.png"]
+
+
+def test_study_report_command(tmp_path, capsys):
+    from study import cli
+
+    exp = tmp_path / "demo-smoke"
+    shutil.copytree(GOLDEN, exp)
+    assert cli.main(["report", str(exp), "--out", str(tmp_path / "r")]) == 0
+    assert f"report: {tmp_path / 'r' / 'index.html'}" in capsys.readouterr().out
+    assert cli.main(["report", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("study: error:") and "does not exist" in err and err.count("\n") == 1
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["report", str(tmp_path / "empty")]) == 2
+    assert "not an experiment directory" in capsys.readouterr().err

@@ -1,0 +1,56 @@
+"""`study report EXPERIMENT_DIR [...] [--out DIR] [--wandb [MODE]]`: tables, figures and an index.html.
+
+Examples::
+
+    study report results/demo-20261128-120000                  # -> results/demo-20261128-120000/report/
+    study report results/train-… results/deletion-… --out reports/both
+    study report results/demo-20261128-120000 --wandb          # also a W&B run (offline unless told online)
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from spurious.errors import SpuriousError
+
+
+def register(subparsers) -> dict:
+    """Add the `report` subcommand; return its handler."""
+    p = subparsers.add_parser("report", help="write tables, figures and index.html for experiments",
+                              description=__doc__.split("\n\n")[0], epilog=__doc__.split("::\n")[1],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiments", nargs="+", metavar="EXPERIMENT_DIR",
+                   help="experiment directory (several make one report)")
+    p.add_argument("--out", help="output directory (default: FIRST_EXPERIMENT_DIR/report)")
+    p.add_argument("--wandb", nargs="?", const="offline", default="off",
+                   choices=["auto", "off", "offline", "online"],
+                   help="also log the tables and figures to a W&B run; bare --wandb means offline")
+    p.add_argument("--wandb-project", default=None, help="W&B project (default rare-spurious-study)")
+    p.add_argument("--wandb-entity", default=None, help="W&B entity (team or user)")
+    return {"report": cmd_report}
+
+
+def check_experiment(path: str) -> Path:
+    """Return `path` if it is an experiment directory (study.json or trial folders), else raise one line."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise SpuriousError(f"experiment directory {path!r} does not exist")
+    if not (directory / "study.json").exists() and not any(directory.glob("*/params.json")):
+        raise SpuriousError(f"{path!r} is not an experiment directory (no study.json and no trial folders)")
+    return directory
+
+
+def cmd_report(args) -> int:
+    from analysis import report
+    from study import wandb_setup
+
+    dirs = [check_experiment(p) for p in args.experiments]
+    mode = wandb_setup.resolve_mode(args.wandb)
+    out = report.write_report(dirs, args.out)
+    print(f"report: {out / 'index.html'}")
+    print(f"tables: {out / 'summary.md'}, {out / 'trials.csv'}, {out / 'epochs.csv'} (+ .parquet)")
+    folder = wandb_setup.log_report(out, dirs, mode, args.wandb_project, args.wandb_entity)
+    if folder is not None:
+        print(f"W&B run: {folder}")
+        wandb_setup.print_sync_hint(mode, dirs[0])
+    return 0

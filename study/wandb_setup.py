@@ -1,0 +1,250 @@
+"""W&B for studies: the run mode, Ray's WandbLoggerCallback with a flat config and per-trial tags, and a
+report's tables and figures as a W&B run. W&B never prompts for a login: without an API key it runs
+offline, with its run folders inside the experiment directory, and `wandb sync` uploads them later.
+
+Examples::
+
+    study run demo --wandb offline             # then: wandb sync results/demo-…/wandb/offline-run-*
+    study run paper-mlp --address auto --wandb online --wandb-project rare-spurious --wandb-entity my-team
+    study report results/demo-… --wandb        # tables and figures to the run `<experiment>-report`
+"""
+from __future__ import annotations
+
+import functools
+import netrc
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+from urllib.parse import urlsplit
+
+from spurious.errors import SpuriousError
+
+MODES = ("auto", "off", "offline", "online")
+DEFAULT_PROJECT = "rare-spurious-study"
+DEFAULT_BASE_URL = "https://api.wandb.ai"
+WANDB_SUBDIR = "wandb"
+TAG_KEYS = ("dataset", "pattern")
+# Settings every W&B run of a study gets: no prompts or console capture, no code or git snapshot.
+SETTINGS = {"silent": True, "save_code": False, "disable_code": True, "disable_git": True, "console": "off"}
+
+
+def _netrc_file() -> Path | None:
+    if os.environ.get("NETRC"):
+        return Path(os.environ["NETRC"]).expanduser()
+    for name in ("~/.netrc", "~/_netrc"):
+        if Path(name).expanduser().exists():
+            return Path(name).expanduser()
+    return None
+
+
+def _netrc_has_key(host: str) -> bool:
+    path = _netrc_file()
+    if path is None or not path.exists():
+        return False
+    try:
+        return netrc.netrc(str(path)).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def api_key_configured() -> bool:
+    """Return whether W&B can authenticate without asking: WANDB_API_KEY, an identity token file, or a
+    netrc entry for the W&B host (api.wandb.ai unless WANDB_BASE_URL says otherwise)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or DEFAULT_BASE_URL).hostname or ""
+    return _netrc_has_key(host)
+
+
+def resolve_mode(flag: str = "auto") -> str:
+    """Return "off", "offline" or "online" for `--wandb FLAG`; auto is online iff an API key is configured
+    (WANDB_MODE=offline/disabled in the environment wins); online without a key is an error, not a prompt."""
+    if flag not in MODES:
+        raise SpuriousError(f"--wandb {flag!r} is not one of {', '.join(MODES)}")
+    if flag == "auto":
+        env = os.environ.get("WANDB_MODE", "").strip().lower()
+        if env in ("offline", "dryrun", "disabled"):
+            return "off" if env == "disabled" else "offline"
+        return "online" if api_key_configured() else "offline"
+    if flag == "online" and not api_key_configured():
+        raise SpuriousError("--wandb online needs a W&B API key (set WANDB_API_KEY or run `wandb login`); "
+                            "--wandb offline logs locally for a later `wandb sync`")
+    return flag
+
+
+def wandb_dir(experiment_dir: str | Path) -> Path:
+    """Return the `dir` W&B gets: the experiment directory, or ./wandb/<name> for remote storage.
+
+    W&B writes its run folders into the `wandb` folder below it (`runs_dir`).
+    """
+    text = str(experiment_dir)
+    if "://" in text:
+        return Path(WANDB_SUBDIR).resolve() / text.rstrip("/").rsplit("/", 1)[-1]
+    return Path(text).resolve()
+
+
+def runs_dir(experiment_dir: str | Path) -> Path:
+    """Return the folder holding an experiment's W&B run folders (offline-run-*, run-*)."""
+    return wandb_dir(experiment_dir) / WANDB_SUBDIR
+
+
+def configure_env(mode: str, directory: Path) -> None:
+    """Point W&B (here and in the Ray workers started after this) at `directory`, in `mode`, silently.
+
+    Ray's callback skips its API-key lookup only when WANDB_MODE is offline, so offline needs no key.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    os.environ.update({"WANDB_MODE": mode, "WANDB_DIR": str(directory), "WANDB_SILENT": "true",
+                       "WANDB_DISABLE_CODE": "true", "WANDB_CONSOLE": "off"})
+
+
+def _plain(value: Any) -> Any:
+    return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
+
+
+def flat_config(config: Mapping[str, Any], trainable: str | None = None) -> dict[str, Any]:
+    """Return the trial config as W&B should see it: nested variant dicts flattened, training defaults
+    filled in (so every run has pattern, n_spurious, l2, noise_sigma, …), plus the trainable's name."""
+    from spurious import config as config_lib
+    from trainables.common import flatten_config
+
+    try:
+        flat = flatten_config(config)
+    except SpuriousError:
+        flat = _dotted(config)  # a key set twice by different variant dicts: keep both, by path
+    try:
+        flat = config_lib.from_dict(flat).to_dict()
+    except SpuriousError:
+        pass  # another trainable's config: log it as given
+    out = {k: _plain(v) for k, v in flat.items()}
+    return {**out, "trainable": trainable} if trainable else out
+
+
+def _dotted(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        out.update(_dotted(value, f"{name}.") if isinstance(value, Mapping) else {name: value})
+    return out
+
+
+def run_tags(config: Mapping[str, Any]) -> list[str]:
+    """Return the W&B tags of a trial: dataset, pattern and trainable, as `key:value`."""
+    return [f"{k}:{config[k]}" for k in (*TAG_KEYS, "trainable") if config.get(k) is not None]
+
+
+@functools.cache
+def callback_class() -> type:
+    """Return the W&B callback class (built on first use: importing Ray's integration takes seconds)."""
+    from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
+
+    class FlushingLoggingActor(_WandbLoggingActor):
+        """Ray's per-trial W&B actor, shutting W&B down before it returns: `finish` alone may leave the
+        run file half written when Ray then kills the actor."""
+
+        def run(self):
+            super().run()
+            self._wandb.teardown()
+
+    class StudyWandbCallback(WandbLoggerCallback):
+        """Ray's W&B callback with a flat, default-filled config, per-trial tags and complete run files.
+
+        Ray builds the wandb.init arguments in `log_trial_start` and hands them to `_start_logging_actor`
+        (Ray 2.60; tests/test_wandb.py checks these hooks), the one place to set a per-trial config and tags.
+        """
+
+        _logger_actor_cls = FlushingLoggingActor
+
+        def _start_logging_actor(self, trial, exclude_results, **init_kwargs):
+            config = flat_config(trial.config, trial.trainable_name)
+            init_kwargs.update(config=config, tags=run_tags(config))
+            super()._start_logging_actor(trial, exclude_results, **init_kwargs)
+
+        def log_trial_result(self, iteration, trial, result):
+            # Ray also sends each result's config as a config update: keep it flat too.
+            if isinstance(result.get("config"), Mapping):
+                result = {**result, "config": flat_config(result["config"], trial.trainable_name)}
+            super().log_trial_result(iteration, trial, result)
+
+    return StudyWandbCallback
+
+
+def callbacks(mode: str, project: str | None, entity: str | None, experiment_dir: str | Path,
+              group: str) -> list:
+    """Return the Tune callbacks for `mode`: [] when off, else one W&B run per trial, grouped by `group`.
+
+    No API key is passed to Ray (it would be pickled into tuner.pkl): online runs read WANDB_API_KEY or
+    the netrc file themselves.
+    """
+    if mode == "off":
+        return []
+    if mode not in ("offline", "online"):
+        raise SpuriousError(f"W&B mode {mode!r} must be resolved first (off, offline or online)")
+    directory = wandb_dir(experiment_dir)
+    configure_env(mode, directory)
+    init = {"mode": mode, "dir": str(directory), "settings": dict(SETTINGS), "job_type": "train"}
+    if entity:
+        init["entity"] = entity
+    return [callback_class()(project=project or DEFAULT_PROJECT, group=group, **init)]
+
+
+def offline_runs(directory: str | Path) -> list[Path]:
+    """Return the offline run folders under a W&B directory."""
+    return sorted(Path(directory).glob("offline-run-*"))
+
+
+def sync_hint(mode: str, experiment_dir: str | Path) -> str | None:
+    """Return the lines telling how to upload offline runs, or None when there are none."""
+    directory = runs_dir(experiment_dir)
+    runs = offline_runs(directory) if mode == "offline" else []
+    if not runs:
+        return None
+    return (f"W&B: {len(runs)} offline run(s) in {directory}; upload with:\n"
+            f"  wandb sync {directory}/offline-run-*")
+
+
+def print_sync_hint(mode: str, experiment_dir: str | Path) -> None:
+    """Print how to upload the offline runs of an experiment, if it has any."""
+    hint = sync_hint(mode, experiment_dir)
+    if hint:
+        print(hint)
+
+
+def log_report(report_dir: str | Path, experiment_dirs: Sequence[str | Path], mode: str = "offline",
+               project: str | None = None, entity: str | None = None) -> Path | None:
+    """Log a report's summary tables (wandb.Table) and figures (wandb.Image) to the run `<experiment>-report`
+    in the experiment's group; return the run's local folder (None when `mode` is off)."""
+    import pandas as pd
+    import wandb
+
+    if mode == "off":
+        return None
+    report_dir, first = Path(report_dir), Path(experiment_dirs[0])
+    directory = wandb_dir(first)
+    configure_env(mode, directory)
+    run = wandb.init(project=project or DEFAULT_PROJECT, entity=entity or None, group=first.name,
+                     name=f"{first.name}-report", job_type="report", mode=mode, dir=str(directory),
+                     settings=dict(SETTINGS), reinit="finish_previous",
+                     config={"experiments": [str(Path(d).resolve()) for d in experiment_dirs],
+                             "report_dir": str(report_dir.resolve())})
+    tables = {f"summary/{p.stem.removeprefix('summary_')}": _table(p)
+              for p in sorted(report_dir.glob("summary_*.csv"))}
+    tables["trials"] = _table(report_dir / "trials.csv")
+    images = {f"figures/{p.stem}": wandb.Image(str(p))
+              for p in sorted((report_dir / "figures").glob("*.png"))}
+    run.log({**tables, **images})
+    folder = Path(run.settings.sync_dir)
+    run.finish()
+    wandb.teardown()  # returns once W&B's service has written the run folder completely
+    return folder
+
+
+def _table(csv: Path):
+    """Return a CSV as a wandb.Table; text columns get "" for missing cells (a W&B column has one type)."""
+    import pandas as pd
+    import wandb
+
+    df = pd.read_csv(csv)
+    text = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
+    df[text] = df[text].astype(object).where(df[text].notna(), "").astype(str)
+    return wandb.Table(dataframe=df)

@@ -1,0 +1,186 @@
+"""W&B: the mode, the flat config and tags Ray's callback gets, offline runs that never prompt (read back
+with wandb's own record schema), and an API key that is never written anywhere."""
+import inspect
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spurious.errors import SpuriousError
+from study import wandb_setup
+from tests.conftest import requires_fashion
+from tests.wandb_records import read_run
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = Path(__file__).parent / "golden" / "demo-smoke"
+FAKE_KEY = "f4ke" * 10  # 40 characters, like a real key
+CHANGED_BY_CONFIGURE = ("WANDB_MODE", "WANDB_DIR", "WANDB_SILENT", "WANDB_DISABLE_CODE", "WANDB_CONSOLE")
+
+
+@pytest.fixture
+def no_credentials(tmp_path, monkeypatch):
+    """No API key, no netrc, an unreachable W&B host; every W&B variable restored afterwards."""
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "NETRC", *CHANGED_BY_CONFIGURE):
+        monkeypatch.delenv(var, raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    return home
+
+
+def test_auto_mode_is_online_only_with_a_configured_key(no_credentials, monkeypatch):
+    assert wandb_setup.resolve_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    assert wandb_setup.resolve_mode("auto") == "online"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert wandb_setup.resolve_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_setup.resolve_mode("auto") == "off"
+
+
+def test_a_netrc_entry_for_the_wandb_host_counts_as_a_key(no_credentials, monkeypatch):
+    netrc = no_credentials / ".netrc"
+    netrc.write_text(f"machine api.wandb.ai\n  login user\n  password {FAKE_KEY}\n")
+    netrc.chmod(0o600)
+    assert wandb_setup.resolve_mode("auto") == "offline"  # WANDB_BASE_URL points elsewhere
+    monkeypatch.delenv("WANDB_BASE_URL")
+    assert wandb_setup.api_key_configured() and wandb_setup.resolve_mode("auto") == "online"
+
+
+def test_online_without_a_key_is_an_error_not_a_prompt(no_credentials):
+    with pytest.raises(SpuriousError, match="needs a W&B API key"):
+        wandb_setup.resolve_mode("online")
+    with pytest.raises(SpuriousError, match="not one of"):
+        wandb_setup.resolve_mode("sometimes")
+    assert wandb_setup.resolve_mode("off") == "off" and wandb_setup.callbacks("off", None, None, "x", "x") == []
+
+
+def test_flat_config_fills_defaults_and_flattens_variant_dicts():
+    nested = {"optim": {"optimizer": "adam", "lr": 1e-3}, "mitigation": {"l2": 1e-3, "noise_sigma": 0.0},
+              "pattern": "s3", "n_spurious": 10}
+    flat = wandb_setup.flat_config(nested, "train_classifier")
+    assert {k: flat[k] for k in ("optimizer", "lr", "l2", "noise_sigma", "pattern", "n_spurious")} == {
+        "optimizer": "adam", "lr": 1e-3, "l2": 1e-3, "noise_sigma": 0.0, "pattern": "s3", "n_spurious": 10}
+    assert flat["dataset"] == "fashion" and flat["trainable"] == "train_classifier"
+    assert not any(isinstance(v, dict) for v in flat.values())
+    assert wandb_setup.run_tags(flat) == ["dataset:fashion", "pattern:s3", "trainable:train_classifier"]
+    assert wandb_setup.flat_config({"source": {"trial": "x"}, "k": 1}) == {"trial": "x", "k": 1}  # other kinds
+    clash = wandb_setup.flat_config({"a": {"lr": 0.1}, "b": {"lr": 0.2}})
+    assert clash == {"a.lr": 0.1, "b.lr": 0.2}
+
+
+def test_rays_hook_for_per_trial_init_arguments_is_still_there():
+    from ray.air.integrations.wandb import WandbLoggerCallback
+
+    params = list(inspect.signature(WandbLoggerCallback._start_logging_actor).parameters)
+    assert params == ["self", "trial", "exclude_results", "wandb_init_kwargs"]
+    actor = wandb_setup.callback_class()._logger_actor_cls
+    assert issubclass(actor, WandbLoggerCallback._logger_actor_cls) and "run" in vars(actor)
+
+
+class FakeTrial:
+    trial_id = "abcde_00001"
+    trainable_name = "train_classifier"
+    experiment_dir_name = "exp"
+    config = {"optim": {"optimizer": "sgd", "lr": 0.01}, "pattern": "r3", "n_spurious": 3}
+
+    def __str__(self):
+        return f"train_classifier_{self.trial_id}"
+
+
+def test_callback_gives_each_trial_a_flat_config_tags_group_and_offline_dir(no_credentials, tmp_path, monkeypatch):
+    from ray.air.integrations.wandb import WandbLoggerCallback
+
+    (callback,) = wandb_setup.callbacks("offline", None, "team", tmp_path / "exp", "exp")
+    assert isinstance(callback, WandbLoggerCallback) and os.environ["WANDB_MODE"] == "offline"
+    callback.setup()  # offline: Ray looks for no API key
+    seen = {}
+    monkeypatch.setattr(WandbLoggerCallback, "_start_logging_actor",
+                        lambda self, trial, exclude, **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(WandbLoggerCallback, "log_trial_result",
+                        lambda self, iteration, trial, result: seen.update(result=result))
+    callback.log_trial_start(FakeTrial())
+    assert seen["config"]["optimizer"] == "sgd" and seen["config"]["l2"] == 0.0 and "optim" not in seen["config"]
+    assert seen["tags"] == ["dataset:fashion", "pattern:r3", "trainable:train_classifier"]
+    assert (seen["group"], seen["project"], seen["entity"]) == ("exp", "rare-spurious-study", "team")
+    assert seen["mode"] == "offline" and seen["dir"] == str((tmp_path / "exp").resolve())
+    assert seen["settings"]["silent"] and not seen["settings"]["save_code"]
+    callback.log_trial_result(1, FakeTrial(), {"spurious_score": 0.5, "config": FakeTrial.config})
+    assert seen["result"]["config"]["optimizer"] == "sgd" and "optim" not in seen["result"]["config"]
+
+
+def test_sync_hint_names_the_offline_run_folders(tmp_path):
+    exp = tmp_path / "exp"
+    assert wandb_setup.sync_hint("offline", exp) is None
+    (wandb_setup.runs_dir(exp) / "offline-run-20260101_000000-abc").mkdir(parents=True)
+    hint = wandb_setup.sync_hint("offline", exp)
+    assert hint.endswith(f"wandb sync {exp.resolve()}/wandb/offline-run-*")
+    assert wandb_setup.runs_dir("s3://bucket/studies/exp") == Path("wandb").resolve() / "exp" / "wandb"
+
+
+def files_containing(root: Path, needle: bytes) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
+
+
+def test_api_key_never_reaches_callbacks_metadata_report_or_wandb_files(no_credentials, tmp_path, monkeypatch):
+    from ray import cloudpickle
+
+    from study import cli, runner
+
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    exp = tmp_path / "demo-smoke"
+    shutil.copytree(GOLDEN, exp)
+    callbacks = wandb_setup.callbacks("online", None, None, exp, exp.name)
+    assert FAKE_KEY.encode() not in cloudpickle.dumps(callbacks)  # Tune pickles callbacks into tuner.pkl
+    from study import catalog
+    prepared = runner.Prepared(catalog.get("demo"), {}, [], {}, exp.name)
+    runner.write_meta(tmp_path / "meta", prepared, runner.RunOptions(), {"cpu": 1})
+    assert cli.main(["report", str(exp), "--wandb", "offline"]) == 0
+    (report_run,) = wandb_setup.offline_runs(wandb_setup.runs_dir(exp))
+    logged = read_run(report_run)
+    assert logged["name"] == "demo-smoke-report" and logged["group"] == "demo-smoke"
+    keys = {k for row in logged["history"] for k in row}
+    assert {"summary/spurious_score", "summary/test_acc", "trials", "figures/spurious_score_vs_n"} <= keys
+    table = logged["history"][0]["summary/spurious_score"]
+    assert table["_type"] == "table-file" and table["nrows"] == 4
+    content = json.loads((report_run / "files" / table["path"]).read_text())
+    assert content["columns"] == ["pattern", "n_spurious", "mean", "se", "count", "p_vs_baseline"]
+    assert logged["history"][0]["figures/spurious_score_vs_n"]["_type"] == "image-file"
+    assert files_containing(tmp_path, FAKE_KEY.encode()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@requires_fashion
+def test_offline_study_without_key_or_network_never_blocks_and_logs_config_and_metrics(tmp_path):
+    from analysis import frames
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "NETRC"}
+    env.update(HOME=str(home), WANDB_BASE_URL="http://127.0.0.1:9", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "study.cli", "run", "demo", "--smoke", "--wandb", "offline",
+           "--storage-path", str(tmp_path), "--name", "wb", "-v", "0"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=300)  # a login prompt would fail on the closed stdin or hit the timeout
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    exp = tmp_path / "wb"
+    runs = wandb_setup.offline_runs(wandb_setup.runs_dir(exp))
+    assert len(runs) == 2 and all(exp in run.parents for run in runs)
+    assert f"wandb sync {exp}/wandb/offline-run-*" in done.stdout
+    scores = frames.load(exp).set_index("trial_id")["spurious_score"]
+    for run in runs:
+        logged = read_run(run)
+        trial_id = run.name.split("-")[-1]
+        assert logged["group"] == "wb" and "pattern:s3" in logged["tags"] and "dataset:fashion" in logged["tags"]
+        config = logged["config"]
+        assert config["pattern"] == "s3" and config["n_spurious"] in (0, 100) and config["l2"] == 0.0
+        assert config["noise_sigma"] == 0.0 and config["trainable"] == "train_classifier"
+        history = [row for row in logged["history"] if "spurious_score" in row]
+        assert history[-1]["spurious_score"] == pytest.approx(scores[trial_id])
+        assert history[-1]["epoch"] == 1
