@@ -40,10 +40,25 @@ def parse_set(items: Sequence[str]) -> dict:
         if key not in allowed:
             raise UsageError(f"--set {key!r} is not a config key; allowed: {', '.join(allowed)}")
         try:
-            out[key] = yaml.safe_load(raw)
+            out[key] = _numbers(yaml.safe_load(raw))
         except yaml.YAMLError:
             raise UsageError(f"--set {item!r}: cannot parse value {raw!r}") from None
     return out
+
+
+def _numbers(value):
+    """Turn strings such as '1e-4' (YAML 1.1 reads them as text) into numbers, recursively."""
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    if isinstance(value, str):
+        for kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+    return value
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
@@ -54,6 +69,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (default 1)")
     p.add_argument("--gpus-per-trial", type=float, help="GPU share per trial, e.g. 0.25 (default 0.25 if GPUs, else 0)")
     p.add_argument("--max-concurrent", type=int, help="cap on trials running at once")
+    p.add_argument("--max-failures", type=int, default=2,
+                   help="retries of a failed trial, each from its last checkpoint (default 2)")
     p.add_argument("--data-dir", help="directory with the dataset files (else $SPURIOUS_DATA, system folders, cache)")
     p.add_argument("--yes", action="store_true", help="do not ask before launching a large study")
     p.add_argument("-v", "--verbose", type=int, default=1, choices=[0, 1, 2], help="Tune output level")
@@ -137,18 +154,30 @@ def confirm(count: int, assume_yes: bool) -> None:
         raise UsageError("cancelled")
 
 
+def run_options(args) -> "runner.RunOptions":
+    """Return RunOptions from the shared run flags (checked first)."""
+    from study import runner
+
+    _check_resources(args)
+    runner.check_address(args.address)
+    return runner.RunOptions(storage_path=args.storage_path, name=args.name, address=args.address,
+                             cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+                             max_concurrent=args.max_concurrent, data_dir=args.data_dir, smoke=args.smoke,
+                             overrides=parse_set(args.set), verbose=args.verbose, max_failures=args.max_failures)
+
+
 def cmd_run(args) -> int:
     from study import catalog, runner, wandb_setup
 
+    options = run_options(args)
     spec = catalog.get(args.study)
     wandb_mode = wandb_setup.resolve_mode(args.wandb)
-    options = runner.RunOptions(storage_path=args.storage_path, name=args.name, address=args.address,
-                                cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-                                max_concurrent=args.max_concurrent, data_dir=args.data_dir, smoke=args.smoke,
-                                overrides=parse_set(args.set), verbose=args.verbose)
-    _check_resources(args)
+    confirm(spec.trial_count(options.smoke, options.overrides), args.yes)
+    if spec.kind == "tune-mitigation":
+        from study import mitigation_cmd
+
+        return mitigation_cmd.run_spec(spec, options)
     prepared = runner.prepare(spec, options)
-    confirm(len(prepared.configs) * spec.num_samples, args.yes)
     print(f"study {spec.name}: {len(prepared.configs) * spec.num_samples} trials -> "
           f"{options.storage_uri()}/{prepared.name}", flush=True)
     experiment_dir = f"{options.storage_uri()}/{prepared.name}"
@@ -167,13 +196,23 @@ def _check_resources(args) -> None:
         raise UsageError(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise UsageError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
+    if args.max_failures < 0:
+        raise UsageError(f"--max-failures must be >= 0, got {args.max_failures}")
 
 
 def cmd_resume(args) -> int:
     from study import runner
 
-    results = runner.resume(args.experiment, args.retry_errored,
-                            runner.RunOptions(address=args.address, verbose=args.verbose))
+    from pathlib import Path
+
+    options = runner.RunOptions(address=args.address, verbose=args.verbose)
+    path = Path(args.experiment).resolve()
+    if runner.read_meta(path).get("kind") == "tune-mitigation":
+        from study import mitigation
+
+        mitigation.resume(path, runner.read_meta(path), options, args.retry_errored)
+        return 0
+    results = runner.resume(path, args.retry_errored, options)
     return finish(results.experiment_path)
 
 
@@ -200,7 +239,7 @@ def cmd_bench(args) -> int:
 
 COMMANDS = {"list": cmd_list, "show": cmd_show, "run": cmd_run, "resume": cmd_resume, "bench": cmd_bench}
 # Modules that add subcommands: each has `register(subparsers) -> {name: handler(args) -> int}`.
-EXTENSIONS: tuple[str, ...] = ("study.report_cmd",)
+EXTENSIONS: tuple[str, ...] = ("study.report_cmd", "study.mitigation_cmd", "study.doctor_cmd")
 
 
 def _extensions(sub) -> dict:

@@ -86,7 +86,7 @@ def test_killed_driver_then_resume_finishes_without_rerunning_finished_trials(tm
 
 def test_trial_fault_is_retried_from_its_last_checkpoint(tmp_path):
     fault = tmp_path / "fault.txt"
-    fault.write_text("2")  # fail once, right after epoch 2 (checkpointed: demo checkpoints every 2 epochs)
+    fault.write_text("2")  # fail once, at epoch 3 (epoch 2 is checkpointed: demo checkpoints every 2 epochs)
     proc = study("run", "demo", "--smoke", "--set", "n_spurious=100", "--set", "epochs=3", "--storage-path",
                  str(tmp_path), "--name", "fault", "-v", "0", "--wandb", "off",
                  env={"SPURIOUS_FAULT_FILE": str(fault)})

@@ -59,14 +59,16 @@ def report(metrics: dict, state: dict | None = None) -> None:
 def maybe_inject_fault(epoch: int) -> None:
     """Raise once if the fault file named by $SPURIOUS_FAULT_FILE exists (reliability tests, chaos drills).
 
-    The file holds the epoch after which to fail; it is deleted first, so the retried trial runs on.
+    The file holds an epoch N; the trial fails when it finishes epoch N + 1, before reporting it, so Tune
+    has had a whole epoch to register the checkpoint of epoch N. The file is deleted first, so the retried
+    trial runs on.
     """
     path = os.environ.get(FAULT_FILE_ENV)
     if not path or not os.path.exists(path):
         return
-    if epoch >= int(Path(path).read_text().strip() or 0):
+    if epoch > int(Path(path).read_text().strip() or 0):
         os.unlink(path)
-        raise RuntimeError(f"injected fault after epoch {epoch} ({FAULT_FILE_ENV}={path})")
+        raise RuntimeError(f"injected fault at epoch {epoch} ({FAULT_FILE_ENV}={path})")
 
 
 def use_trial_threads() -> None:

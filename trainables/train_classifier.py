@@ -6,7 +6,8 @@ from typing import Mapping
 from spurious import config as config_lib, train
 from spurious.datasets import Dataset
 from spurious.planted import plant
-from trainables.common import dataset_for, flatten_config, maybe_inject_fault, report, restored_state, use_trial_threads
+from trainables.common import (dataset_for, flatten_config, maybe_inject_fault, report, restored_state,
+                               use_trial_threads)
 
 
 def train_classifier(config: Mapping, datasets: Mapping[str, Dataset], checkpoint_every: int = 5) -> None:
@@ -17,13 +18,14 @@ def train_classifier(config: Mapping, datasets: Mapping[str, Dataset], checkpoin
     """
     cfg = config_lib.from_dict(flatten_config(config))
     use_trial_threads()
-    data = plant(dataset_for(datasets, cfg.dataset), cfg.pattern, cfg.n_spurious, cfg.target, cfg.data_seed, cfg.split)
+    data = plant(dataset_for(datasets, cfg.dataset), cfg.pattern, cfg.n_spurious, cfg.target, cfg.data_seed,
+                 cfg.split)
 
     def on_epoch(metrics: dict, snapshot) -> None:
         epoch = metrics["epoch"]
+        maybe_inject_fault(epoch)
         due = epoch == cfg.epochs or (checkpoint_every > 0 and epoch % checkpoint_every == 0)
         metrics["n_planted"] = len(data.spurious_idx)
         report(metrics, snapshot() if due else None)
-        maybe_inject_fault(epoch)
 
     train.train(cfg, data, on_epoch=on_epoch, resume=restored_state())

@@ -15,7 +15,8 @@ import numpy as np
 from spurious import config as config_lib, train
 from spurious.datasets import Dataset
 from spurious.planted import plant
-from trainables.common import dataset_for, flatten_config, maybe_inject_fault, report, restored_state, use_trial_threads
+from trainables.common import (dataset_for, flatten_config, maybe_inject_fault, report, restored_state,
+                               use_trial_threads)
 
 AVERAGED = ("train_loss", "train_acc", "test_loss", "test_acc", "spurious_score", "spurious_score_nontarget",
             "patterned_acc", "patterned_target_rate")
@@ -60,6 +61,6 @@ def tune_mitigation(config: Mapping, datasets: Mapping[str, Dataset], seeds: int
         metrics = seed_average([engine.step() for engine in engines])
         metrics.update(constrained_objective(metrics, min_acc))
         epoch = metrics["epoch"]
+        maybe_inject_fault(epoch)
         due = epoch == base.epochs or (checkpoint_every > 0 and epoch % checkpoint_every == 0)
         report(metrics, {"members": [e.snapshot() for e in engines]} if due else None)
-        maybe_inject_fault(epoch)

@@ -1,0 +1,188 @@
+"""`delete`: delete a source trial's planted examples from its trained model, as a Ray Tune trainable
+(PAPER_SPEC §8–9), and report the result next to the retrain-from-scratch oracle.
+
+One trial per source trial. It reads the source checkpoint through Ray's storage (a local or shared path,
+or a URI), rebuilds the planted data from the checkpoint's config with the same `plant` call, and runs one
+method:
+
+- `group_influence` (§8): θ ← θ + g / ((1 − p)·m), g = Σ_z (H + λI)⁻¹ ∇ℓ(z) by LiSSA on the full planted
+  training set. Depth, scale, damping and repeats default to the reference's (§8.2, via
+  `influence.defaults_for`). The scaling is fixed (§15.6): our LiSSA estimate is divided by the scale,
+  so it estimates (H + λI)⁻¹v with λ = `damping` whatever the scale, where the reference's un-divided
+  estimate is s·(H + d·s·I)⁻¹v (so the reference's default update is up to s = 100 times larger along
+  curved directions). `reference_scaling=True` runs the reference's recursion verbatim. A diverging
+  estimate (non-finite, or norm over `max_norm_ratio`·‖v‖) or non-finite updated parameters fail the
+  trial with a one-line TrainingError.
+- `incremental_retraining` (§9): train on without the planted examples from the checkpoint, for
+  `retrain_epochs` (default: the source's epoch count, the reference's 70 → 140), learning rate `inherit`
+  (the checkpoint's decayed rate, as the reference) or `reset`.
+- `retrain`: the oracle itself, trained from scratch without the planted examples with the same seeds.
+
+The oracle. Every result is reported next to it. A `retrain` trial is its own oracle. Other methods load
+the oracle from a `retrain` deletion study of the same source when the driver found one (`--oracle`,
+by default the sibling `<source>-delete-retrain`), checking that its config and deleted examples match;
+otherwise they train it inside the trial (doubling the trial's cost). Running `study delete --method
+retrain` first therefore trains each oracle once for all methods.
+
+Each trial reports the spurious score, its non-target variant and clean accuracy before, after and for
+the oracle, the parameter distance to the oracle before and after, the method's and the oracle's wall
+time, `source_trial_id` and the source model's config; its checkpoint is the deleted model in the
+training checkpoint format (plus a `deletion` record), readable by `train.model_from_checkpoint`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch.nn.utils import parameters_to_vector
+
+from spurious import deletion, influence, train
+from spurious.config import TrainConfig
+from spurious.errors import SpuriousError
+from spurious.planted import PlantedData
+from spurious.train import TrainingError
+from trainables.common import report, use_trial_threads
+from trainables.sources import planted_data, read_checkpoint, settings_from_dict, source_columns
+
+METHODS = ("group_influence", "incremental_retraining", "retrain")
+LISSA_KEYS = ("depth", "scale", "damping", "repeats")
+
+
+@dataclass(frozen=True)
+class DeleteSettings:
+    """One deletion trial: the method, the source trial, and the method's settings (None = default)."""
+
+    method: str = "retrain"
+    source_trial_id: str = ""
+    depth: int | None = None
+    scale: float | None = None
+    damping: float | None = None
+    repeats: int | None = None
+    per_example: bool = True
+    lissa_batch_size: int = 1
+    lissa_seed: int = 0
+    reference_scaling: bool = False
+    max_norm_ratio: float = influence.DEFAULT_MAX_NORM_RATIO
+    retrain_epochs: int | None = None
+    lr_policy: str = "inherit"
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.method in METHODS, f"method {self.method!r} is not one of {', '.join(METHODS)}"),
+            (self.lr_policy in deletion.LR_POLICIES,
+             f"lr_policy {self.lr_policy!r} is not one of {', '.join(deletion.LR_POLICIES)}"),
+            (self.retrain_epochs is None or self.retrain_epochs >= 1, "retrain_epochs must be >= 1"),
+            (self.depth is None or self.depth >= 1, "depth must be >= 1"),
+            (self.repeats is None or self.repeats >= 1, "repeats must be >= 1"),
+            (self.scale is None or self.scale > 0, "scale must be > 0"),
+            (self.damping is None or self.damping >= 0, "damping must be >= 0"),
+            (self.lissa_batch_size >= 1, "lissa_batch_size must be >= 1"),
+            (self.max_norm_ratio > 0, "max_norm_ratio must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SpuriousError(message)
+
+    def lissa(self, dataset: str, n: int) -> dict[str, Any]:
+        """Return depth/scale/damping/repeats: the reference's defaults for (dataset, n) where unset (§8.2)."""
+        values = influence.defaults_for(dataset, n)
+        values.update({k: getattr(self, k) for k in LISSA_KEYS if getattr(self, k) is not None})
+        return values
+
+
+def settings(config: Mapping[str, Any]) -> DeleteSettings:
+    """Return the validated settings of a deletion trial's config (unknown keys raise)."""
+    return settings_from_dict(DeleteSettings, dict(config), "deletion")
+
+
+def _group_influence(s: DeleteSettings, state: dict, cfg: TrainConfig, data: PlantedData, before):
+    lissa = s.lissa(cfg.dataset, len(data.spurious_idx))
+    idx = torch.as_tensor(data.spurious_idx, device=data.x_train.device)
+    generator = torch.Generator(device=data.x_train.device).manual_seed(s.lissa_seed)
+    after = influence.group_influence_update(
+        before, data.x_train[idx], data.y_train[idx], data.x_train, data.y_train, per_example=s.per_example,
+        generator=generator, batch_size=s.lissa_batch_size, reference_scaling=s.reference_scaling,
+        max_norm_ratio=s.max_norm_ratio, **lissa)
+    if not bool(torch.isfinite(parameters_to_vector(after.parameters())).all()):
+        raise TrainingError("the group-influence update made the parameters non-finite; raise the scale or "
+                            "the damping")
+    new_state = {**state, "model": {k: v.detach().cpu() for k, v in after.state_dict().items()},
+                 "spurious_idx": torch.zeros(0, dtype=torch.int64)}
+    extra = {f"lissa_{k}": v for k, v in lissa.items()}
+    extra["update_norm"] = deletion.parameter_distance(before, after)
+    return after, new_state, extra
+
+
+def _incremental(s: DeleteSettings, state: dict, cfg: TrainConfig, data: PlantedData, before):
+    epochs = s.retrain_epochs or cfg.epochs
+    result = deletion.incremental_retrain(state, data, epochs, s.lr_policy)
+    return result.model, result.state, {"retrain_epochs": epochs, "lr_policy": s.lr_policy,
+                                        "train_acc_after": result.final.get("train_acc", float("nan"))}
+
+
+def _retrain(s: DeleteSettings, state: dict, cfg: TrainConfig, data: PlantedData, before):
+    result = deletion.retrain_oracle(cfg, data)
+    return result.model, result.state, {"train_acc_after": result.final.get("train_acc", float("nan"))}
+
+
+METHOD_FUNCTIONS = {"group_influence": _group_influence, "incremental_retraining": _incremental,
+                    "retrain": _retrain}
+
+
+def load_oracle(path: str, state: dict, data: PlantedData) -> tuple[torch.nn.Module, float]:
+    """Return the oracle model of a `retrain` deletion checkpoint and its training time, after checking that
+    it was trained with the source's config without the source's planted examples."""
+    oracle = read_checkpoint(path)
+    record = oracle.get("deletion") or {}
+    deleted = np.sort(np.asarray(record.get("deleted_idx", []), np.int64))
+    if record.get("method") != "retrain":
+        raise SpuriousError(f"oracle checkpoint {path!r} is not from a retrain deletion study")
+    if oracle.get("config") != state["config"] or not np.array_equal(deleted, np.sort(data.spurious_idx)):
+        raise SpuriousError(f"oracle checkpoint {path!r} was trained with another config or deleted other "
+                            "examples than this source trial; pass --oracle train")
+    model = train.model_from_checkpoint(oracle, data.input_shape, data.num_classes)
+    return model.to(data.x_train.device), float(record.get("wall_time_s", float("nan")))
+
+
+def _oracle(s: DeleteSettings, oracle_path: str | None, state: dict, cfg: TrainConfig, data: PlantedData,
+            after: torch.nn.Module, method_time: float) -> tuple[torch.nn.Module, dict]:
+    if s.method == "retrain":
+        return after, {"oracle_from": "self", "oracle_time_s": method_time}
+    if oracle_path:
+        model, seconds = load_oracle(oracle_path, state, data)
+        return model, {"oracle_from": "loaded", "oracle_time_s": seconds, "oracle_checkpoint": oracle_path}
+    start = time.perf_counter()
+    model = deletion.retrain_oracle(cfg, data).model
+    return model, {"oracle_from": "trained", "oracle_time_s": time.perf_counter() - start}
+
+
+def delete(config: Mapping[str, Any], datasets: Mapping[str, Any], sources: Mapping[str, dict]) -> None:
+    """Run one deletion on the source trial `config['source_trial_id']` and report it with its checkpoint.
+
+    `sources` maps a source trial id to {"checkpoint": path or URI, "oracle": path, URI or None}; it and
+    `datasets` come through `tune.with_parameters`.
+    """
+    s = settings(config)
+    use_trial_threads()
+    if s.source_trial_id not in sources:
+        raise SpuriousError(f"source trial {s.source_trial_id!r} is not among this study's sources")
+    source = sources[s.source_trial_id]
+    state = read_checkpoint(source["checkpoint"])
+    cfg, data = planted_data(state, datasets)
+    if len(data.spurious_idx) == 0:
+        raise SpuriousError(f"source trial {s.source_trial_id} has no planted examples: nothing to delete")
+    data = data.to(train.resolve_device(cfg.device))
+    before = train.model_from_checkpoint(state, data.input_shape, data.num_classes).to(data.x_train.device)
+    start = time.perf_counter()
+    after, new_state, extra = METHOD_FUNCTIONS[s.method](s, state, cfg, data, before)
+    method_time = time.perf_counter() - start
+    oracle, oracle_info = _oracle(s, source.get("oracle"), state, cfg, data, after, method_time)
+    row = deletion.deletion_report(before, after, oracle, data, method_time, cfg.tau, cfg.eval_batch_size)
+    record = {"method": s.method, "source_trial_id": s.source_trial_id, "settings": asdict(s),
+              "deleted_idx": torch.as_tensor(np.asarray(data.spurious_idx, np.int64)), "wall_time_s": method_time}
+    report({**row, **extra, **oracle_info, "method": s.method, "source_trial_id": s.source_trial_id,
+            "source_epoch": int(state.get("epoch", 0)), "n_deleted": len(data.spurious_idx),
+            **source_columns(cfg)}, {**new_state, "deletion": record})

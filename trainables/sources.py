@@ -1,0 +1,96 @@
+"""What the post-hoc trainables (deletion, membership inference) share: reading an earlier study's
+checkpoint through Ray's storage, rebuilding the data it was trained on, and typed settings."""
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from ray import tune
+
+from spurious import config as config_lib, train
+from spurious.config import TrainConfig
+from spurious.errors import SpuriousError
+from spurious.planted import PlantedData, plant
+from trainables.common import CHECKPOINT_FILE, dataset_for
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def read_checkpoint(path: str) -> dict:
+    """Return the `checkpoint.pt` state of a Tune checkpoint directory, given as a local path or a URI
+    (s3://, gs://, file://). It is read through Ray's storage layer, so the trial may run on any node that
+    sees the storage; a missing or unreadable checkpoint raises a one-line SpuriousError."""
+    try:
+        with tune.Checkpoint(str(path)).as_directory() as directory:
+            return train.load_checkpoint(Path(directory) / CHECKPOINT_FILE)
+    except SpuriousError:
+        raise
+    except Exception as err:  # pyarrow and Ray raise many types for missing or unreachable storage
+        raise SpuriousError(f"checkpoint {str(path)!r} cannot be read: {type(err).__name__}: "
+                            f"{_first_line(err)}") from None
+
+
+def planted_data(state: dict, datasets: Mapping[str, Any]) -> tuple[TrainConfig, PlantedData]:
+    """Return the checkpoint's config and the planted data it was trained on (the same `plant` call), after
+    checking that the planted training indices are the checkpoint's."""
+    if not isinstance(state, dict) or "config" not in state or "model" not in state:
+        raise SpuriousError("the checkpoint is not a training checkpoint (no config or model)")
+    cfg = config_lib.from_dict(state["config"])
+    data = plant(dataset_for(datasets, cfg.dataset), cfg.pattern, cfg.n_spurious, cfg.target, cfg.data_seed,
+                 cfg.split)
+    saved = np.sort(np.asarray(state.get("spurious_idx", []), np.int64))
+    if not np.array_equal(saved, np.sort(np.asarray(data.spurious_idx, np.int64))):
+        raise SpuriousError(f"the checkpoint's {len(saved)} planted examples are not the {len(data.spurious_idx)} "
+                            f"that plant() chooses for its config; was the dataset changed?")
+    return cfg, data
+
+
+def source_columns(cfg: TrainConfig) -> dict[str, Any]:
+    """Return the source model's config as flat report keys (so results join to the training study)."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in ("device", "eval_batch_size")}
+
+
+def _types(hint: Any) -> tuple[tuple[type, ...], bool]:
+    """Return (types, optional) of a field's type hint, e.g. `int | None` -> ((int,), True)."""
+    args = typing.get_args(hint) or (hint,)
+    return tuple(a for a in args if a is not type(None)), type(None) in args
+
+
+def _coerce(value: Any, types: tuple[type, ...]) -> Any:
+    if float in types and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if int in types and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and str not in types:
+        for kind in (int, float):
+            if kind in types:
+                try:
+                    return kind(value)
+                except ValueError:
+                    pass
+    return value
+
+
+def settings_from_dict(cls: type, values: Mapping[str, Any], what: str):
+    """Return `cls(**values)` for a frozen settings dataclass, after rejecting unknown keys and wrong types
+    with one-line SpuriousErrors (ints are accepted for floats, '1e-4' for numbers)."""
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise SpuriousError(f"unknown {what} setting(s) {', '.join(map(repr, unknown))}; allowed: "
+                            f"{', '.join(hints)}")
+    out = {}
+    for key, value in values.items():
+        types, optional = _types(hints[key])
+        value = _coerce(value, types)
+        is_bool_ok = bool in types or not isinstance(value, bool)
+        if not ((value is None and optional) or (isinstance(value, types) and is_bool_ok)):
+            wanted = " or ".join([t.__name__ for t in types] + (["None"] if optional else []))
+            raise SpuriousError(f"{what} setting {key!r} must be {wanted}, got {value!r}")
+        out[key] = value
+    return cls(**out)
