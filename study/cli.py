@@ -176,7 +176,7 @@ def cmd_run(args) -> int:
     if spec.kind == "tune-mitigation":
         from study import mitigation_cmd
 
-        return mitigation_cmd.run_spec(spec, options)
+        return mitigation_cmd.run_spec(spec, options, args)
     prepared = runner.prepare(spec, options)
     print(f"study {spec.name}: {len(prepared.configs) * spec.num_samples} trials -> "
           f"{options.storage_uri()}/{prepared.name}", flush=True)

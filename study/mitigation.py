@@ -21,6 +21,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import optuna
 from optuna.storages import JournalStorage
@@ -137,14 +138,14 @@ def _scheduler(options: TuningOptions, epochs: int):
                          grace_period=max(1, epochs // 3), reduction_factor=2)
 
 
-def _run_config(options: runner.RunOptions, root: Path, name: str) -> tune.RunConfig:
-    return tune.RunConfig(name=name, storage_path=str(root), verbose=options.verbose,
+def _run_config(options: runner.RunOptions, root: Path, name: str, callbacks: list | None = None) -> tune.RunConfig:
+    return tune.RunConfig(name=name, storage_path=str(root), verbose=options.verbose, callbacks=callbacks or [],
                           failure_config=tune.FailureConfig(max_failures=options.max_failures),
                           checkpoint_config=tune.CheckpointConfig(num_to_keep=options.keep_checkpoints))
 
 
 def run_baseline(root: Path, base: dict, tuning: TuningOptions, data, resources: dict, checkpoint_every: int,
-                 options: runner.RunOptions) -> dict:
+                 options: runner.RunOptions, callbacks: list | None = None) -> dict:
     """Run (or finish) the unmitigated baseline and return its seed-averaged final metrics."""
     path = root / "baseline"
     trainable = _trainable(data, tuning.seeds, checkpoint_every, resources, None)
@@ -152,7 +153,7 @@ def run_baseline(root: Path, base: dict, tuning: TuningOptions, data, resources:
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(trainable, param_space={**base, "l2": 0.0, "noise_sigma": 0.0},
-                           run_config=_run_config(options, root, "baseline"))
+                           run_config=_run_config(options, root, "baseline", callbacks))
     grid = tuner.fit()
     result = grid[0]
     if result.error or not result.metrics or result.metrics.get("epoch") != base["epochs"]:
@@ -161,7 +162,8 @@ def run_baseline(root: Path, base: dict, tuning: TuningOptions, data, resources:
 
 
 def run_search(root: Path, base: dict, tuning: TuningOptions, data, resources: dict, checkpoint_every: int,
-               options: runner.RunOptions, baseline: dict, retry_errored: bool = False) -> tune.ResultGrid:
+               options: runner.RunOptions, baseline: dict, retry_errored: bool = False,
+               callbacks: list | None = None) -> tune.ResultGrid:
     """Run (or continue) the Optuna search over mitigation settings."""
     path = root / "search"
     min_acc = baseline["test_acc"] - tuning.max_acc_drop if tuning.objective == "constrained" else None
@@ -174,7 +176,7 @@ def run_search(root: Path, base: dict, tuning: TuningOptions, data, resources: d
     tune_config = tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(tuning, base["epochs"]),
                                   num_samples=tuning.trials, max_concurrent_trials=options.max_concurrent)
     tuner = tune.Tuner(trainable, param_space={**base, **tuning.space(base["lr"])}, tune_config=tune_config,
-                       run_config=_run_config(options, root, "search"))
+                       run_config=_run_config(options, root, "search", callbacks))
     return tuner.fit()
 
 
@@ -186,8 +188,12 @@ def _meta(spec: StudySpec, base: dict, tuning: TuningOptions, options: runner.Ru
             "overrides": options.overrides, "max_concurrent": options.max_concurrent}
 
 
-def run(spec: StudySpec, options: runner.RunOptions, tuning: TuningOptions) -> Path:
-    """Validate, run the baseline, then the search; write and print the result. Returns the experiment dir."""
+def run(spec: StudySpec, options: runner.RunOptions, tuning: TuningOptions,
+        make_callbacks: Callable[[Path, str], list] | None = None) -> Path:
+    """Validate, run the baseline, then the search; write and print the result. Returns the experiment dir.
+
+    `make_callbacks(experiment_dir, name)` returns Tune callbacks (e.g. W&B) for both phases.
+    """
     base = base_config(spec, options.smoke, options.overrides)
     prepared = runner.prepare(StudySpec(spec.name, spec.description, base), options)
     root = Path(options.storage_uri()) / prepared.name
@@ -203,14 +209,16 @@ def run(spec: StudySpec, options: runner.RunOptions, tuning: TuningOptions) -> P
                                                     indent=2, default=str))
     print(f"tune-mitigation {spec.name}: baseline + {tuning.trials} settings × {tuning.seeds} seeds -> {root}",
           flush=True)
-    return _execute(root, base, tuning, prepared.data, resources, spec.checkpoint_every, options)
+    callbacks = make_callbacks(root, prepared.name) if make_callbacks else None
+    return _execute(root, base, tuning, prepared.data, resources, spec.checkpoint_every, options,
+                    callbacks=callbacks)
 
 
 def _execute(root: Path, base: dict, tuning: TuningOptions, data, resources: dict, checkpoint_every: int,
-             options: runner.RunOptions, retry_errored: bool = False) -> Path:
+             options: runner.RunOptions, retry_errored: bool = False, callbacks: list | None = None) -> Path:
     runner._fresh_experiment_state(tuning.trials + 1)
-    baseline = run_baseline(root, base, tuning, data, resources, checkpoint_every, options)
-    run_search(root, base, tuning, data, resources, checkpoint_every, options, baseline, retry_errored)
+    baseline = run_baseline(root, base, tuning, data, resources, checkpoint_every, options, callbacks)
+    run_search(root, base, tuning, data, resources, checkpoint_every, options, baseline, retry_errored, callbacks)
     summary = tuning_analysis.write_summary(root, baseline, tuning.max_acc_drop, tuning.objective)
     print()
     print(tuning_analysis.format_summary(summary))

@@ -50,12 +50,18 @@ def tuning_options(spec, smoke: bool, args: argparse.Namespace | None = None):
     return TuningOptions(**values)
 
 
-def run_spec(spec, options, args: argparse.Namespace | None = None) -> int:
-    """Run a tune-mitigation study and print its result."""
-    from study import mitigation
+def run_spec(spec, options, args: argparse.Namespace) -> int:
+    """Run a tune-mitigation study (with W&B per the --wandb flags) and print its result."""
+    from study import mitigation, wandb_setup
 
-    tuning = tuning_options(spec, options.smoke, args)
-    mitigation.run(spec, options, tuning)
+    tuning = tuning_options(spec, options.smoke, args if args.command == "tune-mitigation" else None)
+    mode = wandb_setup.resolve_mode(args.wandb)
+
+    def make_callbacks(root, name):
+        return wandb_setup.callbacks(mode, args.wandb_project, args.wandb_entity, root, name)
+
+    root = mitigation.run(spec, options, tuning, make_callbacks)
+    wandb_setup.print_sync_hint(mode, root)
     return 0
 
 
