@@ -103,3 +103,31 @@ def format_summary(summary: dict) -> str:
     rule = f"lowest score with accuracy >= baseline - {summary['max_acc_drop']}"
     lines.append(f"recommended ({rule}): {_fmt(rec) if rec else 'none of the settings qualifies'}")
     return "\n".join(lines)
+
+
+def write_report(root: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Write a tuning study's report (summary.md, trials.csv, pareto.csv, tradeoff.png, index.html); return it."""
+    import html
+    import shutil
+
+    root = Path(root)
+    summary = json.loads((root / "tuning.json").read_text()) if (root / "tuning.json").exists() else None
+    if summary is None:
+        from spurious.errors import SpuriousError
+
+        raise SpuriousError(f"{str(root)!r} has no tuning.json yet: finish it with `study resume {root}`")
+    out = Path(out_dir) if out_dir else root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    load_search(root).to_csv(out / "trials.csv", index=False)
+    for name in ("pareto.csv", "tradeoff.png"):
+        if (root / name).exists():
+            shutil.copy(root / name, out / name)
+    text = format_summary(summary)
+    (out / "summary.md").write_text(f"# Mitigation tuning: {root.name}\n\nObjective: {summary['objective']}\n\n"
+                                    f"```\n{text}\n```\n")
+    (out / "index.html").write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(root.name)}</title></head><body>"
+        f"<h1>Mitigation tuning: {html.escape(root.name)}</h1><pre>{html.escape(text)}</pre>"
+        f"<img src='tradeoff.png' alt='trade-off'><p><a href='trials.csv'>trials.csv</a> · "
+        f"<a href='pareto.csv'>pareto.csv</a></p></body></html>")
+    return out

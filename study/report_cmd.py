@@ -40,12 +40,29 @@ def check_experiment(path: str) -> Path:
     return directory
 
 
+def _kind(directory: Path) -> str:
+    import json
+
+    meta = directory / "study.json"
+    return json.loads(meta.read_text()).get("kind", "train") if meta.exists() else "train"
+
+
 def cmd_report(args) -> int:
     from analysis import report
     from study import wandb_setup
 
     dirs = [check_experiment(p) for p in args.experiments]
     mode = wandb_setup.resolve_mode(args.wandb)
+    tuning_dirs = [d for d in dirs if _kind(d) == "tune-mitigation"]
+    if tuning_dirs:
+        from analysis import tuning
+
+        if len(dirs) > 1:
+            raise SpuriousError("report a tune-mitigation experiment on its own (one directory)")
+        out = tuning.write_report(dirs[0], args.out)
+        print(f"report: {out / 'index.html'}")
+        print(f"tables: {out / 'summary.md'}, {out / 'trials.csv'}, {out / 'pareto.csv'}")
+        return 0
     out = report.write_report(dirs, args.out)
     print(f"report: {out / 'index.html'}")
     print(f"tables: {out / 'summary.md'}, {out / 'trials.csv'}, {out / 'epochs.csv'} (+ .parquet)")

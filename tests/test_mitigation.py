@@ -118,3 +118,6 @@ def test_smoke_tuning_run_then_kill_and_resume_keeps_trials_and_sampler_history(
     assert front == set(zip(*[tuning.pareto_front(finished)[k] for k in ("l2", "noise_sigma")]))
     assert summary["baseline"]["test_acc"] > 0.7
     assert (root / "tradeoff.png").stat().st_size > 10_000
+    assert cli.main(["report", str(root)]) == 0
+    assert "Pareto set" in (root / "report" / "summary.md").read_text()
+    assert (root / "report" / "tradeoff.png").exists() and (root / "report" / "index.html").exists()
