@@ -115,6 +115,20 @@ def regularization_space(dataset: str = "mnist") -> dict:
                  rarity_grid(["s3"], counts, [0], SEEDS), mitigations)
 
 
+MIA_COUNTS = (1, 3, 5, 10, 20, 100, 1000)
+
+
+def membership_grid(counts: Sequence[int] = MIA_COUNTS, shadow_seeds: Sequence[int] = (0, 1, 2, 3),
+                    data_seeds: Sequence[int] = (0, 1, 2)) -> dict:
+    """Return the membership-inference design (§10.1): per data seed (which also seeds the membership split),
+    one target model per count (split mia_target, training seed 0) and one clean shadow model per training
+    seed (split mia_shadow), as a grid over `role` variants × data seeds. Shadows do not depend on the count,
+    so they are trained once per data seed, not once per count."""
+    targets = [{"split": "mia_target", "n_spurious": int(n), "seed": 0} for n in counts]
+    shadows = [{"split": "mia_shadow", "n_spurious": 0, "seed": int(s)} for s in shadow_seeds]
+    return {"role": grid(targets + shadows), "data_seed": grid(data_seeds)}
+
+
 def count_trials(space: dict, num_samples: int = 1) -> int:
     """Return how many trials Tune will create from `space` (product of grid axes × num_samples)."""
     total = num_samples

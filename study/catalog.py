@@ -138,6 +138,24 @@ def mitigation() -> StudySpec:
                      tuning={"trials": 20, "seeds": 3, "objective": "pareto"})
 
 
+@study("mia-train")
+def mia_train() -> StudySpec:
+    """Target and shadow models for membership inference (PAPER_SPEC §10) on Fashion-MNIST, pattern R3 (v20).
+
+    Command: `study run mia-train`, then `study mia --from results/<experiment>` — 33 trials: per data seed
+    0–2 (it also seeds the membership split), a target model per n ∈ {1, 3, 5, 10, 20, 100, 1000} (R3
+    planted in class 0 of the target-train quarter) and 4 clean shadow models (training seeds 0–3);
+    LargeMLP, Adam 0.01 (the models the reference's notebook attacks), 20 epochs; about 10 minutes on
+    2 CPUs. Smoke: data seed 0, one target (n = 10) and two shadows, 1 epoch.
+    """
+    space = ss.merge({"dataset": "fashion", "model": "large_mlp", "pattern": "r3", "target": 0,
+                      "optimizer": "adam", "lr": 0.01, "epochs": 20, "batch_size": 128}, ss.membership_grid())
+    smoke = {"epochs": 1, "data_seed": 0,
+             "role": ss.membership_grid([10], [0, 1], [0])["role"]["grid_search"]}
+    return StudySpec("mia-train", _doc(mia_train), space, smoke=smoke, checkpoint_every=5,
+                     expected_time="~10 min on 2 CPUs")
+
+
 def _doc(fn: Callable) -> str:
     return (fn.__doc__ or "").strip()
 
