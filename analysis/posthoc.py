@@ -1,0 +1,300 @@
+"""Frames, tables and figures of post-hoc studies: deletion (`study delete`, PAPER_SPEC §8–9) and
+membership inference (`study mia`, §10).
+
+    from analysis import posthoc
+    df = posthoc.load(["results/demo-delete-retrain", "results/demo-delete-group_influence"])
+    print(posthoc.deletion_table(df))
+    posthoc.retrain_figure(df).savefig("retrain.png")        # the paper's retrain figure
+    mia = posthoc.load("results/mia-train-mia-loss-lira")
+    posthoc.mia_figure(mia).savefig("mia.png")               # spurious vs other members against n
+    posthoc.roc_figure(mia).savefig("roc.png")               # ROC curves on log axes
+
+`load` reads Tune's plain files (no Ray): one row per post-hoc trial with its settings (params.json), its
+one final report (the source model's config among it) and its status; the source experiment named in
+study.json fills the config of trials that errored before reporting, and `frames.join_source(df,
+frames.load(source), on="source_trial_id")` (`target_trial_id` for MIA) adds any source column.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from analysis import frames
+
+KINDS = ("delete", "mia")
+ID_COLUMNS = {"delete": "source_trial_id", "mia": "target_trial_id"}
+ROLES = ("before", "after", "oracle")
+ROLE_LABELS = {"before": "original", "after": "deleted", "oracle": "retrained (oracle)"}
+MIA_METRICS = ("attack_acc", "spurious_attack_acc", "other_attack_acc", "auc", "spurious_auc", "other_auc",
+               "tpr_at_1pct_fpr", "spurious_tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "spurious_tpr_at_0_1pct_fpr")
+MIA_GROUPS = {"attack_acc": "all examples", "spurious_attack_acc": "spurious members",
+              "other_attack_acc": "other members"}
+SCORES_FILE = "checkpoint.pt"
+
+
+def _meta(experiment: Path) -> dict:
+    path = experiment / "study.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _trial_row(trial_dir: Path, meta: dict) -> dict:
+    params = json.loads((trial_dir / "params.json").read_text())
+    rows = frames._read_results(trial_dir)
+    final = rows[-1] if rows else {}
+    error = frames._error_line(trial_dir)
+    status = "TERMINATED" if final else "ERROR" if error else "INCOMPLETE"
+    final = {k: v for k, v in final.items() if k != "config"}
+    return {"experiment": trial_dir.parent.name, "kind": meta.get("kind"), "source_experiment": meta.get("source"),
+            "trial_id": final.get("trial_id") or frames._dir_trial_id(trial_dir), "status": status,
+            "error": None if final else error, **params, **final,
+            "checkpoint": frames._latest_checkpoint(trial_dir), "trial_dir": str(trial_dir)}
+
+
+def _as_list(paths) -> list[Path]:
+    return [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+
+
+def load(paths: str | Path | Iterable[str | Path], fill_from_source: bool = True) -> pd.DataFrame:
+    """Return one row per trial of post-hoc experiments: settings, final report, status, checkpoint; the
+    config columns of trials that never reported are filled from their source trial where it is readable."""
+    frames_out = []
+    for path in _as_list(paths):
+        meta = _meta(path)
+        df = pd.DataFrame([_trial_row(d, meta) for d in frames._trial_dirs(path)])
+        if fill_from_source and not df.empty:
+            df = _fill_config(df, meta)
+        frames_out.append(df)
+    df = pd.concat(frames_out, ignore_index=True) if frames_out else pd.DataFrame()
+    return _integer_columns(df) if not df.empty else pd.DataFrame(columns=["experiment", "kind", "trial_id", "status"])
+
+
+def _integer_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """Return `df` with the integer config columns (n_spurious, seeds …) as ints where none is missing."""
+    from spurious.config import FIELD_TYPES
+
+    for column in [c for c, t in FIELD_TYPES.items() if t == "int" and c in df]:
+        if df[column].notna().all():
+            df[column] = df[column].astype(int)
+    return df
+
+
+def _source_frame(meta: dict) -> pd.DataFrame | None:
+    source = meta.get("source")
+    if not source or "://" in str(source) or not Path(source).exists():
+        return None
+    return frames.load(source)
+
+
+def _fill_config(df: pd.DataFrame, meta: dict) -> pd.DataFrame:
+    id_column = ID_COLUMNS.get(meta.get("kind"))
+    sources = _source_frame(meta)
+    if sources is None or id_column not in df:
+        return df
+    config = sources.set_index("trial_id")[[c for c in frames.CONFIG_COLUMNS if c in sources]]
+    looked_up = config.reindex(df[id_column]).reset_index(drop=True)
+    for column in looked_up:
+        own = df[column] if column in df else pd.Series([None] * len(df))
+        df[column] = [a if pd.notna(a) else b for a, b in zip(own, looked_up[column])]
+    return df
+
+
+def _done(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["status"] == "TERMINATED"] if "status" in df else df
+
+
+def _mean_se(values: pd.Series) -> pd.Series:
+    values = values.dropna().astype(float)
+    se = values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+    return pd.Series({"mean": values.mean() if len(values) else math.nan, "se": se, "count": len(values)})
+
+
+def _summary(df: pd.DataFrame, keys: Sequence[str], columns: dict[str, str], name: str) -> pd.DataFrame:
+    """Return mean ± se per cell of `keys` for each column, long: keys, `name` (the column's label), stats."""
+    parts = []
+    for column, label in columns.items():
+        if column not in df:
+            continue
+        stats = df.groupby(list(keys), dropna=False)[column].apply(_mean_se).unstack().reset_index()
+        parts.append(stats.assign(**{name: label}))
+    out = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=[*keys, name, "mean", "se",
+                                                                                  "count"])
+    return out[[*keys, name, "mean", "se", "count"]]
+
+
+def _keys(df: pd.DataFrame, base: Sequence[str]) -> list[str]:
+    return [k for k in base if k in df]
+
+
+def deletion_summary(df: pd.DataFrame, metric: str = "spurious_score") -> pd.DataFrame:
+    """Return mean ± se over seeds of `metric` for the original, deleted and oracle models, per method,
+    pattern and n_spurious (the paper's retrain figure, §8.4 / §9)."""
+    done = _done(df)
+    keys = _keys(done, ("method", "dataset", "model", "pattern", "n_spurious"))
+    return _summary(done, keys, {f"{metric}_{r}": r for r in ROLES}, "role")
+
+
+def _cell(mean: float, se: float, digits: int = 3) -> str:
+    return f"{mean:.{digits}f}" + (f" ± {se:.{digits}f}" if not math.isnan(se) else "")
+
+
+def _varying(df: pd.DataFrame, keys: Sequence[str]) -> list[str]:
+    return [k for k in keys if k in df and df[k].astype(str).nunique() > 1]
+
+
+def deletion_table(df: pd.DataFrame, metrics: Sequence[str] = ("spurious_score", "test_acc")) -> str:
+    """Return a plain-text table: one row per method × pattern × n, columns metric before / after / oracle
+    (mean ± s.e. over seeds) and the parameter distance to the oracle before / after."""
+    done = _done(df)
+    if done.empty:
+        return "(no finished deletion trials)"
+    rows = [*_varying(done, ("method", "dataset", "model", "pattern")), "n_spurious"]
+    if "method" not in rows:
+        rows.insert(0, "method")
+    columns = {f"{m}_{r}": f"{m} {r}" for m in metrics for r in ROLES}
+    columns.update({f"distance_to_oracle_{r}": f"distance {r}" for r in ("before", "after")})
+    summary = _summary(done, rows, columns, "column")
+    summary["cell"] = [_cell(m, s) for m, s in zip(summary["mean"], summary["se"])]
+    table = summary.pivot_table(index=rows, columns="column", values="cell", aggfunc="first")
+    return table[[c for c in columns.values() if c in table]].to_string()
+
+
+def mia_summary(df: pd.DataFrame, metrics: Sequence[str] = MIA_METRICS) -> pd.DataFrame:
+    """Return mean ± se over targets (data seeds) of the attack metrics, per attack and n_spurious (§10.4)."""
+    done = _done(df)
+    keys = _keys(done, ("attack", "dataset", "model", "pattern", "n_spurious"))
+    return _summary(done, keys, {m: m for m in metrics}, "metric")
+
+
+def mia_table(df: pd.DataFrame, metrics: Sequence[str] = ("auc", "attack_acc", "spurious_attack_acc",
+                                                          "other_attack_acc", "spurious_auc",
+                                                          "tpr_at_1pct_fpr")) -> str:
+    """Return a plain-text table: rows attack × n_spurious, columns the attack metrics (mean ± s.e.)."""
+    done = _done(df)
+    if done.empty:
+        return "(no finished attack trials)"
+    rows = [*_varying(done, ("attack", "dataset", "model", "pattern")), "n_spurious"]
+    if "attack" not in rows:
+        rows.insert(0, "attack")
+    summary = _summary(done, rows, {m: m for m in metrics}, "metric")
+    summary["cell"] = [_cell(m, s) for m, s in zip(summary["mean"], summary["se"])]
+    table = summary.pivot_table(index=rows, columns="metric", values="cell", aggfunc="first")
+    return table[[m for m in metrics if m in table]].to_string()
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _positions(values: Sequence) -> dict:
+    """Return evenly spaced x positions for the sorted distinct counts (they span decades, with 0)."""
+    return {v: i for i, v in enumerate(sorted(set(values)))}
+
+
+def retrain_figure(df: pd.DataFrame, metric: str = "spurious_score"):
+    """Return the retrain figure: `metric` against n for the original, deleted and retrained models, one
+    panel per method (and pattern), mean ± s.e. over seeds (§8.4, §9)."""
+    plt = _pyplot()
+    summary = deletion_summary(df, metric)
+    panels = summary.groupby(_keys(summary, ("method", "pattern")), sort=True) if not summary.empty else []
+    panels = list(panels)
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.2 * max(len(panels), 1), 3.4), squeeze=False)
+    for ax, (key, part) in zip(axes[0], panels):
+        pos = _positions(part["n_spurious"])
+        for role in ROLES:
+            line = part[part["role"] == role].sort_values("n_spurious")
+            ax.errorbar([pos[n] for n in line["n_spurious"]], line["mean"], yerr=line["se"].fillna(0),
+                        marker="o", capsize=3, label=ROLE_LABELS[role])
+        ax.set_xticks(list(pos.values()), [str(n) for n in pos])
+        ax.set_xlabel("number of spurious examples n")
+        ax.set_title(" · ".join(map(str, key if isinstance(key, tuple) else (key,))))
+    axes[0][0].set_ylabel(metric.replace("_", " "))
+    if panels:
+        axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def mia_figure(df: pd.DataFrame, groups: dict[str, str] = MIA_GROUPS):
+    """Return the MIA figure: attack success on all examples, spurious members and other members against
+    n_spurious, one panel per attack, bars of mean ± s.e. over targets (§10.4, the reference's bbox bars)."""
+    plt = _pyplot()
+    summary = mia_summary(df, tuple(groups))
+    attacks = sorted(summary["attack"].unique()) if not summary.empty else []
+    fig, axes = plt.subplots(1, max(len(attacks), 1), figsize=(4.5 * max(len(attacks), 1), 3.4), squeeze=False)
+    width = 0.8 / len(groups)
+    for ax, attack in zip(axes[0], attacks):
+        part = summary[summary["attack"] == attack]
+        pos = _positions(part["n_spurious"])
+        for k, (metric, label) in enumerate(groups.items()):
+            bars = part[part["metric"] == metric].sort_values("n_spurious")
+            ax.bar([pos[n] + (k - (len(groups) - 1) / 2) * width for n in bars["n_spurious"]], bars["mean"],
+                   width, yerr=bars["se"].fillna(0), capsize=2, label=label)
+        ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+        ax.set_xticks(list(pos.values()), [str(n) for n in pos])
+        ax.set_xlabel("number of spurious examples n")
+        ax.set_title(f"{attack} attack")
+    axes[0][0].set_ylabel("attack accuracy / TPR at its threshold")
+    if attacks:
+        axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def scores(checkpoint: str | Path) -> dict[str, np.ndarray]:
+    """Return the per-example scores an attack trial saved: member, nonmember, spurious mask, threshold."""
+    import torch
+
+    state = torch.load(Path(checkpoint) / SCORES_FILE, map_location="cpu", weights_only=True)
+    return {"member": state["member"].numpy(), "nonmember": state["nonmember"].numpy(),
+            "spurious": state["spurious"].numpy().astype(bool), "threshold": float(state["threshold"])}
+
+
+def roc_points(saved: dict[str, np.ndarray], group: str = "all") -> tuple[np.ndarray, np.ndarray]:
+    """Return (fpr, tpr) of the members (`all`, `spurious` or `other`) against all non-members."""
+    from spurious import mia
+
+    members = {"all": saved["member"], "spurious": saved["member"][saved["spurious"]],
+               "other": saved["member"][~saved["spurious"]]}[group]
+    labels = np.r_[np.ones(len(members), bool), np.zeros(len(saved["nonmember"]), bool)]
+    fpr, tpr, _ = mia.roc_curve(np.r_[members, saved["nonmember"]], labels)
+    return fpr, tpr
+
+
+def roc_figure(df: pd.DataFrame, groups: Sequence[str] = ("all", "spurious")):
+    """Return ROC curves on log-log axes (Carlini et al. 2022), one panel per attack, one curve per finished
+    target trial and member group, labelled by n_spurious and data seed."""
+    plt = _pyplot()
+    done = _done(df)
+    done = done[done["checkpoint"].notna()] if "checkpoint" in done else done
+    attacks = sorted(done["attack"].unique()) if not done.empty else []
+    fig, axes = plt.subplots(1, max(len(attacks), 1), figsize=(4.5 * max(len(attacks), 1), 4), squeeze=False)
+    for ax, attack in zip(axes[0], attacks):
+        for row in done[done["attack"] == attack].sort_values(["n_spurious", "data_seed"]).itertuples():
+            saved = scores(row.checkpoint)
+            for group, style in zip(groups, ("-", "--", ":")):
+                if group == "spurious" and not saved["spurious"].any():
+                    continue
+                fpr, tpr = roc_points(saved, group)
+                ax.plot(np.maximum(fpr, 1e-5), np.maximum(tpr, 1e-5), style, lw=1,
+                        label=f"n={row.n_spurious} seed={row.data_seed} {group}")
+        ax.plot([1e-5, 1], [1e-5, 1], color="grey", lw=0.8, ls=":")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlim(1e-4, 1)
+        ax.set_ylim(1e-4, 1)
+        ax.set_xlabel("false positive rate")
+        ax.set_title(f"{attack} attack")
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("true positive rate")
+    fig.tight_layout()
+    return fig
