@@ -69,6 +69,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (default 1)")
     p.add_argument("--gpus-per-trial", type=float, help="GPU share per trial, e.g. 0.25 (default 0.25 if GPUs, else 0)")
     p.add_argument("--max-concurrent", type=int, help="cap on trials running at once")
+    p.add_argument("--bundle", type=int, default=1, metavar="K",
+                   help="train up to K compatible configs (MLPs) in lock-step per trial (default 1: no bundling)")
     p.add_argument("--max-failures", type=int, default=2,
                    help="retries of a failed trial, each from its last checkpoint (default 2)")
     p.add_argument("--data-dir", help="directory with the dataset files (else $SPURIOUS_DATA, system folders, cache)")
@@ -163,7 +165,8 @@ def run_options(args) -> "runner.RunOptions":
     return runner.RunOptions(storage_path=args.storage_path, name=args.name, address=args.address,
                              cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
                              max_concurrent=args.max_concurrent, data_dir=args.data_dir, smoke=args.smoke,
-                             overrides=parse_set(args.set), verbose=args.verbose, max_failures=args.max_failures)
+                             overrides=parse_set(args.set), verbose=args.verbose, max_failures=args.max_failures,
+                             bundle=args.bundle)
 
 
 def cmd_run(args) -> int:
@@ -178,7 +181,8 @@ def cmd_run(args) -> int:
 
         return mitigation_cmd.run_spec(spec, options, args)
     prepared = runner.prepare(spec, options)
-    print(f"study {spec.name}: {len(prepared.configs) * spec.num_samples} trials -> "
+    bundles = f" in {len(prepared.space['bundle']['grid_search'])} bundle trials" if options.bundle > 1 else ""
+    print(f"study {spec.name}: {len(prepared.configs) * spec.num_samples} trials{bundles} -> "
           f"{options.storage_uri()}/{prepared.name}", flush=True)
     experiment_dir = f"{options.storage_uri()}/{prepared.name}"
     callbacks = wandb_setup.callbacks(wandb_mode, args.wandb_project, args.wandb_entity, experiment_dir,
@@ -196,6 +200,8 @@ def _check_resources(args) -> None:
         raise UsageError(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise UsageError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
+    if args.bundle < 1:
+        raise UsageError(f"--bundle must be >= 1, got {args.bundle}")
     if args.max_failures < 0:
         raise UsageError(f"--max-failures must be >= 0, got {args.max_failures}")
 
@@ -212,6 +218,10 @@ def cmd_resume(args) -> int:
 
         mitigation.resume(path, runner.read_meta(path), options, args.retry_errored)
         return 0
+    if runner.read_meta(path).get("kind") in ("delete", "mia"):
+        from study import posthoc
+
+        return posthoc.resume_cmd(path, options, args.retry_errored)
     results = runner.resume(path, args.retry_errored, options)
     return finish(results.experiment_path)
 
@@ -239,7 +249,8 @@ def cmd_bench(args) -> int:
 
 COMMANDS = {"list": cmd_list, "show": cmd_show, "run": cmd_run, "resume": cmd_resume, "bench": cmd_bench}
 # Modules that add subcommands: each has `register(subparsers) -> {name: handler(args) -> int}`.
-EXTENSIONS: tuple[str, ...] = ("study.report_cmd", "study.mitigation_cmd", "study.doctor_cmd")
+EXTENSIONS: tuple[str, ...] = ("study.report_cmd", "study.mitigation_cmd", "study.doctor_cmd", "study.delete_cmd",
+                                 "study.mia_cmd")
 
 
 def _extensions(sub) -> dict:

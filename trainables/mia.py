@@ -20,8 +20,8 @@ import torch
 
 from spurious import mia, train
 from spurious.errors import SpuriousError
-from spurious.planted import PlantedData, plant
-from trainables.common import dataset_for, report, use_trial_threads
+from spurious.planted import PlantedData
+from trainables.common import report, use_trial_threads
 from trainables.sources import planted_data, read_checkpoint, settings_from_dict, source_columns
 
 SCORES_FORMAT = "mia-scores-1"

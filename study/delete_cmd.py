@@ -1,0 +1,138 @@
+"""`study delete`: delete the planted examples from the models of a finished training study (PAPER_SPEC
+§8–9), one Tune trial per source model, each reported next to the retrain-from-scratch oracle.
+
+    study run demo --smoke --set epochs=2 --set n_spurious=[0,100] --name demo-smoke
+    study delete --from results/demo-smoke --method retrain          # the oracles first: the others reuse them
+    study delete --from results/demo-smoke --method incremental_retraining --set lr_policy=reset
+    study delete --from results/demo-smoke --method group_influence --set depth=200 --set per_example=false \\
+        --filter pattern=r3
+
+Source trials: the TERMINATED trials with a checkpoint that pass every `--filter` (config columns of
+`analysis.frames.load`, e.g. `--filter n_spurious=[10,100]`); trials with nothing planted (n_spurious = 0,
+shadow models) are skipped. Results go to `<storage>/<source>-delete-<method>` (or --name) with a
+study.json, so `study resume` continues them. `--set` takes the settings of trainables.delete.DeleteSettings
+(a list makes a grid axis). `--oracle`: `auto` loads the oracle models of `<storage>/<source>-delete-retrain`
+when that study exists and trains the others inside their trials; `train` always trains them; a directory
+names the retrain study to load them from.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+from analysis import posthoc as posthoc_analysis
+from spurious import datasets as datasets_lib
+from spurious.errors import SpuriousError
+from study import posthoc, runner
+from trainables import delete as delete_trainable
+
+FIXED_KEYS = ("method", "source_trial_id")
+
+
+def register(sub) -> dict:
+    """Add the `delete` subcommand."""
+    from study import cli
+
+    p = sub.add_parser("delete", help="delete the spurious examples from a training study's models (§8-9)",
+                       description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p.add_argument("--from", dest="source", required=True, metavar="EXPERIMENT_DIR",
+                   help="the training study's experiment directory (local, shared or a URI)")
+    p.add_argument("--method", required=True, choices=delete_trainable.METHODS)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"a deletion setting ({', '.join(setting_keys())}); a list makes a grid axis")
+    p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
+                   help="keep source trials whose config column equals VALUE (or one of a list); repeatable")
+    p.add_argument("--oracle", default="auto", help="auto (default), train, or a retrain deletion study")
+    cli.add_run_options(p)
+    return {"delete": handle}
+
+
+def setting_keys() -> list[str]:
+    """Return the keys `--set` accepts."""
+    return [f.name for f in fields(delete_trainable.DeleteSettings) if f.name not in FIXED_KEYS]
+
+
+def parse_settings(items: Sequence[str]) -> dict[str, Any]:
+    """Parse `--set key=value` deletion settings (YAML values; a list is a grid axis)."""
+    values = posthoc.parse_pairs(items, "--set")
+    unknown = sorted(set(values) - set(setting_keys()))
+    if unknown:
+        raise SpuriousError(f"--set {', '.join(unknown)}: not a deletion setting; allowed: "
+                            f"{', '.join(setting_keys())}")
+    return values
+
+
+def deletable(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Return the source trials that have planted examples, and a note on those skipped."""
+    nothing = (pd.to_numeric(df["n_spurious"]) == 0) | (df["split"] == "mia_shadow")
+    notes = [f"skipping {int(nothing.sum())} source trial(s) with nothing planted (n_spurious = 0 or shadow "
+             "models): nothing to delete"] if nothing.any() else []
+    return df[~nothing], notes
+
+
+def default_name(source: str, method: str) -> str:
+    """Return the default experiment name `<source>-delete-<method>`."""
+    return f"{posthoc.source_name(source)}-delete-{method}"
+
+
+def _same_source(meta: dict, source: str) -> bool:
+    return meta.get("source") == posthoc.canonical_source(source)
+
+
+def oracle_checkpoints(oracle: str, source: str, storage: str) -> tuple[dict[str, str], list[str]]:
+    """Return {source trial id: oracle checkpoint} from a finished retrain deletion study of `source`
+    (`auto`: `<storage>/<source>-delete-retrain` if it exists; `train`: none), and a note."""
+    if oracle == "train":
+        return {}, ["oracles: trained inside each trial (--oracle train)"]
+    path = Path(storage) / default_name(source, "retrain") if oracle == "auto" else Path(oracle)
+    if oracle == "auto" and (posthoc.is_uri(storage) or not path.is_dir()):
+        return {}, [f"oracles: trained inside each trial (no {path}; run --method retrain first to share them)"]
+    meta = runner.read_meta(path)
+    if meta.get("kind") != "delete" or meta.get("method") != "retrain" or not _same_source(meta, source):
+        raise SpuriousError(f"--oracle {str(path)!r} is not a retrain deletion study of {source!r}")
+    df = posthoc_analysis.load(path, fill_from_source=False)
+    done = df[(df["status"] == "TERMINATED") & df["checkpoint"].notna()] if not df.empty else df
+    table = {str(r.source_trial_id): str(Path(r.checkpoint).resolve()) for r in done.itertuples()}
+    return table, [f"oracles: {len(table)} loaded from {path}; the others trained inside their trials"]
+
+
+def plan(source: str, method: str, overrides: dict, filters: dict, oracle: str,
+         options: runner.RunOptions) -> tuple[posthoc.Plan, list[str]]:
+    """Return the deletion study for `source` (validated, nothing started) and notes on what was skipped."""
+    df = posthoc.apply_filters(posthoc.source_trials(source), filters)
+    df, notes = posthoc.finished(df)
+    df, skipped = deletable(df)
+    notes += skipped
+    if df.empty:
+        raise SpuriousError(f"no source trial of {source!r} to delete from ({'; '.join(notes) or 'none selected'})")
+    space, combos = posthoc.settings_grid(overrides)
+    for combo in combos:
+        delete_trainable.settings({"method": method, "source_trial_id": "x", **combo})
+    oracles, note = oracle_checkpoints(oracle, source, options.storage_uri()) if method != "retrain" else ({}, [])
+    ids = sorted(df["trial_id"].astype(str))
+    sources = {r.trial_id: {"checkpoint": r.checkpoint, "oracle": oracles.get(str(r.trial_id))}
+               for r in df.itertuples()}
+    names = sorted({datasets_lib.DATASETS.canonical(d) for d in df["dataset"]})
+    study = posthoc.Plan("delete", posthoc.canonical_source(source),
+                         options.name or default_name(source, method),
+                         {"method": method, **space, "source_trial_id": {"grid_search": ids}}, sources, names,
+                         len(ids) * len(combos), {"method": method, "settings": overrides})
+    return study, notes + note
+
+
+def handle(args: argparse.Namespace) -> int:
+    from study import cli
+
+    options = cli.run_options(argparse.Namespace(**{**vars(args), "set": [], "smoke": False}))
+    study, notes = plan(args.source, args.method, parse_settings(args.set), posthoc.parse_pairs(args.filter),
+                        args.oracle, options)
+    for note in notes:
+        print(note)
+    cli.confirm(study.trials, args.yes)
+    print(f"delete ({args.method}): {study.trials} trials -> {options.storage_uri()}/{study.name}", flush=True)
+    return posthoc.finish(posthoc.run(study, options), "delete")

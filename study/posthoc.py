@@ -1,0 +1,241 @@
+"""Post-hoc studies: Tune studies whose trials consume the checkpoints of an earlier training study
+(`study delete`, `study mia`; the CLI is in delete_cmd.py and mia_cmd.py).
+
+An experiment directory `<storage>/<name>/` is an ordinary Tune experiment, one trial directory per
+post-hoc trial, plus `study.json`: kind `delete` or `mia`, the source experiment, and the table of source
+checkpoints the trainable reads, which `study resume` uses to rebuild the trainable. The source may be a
+local or shared directory or a URI (s3://, gs://, file://): checkpoints are read through Ray's storage
+layer inside the trials, so a post-hoc study may run on other nodes than the training study did, as long
+as they see its storage.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import pandas as pd
+import yaml
+from ray import tune
+
+from analysis import frames, posthoc as posthoc_analysis
+from spurious.errors import SpuriousError
+from study import cluster, runner
+from study.catalog import to_domain
+from trainables.delete import delete
+from trainables.mia import mia_attack
+
+KINDS = ("delete", "mia")
+# kind -> (trainable, the keyword under which it takes its source table)
+TRAINABLES: dict[str, tuple[Callable, str]] = {"delete": (delete, "sources"), "mia": (mia_attack, "targets")}
+TRIAL_FILES = ("params.json", "result.json", "error.txt")
+
+
+@dataclass
+class Plan:
+    """A validated post-hoc study, ready to run: its param space and the source table of its trainable."""
+
+    kind: str
+    source: str
+    name: str
+    space: dict
+    sources: dict
+    datasets: list[str]
+    trials: int
+    extra_meta: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- reading the source study
+
+
+def is_uri(path: str | Path) -> bool:
+    """Return whether `path` is a URI (s3://, gs://, file://) rather than a local path."""
+    return "://" in str(path)
+
+
+def canonical_source(source: str | Path) -> str:
+    """Return a source as recorded in study.json: a URI as given, a local path made absolute."""
+    return str(source).rstrip("/") if is_uri(source) else str(Path(source).resolve())
+
+
+def source_name(source: str) -> str:
+    """Return the experiment name of a source path or URI (its last component)."""
+    return str(source).rstrip("/").rsplit("/", 1)[-1]
+
+
+def _mirror(uri: str, into: Path) -> None:
+    """Copy the per-trial result files of a remote experiment into `into` (checkpoints as empty folders),
+    so `frames.load` can read it without downloading any model."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(uri)
+    for trial in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        if trial.type != pafs.FileType.Directory:
+            continue
+        for item in fs.get_file_info(pafs.FileSelector(trial.path)):
+            local = into / trial.base_name / item.base_name
+            if item.type == pafs.FileType.Directory and item.base_name.startswith("checkpoint_"):
+                local.mkdir(parents=True, exist_ok=True)
+            elif item.base_name in TRIAL_FILES:
+                local.parent.mkdir(parents=True, exist_ok=True)
+                with fs.open_input_stream(item.path) as stream:
+                    local.write_bytes(stream.read())
+
+
+def source_trials(source: str | Path) -> pd.DataFrame:
+    """Return `frames.load` of the source experiment (a local path or a URI), with `checkpoint` set to each
+    trial's latest checkpoint as an absolute path or a URI that a trial on any node can read."""
+    if not is_uri(source):
+        path = Path(source).resolve()
+        if not path.is_dir():
+            raise SpuriousError(f"source experiment {str(source)!r} does not exist")
+        df = frames.load(path)
+        if df.empty:
+            raise SpuriousError(f"source experiment {str(source)!r} holds no trials")
+        df["checkpoint"] = [str(Path(c).resolve()) if isinstance(c, str) else None for c in df["checkpoint"]]
+        return df
+    with tempfile.TemporaryDirectory() as tmp:
+        _mirror(str(source), Path(tmp))
+        df = frames.load(tmp)
+        base = str(source).rstrip("/")
+        df["checkpoint"] = [f"{base}/{Path(c).relative_to(tmp).as_posix()}" if isinstance(c, str) else None
+                            for c in df["checkpoint"]]
+    if df.empty:
+        raise SpuriousError(f"source experiment {str(source)!r} holds no trials")
+    return df
+
+
+def parse_pairs(items: Sequence[str], flag: str = "--filter") -> dict[str, Any]:
+    """Parse `key=value` items of `flag`; a value is a YAML scalar or a list."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SpuriousError(f"{flag} {item!r} must look like key=value")
+        try:
+            out[key] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise SpuriousError(f"{flag} {item!r}: cannot parse value {raw!r}") from None
+    return out
+
+
+def _matches(column: pd.Series, value: Any) -> pd.Series:
+    values = value if isinstance(value, list) else [value]
+    numeric = pd.to_numeric(column, errors="coerce")
+    hit = pd.Series(False, index=column.index)
+    for v in values:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            hit |= numeric == v
+        else:
+            hit |= column.astype(str) == str(v)
+    return hit
+
+
+def apply_filters(df: pd.DataFrame, filters: Mapping[str, Any]) -> pd.DataFrame:
+    """Return the rows of `df` whose columns equal every filter's value (or one of its list of values)."""
+    for key, value in filters.items():
+        if key not in df:
+            columns = [c for c in ("trial_id", *frames.CONFIG_COLUMNS) if c in df]
+            raise SpuriousError(f"--filter {key!r} is not a column of the source trials; use one of "
+                                f"{', '.join(columns)}")
+        df = df[_matches(df[key], value)]
+    return df
+
+
+def finished(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Return the TERMINATED trials with a checkpoint, and one note per kind of trial left out."""
+    ok = (df["status"] == "TERMINATED") & df["checkpoint"].notna()
+    notes = []
+    for status, count in df[~ok]["status"].value_counts().items():
+        why = "no checkpoint" if status == "TERMINATED" else f"status {status}"
+        notes.append(f"skipping {count} source trial(s) with {why}")
+    return df[ok], notes
+
+
+def settings_grid(overrides: Mapping[str, Any]) -> tuple[dict, list[dict]]:
+    """Return the Tune space of `--set` overrides (a list is a grid axis) and every combination of them."""
+    space = {k: to_domain(v) for k, v in overrides.items()}
+    return space, runner.grid_combinations(space)
+
+
+# ---------------------------------------------------------------- running and resuming
+
+
+def build_trainable(kind: str, data: Mapping, sources: Mapping, resources: dict):
+    """Return the post-hoc trainable with the datasets and source table bound, and its resources."""
+    fn, keyword = TRAINABLES[kind]
+    return tune.with_resources(tune.with_parameters(fn, datasets=dict(data), **{keyword: dict(sources)}),
+                               resources)
+
+
+def _meta(plan: Plan, options: runner.RunOptions, resources: dict) -> dict:
+    return {"study": f"{plan.kind}", "kind": plan.kind, "source": plan.source, "datasets": plan.datasets,
+            "data_dir": options.data_dir, "resources": resources, "trials": plan.trials,
+            "max_failures": options.max_failures, "keep_checkpoints": options.keep_checkpoints,
+            "max_concurrent": options.max_concurrent, "sources": plan.sources, **plan.extra_meta}
+
+
+def check_new(options: runner.RunOptions, name: str) -> None:
+    """Refuse to overwrite an existing experiment directory."""
+    target = Path(options.storage_uri()) / name
+    if not is_uri(options.storage_uri()) and target.exists():
+        raise SpuriousError(f"experiment {str(target)!r} already exists; continue it with `study resume "
+                            f"{target}` or choose another --name")
+
+
+def run(plan: Plan, options: runner.RunOptions) -> str:
+    """Run a planned post-hoc study and return its experiment path."""
+    check_new(options, plan.name)
+    data = runner.load_datasets(plan.datasets, options.data_dir)
+    runner.start_ray(options)
+    resources = runner.trial_resources(options)
+    cluster.check_storage(options.storage_uri())
+    runner._fresh_experiment_state(plan.trials)
+    if not is_uri(options.storage_uri()):
+        path = Path(options.storage_uri()) / plan.name
+        path.mkdir(parents=True, exist_ok=True)
+        (path / runner.META_FILE).write_text(json.dumps(_meta(plan, options, resources), indent=2, default=str))
+    tuner = tune.Tuner(build_trainable(plan.kind, data, plan.sources, resources), param_space=plan.space,
+                       tune_config=tune.TuneConfig(max_concurrent_trials=options.max_concurrent),
+                       run_config=runner.run_config(options, plan.name))
+    return tuner.fit().experiment_path
+
+
+def resume(path: str | Path, options: runner.RunOptions, retry_errored: bool = False) -> str:
+    """Continue an interrupted post-hoc study; finished trials stay finished."""
+    path = Path(path).resolve()
+    meta = runner.read_meta(path)
+    if meta.get("kind") not in KINDS:
+        raise SpuriousError(f"{str(path)!r} is not a post-hoc study (kind {meta.get('kind')!r})")
+    if not tune.Tuner.can_restore(str(path)):
+        raise SpuriousError(f"{str(path)!r} holds no restorable Tune experiment")
+    runner.start_ray(options)
+    runner._fresh_experiment_state(int(meta.get("trials", 0)))
+    data = runner.load_datasets(meta["datasets"], meta.get("data_dir"))
+    res = meta.get("resources", {})
+    resources = runner.trial_resources(runner.RunOptions(cpus_per_trial=res.get("cpu", 1.0),
+                                                         gpus_per_trial=res.get("gpu")))
+    trainable = build_trainable(meta["kind"], data, meta["sources"], resources)
+    tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
+                               resume_errored=retry_errored)
+    return tuner.fit().experiment_path
+
+
+def finish(experiment_path: str, kind: str) -> int:
+    """Print the study's table, its errored trials and its path; return 1 if any trial errored."""
+    df = posthoc_analysis.load(experiment_path)
+    print()
+    print(posthoc_analysis.deletion_table(df) if kind == "delete" else posthoc_analysis.mia_table(df))
+    errored = df[df["status"] != "TERMINATED"] if not df.empty else df
+    for row in errored.itertuples():
+        print(f"errored: {row.trial_id}: {row.error or row.status}")
+    print(f"\nexperiment: {experiment_path}")
+    return 1 if len(errored) else 0
+
+
+def resume_cmd(path: str | Path, options: runner.RunOptions, retry_errored: bool) -> int:
+    """`study resume` of a post-hoc study: continue it, then print its table."""
+    meta = runner.read_meta(Path(path).resolve())
+    return finish(resume(path, options, retry_errored), meta["kind"])
