@@ -1,0 +1,433 @@
+"""Post-hoc studies (`study delete`, `study mia`): settings, source selection, shadow matching, the
+trainables without Ray, the analysis frames and figures; then end to end through the CLI on real data."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from analysis import posthoc as analysis
+from spurious import train
+from spurious.config import TrainConfig
+from spurious.errors import SpuriousError
+from spurious.planted import plant
+from study import delete_cmd, mia_cmd, posthoc, runner
+from tests.conftest import requires_fashion, synthetic_dataset
+from tests.test_influence import one_thread  # noqa: F401  (autouse fixture)
+from trainables import delete as delete_trainable, mia as mia_trainable
+from trainables.common import CHECKPOINT_FILE
+from trainables.sources import read_checkpoint
+
+# ---------------------------------------------------------------- settings
+
+
+def test_delete_settings_validate_and_fill_the_reference_lissa_defaults():
+    s = delete_trainable.settings({"method": "group_influence", "source_trial_id": "a", "depth": 50,
+                                   "damping": "1e-3", "scale": 10})
+    assert s.scale == 10.0 and s.damping == 1e-3 and s.per_example
+    assert s.lissa("fashion", 20) == {"depth": 50, "scale": 10.0, "damping": 1e-3, "repeats": 10}
+    assert delete_trainable.settings({}).lissa("fashion", 100)["depth"] == 1000  # §8.2: n >= 100
+    with pytest.raises(SpuriousError, match="unknown deletion setting.*'epochs'.*allowed"):
+        delete_trainable.settings({"epochs": 3})
+    with pytest.raises(SpuriousError, match="'depth' must be int or None"):
+        delete_trainable.settings({"depth": "deep"})
+    with pytest.raises(SpuriousError, match="'per_example' must be bool"):
+        delete_trainable.settings({"per_example": 1})
+    with pytest.raises(SpuriousError, match="method 'forget'"):
+        delete_trainable.settings({"method": "forget"})
+    with pytest.raises(SpuriousError, match="lr_policy"):
+        delete_trainable.settings({"lr_policy": "warm"})
+
+
+def test_mia_settings_validate():
+    assert mia_trainable.settings({"attack": "lira", "shadows": 2}).shadows == 2
+    with pytest.raises(SpuriousError, match="attack 'guess'"):
+        mia_trainable.settings({"attack": "guess"})
+    with pytest.raises(SpuriousError, match="lira_variance"):
+        mia_trainable.settings({"lira_variance": "huge"})
+
+
+def test_cli_settings_reject_unknown_keys_and_take_lists_as_grid_axes():
+    assert delete_cmd.parse_settings(["depth=[50,100]", "lr_policy=reset"]) == {"depth": [50, 100],
+                                                                                 "lr_policy": "reset"}
+    with pytest.raises(SpuriousError, match="not a deletion setting"):
+        delete_cmd.parse_settings(["n_spurious=3"])
+    with pytest.raises(SpuriousError, match="must look like key=value"):
+        posthoc.parse_pairs(["depth"], "--set")
+    space, combos = posthoc.settings_grid({"depth": [50, 100], "repeats": 1})
+    assert space["depth"] == {"grid_search": [50, 100]} and len(combos) == 2
+
+
+# ---------------------------------------------------------------- source selection
+
+
+def source_frame() -> pd.DataFrame:
+    rows = [("t0", "TERMINATED", "ck0", 0, "s3", "full", 0), ("t1", "TERMINATED", "ck1", 10, "s3", "full", 0),
+            ("t2", "TERMINATED", "ck2", 10, "r3", "full", 1), ("t3", "ERROR", None, 100, "r3", "full", 0),
+            ("t4", "TERMINATED", None, 100, "r3", "full", 1), ("t5", "TERMINATED", "ck5", 0, "r3", "mia_shadow", 0)]
+    return pd.DataFrame(rows, columns=["trial_id", "status", "checkpoint", "n_spurious", "pattern", "split",
+                                       "data_seed"])
+
+
+def test_filters_select_by_config_columns_with_numbers_strings_and_lists():
+    df = source_frame()
+    assert list(posthoc.apply_filters(df, {"n_spurious": 10})["trial_id"]) == ["t1", "t2"]
+    assert list(posthoc.apply_filters(df, {"n_spurious": 10, "pattern": "r3"})["trial_id"]) == ["t2"]
+    assert list(posthoc.apply_filters(df, {"n_spurious": [0, 100]})["trial_id"]) == ["t0", "t3", "t4", "t5"]
+    assert list(posthoc.apply_filters(df, posthoc.parse_pairs(["pattern=s3"]))["trial_id"]) == ["t0", "t1"]
+    with pytest.raises(SpuriousError, match="--filter 'colour' is not a column.*n_spurious"):
+        posthoc.apply_filters(df, {"colour": "red"})
+
+
+def test_only_finished_trials_with_something_planted_are_deletion_sources():
+    done, notes = posthoc.finished(source_frame())
+    assert list(done["trial_id"]) == ["t0", "t1", "t2", "t5"]
+    assert sorted(notes) == ["skipping 1 source trial(s) with no checkpoint",
+                             "skipping 1 source trial(s) with status ERROR"]
+    planted, notes = delete_cmd.deletable(done)
+    assert list(planted["trial_id"]) == ["t1", "t2"] and "skipping 2 source trial(s) with nothing planted" in notes[0]
+
+
+def test_shadows_match_the_targets_split_seed_and_recipe_one_per_training_seed():
+    base = {"dataset": "fashion", "model": "large_mlp", "optimizer": "adam", "lr": 0.01, "momentum": 0.9,
+            "l2": 0.0, "grad_clip": 0.0, "noise_sigma": 0.0, "augmentation": "none", "epochs": 2,
+            "batch_size": 128, "checkpoint": "ck"}
+    targets = pd.DataFrame([{**base, "trial_id": "a", "data_seed": 0, "seed": 0},
+                            {**base, "trial_id": "b", "data_seed": 1, "seed": 0}])
+    shadows = pd.DataFrame([{**base, "trial_id": "s3", "data_seed": 0, "seed": 1},
+                            {**base, "trial_id": "s1", "data_seed": 0, "seed": 0},
+                            {**base, "trial_id": "s2", "data_seed": 0, "seed": 0},  # same seed again: a duplicate
+                            {**base, "trial_id": "s4", "data_seed": 1, "seed": 0, "lr": 0.1}])  # another recipe
+    matched = mia_cmd.match_shadows(targets, shadows)
+    assert [s["trial_id"] for s in matched["a"]] == ["s1", "s3"] and [s["seed"] for s in matched["a"]] == [0, 1]
+    assert matched["b"] == []
+
+
+def test_default_experiment_names():
+    assert delete_cmd.default_name("/r/demo-1/", "retrain") == "demo-1-delete-retrain"
+    assert mia_cmd.default_name("s3://bucket/mia", ["loss", "lira"]) == "mia-mia-loss-lira"
+
+
+# ---------------------------------------------------------------- fake experiment directories
+
+
+def write_trial(exp: Path, name: str, params: dict, result: dict | None, checkpoint: dict | None = None,
+                error: str | None = None) -> Path:
+    trial = exp / name
+    trial.mkdir(parents=True)
+    (trial / "params.json").write_text(json.dumps(params))
+    if result is not None:
+        (trial / "result.json").write_text(json.dumps(result) + "\n")
+    if checkpoint is not None:
+        (trial / "checkpoint_000000").mkdir()
+        torch.save(checkpoint, trial / "checkpoint_000000" / CHECKPOINT_FILE)
+    if error:
+        (trial / "error.txt").write_text(f"Traceback (most recent call last):\n  File x\n{error}\n")
+    return trial
+
+
+@pytest.fixture
+def fake_source(tmp_path):
+    """A finished 'training study': two trials (n = 0 and n = 10) with final reports and checkpoints."""
+    exp = tmp_path / "src"
+    for k, n in enumerate((0, 10)):
+        params = {"dataset": "fashion", "pattern": "r3", "n_spurious": n, "epochs": 2, "data_seed": 0}
+        write_trial(exp, f"train_classifier_abcde_0000{k}_{k}", params,
+                    {"epoch": 2, "trial_id": f"abcde_0000{k}", "spurious_score": 0.1 * n, "test_acc": 0.8},
+                    {"format": 1})
+    return exp
+
+
+def test_delete_plan_builds_one_trial_per_source_and_finds_the_retrain_oracles(fake_source, tmp_path):
+    options = runner.RunOptions(storage_path=str(tmp_path))
+    plan, notes = delete_cmd.plan(str(fake_source), "group_influence", {"depth": [50, 100]}, {}, "auto", options)
+    assert plan.name == "src-delete-group_influence" and plan.trials == 2 and plan.datasets == ["fashion"]
+    assert plan.space["source_trial_id"] == {"grid_search": ["abcde_00001"]}
+    assert plan.space["depth"] == {"grid_search": [50, 100]} and plan.space["method"] == "group_influence"
+    assert plan.sources["abcde_00001"]["oracle"] is None
+    assert plan.sources["abcde_00001"]["checkpoint"] == str(next(fake_source.glob("*00001*/checkpoint_*")))
+    assert any("trained inside each trial" in n for n in notes) and any("nothing planted" in n for n in notes)
+
+    oracle_dir = tmp_path / "src-delete-retrain"
+    write_trial(oracle_dir, "delete_fffff_00000_0", {"method": "retrain", "source_trial_id": "abcde_00001"},
+                {"trial_id": "fffff_00000", "method": "retrain", "source_trial_id": "abcde_00001"}, {"format": 1})
+    (oracle_dir / "study.json").write_text(json.dumps({"kind": "delete", "method": "retrain",
+                                                       "source": str(fake_source.resolve())}))
+    plan, notes = delete_cmd.plan(str(fake_source), "incremental_retraining", {}, {}, "auto", options)
+    assert plan.sources["abcde_00001"]["oracle"] == str(next(oracle_dir.glob("*/checkpoint_*")))
+    assert any("1 loaded from" in n for n in notes)
+    with pytest.raises(SpuriousError, match="no source trial.*nothing planted"):
+        delete_cmd.plan(str(fake_source), "retrain", {}, {"n_spurious": 0}, "auto", options)
+    with pytest.raises(SpuriousError, match="unknown deletion setting"):
+        delete_cmd.plan(str(fake_source), "retrain", {"colour": 1}, {}, "auto", options)
+
+
+def test_a_uri_source_is_listed_without_downloading_checkpoints(fake_source):
+    df = posthoc.source_trials(f"file://{fake_source}")
+    assert len(df) == 2 and set(df["status"]) == {"TERMINATED"}
+    assert all(c.startswith(f"file://{fake_source}/train_classifier_") and c.endswith("/checkpoint_000000")
+               for c in df["checkpoint"])
+
+
+def test_reading_a_missing_or_corrupt_checkpoint_fails_with_one_line(tmp_path):
+    with pytest.raises(SpuriousError, match="does not exist") as missing:
+        read_checkpoint(str(tmp_path / "nowhere"))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
+    with pytest.raises(SpuriousError, match="cannot be read") as corrupt:
+        read_checkpoint(f"file://{tmp_path / 'bad'}")
+    assert "\n" not in str(missing.value) and "\n" not in str(corrupt.value)
+
+
+# ---------------------------------------------------------------- the trainables, without Ray
+
+
+def tiny_cfg(**kw) -> TrainConfig:
+    base = dict(dataset="fashion", model="mlp", pattern="s3", n_spurious=20, target=0, epochs=3, lr=0.05,
+                batch_size=64, device="cpu")
+    return TrainConfig(**{**base, **kw})
+
+
+def save_trained(cfg: TrainConfig, data, directory: Path) -> str:
+    directory.mkdir(parents=True)
+    train.save_checkpoint(train.train(cfg, data).state, directory / CHECKPOINT_FILE)
+    return str(directory)
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """Run trainables outside Tune: their reports are appended to a list."""
+    rows = []
+    for module in (delete_trainable, mia_trainable):
+        monkeypatch.setattr(module, "report", lambda metrics, state=None: rows.append((metrics, state)))
+        monkeypatch.setattr(module, "use_trial_threads", lambda: None)
+    return rows
+
+
+@pytest.fixture
+def source_checkpoint(tmp_path):
+    data = synthetic_dataset()
+    cfg = tiny_cfg()
+    return {"fashion": data}, cfg, save_trained(cfg, plant(data, "s3", 20, 0, 0), tmp_path / "source")
+
+
+def test_each_deletion_method_reports_next_to_the_oracle_and_saves_a_loadable_model(captured, source_checkpoint,
+                                                                                   tmp_path):
+    data, cfg, path = source_checkpoint
+    sources = {"src": {"checkpoint": path, "oracle": None}}
+    delete_trainable.delete({"method": "retrain", "source_trial_id": "src"}, data, sources)
+    delete_trainable.delete({"method": "incremental_retraining", "source_trial_id": "src", "retrain_epochs": 1,
+                             "lr_policy": "reset"}, data, sources)
+    delete_trainable.delete({"method": "group_influence", "source_trial_id": "src", "depth": 20, "repeats": 1,
+                             "scale": 1000.0, "damping": 0.1}, data, sources)
+    (retrain, r_state), (incremental, i_state), (influence, g_state) = captured
+    assert retrain["oracle_from"] == "self" and retrain["distance_to_oracle_after"] == 0.0
+    assert incremental["oracle_from"] == "trained" and incremental["retrain_epochs"] == 1
+    assert influence["oracle_from"] == "trained" and influence["lissa_depth"] == 20 and influence["update_norm"] > 0
+    for row in (retrain, incremental, influence):
+        assert row["source_trial_id"] == "src" and row["n_spurious"] == 20 and row["n_deleted"] == 20
+        assert row["spurious_score_oracle"] == pytest.approx(retrain["spurious_score_after"])  # same seeds
+        assert {"spurious_score_before", "test_acc_after", "distance_to_oracle_before", "wall_time_s"} <= set(row)
+    x = plant(data["fashion"], "s3", 20, 0, 0).x_test[:5]
+    for state in (r_state, i_state, g_state):
+        assert len(state["spurious_idx"]) == 0 and len(state["deletion"]["deleted_idx"]) == 20
+        model = train.model_from_checkpoint(state, (1, 28, 28))
+        assert model(x).shape == (5, 10)
+
+    oracle_dir = tmp_path / "oracle"
+    oracle_dir.mkdir()
+    train.save_checkpoint(r_state, oracle_dir / CHECKPOINT_FILE)
+    sources["src"]["oracle"] = str(oracle_dir)
+    delete_trainable.delete({"method": "incremental_retraining", "source_trial_id": "src", "retrain_epochs": 1,
+                             "lr_policy": "reset"}, data, sources)
+    loaded = captured[-1][0]
+    assert loaded["oracle_from"] == "loaded"
+    assert loaded["spurious_score_oracle"] == pytest.approx(retrain["spurious_score_after"])
+    assert loaded["distance_to_oracle_after"] == pytest.approx(incremental["distance_to_oracle_after"])
+
+
+def test_an_oracle_of_another_config_is_refused(captured, source_checkpoint, tmp_path):
+    data, cfg, path = source_checkpoint
+    other = tiny_cfg(seed=1)
+    state = train.train(other, plant(data["fashion"], "s3", 20, 0, 0).without_spurious()).state
+    state["deletion"] = {"method": "retrain", "deleted_idx": torch.zeros(0, dtype=torch.int64)}
+    (tmp_path / "other").mkdir()
+    train.save_checkpoint(state, tmp_path / "other" / CHECKPOINT_FILE)
+    with pytest.raises(SpuriousError, match="another config"):
+        delete_trainable.delete({"method": "incremental_retraining", "source_trial_id": "src", "retrain_epochs": 1},
+                                data, {"src": {"checkpoint": path, "oracle": str(tmp_path / "other")}})
+
+
+def test_a_diverging_group_influence_fails_with_a_training_error(captured, source_checkpoint):
+    data, _, path = source_checkpoint
+    config = {"method": "group_influence", "source_trial_id": "src", "depth": 200, "repeats": 1, "scale": 1e-3,
+              "damping": 0.0}
+    with pytest.raises(train.TrainingError, match="LiSSA diverged"):
+        delete_trainable.delete(config, data, {"src": {"checkpoint": path, "oracle": None}})
+
+
+def test_mia_trainable_reports_metrics_and_saves_scores_for_every_attack(captured, tmp_path):
+    data = synthetic_dataset(n_train=800, n_test=400)
+    target_cfg = tiny_cfg(split="mia_target", n_spurious=5, epochs=4)
+    target = save_trained(target_cfg, plant(data, "s3", 5, 0, 0, "mia_target"), tmp_path / "target")
+    shadows = []
+    for seed in (0, 1):
+        cfg = tiny_cfg(split="mia_shadow", n_spurious=0, epochs=4, seed=seed)
+        shadows.append({"trial_id": f"s{seed}", "seed": seed, "checkpoint": save_trained(
+            cfg, plant(data, "s3", 0, 0, 0, "mia_shadow"), tmp_path / f"shadow{seed}")})
+    targets = {"t": {"checkpoint": target, "shadows": shadows}}
+    for attack in ("loss", "shadow", "lira"):
+        mia_trainable.mia_attack({"attack": attack, "target_trial_id": "t"}, {"fashion": data}, targets)
+    for (row, saved), attack, used in zip(captured, ("loss", "shadow", "lira"), (0, 1, 2)):
+        assert row["attack"] == attack and row["shadows_used"] == used and row["n_spurious_members"] == 5
+        assert row["n_members"] == row["n_nonmembers"] == 300 and row["split"] == "mia_target"
+        assert 0 <= row["auc"] <= 1 and 0 <= row["spurious_attack_acc"] <= 1 and 0 <= row["other_attack_acc"] <= 1
+        assert saved["member"].shape == (300,) and int(saved["spurious"].sum()) == 5
+        threshold = saved["threshold"]
+        assert row["spurious_attack_acc"] == pytest.approx(float((saved["member"][saved["spurious"]] >= threshold)
+                                                                 .double().mean()))
+    with pytest.raises(SpuriousError, match="not a target model"):
+        mia_trainable.mia_attack({"attack": "loss", "target_trial_id": "s"}, {"fashion": data},
+                                 {"s": {"checkpoint": shadows[0]["checkpoint"], "shadows": []}})
+    with pytest.raises(SpuriousError, match="needs shadow models"):
+        mia_trainable.mia_attack({"attack": "lira", "target_trial_id": "t"}, {"fashion": data},
+                                 {"t": {"checkpoint": target, "shadows": []}})
+
+
+# ---------------------------------------------------------------- analysis
+
+
+def deletion_experiment(tmp_path: Path, fake_source: Path) -> Path:
+    exp = tmp_path / "src-delete-retrain"
+    for k, (seed, after) in enumerate(((0, 0.02), (1, 0.04))):
+        result = {"trial_id": f"ddddd_0000{k}", "method": "retrain", "source_trial_id": "abcde_00001",
+                  "pattern": "r3", "n_spurious": 10, "data_seed": seed, "dataset": "fashion",
+                  "spurious_score_before": 0.3, "spurious_score_after": after, "spurious_score_oracle": after,
+                  "test_acc_before": 0.8, "test_acc_after": 0.79, "test_acc_oracle": 0.79,
+                  "distance_to_oracle_before": 2.0, "distance_to_oracle_after": 0.0}
+        write_trial(exp, f"delete_ddddd_0000{k}_{k}", {"method": "retrain", "source_trial_id": "abcde_00001"},
+                    result, {"format": 1})
+    write_trial(exp, "delete_ddddd_00002_2", {"method": "retrain", "source_trial_id": "abcde_00001"}, None,
+                error="spurious.errors.SpuriousError: checkpoint 'x' cannot be read: boom")
+    (exp / "study.json").write_text(json.dumps({"kind": "delete", "source": str(fake_source)}))
+    return exp
+
+
+def test_deletion_frames_fill_errored_trials_from_the_source_and_summarise(tmp_path, fake_source):
+    df = analysis.load(deletion_experiment(tmp_path, fake_source))
+    assert sorted(df["status"]) == ["ERROR", "TERMINATED", "TERMINATED"]
+    errored = df[df["status"] == "ERROR"].iloc[0]
+    assert errored["pattern"] == "r3" and errored["n_spurious"] == 10 and "cannot be read" in errored["error"]
+    assert df["n_spurious"].dtype.kind == "i"
+    summary = analysis.deletion_summary(df).set_index("role")
+    assert summary.loc["after", "mean"] == pytest.approx(0.03) and summary.loc["after", "count"] == 2
+    assert summary.loc["before", "se"] == pytest.approx(0.0)
+    table = analysis.deletion_table(df)
+    assert "0.030 ± 0.010" in table and "spurious_score oracle" in table
+    fig = analysis.retrain_figure(df)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["10"]
+
+
+def test_mia_frames_summaries_and_figures_from_saved_scores(tmp_path):
+    exp = tmp_path / "mia"
+    rng = np.random.default_rng(0)
+    for k, n in enumerate((1, 10)):
+        member, nonmember = rng.normal(1, 1, 200), rng.normal(0, 1, 200)
+        spurious = np.zeros(200, bool)
+        spurious[:n] = True
+        saved = {"format": mia_trainable.SCORES_FORMAT, "member": torch.from_numpy(member),
+                 "nonmember": torch.from_numpy(nonmember), "spurious": torch.from_numpy(spurious), "threshold": 0.5}
+        result = {"trial_id": f"mmmmm_0000{k}", "attack": "loss", "target_trial_id": f"t{k}", "n_spurious": n,
+                  "data_seed": 0, "auc": 0.76, "attack_acc": 0.69, "spurious_attack_acc": 0.9,
+                  "other_attack_acc": 0.68}
+        write_trial(exp, f"mia_attack_mmmmm_0000{k}_{k}", {"attack": "loss", "target_trial_id": f"t{k}"}, result,
+                    saved)
+    (exp / "study.json").write_text(json.dumps({"kind": "mia", "source": str(tmp_path / "absent")}))
+    df = analysis.load(exp)
+    summary = analysis.mia_summary(df)
+    assert set(summary["n_spurious"]) == {1, 10} and set(summary["attack"]) == {"loss"}
+    assert "spurious_attack_acc" in analysis.mia_table(df)
+    fpr, tpr = analysis.roc_points(analysis.scores(df["checkpoint"][0]), "spurious")
+    assert fpr[0] == 0 and tpr[-1] == 1
+    assert len(analysis.mia_figure(df).axes) == 1
+    roc = analysis.roc_figure(df).axes[0]
+    assert roc.get_xscale() == "log" and roc.get_yscale() == "log"
+
+
+# ---------------------------------------------------------------- end to end, through the CLI
+
+
+def study(*argv, timeout=600):
+    return subprocess.run([sys.executable, "-m", "study.cli", *argv], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL, env={**os.environ})
+
+
+def assert_ok(proc, code=0):
+    assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@requires_fashion
+def test_deletion_studies_from_a_smoke_training_study(tmp_path):
+    run = ("--storage-path", str(tmp_path), "-v", "0")
+    assert_ok(study("run", "demo", "--smoke", "--set", "epochs=2", "--set", "n_spurious=[0,100]", "--set",
+                    "data_seed=[0,1]", "--name", "src", "--wandb", "off", *run))
+    retrain = study("delete", "--from", str(tmp_path / "src"), "--method", "retrain", *run)
+    assert_ok(retrain)
+    assert "skipping 2 source trial(s) with nothing planted" in retrain.stdout
+    oracle = analysis.load(tmp_path / "src-delete-retrain")
+    assert len(oracle) == 2 and (oracle["status"] == "TERMINATED").all()
+    assert (oracle["distance_to_oracle_after"] == 0).all() and (oracle["spurious_score_before"] > 0).all()
+
+    incremental = study("delete", "--from", str(tmp_path / "src"), "--method", "incremental_retraining", "--set",
+                        "retrain_epochs=1", "--set", "lr_policy=reset", *run)
+    assert_ok(incremental)
+    inc = analysis.load(tmp_path / "src-delete-incremental_retraining").sort_values("source_trial_id")
+    assert (inc["oracle_from"] == "loaded").all() and (inc["source_epoch"] == 2).all()
+    assert list(inc["spurious_score_oracle"]) == pytest.approx(
+        list(oracle.sort_values("source_trial_id")["spurious_score_after"]))
+
+    shutil.copytree(tmp_path / "src", tmp_path / "bad")
+    corrupt = next((tmp_path / "bad").glob("*data_seed=0,n_spurious=100*/checkpoint_*"))
+    (corrupt / CHECKPOINT_FILE).write_bytes(b"corrupted on disk")
+    influence = study("delete", "--from", str(tmp_path / "bad"), "--method", "group_influence", "--set",
+                      "depth=50", "--set", "repeats=1", "--set", "per_example=false", "--max-failures", "0", *run)
+    assert_ok(influence, 1)
+    assert "errored:" in influence.stdout and "cannot be read" in influence.stdout
+    gi = analysis.load(tmp_path / "bad-delete-group_influence")
+    assert sorted(gi["status"]) == ["ERROR", "TERMINATED"]
+    done = gi[gi["status"] == "TERMINATED"].iloc[0]
+    assert done["oracle_from"] == "trained" and done["lissa_depth"] == 50 and done["pattern"] == "s3"
+    assert gi[gi["status"] == "ERROR"].iloc[0]["n_spurious"] == 100  # filled from the source
+
+    resumed = study("resume", str(tmp_path / "bad-delete-group_influence"), "-v", "0")
+    assert_ok(resumed, 1)
+    assert "errored:" in resumed.stdout and "experiment:" in resumed.stdout
+    frame = pd.concat([oracle, inc, gi])
+    assert len(analysis.retrain_figure(frame).axes) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@requires_fashion
+def test_membership_inference_from_a_smoke_mia_train_study(tmp_path):
+    run = ("--storage-path", str(tmp_path), "-v", "0")
+    assert_ok(study("run", "mia-train", "--smoke", "--name", "mia", "--wandb", "off", *run))
+    proc = study("mia", "--from", str(tmp_path / "mia"), "--attack", "loss", "--attack", "lira", *run)
+    assert_ok(proc)
+    assert "shadows per target: 2" in proc.stdout
+    df = analysis.load(tmp_path / "mia-mia-loss-lira")
+    assert sorted(df["attack"]) == ["lira", "loss"] and (df["status"] == "TERMINATED").all()
+    assert list(df.sort_values("attack")["shadows_used"]) == [2, 0]
+    assert (df["n_members"] == 17500).all() and (df["n_spurious_members"] == 10).all()
+    for column in ("auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "attack_acc", "spurious_attack_acc",
+                   "other_attack_acc", "spurious_auc"):
+        assert df[column].between(0, 1).all(), column
+    assert len(analysis.roc_figure(df).axes) == 2
