@@ -100,19 +100,43 @@ def _dir_trial_id(trial_dir: Path) -> str:
     return match.group(1) if match else trial_dir.name
 
 
-def _trial_row(trial_dir: Path) -> dict:
-    config = _full_config(_read_params(trial_dir))
-    epochs = _epochs(_read_results(trial_dir))
+def _units(trial_dir: Path) -> list[dict]:
+    """Return the trained models of a trial directory: one for an ordinary trial, one per member of a bundle
+    (`--bundle K`), each with its id, flat config, deduplicated epoch reports, error and checkpoint file."""
+    params, results = _read_params(trial_dir), _read_results(trial_dir)
+    trial_id = next((r["trial_id"] for r in reversed(results) if r.get("trial_id")), None) or _dir_trial_id(trial_dir)
+    latest = _latest_checkpoint(trial_dir)
+    if "bundle" not in params:
+        return [{"trial_id": trial_id, "config": _full_config(params), "epochs": _epochs(results),
+                 "error": _error_line(trial_dir), "checkpoint": latest,
+                 "checkpoint_file": _existing(latest, "checkpoint.pt")}]
+    units = []
+    for k, member in enumerate(params["bundle"]):
+        reports = [r["members"][str(k)] for r in results if str(k) in r.get("members", {})]
+        member_error = next((m["error"] for m in reversed(reports) if "error" in m), None)
+        rows = [{**r, **r["members"][str(k)]} for r in results if "epoch" in r.get("members", {}).get(str(k), {})]
+        units.append({"trial_id": f"{trial_id}-m{k}", "config": _full_config(member), "epochs": _epochs(rows),
+                      "error": member_error or _error_line(trial_dir), "checkpoint": latest,
+                      "checkpoint_file": _existing(latest, f"member_{k:03d}.pt")})
+    return units
+
+
+def _existing(directory: str | None, name: str) -> str | None:
+    path = Path(directory) / name if directory else None
+    return str(path) if path is not None and path.exists() else None
+
+
+def _unit_row(trial_dir: Path, unit: dict) -> dict:
+    config, epochs = unit["config"], unit["epochs"]
     final = epochs[-1] if epochs else {}
-    error = _error_line(trial_dir)
     done = bool(epochs) and final.get("epoch") == config.get("epochs")
-    status = "TERMINATED" if done else "ERROR" if error else "INCOMPLETE"
-    row = {"experiment": trial_dir.parent.name, "trial_id": final.get("trial_id") or _dir_trial_id(trial_dir),
-           "status": status, "error": error if not done else None, "epochs_done": final.get("epoch", 0),
-           **config, **{m: final.get(m, math.nan) for m in (*METRICS, *EXTRAS)},
-           "time_total_s": final.get("time_total_s", math.nan), "hostname": final.get("hostname"),
-           "checkpoint": _latest_checkpoint(trial_dir), "trial_dir": str(trial_dir)}
-    return row
+    status = "TERMINATED" if done else "ERROR" if unit["error"] else "INCOMPLETE"
+    return {"experiment": trial_dir.parent.name, "trial_id": unit["trial_id"], "status": status,
+            "error": unit["error"] if not done else None, "epochs_done": final.get("epoch", 0),
+            **config, **{m: final.get(m, math.nan) for m in (*METRICS, *EXTRAS)},
+            "time_total_s": final.get("time_total_s", math.nan), "hostname": final.get("hostname"),
+            "node_id": final.get("node_id"), "checkpoint": unit["checkpoint"],
+            "checkpoint_file": unit["checkpoint_file"], "trial_dir": str(trial_dir)}
 
 
 def _as_list(paths: str | Path | Iterable[str | Path]) -> list[Path]:
@@ -121,7 +145,7 @@ def _as_list(paths: str | Path | Iterable[str | Path]) -> list[Path]:
 
 def load(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     """Return one row per trial of one or more experiment directories: config, final metrics, status."""
-    rows = [_trial_row(d) for p in _as_list(paths) for d in _trial_dirs(p)]
+    rows = [_unit_row(d, u) for p in _as_list(paths) for d in _trial_dirs(p) for u in _units(d)]
     df = pd.DataFrame(rows)
     if df.empty:
         return pd.DataFrame(columns=["experiment", "trial_id", "status", *CONFIG_COLUMNS, *METRICS])
@@ -129,11 +153,9 @@ def load(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
 
 
 def _epoch_rows(trial_dir: Path) -> list[dict]:
-    config = _full_config(_read_params(trial_dir))
-    return [{"experiment": trial_dir.parent.name, "trial_id": r.get("trial_id") or _dir_trial_id(trial_dir),
-             **config, "epoch": r["epoch"], "lr": r.get("lr", math.nan),
-             **{m: r.get(m, math.nan) for m in (*METRICS, *EXTRAS)}}
-            for r in _epochs(_read_results(trial_dir))]
+    return [{"experiment": trial_dir.parent.name, "trial_id": unit["trial_id"], **unit["config"],
+             "epoch": r["epoch"], "lr": r.get("lr", math.nan), **{m: r.get(m, math.nan) for m in (*METRICS, *EXTRAS)}}
+            for unit in _units(trial_dir) for r in unit["epochs"]]
 
 
 def load_epochs(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:

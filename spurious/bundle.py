@@ -656,3 +656,8 @@ def train_bundle(cfgs: Sequence[TrainConfig], datas: Sequence[PlantedData | Memb
     if resume is not None:
         engine.restore(resume)
     return engine.fit(on_epoch)
+
+
+def check_bundlable(cfg: TrainConfig, input_shape: tuple[int, int, int], num_classes: int) -> None:
+    """Raise a SpuriousError if `cfg.model` cannot be bundled (dropout, BatchNorm or buffers)."""
+    _check_bundlable(models.build(cfg.model, input_shape, num_classes), cfg.model)

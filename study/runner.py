@@ -13,11 +13,12 @@ from typing import Any, Mapping
 import ray
 from ray import tune
 
-from spurious import config as config_lib, datasets, train
+from spurious import bundle, config as config_lib, datasets, train
 from spurious.errors import SpuriousError
 from study import cluster
 from study.catalog import StudySpec
 from trainables.common import flatten_config
+from trainables.train_bundle import train_bundle
 from trainables.train_classifier import train_classifier
 
 META_FILE = "study.json"
@@ -40,6 +41,7 @@ class RunOptions:
     max_failures: int = 2
     keep_checkpoints: int = 2
     verbose: int = 1
+    bundle: int = 1
 
     def storage_uri(self) -> str:
         """Return the storage path as Tune wants it: a URI, or an absolute local path."""
@@ -133,10 +135,29 @@ def trial_resources(options: RunOptions) -> dict[str, float]:
     return {"cpu": options.cpus_per_trial, "gpu": gpus}
 
 
-def build_trainable(data: Mapping[str, datasets.Dataset], checkpoint_every: int, resources: dict):
-    """Return the Tune trainable: data through the object store, resources per trial."""
-    trainable = tune.with_parameters(train_classifier, datasets=dict(data), checkpoint_every=checkpoint_every)
+def build_trainable(data: Mapping[str, datasets.Dataset], checkpoint_every: int, resources: dict,
+                    bundled: bool = False):
+    """Return the Tune trainable: data through the object store, resources per trial (per bundle)."""
+    fn = train_bundle if bundled else train_classifier
+    trainable = tune.with_parameters(fn, datasets=dict(data), checkpoint_every=checkpoint_every)
     return tune.with_resources(trainable, resources)
+
+
+def bundle_space(configs: list[config_lib.TrainConfig], size: int, data: Mapping[str, datasets.Dataset]) -> dict:
+    """Return a param space with one grid point per bundle: compatible configs in chunks of `size`."""
+    groups: dict[tuple, list] = {}
+    for cfg in configs:
+        groups.setdefault(bundle.compatible_key(cfg), []).append(cfg)
+    chunks = [members[i:i + size] for members in groups.values() for i in range(0, len(members), size)]
+    for members in chunks:
+        dataset = data[datasets.DATASETS.canonical(members[0].dataset)]
+        bundle.check_bundlable(members[0], dataset.input_shape, dataset.num_classes)
+    return {"bundle": tune.grid_search([[c.to_dict() for c in members] for members in chunks])}
+
+
+def bundle_dirname(trial) -> str:
+    """Return a short trial directory name for a bundle (its config is a long list of members)."""
+    return f"bundle_{trial.trial_id}"
 
 
 def run_config(options: RunOptions, name: str, callbacks: list | None = None) -> tune.RunConfig:
@@ -173,6 +194,10 @@ def prepare(spec: StudySpec, options: RunOptions) -> Prepared:
     space = spec.resolved(options.smoke, options.overrides)
     data = load_datasets(dataset_names(space), options.data_dir)
     configs = validate(space, data)
+    if options.bundle > 1:
+        if spec.num_samples != 1:
+            raise SpuriousError("--bundle needs a grid study (num_samples = 1): sampled configs cannot be grouped")
+        space = bundle_space(configs, options.bundle, data)
     return Prepared(spec, space, configs, data, name)
 
 
@@ -182,7 +207,8 @@ def write_meta(path: Path, prepared: Prepared, options: RunOptions, resources: d
             "data_dir": options.data_dir, "checkpoint_every": prepared.spec.checkpoint_every,
             "resources": resources, "trials": len(prepared.configs) * prepared.spec.num_samples,
             "smoke": options.smoke, "overrides": options.overrides, "max_failures": options.max_failures,
-            "keep_checkpoints": options.keep_checkpoints, "max_concurrent": options.max_concurrent}
+            "keep_checkpoints": options.keep_checkpoints, "max_concurrent": options.max_concurrent,
+            "bundle": options.bundle}
     if "://" not in str(path):
         path.mkdir(parents=True, exist_ok=True)
         (path / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
@@ -205,10 +231,11 @@ def run(prepared: Prepared, options: RunOptions, callbacks: list | None = None) 
     exp_path = Path(options.storage_uri()) / prepared.name
     write_meta(exp_path, prepared, options, resources)
     tuner = tune.Tuner(
-        build_trainable(prepared.data, prepared.spec.checkpoint_every, resources),
+        build_trainable(prepared.data, prepared.spec.checkpoint_every, resources, options.bundle > 1),
         param_space=prepared.space,
         tune_config=tune.TuneConfig(num_samples=prepared.spec.num_samples,
-                                    max_concurrent_trials=options.max_concurrent),
+                                    max_concurrent_trials=options.max_concurrent,
+                                    trial_dirname_creator=bundle_dirname if options.bundle > 1 else None),
         run_config=run_config(options, prepared.name, callbacks))
     return tuner.fit()
 
@@ -232,7 +259,8 @@ def resume(path: str | Path, retry_errored: bool = False, options: RunOptions | 
     start_ray(options)
     _fresh_experiment_state(int(meta.get("trials", 0)))
     data = load_datasets(meta["datasets"], meta.get("data_dir"))
-    trainable = build_trainable(data, meta["checkpoint_every"], trial_resources(_resume_options(options, meta)))
+    trainable = build_trainable(data, meta["checkpoint_every"], trial_resources(_resume_options(options, meta)),
+                                meta.get("bundle", 1) > 1)
     tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
                                resume_errored=retry_errored)
     return tuner.fit()

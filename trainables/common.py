@@ -45,15 +45,41 @@ def restored_state() -> dict | None:
         return train.load_checkpoint(Path(directory) / CHECKPOINT_FILE)
 
 
-def report(metrics: dict, state: dict | None = None) -> None:
-    """Report one epoch's metrics to Tune, with a checkpoint when `state` is given."""
+def report_files(metrics: dict, files: Mapping[str, dict] | None = None) -> None:
+    """Report one epoch's metrics to Tune (with this node's id), and a checkpoint of the given files
+    ({file name: state}) when `files` is given."""
     metrics = {**metrics, "node_id": ray.get_runtime_context().get_node_id()}
-    if state is None:
+    if not files:
         tune.report(metrics)
         return
     with tempfile.TemporaryDirectory() as directory:
-        train.save_checkpoint(state, Path(directory) / CHECKPOINT_FILE)
+        for name, state in files.items():
+            train.save_checkpoint(state, Path(directory) / name)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+
+
+def report(metrics: dict, state: dict | None = None) -> None:
+    """Report one epoch's metrics to Tune, with a checkpoint when `state` is given."""
+    report_files(metrics, None if state is None else {CHECKPOINT_FILE: state})
+
+
+def member_file(k: int) -> str:
+    """Return the checkpoint file name of bundle member `k`."""
+    return f"member_{k:03d}.pt"
+
+
+def restored_states(count: int) -> list[dict] | None:
+    """Return the member checkpoints Ray hands a restored bundle trial, or None for a fresh trial."""
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        return [train.load_checkpoint(Path(directory) / member_file(k)) for k in range(count)]
+
+
+def report_states(metrics: dict, states: list[dict] | None = None) -> None:
+    """Report a bundle's metrics to Tune, with one checkpoint file per member when `states` is given."""
+    report_files(metrics, None if states is None else {member_file(k): s for k, s in enumerate(states)})
 
 
 def maybe_inject_fault(epoch: int) -> None:
