@@ -115,7 +115,7 @@ def plan(source: str, method: str, overrides: dict, filters: dict, oracle: str,
         delete_trainable.settings({"method": method, "source_trial_id": "x", **combo})
     oracles, note = oracle_checkpoints(oracle, source, options.storage_uri()) if method != "retrain" else ({}, [])
     ids = sorted(df["trial_id"].astype(str))
-    sources = {r.trial_id: {"checkpoint": r.checkpoint, "oracle": oracles.get(str(r.trial_id))}
+    sources = {r.trial_id: {"checkpoint": r.checkpoint, "file": r.file, "oracle": oracles.get(str(r.trial_id))}
                for r in df.itertuples()}
     names = sorted({datasets_lib.DATASETS.canonical(d) for d in df["dataset"]})
     study = posthoc.Plan("delete", posthoc.canonical_source(source),

@@ -66,7 +66,7 @@ def match_shadows(targets: pd.DataFrame, shadows: pd.DataFrame) -> dict[str, lis
     for row in shadows.sort_values("trial_id").itertuples():
         by_seed = by_key.setdefault(_key(row), {})
         by_seed.setdefault(int(row.seed), {"trial_id": str(row.trial_id), "seed": int(row.seed),
-                                           "checkpoint": row.checkpoint})
+                                           "checkpoint": row.checkpoint, "file": getattr(row, "file", None)})
     return {str(t.trial_id): [s for _, s in sorted(by_key.get(_key(t), {}).items())] for t in targets.itertuples()}
 
 
@@ -94,14 +94,15 @@ def plan(source: str, attacks: Sequence[str], overrides: dict, filters: dict,
         for attack in attacks:
             mia_trainable.settings({"attack": attack, "target_trial_id": "x", **combo})
     ids = sorted(targets["trial_id"].astype(str))
-    table = {t: {"checkpoint": targets.set_index("trial_id").loc[t, "checkpoint"], "shadows": shadows[t]}
+    rows = targets.set_index(targets["trial_id"].astype(str))
+    table = {t: {"checkpoint": rows.loc[t, "checkpoint"], "file": rows.loc[t, "file"], "shadows": shadows[t]}
              for t in ids}
     counts = sorted({len(shadows[t]) for t in ids})
     notes.append(f"{len(ids)} target(s); shadows per target: {', '.join(map(str, counts))}")
+    names = sorted({datasets_lib.DATASETS.canonical(d) for d in targets["dataset"]})
+    space = {"attack": {"grid_search": list(attacks)}, **space, "target_trial_id": {"grid_search": ids}}
     study = posthoc.Plan("mia", posthoc.canonical_source(source), options.name or default_name(source, attacks),
-                         {"attack": {"grid_search": list(attacks)}, **space,
-                          "target_trial_id": {"grid_search": ids}}, table,
-                         sorted({datasets_lib.DATASETS.canonical(d) for d in targets["dataset"]}), len(ids) * len(combos) * len(attacks),
+                         space, table, names, len(ids) * len(combos) * len(attacks),
                          {"attacks": list(attacks), "settings": overrides})
     return study, notes
 

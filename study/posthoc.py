@@ -24,6 +24,7 @@ from analysis import frames, posthoc as posthoc_analysis
 from spurious.errors import SpuriousError
 from study import cluster, runner
 from study.catalog import to_domain
+from trainables.common import CHECKPOINT_FILE
 from trainables.delete import delete
 from trainables.mia import mia_attack
 
@@ -66,8 +67,8 @@ def source_name(source: str) -> str:
 
 
 def _mirror(uri: str, into: Path) -> None:
-    """Copy the per-trial result files of a remote experiment into `into` (checkpoints as empty folders),
-    so `frames.load` can read it without downloading any model."""
+    """Copy the per-trial result files of a remote experiment into `into`, the files of its checkpoints as
+    empty placeholders, so `frames.load` can read it without downloading any model."""
     import pyarrow.fs as pafs
 
     fs, root = pafs.FileSystem.from_uri(uri)
@@ -78,15 +79,26 @@ def _mirror(uri: str, into: Path) -> None:
             local = into / trial.base_name / item.base_name
             if item.type == pafs.FileType.Directory and item.base_name.startswith("checkpoint_"):
                 local.mkdir(parents=True, exist_ok=True)
+                for file in fs.get_file_info(pafs.FileSelector(item.path)):
+                    (local / file.base_name).touch()
             elif item.base_name in TRIAL_FILES:
                 local.parent.mkdir(parents=True, exist_ok=True)
                 with fs.open_input_stream(item.path) as stream:
                     local.write_bytes(stream.read())
 
 
+def _file_names(df: pd.DataFrame) -> list[str | None]:
+    """Return each row's checkpoint file name: `checkpoint_file` where frames.load gives it (a bundle member's
+    `member_<k>.pt`), else the trainables' checkpoint.pt."""
+    if "checkpoint_file" not in df:
+        return [CHECKPOINT_FILE if isinstance(c, str) else None for c in df["checkpoint"]]
+    return [Path(f).name if isinstance(f, str) else None for f in df["checkpoint_file"]]
+
+
 def source_trials(source: str | Path) -> pd.DataFrame:
     """Return `frames.load` of the source experiment (a local path or a URI), with `checkpoint` set to each
-    trial's latest checkpoint as an absolute path or a URI that a trial on any node can read."""
+    trial's latest checkpoint directory as an absolute path or a URI that a trial on any node can read, and
+    `file` to the model's file in it."""
     if not is_uri(source):
         path = Path(source).resolve()
         if not path.is_dir():
@@ -94,11 +106,13 @@ def source_trials(source: str | Path) -> pd.DataFrame:
         df = frames.load(path)
         if df.empty:
             raise SpuriousError(f"source experiment {str(source)!r} holds no trials")
+        df["file"] = _file_names(df)
         df["checkpoint"] = [str(Path(c).resolve()) if isinstance(c, str) else None for c in df["checkpoint"]]
         return df
     with tempfile.TemporaryDirectory() as tmp:
         _mirror(str(source), Path(tmp))
         df = frames.load(tmp)
+        df["file"] = _file_names(df) if not df.empty else []
         base = str(source).rstrip("/")
         df["checkpoint"] = [f"{base}/{Path(c).relative_to(tmp).as_posix()}" if isinstance(c, str) else None
                             for c in df["checkpoint"]]
@@ -146,7 +160,7 @@ def apply_filters(df: pd.DataFrame, filters: Mapping[str, Any]) -> pd.DataFrame:
 
 def finished(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """Return the TERMINATED trials with a checkpoint, and one note per kind of trial left out."""
-    ok = (df["status"] == "TERMINATED") & df["checkpoint"].notna()
+    ok = (df["status"] == "TERMINATED") & df["checkpoint"].notna() & df.get("file", df["checkpoint"]).notna()
     notes = []
     for status, count in df[~ok]["status"].value_counts().items():
         why = "no checkpoint" if status == "TERMINATED" else f"status {status}"

@@ -22,7 +22,7 @@ from tests.conftest import requires_fashion, synthetic_dataset
 from tests.test_influence import one_thread  # noqa: F401  (autouse fixture)
 from trainables import delete as delete_trainable, mia as mia_trainable
 from trainables.common import CHECKPOINT_FILE
-from trainables.sources import read_checkpoint
+from trainables.sources import read_checkpoint, read_source
 
 # ---------------------------------------------------------------- settings
 
@@ -173,6 +173,16 @@ def test_a_uri_source_is_listed_without_downloading_checkpoints(fake_source):
     assert len(df) == 2 and set(df["status"]) == {"TERMINATED"}
     assert all(c.startswith(f"file://{fake_source}/train_classifier_") and c.endswith("/checkpoint_000000")
                for c in df["checkpoint"])
+    assert list(df["file"]) == ["checkpoint.pt"] * 2
+
+
+def test_a_bundle_members_checkpoint_file_is_read_from_the_shared_directory(tmp_path):
+    frame = pd.DataFrame({"checkpoint": ["/c", "/c", None], "checkpoint_file": ["/c/member_000.pt",
+                                                                                "/c/member_001.pt", None]})
+    assert posthoc._file_names(frame) == ["member_000.pt", "member_001.pt", None]
+    assert posthoc._file_names(frame.drop(columns="checkpoint_file")) == ["checkpoint.pt", "checkpoint.pt", None]
+    torch.save({"format": 1, "member": 1}, tmp_path / "member_001.pt")
+    assert read_source({"checkpoint": str(tmp_path), "file": "member_001.pt"})["member"] == 1
 
 
 def test_reading_a_missing_or_corrupt_checkpoint_fails_with_one_line(tmp_path):

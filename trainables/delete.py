@@ -45,7 +45,8 @@ from spurious.errors import SpuriousError
 from spurious.planted import PlantedData
 from spurious.train import TrainingError
 from trainables.common import report, use_trial_threads
-from trainables.sources import planted_data, read_checkpoint, settings_from_dict, source_columns
+from trainables.sources import (planted_data, read_checkpoint, read_source, settings_from_dict,
+                                source_columns)
 
 METHODS = ("group_influence", "incremental_retraining", "retrain")
 LISSA_KEYS = ("depth", "scale", "damping", "repeats")
@@ -162,15 +163,16 @@ def _oracle(s: DeleteSettings, oracle_path: str | None, state: dict, cfg: TrainC
 def delete(config: Mapping[str, Any], datasets: Mapping[str, Any], sources: Mapping[str, dict]) -> None:
     """Run one deletion on the source trial `config['source_trial_id']` and report it with its checkpoint.
 
-    `sources` maps a source trial id to {"checkpoint": path or URI, "oracle": path, URI or None}; it and
-    `datasets` come through `tune.with_parameters`.
+    `sources` maps a source trial id to {"checkpoint": checkpoint directory (path or URI), "file": the
+    checkpoint file in it (default checkpoint.pt), "oracle": a retrain study's checkpoint directory or None};
+    it and `datasets` come through `tune.with_parameters`.
     """
     s = settings(config)
     use_trial_threads()
     if s.source_trial_id not in sources:
         raise SpuriousError(f"source trial {s.source_trial_id!r} is not among this study's sources")
     source = sources[s.source_trial_id]
-    state = read_checkpoint(source["checkpoint"])
+    state = read_source(source)
     cfg, data = planted_data(state, datasets)
     if len(data.spurious_idx) == 0:
         raise SpuriousError(f"source trial {s.source_trial_id} has no planted examples: nothing to delete")

@@ -22,7 +22,7 @@ from spurious import mia, train
 from spurious.errors import SpuriousError
 from spurious.planted import PlantedData
 from trainables.common import report, use_trial_threads
-from trainables.sources import planted_data, read_checkpoint, settings_from_dict, source_columns
+from trainables.sources import planted_data, read_source, settings_from_dict, source_columns
 
 SCORES_FORMAT = "mia-scores-1"
 NEEDS_SHADOWS = ("shadow", "lira")
@@ -65,7 +65,7 @@ def _shadow_logits(s: MiaSettings, shadows: list[dict], target: PlantedData, dat
         raise SpuriousError(f"the {s.attack} attack needs shadow models, and target {s.target_trial_id} has none")
     own, on_target = None, []
     for k, entry in enumerate(used):
-        state = read_checkpoint(entry["checkpoint"])
+        state = read_source(entry)
         if state["config"].get("split") != "mia_shadow":
             raise SpuriousError(f"checkpoint {entry['checkpoint']!r} is not a shadow model (split "
                                 f"{state['config'].get('split')!r})")
@@ -101,15 +101,16 @@ def other_members(scores: mia.AttackScores, mask: np.ndarray, threshold: float) 
 def mia_attack(config: Mapping[str, Any], datasets: Mapping[str, Any], targets: Mapping[str, dict]) -> None:
     """Attack the target `config['target_trial_id']` with `config['attack']`; report metrics and scores.
 
-    `targets` maps a target trial id to {"checkpoint": path or URI, "shadows": [{"trial_id", "seed",
-    "checkpoint"}, ...]}; it and `datasets` come through `tune.with_parameters`.
+    `targets` maps a target trial id to {"checkpoint": directory (path or URI), "file": file in it,
+    "shadows": [{"trial_id", "seed", "checkpoint", "file"}, ...]}; it and `datasets` come through
+    `tune.with_parameters`.
     """
     s = settings(config)
     use_trial_threads()
     if s.target_trial_id not in targets:
         raise SpuriousError(f"target trial {s.target_trial_id!r} is not among this study's targets")
     entry = targets[s.target_trial_id]
-    state = read_checkpoint(entry["checkpoint"])
+    state = read_source(entry)
     cfg, data = planted_data(state, datasets)
     if cfg.split != "mia_target":
         raise SpuriousError(f"trial {s.target_trial_id} is not a target model (split {cfg.split!r})")

@@ -21,18 +21,24 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
-def read_checkpoint(path: str) -> dict:
-    """Return the `checkpoint.pt` state of a Tune checkpoint directory, given as a local path or a URI
-    (s3://, gs://, file://). It is read through Ray's storage layer, so the trial may run on any node that
-    sees the storage; a missing or unreadable checkpoint raises a one-line SpuriousError."""
+def read_checkpoint(path: str, name: str = CHECKPOINT_FILE) -> dict:
+    """Return the state in file `name` (`checkpoint.pt`, or a bundle member's `member_<k>.pt`) of a Tune
+    checkpoint directory given as a local path or a URI (s3://, gs://, file://). It is read through Ray's
+    storage layer, so the trial may run on any node that sees the storage; a missing or unreadable
+    checkpoint raises a one-line SpuriousError."""
     try:
         with tune.Checkpoint(str(path)).as_directory() as directory:
-            return train.load_checkpoint(Path(directory) / CHECKPOINT_FILE)
+            return train.load_checkpoint(Path(directory) / name)
     except SpuriousError:
         raise
     except Exception as err:  # pyarrow and Ray raise many types for missing or unreachable storage
         raise SpuriousError(f"checkpoint {str(path)!r} cannot be read: {type(err).__name__}: "
                             f"{_first_line(err)}") from None
+
+
+def read_source(entry: Mapping[str, Any]) -> dict:
+    """Return the checkpoint state of a source-table entry {"checkpoint": dir or URI, "file": name}."""
+    return read_checkpoint(entry["checkpoint"], entry.get("file") or CHECKPOINT_FILE)
 
 
 def planted_data(state: dict, datasets: Mapping[str, Any]) -> tuple[TrainConfig, PlantedData]:
