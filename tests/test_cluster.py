@@ -63,7 +63,7 @@ def three_node_cluster():
 @requires_fashion
 def test_study_spreads_over_nodes_and_survives_losing_a_worker(three_node_cluster, tmp_path):
     """Trials run on both workers; removing one mid-study restarts its trial from the last checkpoint
-    elsewhere, and every trial finishes."""
+    elsewhere, and every trial finishes; a deletion study on a new node reads the checkpoints they wrote."""
     cluster, workers = three_node_cluster
     exp = tmp_path / "multi"
     doctor = subprocess.run([sys.executable, "-m", "study.cli", "doctor", "--address", cluster.address,
@@ -103,5 +103,21 @@ def test_study_spreads_over_nodes_and_survives_losing_a_worker(three_node_cluste
         epochs = [r["epoch"] for r in rows]
         assert epochs.count(1) == 1 and epochs.count(2) == 1, f"epochs 1-2 were checkpointed, not redone: {epochs}"
         assert sorted(set(epochs)) == [1, 2, 3, 4, 5] and epochs[-1] == 5
-    print(f"\ntrials per node (where each trial finished): {dict(final_nodes)}; epochs redone per trial: {redone}")
-    (tmp_path / "cluster_summary.json").write_text(json.dumps({"final_nodes": final_nodes, "redone": redone}))
+    # A deletion study on a node that did not exist while the sources trained: it must read the
+    # checkpoints the other nodes wrote (the storage path is shared).
+    survivor = next(w for w in workers if w is not victim)
+    newcomer = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    cluster.remove_node(survivor)
+    delete = subprocess.run([sys.executable, "-m", "study.cli", "delete", "--from", str(exp), "--method",
+                             "incremental_retraining", "--set", "retrain_epochs=1", "--filter", "n_spurious=[10,100]",
+                             "--address", cluster.address, "--storage-path", str(tmp_path), "--name", "del", "-v", "0",
+                             "--wandb", "off"], capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert delete.returncode == 0, delete.stdout + delete.stderr
+    deletion = result_rows(tmp_path / "del")
+    assert len(deletion) == 2
+    assert {r["node_id"] for rows in deletion.values() for r in rows} == {newcomer.node_id}
+    started = Counter(rows[0]["node_id"][:8] for rows in results.values())
+    finished = Counter(rows[-1]["node_id"][:8] for rows in results.values())
+    print(f"\nnodes: victim {victim.node_id[:8]}; trials started per node {dict(started)}; finished per node "
+          f"{dict(finished)}; epochs redone per trial {sorted(redone.values())}")
