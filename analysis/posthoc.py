@@ -35,6 +35,11 @@ MIA_METRICS = ("attack_acc", "spurious_attack_acc", "other_attack_acc", "auc", "
 MIA_GROUPS = {"attack_acc": "all examples", "spurious_attack_acc": "spurious members",
               "other_attack_acc": "other members"}
 SCORES_FILE = "checkpoint.pt"
+# Settings of post-hoc trials (params.json keys) that make separate cells when a study varies them.
+DELETE_SETTINGS = ("retrain_epochs", "lr_policy", "depth", "scale", "damping", "repeats", "per_example",
+                   "lissa_batch_size", "lissa_seed", "reference_scaling", "max_norm_ratio")
+MIA_SETTINGS = ("shadows", "lira_variance")
+FACTORS = ("dataset", "model", "pattern")
 
 
 def _meta(experiment: Path) -> dict:
@@ -130,11 +135,34 @@ def _keys(df: pd.DataFrame, base: Sequence[str]) -> list[str]:
     return [k for k in base if k in df]
 
 
+def _varying(df: pd.DataFrame, keys: Sequence[str]) -> list[str]:
+    return [k for k in keys if k in df and df[k].astype(str).nunique() > 1]
+
+
+def _cells(df: pd.DataFrame, first: str, settings: Sequence[str], every_factor: bool) -> list[str]:
+    """Return the keys of a cell: `first` (method or attack), the settings that vary among trials of one
+    method or attack, the data factors (all, or only those that vary) and n_spurious."""
+    factors = _keys(df, FACTORS) if every_factor else _varying(df, FACTORS)
+    varied = [k for k in settings if k in df and (df.groupby(first)[k].nunique(dropna=False) > 1).any()]
+    return [first, *varied, *factors, "n_spurious"]
+
+
+def _text(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def _as_text(df: pd.DataFrame, settings: Sequence[str]) -> pd.DataFrame:
+    """Return `df` with the setting columns as text, so unset settings ('-', the default) are cells too."""
+    return df.assign(**{k: [_text(v) for v in df[k]] for k in settings if k in df})
+
+
 def deletion_summary(df: pd.DataFrame, metric: str = "spurious_score") -> pd.DataFrame:
     """Return mean ± se over seeds of `metric` for the original, deleted and oracle models, per method,
-    pattern and n_spurious (the paper's retrain figure, §8.4 / §9)."""
-    done = _done(df)
-    keys = _keys(done, ("method", "dataset", "model", "pattern", "n_spurious"))
+    varied setting, pattern and n_spurious (the paper's retrain figure, §8.4 / §9)."""
+    done = _as_text(_done(df), DELETE_SETTINGS)
+    keys = _cells(done, "method", DELETE_SETTINGS, every_factor=True)
     return _summary(done, keys, {f"{metric}_{r}": r for r in ROLES}, "role")
 
 
@@ -142,19 +170,13 @@ def _cell(mean: float, se: float, digits: int = 3) -> str:
     return f"{mean:.{digits}f}" + (f" ± {se:.{digits}f}" if not math.isnan(se) else "")
 
 
-def _varying(df: pd.DataFrame, keys: Sequence[str]) -> list[str]:
-    return [k for k in keys if k in df and df[k].astype(str).nunique() > 1]
-
-
 def deletion_table(df: pd.DataFrame, metrics: Sequence[str] = ("spurious_score", "test_acc")) -> str:
-    """Return a plain-text table: one row per method × pattern × n, columns metric before / after / oracle
-    (mean ± s.e. over seeds) and the parameter distance to the oracle before / after."""
-    done = _done(df)
+    """Return a plain-text table: one row per method × varied setting × pattern × n, columns metric before /
+    after / oracle (mean ± s.e. over seeds) and the parameter distance to the oracle before / after."""
+    done = _as_text(_done(df), DELETE_SETTINGS)
     if done.empty:
         return "(no finished deletion trials)"
-    rows = [*_varying(done, ("method", "dataset", "model", "pattern")), "n_spurious"]
-    if "method" not in rows:
-        rows.insert(0, "method")
+    rows = _cells(done, "method", DELETE_SETTINGS, every_factor=False)
     columns = {f"{m}_{r}": f"{m} {r}" for m in metrics for r in ROLES}
     columns.update({f"distance_to_oracle_{r}": f"distance {r}" for r in ("before", "after")})
     summary = _summary(done, rows, columns, "column")
@@ -164,22 +186,22 @@ def deletion_table(df: pd.DataFrame, metrics: Sequence[str] = ("spurious_score",
 
 
 def mia_summary(df: pd.DataFrame, metrics: Sequence[str] = MIA_METRICS) -> pd.DataFrame:
-    """Return mean ± se over targets (data seeds) of the attack metrics, per attack and n_spurious (§10.4)."""
-    done = _done(df)
-    keys = _keys(done, ("attack", "dataset", "model", "pattern", "n_spurious"))
+    """Return mean ± se over targets (data seeds) of the attack metrics, per attack, varied setting and
+    n_spurious (§10.4)."""
+    done = _as_text(_done(df), MIA_SETTINGS)
+    keys = _cells(done, "attack", MIA_SETTINGS, every_factor=True)
     return _summary(done, keys, {m: m for m in metrics}, "metric")
 
 
 def mia_table(df: pd.DataFrame, metrics: Sequence[str] = ("auc", "attack_acc", "spurious_attack_acc",
                                                           "other_attack_acc", "spurious_auc",
                                                           "tpr_at_1pct_fpr")) -> str:
-    """Return a plain-text table: rows attack × n_spurious, columns the attack metrics (mean ± s.e.)."""
-    done = _done(df)
+    """Return a plain-text table: rows attack × varied setting × n_spurious, columns the attack metrics
+    (mean ± s.e.)."""
+    done = _as_text(_done(df), MIA_SETTINGS)
     if done.empty:
         return "(no finished attack trials)"
-    rows = [*_varying(done, ("attack", "dataset", "model", "pattern")), "n_spurious"]
-    if "attack" not in rows:
-        rows.insert(0, "attack")
+    rows = _cells(done, "attack", MIA_SETTINGS, every_factor=False)
     summary = _summary(done, rows, {m: m for m in metrics}, "metric")
     summary["cell"] = [_cell(m, s) for m, s in zip(summary["mean"], summary["se"])]
     table = summary.pivot_table(index=rows, columns="metric", values="cell", aggfunc="first")
@@ -200,15 +222,28 @@ def _positions(values: Sequence) -> dict:
     return {v: i for i, v in enumerate(sorted(set(values)))}
 
 
+def _panels(summary: pd.DataFrame, within: Sequence[str]) -> list[tuple[str, pd.DataFrame]]:
+    """Return (title, rows) per panel: one panel per combination of the summary's keys not `within` a panel
+    (method or attack, varied settings, pattern); set settings are titled key=value."""
+    keys = [k for k in summary.columns if k not in (*within, "mean", "se", "count")]
+    if summary.empty or not keys:
+        return []
+    out = []
+    for values, part in summary.groupby(keys, sort=True):
+        values = values if isinstance(values, tuple) else (values,)
+        out.append((" · ".join(str(v) if k in ("method", "attack", "pattern") else f"{k}={v}"
+                               for k, v in zip(keys, values) if v != "-"), part))
+    return out
+
+
 def retrain_figure(df: pd.DataFrame, metric: str = "spurious_score"):
     """Return the retrain figure: `metric` against n for the original, deleted and retrained models, one
     panel per method (and pattern), mean ± s.e. over seeds (§8.4, §9)."""
     plt = _pyplot()
     summary = deletion_summary(df, metric)
-    panels = summary.groupby(_keys(summary, ("method", "pattern")), sort=True) if not summary.empty else []
-    panels = list(panels)
+    panels = _panels(summary, ("dataset", "model", "n_spurious", "role"))
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.2 * max(len(panels), 1), 3.4), squeeze=False)
-    for ax, (key, part) in zip(axes[0], panels):
+    for ax, (title, part) in zip(axes[0], panels):
         pos = _positions(part["n_spurious"])
         for role in ROLES:
             line = part[part["role"] == role].sort_values("n_spurious")
@@ -216,7 +251,7 @@ def retrain_figure(df: pd.DataFrame, metric: str = "spurious_score"):
                         marker="o", capsize=3, label=ROLE_LABELS[role])
         ax.set_xticks(list(pos.values()), [str(n) for n in pos])
         ax.set_xlabel("number of spurious examples n")
-        ax.set_title(" · ".join(map(str, key if isinstance(key, tuple) else (key,))))
+        ax.set_title(title, fontsize=9)
     axes[0][0].set_ylabel(metric.replace("_", " "))
     if panels:
         axes[0][0].legend(fontsize=8)
@@ -229,11 +264,10 @@ def mia_figure(df: pd.DataFrame, groups: dict[str, str] = MIA_GROUPS):
     n_spurious, one panel per attack, bars of mean ± s.e. over targets (§10.4, the reference's bbox bars)."""
     plt = _pyplot()
     summary = mia_summary(df, tuple(groups))
-    attacks = sorted(summary["attack"].unique()) if not summary.empty else []
-    fig, axes = plt.subplots(1, max(len(attacks), 1), figsize=(4.5 * max(len(attacks), 1), 3.4), squeeze=False)
+    panels = _panels(summary, ("dataset", "model", "pattern", "n_spurious", "metric"))
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.5 * max(len(panels), 1), 3.4), squeeze=False)
     width = 0.8 / len(groups)
-    for ax, attack in zip(axes[0], attacks):
-        part = summary[summary["attack"] == attack]
+    for ax, (title, part) in zip(axes[0], panels):
         pos = _positions(part["n_spurious"])
         for k, (metric, label) in enumerate(groups.items()):
             bars = part[part["metric"] == metric].sort_values("n_spurious")
@@ -242,9 +276,9 @@ def mia_figure(df: pd.DataFrame, groups: dict[str, str] = MIA_GROUPS):
         ax.axhline(0.5, color="grey", lw=0.8, ls=":")
         ax.set_xticks(list(pos.values()), [str(n) for n in pos])
         ax.set_xlabel("number of spurious examples n")
-        ax.set_title(f"{attack} attack")
+        ax.set_title(f"{title} attack", fontsize=9)
     axes[0][0].set_ylabel("attack accuracy / TPR at its threshold")
-    if attacks:
+    if panels:
         axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -281,12 +315,14 @@ def roc_figure(df: pd.DataFrame, groups: Sequence[str] = ("all", "spurious")):
     for ax, attack in zip(axes[0], attacks):
         for row in done[done["attack"] == attack].sort_values(["n_spurious", "data_seed"]).itertuples():
             saved = scores(row.checkpoint)
+            color = None
             for group, style in zip(groups, ("-", "--", ":")):
                 if group == "spurious" and not saved["spurious"].any():
                     continue
                 fpr, tpr = roc_points(saved, group)
-                ax.plot(np.maximum(fpr, 1e-5), np.maximum(tpr, 1e-5), style, lw=1,
-                        label=f"n={row.n_spurious} seed={row.data_seed} {group}")
+                line, = ax.plot(np.maximum(fpr, 1e-5), np.maximum(tpr, 1e-5), style, lw=1, color=color,
+                                label=f"n={row.n_spurious} seed={row.data_seed} {group}")
+                color = line.get_color()
         ax.plot([1e-5, 1], [1e-5, 1], color="grey", lw=0.8, ls=":")
         ax.set_xscale("log")
         ax.set_yscale("log")

@@ -344,6 +344,22 @@ def test_deletion_frames_fill_errored_trials_from_the_source_and_summarise(tmp_p
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["10"]
 
 
+def test_settings_varied_within_a_method_make_their_own_rows_and_panels():
+    rows = [{"method": "group_influence", "reference_scaling": flag, "depth": 50, "pattern": "r3", "n_spurious": 10,
+             "status": "TERMINATED", "spurious_score_before": 0.5, "spurious_score_after": after,
+             "spurious_score_oracle": 0.0} for flag, after in ((False, 0.4), (True, 0.1), (True, 0.2))]
+    rows.append({"method": "retrain", "pattern": "r3", "n_spurious": 10, "status": "TERMINATED",
+                 "spurious_score_before": 0.5, "spurious_score_after": 0.0, "spurious_score_oracle": 0.0})
+    df = pd.DataFrame(rows)
+    summary = analysis.deletion_summary(df).query("role == 'after'").set_index(["method", "reference_scaling"])
+    assert "depth" not in summary.index.names  # the same for every group-influence trial
+    assert summary.loc[("group_influence", "True"), "mean"] == pytest.approx(0.15)
+    assert summary.loc[("retrain", "-"), "mean"] == 0.0
+    titles = [ax.get_title() for ax in analysis.retrain_figure(df).axes]
+    assert titles == ["group_influence · reference_scaling=False · r3",
+                      "group_influence · reference_scaling=True · r3", "retrain · r3"]
+
+
 def test_mia_frames_summaries_and_figures_from_saved_scores(tmp_path):
     exp = tmp_path / "mia"
     rng = np.random.default_rng(0)
@@ -386,9 +402,9 @@ def assert_ok(proc, code=0):
 @pytest.mark.ray
 @requires_fashion
 def test_deletion_studies_from_a_smoke_training_study(tmp_path):
-    run = ("--storage-path", str(tmp_path), "-v", "0")
+    run = ("--storage-path", str(tmp_path), "-v", "0", "--wandb", "off")
     assert_ok(study("run", "demo", "--smoke", "--set", "epochs=2", "--set", "n_spurious=[0,100]", "--set",
-                    "data_seed=[0,1]", "--name", "src", "--wandb", "off", *run))
+                    "data_seed=[0,1]", "--name", "src", *run))
     retrain = study("delete", "--from", str(tmp_path / "src"), "--method", "retrain", *run)
     assert_ok(retrain)
     assert "skipping 2 source trial(s) with nothing planted" in retrain.stdout
@@ -428,8 +444,8 @@ def test_deletion_studies_from_a_smoke_training_study(tmp_path):
 @pytest.mark.ray
 @requires_fashion
 def test_membership_inference_from_a_smoke_mia_train_study(tmp_path):
-    run = ("--storage-path", str(tmp_path), "-v", "0")
-    assert_ok(study("run", "mia-train", "--smoke", "--name", "mia", "--wandb", "off", *run))
+    run = ("--storage-path", str(tmp_path), "-v", "0", "--wandb", "off")
+    assert_ok(study("run", "mia-train", "--smoke", "--name", "mia", *run))
     proc = study("mia", "--from", str(tmp_path / "mia"), "--attack", "loss", "--attack", "lira", *run)
     assert_ok(proc)
     assert "shadows per target: 2" in proc.stdout
