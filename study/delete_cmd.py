@@ -131,8 +131,4 @@ def handle(args: argparse.Namespace) -> int:
     options = cli.run_options(argparse.Namespace(**{**vars(args), "set": [], "smoke": False}))
     study, notes = plan(args.source, args.method, parse_settings(args.set), posthoc.parse_pairs(args.filter),
                         args.oracle, options)
-    for note in notes:
-        print(note)
-    cli.confirm(study.trials, args.yes)
-    print(f"delete ({args.method}): {study.trials} trials -> {options.storage_uri()}/{study.name}", flush=True)
-    return posthoc.finish(posthoc.run(study, options), "delete")
+    return posthoc.launch(study, notes, options, args)

@@ -118,8 +118,4 @@ def handle(args: argparse.Namespace) -> int:
         raise SpuriousError(f"--set {', '.join(unknown)}: not an attack setting; allowed: "
                             f"{', '.join(setting_keys())}")
     study, notes = plan(args.source, attacks, overrides, posthoc.parse_pairs(args.filter), options)
-    for note in notes:
-        print(note)
-    cli.confirm(study.trials, args.yes)
-    print(f"mia ({', '.join(attacks)}): {study.trials} trials -> {options.storage_uri()}/{study.name}", flush=True)
-    return posthoc.finish(posthoc.run(study, options), "mia")
+    return posthoc.launch(study, notes, options, args)

@@ -11,14 +11,17 @@ as they see its storage.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
+import ray
 import yaml
 from ray import tune
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from analysis import frames, posthoc as posthoc_analysis
 from spurious.errors import SpuriousError
@@ -199,13 +202,34 @@ def check_new(options: runner.RunOptions, name: str) -> None:
                             f"{target}` or choose another --name")
 
 
-def run(plan: Plan, options: runner.RunOptions) -> str:
+@ray.remote(num_cpus=0)
+def _exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def check_sources_visible(plan: Plan, timeout_s: float = 60.0) -> None:
+    """Refuse, on a multi-node cluster, a local source path that some node cannot see: its trials could not
+    read the checkpoints (URIs are read through Ray's storage layer from any node)."""
+    probe = next(iter(plan.sources.values()))["checkpoint"]
+    if is_uri(probe) or len(cluster.alive_nodes()) <= 1:
+        return
+    nodes = cluster.alive_nodes()
+    refs = [_exists.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["node_id"], soft=False))
+            .remote(probe) for n in nodes]
+    missing = [n["address"] for n, ok in zip(nodes, ray.get(refs, timeout=timeout_s)) if not ok]
+    if missing:
+        raise SpuriousError(f"the source checkpoints under {plan.source!r} are not visible from node(s) "
+                            f"{', '.join(missing)}; put the source study on shared storage or a URI")
+
+
+def run(plan: Plan, options: runner.RunOptions, callbacks: list | None = None) -> str:
     """Run a planned post-hoc study and return its experiment path."""
     check_new(options, plan.name)
     data = runner.load_datasets(plan.datasets, options.data_dir)
     runner.start_ray(options)
     resources = runner.trial_resources(options)
     cluster.check_storage(options.storage_uri())
+    check_sources_visible(plan)
     runner._fresh_experiment_state(plan.trials)
     if not is_uri(options.storage_uri()):
         path = Path(options.storage_uri()) / plan.name
@@ -213,7 +237,7 @@ def run(plan: Plan, options: runner.RunOptions) -> str:
         (path / runner.META_FILE).write_text(json.dumps(_meta(plan, options, resources), indent=2, default=str))
     tuner = tune.Tuner(build_trainable(plan.kind, data, plan.sources, resources), param_space=plan.space,
                        tune_config=tune.TuneConfig(max_concurrent_trials=options.max_concurrent),
-                       run_config=runner.run_config(options, plan.name))
+                       run_config=runner.run_config(options, plan.name, callbacks))
     return tuner.fit().experiment_path
 
 
@@ -235,6 +259,22 @@ def resume(path: str | Path, options: runner.RunOptions, retry_errored: bool = F
     tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
                                resume_errored=retry_errored)
     return tuner.fit().experiment_path
+
+
+def launch(plan: Plan, notes: list[str], options: runner.RunOptions, args) -> int:
+    """Print the notes, confirm a large study, run it (with W&B per `--wandb`) and print its table."""
+    from study import cli, wandb_setup
+
+    for note in notes:
+        print(note)
+    cli.confirm(plan.trials, args.yes)
+    mode = wandb_setup.resolve_mode(args.wandb)
+    experiment_dir = f"{options.storage_uri()}/{plan.name}"
+    print(f"{plan.kind}: {plan.trials} trials -> {experiment_dir}", flush=True)
+    callbacks = wandb_setup.callbacks(mode, args.wandb_project, args.wandb_entity, experiment_dir, plan.name)
+    code = finish(run(plan, options, callbacks), plan.kind)
+    wandb_setup.print_sync_hint(mode, experiment_dir)
+    return code
 
 
 def finish(experiment_path: str, kind: str) -> int:
