@@ -209,10 +209,8 @@ def _check_resources(args) -> None:
 def cmd_resume(args) -> int:
     from study import runner
 
-    from pathlib import Path
-
     options = runner.RunOptions(address=args.address, verbose=args.verbose)
-    path = Path(args.experiment).resolve()
+    path = runner.location(args.experiment)
     if runner.read_meta(path).get("kind") == "tune-mitigation":
         from study import mitigation
 
@@ -230,6 +228,10 @@ def finish(experiment_path: str) -> int:
     """Print the spurious-score table and the experiment path; exit 1 if any trial errored."""
     from analysis import frames
 
+    if "://" in str(experiment_path):
+        print(f"\nexperiment: {experiment_path}\n(copy it to a local folder and run `study report` on it for "
+              f"tables and figures)")
+        return 0
     df = frames.load(experiment_path)
     print()
     print(frames.score_table(df))

@@ -201,7 +201,7 @@ def prepare(spec: StudySpec, options: RunOptions) -> Prepared:
     return Prepared(spec, space, configs, data, name)
 
 
-def write_meta(path: Path, prepared: Prepared, options: RunOptions, resources: dict) -> None:
+def write_meta(path: str | Path, prepared: Prepared, options: RunOptions, resources: dict) -> None:
     """Record what `study resume` needs to rebuild the trainable."""
     meta = {"study": prepared.spec.name, "kind": prepared.spec.kind, "datasets": sorted(prepared.data),
             "data_dir": options.data_dir, "checkpoint_every": prepared.spec.checkpoint_every,
@@ -209,15 +209,50 @@ def write_meta(path: Path, prepared: Prepared, options: RunOptions, resources: d
             "smoke": options.smoke, "overrides": options.overrides, "max_failures": options.max_failures,
             "keep_checkpoints": options.keep_checkpoints, "max_concurrent": options.max_concurrent,
             "bundle": options.bundle}
+    write_text(join(path, META_FILE), json.dumps(meta, indent=2, default=str))
+
+
+def join(base: str | Path, name: str) -> str | Path:
+    """Return `base/name` for a local path (a Path) or a URI such as s3://bucket/dir (a string)."""
+    return f"{str(base).rstrip('/')}/{name}" if "://" in str(base) else Path(base) / name
+
+
+def location(path: str | Path) -> str | Path:
+    """Return an experiment location as given on the command line: a URI as is, a local path resolved."""
+    return str(path) if "://" in str(path) else Path(path).resolve()
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a small text file to a local path or a URI (pyarrow's file systems: s3://, gs://, …)."""
     if "://" not in str(path):
-        path.mkdir(parents=True, exist_ok=True)
-        (path / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+        return
+    import pyarrow.fs
+
+    fs, inner = pyarrow.fs.FileSystem.from_uri(str(path))
+    fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(inner) as stream:
+        stream.write(text.encode())
 
 
-def read_meta(path: Path) -> dict:
-    """Return the study metadata stored in an experiment directory."""
+def read_text(path: str | Path) -> str:
+    """Read a small text file from a local path or a URI; FileNotFoundError when it is missing."""
+    if "://" not in str(path):
+        return Path(path).read_text()
+    import pyarrow.fs
+
+    fs, inner = pyarrow.fs.FileSystem.from_uri(str(path))
+    if fs.get_file_info(inner).type == pyarrow.fs.FileType.NotFound:
+        raise FileNotFoundError(path)
+    with fs.open_input_stream(inner) as stream:
+        return stream.read().decode()
+
+
+def read_meta(path: str | Path) -> dict:
+    """Return the study metadata stored in an experiment directory (local or URI)."""
     try:
-        return json.loads((path / META_FILE).read_text())
+        return json.loads(read_text(join(path, META_FILE)))
     except FileNotFoundError:
         raise SpuriousError(f"{str(path)!r} is not a study experiment directory (no {META_FILE})") from None
 
@@ -228,7 +263,7 @@ def run(prepared: Prepared, options: RunOptions, callbacks: list | None = None) 
     resources = trial_resources(options)
     cluster.check_storage(options.storage_uri())
     _fresh_experiment_state(len(prepared.configs) * prepared.spec.num_samples)
-    exp_path = Path(options.storage_uri()) / prepared.name
+    exp_path = join(options.storage_uri(), prepared.name)
     write_meta(exp_path, prepared, options, resources)
     tuner = tune.Tuner(
         build_trainable(prepared.data, prepared.spec.checkpoint_every, resources, options.bundle > 1),
@@ -251,7 +286,7 @@ def _fresh_experiment_state(trials: int) -> None:
 def resume(path: str | Path, retry_errored: bool = False, options: RunOptions | None = None,
            callbacks: list | None = None) -> tune.ResultGrid:
     """Continue an interrupted study: finished trials stay finished, unfinished ones restart from checkpoints."""
-    path = Path(path).resolve()
+    path = location(path)
     meta = read_meta(path)
     if not tune.Tuner.can_restore(str(path)):
         raise SpuriousError(f"{str(path)!r} holds no restorable Tune experiment")

@@ -41,7 +41,8 @@ def finished_trials(exp: Path, epochs: int) -> list[Path]:
 
 
 def test_smoke_study_completes_with_all_metrics_in_the_result_grid(tmp_path):
-    proc = study("run", "demo", "--smoke", "--storage-path", str(tmp_path), "--name", "smoke", "-v", "0",
+    """Storage given as a URI (file://, as s3:// or gs:// would be): results and study.json land there."""
+    proc = study("run", "demo", "--smoke", "--storage-path", f"file://{tmp_path}", "--name", "smoke", "-v", "0",
                  "--wandb", "off")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "spurious_score (mean ± s.e. over seeds)" in proc.stdout and "experiment:" in proc.stdout
@@ -56,6 +57,7 @@ def test_smoke_study_completes_with_all_metrics_in_the_result_grid(tmp_path):
     assert (tidy["status"] == "TERMINATED").all()
     assert sorted(tidy["spurious_score"]) == pytest.approx(sorted(df["spurious_score"]))
     assert all(Path(c).exists() for c in tidy["checkpoint"])
+    assert json.loads((tmp_path / "smoke" / "study.json").read_text())["study"] == "demo"
 
 
 def test_killed_driver_then_resume_finishes_without_rerunning_finished_trials(tmp_path):
