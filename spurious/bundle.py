@@ -17,9 +17,9 @@ dataset and split). Example::
 Equivalence with separate runs: per member, the model init (`torch.manual_seed(seed)` then
 `models.build`), the shuffling, noise and aug01 draws (a generator seeded with `seed`, drawn in
 `Engine`'s order) and the SGD/Adam/MultiStepLR arithmetic are those of `spurious.train.Engine`.
-With `vmap_chunk=1` (the CPU default) each member's forward/backward runs the very kernels `Engine`
-runs, and members sharing lr and l2 get bit-identical results; batched passes (`vmap_chunk>1`, the GPU
-default) and per-member lr/l2 change float rounding only (tests/test_bundle.py bounds it).
+With one member per pass (`vmap_chunk=1`, the CPU default) each member runs the very kernels `Engine`
+runs and the results are bit-identical; batched passes (`vmap_chunk>1`, the GPU default) change float
+rounding only (tests/test_bundle.py bounds it).
 Only models without dropout, BatchNorm or buffers can be bundled (dropout under vmap cannot draw the
 masks separate runs draw); in the registry those are the MLPs, where the reference grids are.
 
@@ -232,19 +232,31 @@ def _bcast(value: float | torch.Tensor, like: torch.Tensor) -> float | torch.Ten
     return value if isinstance(value, float) else value.view(-1, *([1] * (like.dim() - 1)))
 
 
-def _add_scaled(p: torch.Tensor, d: torch.Tensor, coef: float | torch.Tensor, sign: float) -> None:
-    """p += sign * coef * d, with torch.optim's own formula for scalar and tensor coefficients."""
+def _add_scaled(params: list, d: list, coef: float | torch.Tensor, sign: float) -> None:
+    """p += sign * coef * d for each tensor, with torch.optim's formulas for scalar and tensor coefficients."""
     if isinstance(coef, float):
-        p.add_(d, alpha=sign * coef)
+        torch._foreach_add_(params, d, alpha=sign * coef)
     else:
-        p.addcmul_(d, _bcast(coef, p), value=sign)
+        for p, x in zip(params, d):
+            p.addcmul_(x, _bcast(coef, p), value=sign)
 
 
-def _decayed(g: torch.Tensor, p: torch.Tensor, l2: float | torch.Tensor) -> torch.Tensor:
-    """Return the gradient with coupled L2 weight decay, as torch.optim adds it (§7.1)."""
+def _decayed(grads: list, params: list, l2: float | torch.Tensor) -> list:
+    """Return the gradients with coupled L2 weight decay, as torch.optim adds it (§7.1)."""
     if isinstance(l2, float):
-        return g if l2 == 0 else g.add(p, alpha=l2)
-    return g.addcmul(p, _bcast(l2, p))
+        return grads if l2 == 0 else torch._foreach_add(grads, params, alpha=l2)
+    return [g.addcmul(p, _bcast(l2, p)) for g, p in zip(grads, params)]
+
+
+def _clip(grads: list, bound: float | torch.Tensor) -> None:
+    """Clamp gradients element-wise to ±bound in place (clip_grad_value_; inf = no clipping)."""
+    if isinstance(bound, float):
+        if bound != float("inf"):
+            torch._foreach_clamp_min_(grads, -bound)
+            torch._foreach_clamp_max_(grads, bound)
+        return
+    for g in grads:
+        g.clamp_(-_bcast(bound, g), _bcast(bound, g))
 
 
 class _StackedSGD:
@@ -254,13 +266,19 @@ class _StackedSGD:
         self.momentum = momentum
         self.buf = {n: torch.zeros_like(p) for n, p in params.items()} if momentum else {}
 
-    def step(self, params: dict, grads: dict, lr: float | torch.Tensor, l2: float | torch.Tensor, _: int) -> None:
+    def views(self, index: int | slice) -> dict[str, list[torch.Tensor]]:
+        """Return the optimiser state of the members `index` as views of the stacked buffers."""
+        return {"buf": [b[index] for b in self.buf.values()]}
+
+    def step(self, params: list, grads: list, state: dict, lr: float | torch.Tensor, l2: float | torch.Tensor,
+             _steps: int) -> None:
         """Apply one update; a zero buffer times momentum plus d equals torch's first-step clone of d."""
-        for n, p in params.items():
-            d = _decayed(grads[n], p, l2)
-            if self.momentum:
-                d = self.buf[n].mul_(self.momentum).add_(d)
-            _add_scaled(p, d, lr, -1.0)
+        d = _decayed(grads, params, l2)
+        if self.momentum:
+            torch._foreach_mul_(state["buf"], self.momentum)
+            torch._foreach_add_(state["buf"], d)
+            d = state["buf"]
+        _add_scaled(params, d, lr, -1.0)
 
     def member_state(self, k: int, names: list[str], steps: int) -> dict[int, dict]:
         """Return member k's torch.optim.SGD `state` (empty before the first step or without momentum)."""
@@ -269,7 +287,7 @@ class _StackedSGD:
         return {i: {"momentum_buffer": self.buf[n][k].clone()} for i, n in enumerate(names)}
 
     def load_member(self, k: int, names: list[str], state: dict) -> None:
-        """Load member k's buffers from a torch.optim.SGD `state` (missing entries: zero)."""
+        """Load member k's buffers from a torch.optim.SGD `state` (missing entries: zero), in place."""
         for i, n in enumerate(names):
             if self.momentum:
                 buf = state.get(i, {}).get("momentum_buffer")
@@ -283,20 +301,29 @@ class _StackedAdam:
         self.exp_avg = {n: torch.zeros_like(p) for n, p in params.items()}
         self.exp_avg_sq = {n: torch.zeros_like(p) for n, p in params.items()}
 
-    def step(self, params: dict, grads: dict, lr: float | torch.Tensor, l2: float | torch.Tensor, steps: int) -> None:
-        """Apply update number `steps` (1-based), in torch's single-tensor Adam order of operations."""
+    def views(self, index: int | slice) -> dict[str, list[torch.Tensor]]:
+        """Return the moments of the members `index` as views of the stacked moments."""
+        return {"exp_avg": [m[index] for m in self.exp_avg.values()],
+                "exp_avg_sq": [v[index] for v in self.exp_avg_sq.values()]}
+
+    def step(self, params: list, grads: list, state: dict, lr: float | torch.Tensor, l2: float | torch.Tensor,
+             steps: int) -> None:
+        """Apply update number `steps` (1-based), in torch's Adam order of operations."""
         (b1, b2), step = ADAM_BETAS, float(steps)
         bias1, bias2_sqrt = 1 - b1 ** step, (1 - b2 ** step) ** 0.5
+        d, m, v = _decayed(grads, params, l2), state["exp_avg"], state["exp_avg_sq"]
+        torch._foreach_lerp_(m, d, 1 - b1)
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, d, d, value=1 - b2)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, bias2_sqrt)
+        torch._foreach_add_(denom, ADAM_EPS)
         step_size = lr / bias1
-        for n, p in params.items():
-            d = _decayed(grads[n], p, l2)
-            m, v = self.exp_avg[n].lerp_(d, 1 - b1), self.exp_avg_sq[n]
-            v.mul_(b2).addcmul_(d, d, value=1 - b2)
-            denom = (v.sqrt() / bias2_sqrt).add_(ADAM_EPS)
-            if isinstance(step_size, float):
-                p.addcdiv_(m, denom, value=-step_size)
-            else:
-                p.addcmul_(m / denom, _bcast(step_size, p), value=-1)
+        if isinstance(step_size, float):
+            torch._foreach_addcdiv_(params, m, denom, -step_size)
+        else:
+            for p, mi, di in zip(params, m, denom):
+                p.addcmul_(mi / di, _bcast(step_size, p), value=-1)
 
     def member_state(self, k: int, names: list[str], steps: int) -> dict[int, dict]:
         """Return member k's torch.optim.Adam `state` (empty before the first step)."""
@@ -306,12 +333,31 @@ class _StackedAdam:
                     "exp_avg_sq": self.exp_avg_sq[n][k].clone()} for i, n in enumerate(names)}
 
     def load_member(self, k: int, names: list[str], state: dict) -> None:
-        """Load member k's moments from a torch.optim.Adam `state` (missing entries: zero)."""
+        """Load member k's moments from a torch.optim.Adam `state` (missing entries: zero), in place."""
         for i, n in enumerate(names):
             entry = state.get(i, {})
             self.exp_avg[n][k] = entry.get("exp_avg", 0)
             self.exp_avg_sq[n][k] = entry.get("exp_avg_sq", 0)
 
+
+@dataclass
+class _Pass:
+    """The members [a, b) of one forward/backward pass: leaf views of their parameters and optimiser state.
+
+    The leaves share storage with the stacked tensors, so in-place updates through them update the bundle.
+    With one member the views drop the member axis and the pass runs the plain model, as Engine does.
+    """
+
+    a: int
+    b: int
+    params: dict[str, torch.Tensor]
+    state: dict[str, list[torch.Tensor]]
+    module: Optional[nn.Module] = None  # single-member passes: the model, its parameters being `params`
+
+    @property
+    def index(self) -> int | slice:
+        """Return the index selecting this pass's members from a stacked tensor."""
+        return self.a if self.b - self.a == 1 else slice(self.a, self.b)
 
 OPTIMIZERS = {"sgd": _StackedSGD, "adam": _StackedAdam}
 
@@ -333,6 +379,11 @@ def _check_bundlable(model: nn.Module, name: str) -> None:
         what = ", ".join(bad) if bad else "buffers"
         raise SpuriousError(f"model {name!r} has {what}; bundling supports only models without dropout, "
                             f"BatchNorm or buffers (the MLPs); train it one model per process")
+
+
+def _loss_and_hits(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return Engine's training loss (mean cross-entropy) and the number of correct predictions."""
+    return F.cross_entropy(out, y), (out.argmax(1) == y).sum()
 
 
 def _test_metrics(clean: torch.Tensor, patterned: torch.Tensor, y: torch.Tensor, target: torch.Tensor,
@@ -379,6 +430,7 @@ class BundleEngine:
         self._init_models()
         self._init_data()
         self.optimizer = OPTIMIZERS[cfgs[0].optimizer](self.params, cfgs[0].momentum)
+        self.passes = self._make_passes()
         self.gens = [torch.Generator(device=self.device).manual_seed(c.seed) for c in cfgs]
         self.augment = train.aug01 if train.augmentation_of(cfgs[0]) == "aug01" else None
         self.perturbed = self.augment is not None or any(c.noise_sigma > 0 for c in cfgs)
@@ -422,41 +474,52 @@ class BundleEngine:
 
     def _member_loss(self, params: dict, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return one member's mean CE loss and number of correct predictions on a batch (Engine's loss)."""
-        out = functional_call(self.template, params, (x,))
-        return F.cross_entropy(out, y), (out.argmax(1) == y).sum()
+        return _loss_and_hits(functional_call(self.template, params, (x,)), y)
 
     def _member_logits(self, params: dict, x: torch.Tensor) -> torch.Tensor:
         """Return one member's logits on `x`."""
         return functional_call(self.template, params, (x,))
 
-    def _chunks(self) -> list[tuple[int, int]]:
-        """Return the [a, b) member ranges of the vmapped passes."""
-        return [(a, min(a + self.chunk, self.k)) for a in range(0, self.k, self.chunk)]
+    def _make_passes(self) -> list[_Pass]:
+        """Return the forward/backward passes: `self.chunk` members each, as leaf views of the stacked tensors."""
+        passes = []
+        for a in range(0, self.k, self.chunk):
+            b = min(a + self.chunk, self.k)
+            index = a if b - a == 1 else slice(a, b)
+            leaves = {n: p[index].detach().requires_grad_() for n, p in self.params.items()}
+            passes.append(_Pass(a, b, leaves, self.optimizer.views(index), self._module_of(leaves, b - a)))
+        return passes
 
-    def _grads(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[dict, torch.Tensor, torch.Tensor]:
-        """Return stacked gradients, per-member losses and correct counts of one step's batch (K, B, ...)."""
-        parts, losses, correct = [], [], []
-        for a, b in self._chunks():
-            single = b - a == 1
-            leaves = {n: (p[a] if single else p[a:b]).detach().requires_grad_() for n, p in self.params.items()}
-            fn = self._member_loss if single else vmap(self._member_loss)
-            loss, right = fn(leaves, xb[a] if single else xb[a:b], yb[a] if single else yb[a:b])
-            grads = torch.autograd.grad(loss.sum(), list(leaves.values()))
-            parts.append([g.unsqueeze(0) if single else g for g in grads])
-            losses.append(loss.detach().reshape(-1))
-            correct.append(right.reshape(-1))
-        grads = [p[0] if len(parts) == 1 else torch.cat(p) for p in zip(*parts)]
-        return dict(zip(self.names, grads)), torch.cat(losses), torch.cat(correct)
+    def _module_of(self, leaves: dict[str, torch.Tensor], members: int) -> Optional[nn.Module]:
+        """Return a model whose parameters share storage with one member's `leaves` (None for several)."""
+        if members > 1:
+            return None
+        module = copy.deepcopy(self.template)
+        module.load_state_dict(leaves, assign=True)
+        return module
+
+    def _train_pass(self, p: _Pass, rows: torch.Tensor, hyper: tuple, step: int) -> tuple:
+        """Run optimiser step `step` of one pass on pool `rows`; return its members' losses and hits."""
+        x, y = self._batch(p, rows)
+        loss, right = _loss_and_hits(p.module(x), y) if p.module else vmap(self._member_loss)(p.params, x, y)
+        leaves = [p.module.get_parameter(n) for n in self.names] if p.module else list(p.params.values())
+        grads = list(torch.autograd.grad(loss.sum(), leaves))
+        lr, l2, clip = hyper
+        with torch.no_grad():
+            _clip(grads, clip)
+            self.optimizer.step(leaves, grads, p.state, lr, l2, step)
+        return loss.detach(), right
 
     # ---------------------------------------------------------------- training
 
-    def _batch(self, order: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return every member's batch (K, B, C, H, W) and labels, augmented and noised as Engine does."""
-        rows = order[:, start:start + self.cfgs[0].batch_size]
-        xb, yb = self.pool.x[rows], self.pool.y[rows]
+    def _batch(self, p: _Pass, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return a pass's batch and labels at pool `rows`, augmented and noised per member as Engine does."""
+        x, y = self.pool.x[rows], self.pool.y[rows]
         if not self.perturbed:
-            return xb, yb
-        return torch.stack([self._perturb(k, xb[k]) for k in range(self.k)]), yb
+            return x, y
+        if p.b - p.a == 1:
+            return self._perturb(p.a, x), y
+        return torch.stack([self._perturb(k, x[i]) for i, k in enumerate(range(p.a, p.b))]), y
 
     def _perturb(self, k: int, x: torch.Tensor) -> torch.Tensor:
         """Return member k's batch after aug01 and Gaussian noise, drawn from its generator in Engine's order."""
@@ -467,33 +530,37 @@ class BundleEngine:
             x = x + sigma * torch.randn(x.shape, generator=gen, device=self.device)
         return x
 
-    def _hyper(self) -> tuple:
-        """Return this epoch's per-member lr, l2 and clip bound (floats when all members agree)."""
-        lr = _per_member(self.lrs, self.device)
-        l2 = _per_member([c.l2 for c in self.cfgs], self.device)
-        clip = _per_member([c.grad_clip or float("inf") for c in self.cfgs], self.device)
-        return lr, l2, clip
+    def _hyper(self, p: _Pass) -> tuple:
+        """Return this epoch's lr, l2 and clip bound of a pass's members (floats when they agree)."""
+        cfgs, inf = self.cfgs[p.a:p.b], float("inf")
+        return (_per_member(self.lrs[p.a:p.b], self.device), _per_member([c.l2 for c in cfgs], self.device),
+                _per_member([c.grad_clip or inf for c in cfgs], self.device))
 
     def train_epoch(self) -> tuple[list[float], list[float]]:
-        """Run one epoch for every member; return per-member running loss and accuracy (Engine's)."""
-        n = self.pool.table.shape[1]
+        """Run one epoch for every member; return per-member running loss and accuracy (Engine's).
+
+        Each pass runs all its steps back to back (members are independent within an epoch), so on the
+        CPU a member's weights and optimiser state stay in cache from one step to the next.
+        """
+        n, bs = self.pool.table.shape[1], self.cfgs[0].batch_size
         perms = torch.stack([torch.randperm(n, generator=g, device=self.device) for g in self.gens])
         order = self.pool.table.gather(1, perms)
-        lr, l2, clip = self._hyper()
-        loss_sum = torch.zeros(self.k, device=self.device)
-        correct = torch.zeros(self.k, device=self.device, dtype=torch.long)
-        for start in range(0, n, self.cfgs[0].batch_size):
-            xb, yb = self._batch(order, start)
-            grads, losses, right = self._grads(xb, yb)
-            if isinstance(clip, torch.Tensor) or clip != float("inf"):
-                for g in grads.values():
-                    g.clamp_(-_bcast(clip, g), _bcast(clip, g))
-            self.steps += 1
-            with torch.no_grad():
-                self.optimizer.step(self.params, grads, lr, l2, self.steps)
-            loss_sum += losses * yb.shape[1]
-            correct += right
+        sums = [self._train_pass_epoch(p, order[p.index], self._hyper(p)) for p in self.passes]
+        self.steps += -(-n // bs)
+        loss_sum, correct = (torch.cat([s[i].reshape(-1) for s in sums]) for i in (0, 1))
         return (loss_sum / n).tolist(), (correct.double() / n).tolist()
+
+    def _train_pass_epoch(self, p: _Pass, order: torch.Tensor, hyper: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run one pass's steps over the epoch's `order` of pool rows; return summed losses and hits."""
+        bs, shape = self.cfgs[0].batch_size, order.shape[:-1]
+        loss_sum = torch.zeros(shape, device=self.device)
+        correct = torch.zeros(shape, device=self.device, dtype=torch.long)
+        for i, start in enumerate(range(0, order.shape[-1], bs)):
+            rows = order[..., start:start + bs]
+            loss, right = self._train_pass(p, rows, hyper, self.steps + i + 1)
+            loss_sum += loss * rows.shape[-1]
+            correct += right
+        return loss_sum, correct
 
     @torch.no_grad()
     def _logits(self, ids: list[tuple]) -> torch.Tensor:

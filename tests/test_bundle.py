@@ -1,8 +1,9 @@
 """Bundled training against separate Engine runs: equality, compatibility, checkpoints, resume, divergence.
 
-Tolerance: per-epoch metrics within ATOL of separate runs over 2 epochs, parameters within PARAM_ATOL.
-Observed on CPU (torch 2.14): 0 difference with vmap_chunk=1 and shared lr/l2 (the test below asserts
-bit-equality), about 1e-7 with per-member lr/l2 or a batched vmap pass.
+With one member per pass (vmap_chunk=1, the CPU default) a bundle is bit-identical to separate runs,
+and the tests assert that. Batched passes (vmap_chunk > 1, the GPU default) change float rounding only:
+per-epoch metrics within ATOL, parameters within PARAM_ATOL. Observed on CPU (torch 2.14, 3 epochs):
+metrics within 5e-7, parameters within 2e-8 (SGD) and 3e-6 (Adam).
 """
 import pytest
 import torch
@@ -54,15 +55,15 @@ def assert_close(bundled, separated, atol=ATOL, param_atol=PARAM_ATOL):
 
 
 @pytest.mark.parametrize("optimizer,lr_scale", [("sgd", 1.0), ("adam", 0.02)])
-@pytest.mark.parametrize("chunk", [1, 3])
-def test_bundle_matches_separate_runs(tiny_data, optimizer, lr_scale, chunk):
+@pytest.mark.parametrize("chunk,atol,param_atol", [(1, 0, 0), (3, ATOL, PARAM_ATOL)])
+def test_bundle_matches_separate_runs(tiny_data, optimizer, lr_scale, chunk, atol, param_atol):
     cfgs = [cfg(**{**m, "optimizer": optimizer, "lr": m.get("lr", 0.05) * lr_scale}) for m in MEMBERS]
     bundled = bundle.train_bundle(cfgs, [planted(tiny_data, c) for c in cfgs], vmap_chunk=chunk)
-    assert_close(bundled, separate(tiny_data, cfgs))
+    assert_close(bundled, separate(tiny_data, cfgs), atol, param_atol)
 
 
-def test_shared_hyperparameters_are_bit_exact_with_one_member_per_pass(tiny_data):
-    cfgs = [cfg(data_seed=s, seed=s, n_spurious=10 * s, noise_sigma=0.1 * s) for s in range(3)]
+def test_compact_member_data_trains_exactly_like_planted_data(tiny_data):
+    cfgs = [cfg(**m) for m in MEMBERS]
     bundled = bundle.train_bundle(cfgs, bundle.plant_members(cfgs, tiny_data), vmap_chunk=1)
     assert_close(bundled, separate(tiny_data, cfgs), atol=0, param_atol=0)
 
