@@ -212,3 +212,12 @@ def test_lr_after_is_multisteplr_exactly(epochs):
         assert bundle.lr_after(0.037, done, epochs) == opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
+
+
+def test_bundle_throughput_reports_every_setting(tiny_data):
+    from spurious import bench
+
+    out = bench.bundle_throughput(cfg(epochs=70), tiny_data, ks=(1, 2), epochs=1, train_subset=256)
+    assert [r["setting"] for r in out["rows"]] == ["reference", "engine", "bundle_1", "bundle_2"]
+    assert all(r["models_per_hour"] > 0 and r["epoch_s"] > 0 for r in out["rows"])
+    assert out["rows"][0]["vs_reference"] == 1.0 and out["best"] in out["recommendation"]
