@@ -64,9 +64,31 @@ def harness_section(data_dir: str | None) -> dict:
     return {"serial_s": serial, "tune_s": tuned, "ratio": ratio}
 
 
-def main(data_dir: str | None = None, repeats: int = 3, harness: bool = True) -> dict:
+def bundle_section(data_dir: str | None, ks: tuple[int, ...], epochs: int, train_subset: int | None) -> dict:
+    """Print and return models per hour of 70-epoch LargeMLP Fashion-MNIST trainings: the reference-shaped
+    loop, our engine one model per process, and bundles of K models (issue 8)."""
+    cfg = TrainConfig(dataset="fashion", model="large_mlp", pattern="s3", n_spurious=10, epochs=70)
+    res = bench.bundle_throughput(cfg, datasets.load("fashion", data_dir), ks, epochs, train_subset)
+    device = train.resolve_device(cfg.device)
+    subset = f", first {train_subset} training images" if train_subset else ""
+    print(f"throughput — 70-epoch LargeMLP Fashion-MNIST trainings (epochs timed: {epochs}, best of; {device}"
+          f"{subset})")
+    for row in res["rows"]:
+        print(f"  {row['setting']:>12s}: {row['models_per_hour']:>10,.0f} models/hour  "
+              f"({row['vs_reference']:.2f}x reference, {row['vs_engine']:.2f}x engine)")
+    if device.type != "cuda":
+        print("  Tune packing with fractional GPUs: skipped (no GPU here)")
+    print(f"  best on this machine: {res['recommendation']}")
+    return res
+
+
+def main(data_dir: str | None = None, repeats: int = 3, harness: bool = True,
+         bundle_sizes: tuple[int, ...] = (1, 8, 32), bundle_epochs: int = 2,
+         train_subset: int | None = None) -> dict:
     """Run every benchmark section and return the numbers."""
     out = {"engine": engine_section(data_dir, repeats)}
+    if bundle_sizes:
+        out["bundle"] = bundle_section(data_dir, bundle_sizes, bundle_epochs, train_subset)
     if harness:
         out["harness"] = harness_section(data_dir)
     return out

@@ -107,7 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmark the engine against a reference-shaped loop, and the harness")
     bench.add_argument("--data-dir")
     bench.add_argument("--repeats", type=int, default=3)
-    bench.add_argument("--skip-harness", action="store_true", help="only the engine benchmark")
+    bench.add_argument("--skip-harness", action="store_true", help="skip the Ray Tune harness benchmark")
+    bench.add_argument("--bundle-sizes", default="1,8,32",
+                       help="bundle sizes K to measure, comma-separated (e.g. 1,8,32,128 on a GPU; empty: skip)")
+    bench.add_argument("--bundle-epochs", type=int, default=2, help="timed epochs per setting (best of)")
+    bench.add_argument("--train-subset", type=int, help="use only the first N training images (large K on a CPU)")
     parser.set_defaults(_handlers={**COMMANDS, **_extensions(sub)})
     return parser
 
@@ -245,7 +249,14 @@ def finish(experiment_path: str) -> int:
 def cmd_bench(args) -> int:
     from study import bench
 
-    bench.main(data_dir=args.data_dir, repeats=args.repeats, harness=not args.skip_harness)
+    try:
+        sizes = tuple(int(k) for k in args.bundle_sizes.split(",") if k.strip())
+    except ValueError:
+        raise UsageError(f"--bundle-sizes {args.bundle_sizes!r} must be comma-separated integers") from None
+    if any(k < 1 for k in sizes) or args.bundle_epochs < 1 or (args.train_subset is not None and args.train_subset < 1):
+        raise UsageError("--bundle-sizes, --bundle-epochs and --train-subset must be >= 1")
+    bench.main(data_dir=args.data_dir, repeats=args.repeats, harness=not args.skip_harness, bundle_sizes=sizes,
+               bundle_epochs=args.bundle_epochs, train_subset=args.train_subset)
     return 0
 
 
