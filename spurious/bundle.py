@@ -2,8 +2,9 @@
 
 The reference grids are thousands of 70-epoch trainings of tiny models; one model per process leaves a
 GPU idle on kernel launches and Python. A bundle stacks the K members' parameters (`torch.func`
-`stack_module_state`) and runs their forward and backward passes together (`functional_call` under
-`vmap`), so every kernel does K models' work. Each member keeps its own planted data (data_seed,
+`stack_module_state`) and, on a GPU, runs their forward and backward passes together
+(`functional_call` under `vmap`), so every kernel does K models' work; the optimiser updates the
+stacked tensors with `torch._foreach_*` ops. Each member keeps its own planted data (data_seed,
 pattern, n_spurious, target), seed, lr, l2, grad_clip, noise_sigma and tau; the members must agree on
 the keys of `compatible_key` (architecture, epochs, batch size, optimiser type, momentum, augmentation,
 dataset and split). Example::
@@ -24,7 +25,7 @@ Only models without dropout, BatchNorm or buffers can be bundled (dropout under 
 masks separate runs draw); in the registry those are the MLPs, where the reference grids are.
 
 Memory model: members share one clean training tensor (`MemberData.base_x`; the dataset's own tensor
-for the full split) and each stores only its planted rows, so a bundle holds one (N, C, H, W) pool plus
+for the full split, one per data seed for membership splits) and each stores only its planted rows, so a bundle holds one (N, C, H, W) pool plus
 the planted rows of all members (60k Fashion: 188 MB + 3 KB per planted image), a (K, N) int64 row
 table, and the deduplicated test sets (31 MB per distinct patterned test set: one per pattern for
 patch patterns, one per data seed for noise patterns). Parameters, gradients and optimiser state are
@@ -408,11 +409,13 @@ def _test_metrics(clean: torch.Tensor, patterned: torch.Tensor, y: torch.Tensor,
 
 
 class BundleEngine:
-    """Trains K compatible configs in lock-step; per member it reproduces `spurious.train.Engine`.
+    """Trains K compatible configs in lock-step, epoch by epoch; per member it reproduces `train.Engine`.
 
-    `vmap_chunk` is how many members share one vmapped forward/backward pass: all of them by default
-    on a GPU; 1 on the CPU, where running each member's small matmuls back to back is cache-friendlier
-    than one batched matmul (the stacked optimiser, gathers and evaluation still run once per bundle).
+    `vmap_chunk` is how many members share one forward/backward pass (vmapped when more than one):
+    all of them by default on a GPU, where one wide pass per step keeps the device busy; 1 on the CPU,
+    where a batched matmul's backward is slower than the members' own small matmuls and each member's
+    pass runs the plain model, bit-identical to Engine. Within an epoch each pass runs its steps back
+    to back; all members finish an epoch before the next begins, and evaluation is batched per bundle.
     A member whose training loss becomes non-finite is dropped: its rows become None and `failed`
     holds the message `Engine` would raise; the others go on (all failing raises TrainingError).
     """
