@@ -59,7 +59,8 @@ def mitigation_space(l2: tuple[float, float] = (1e-6, 1e-1),
     return {"l2": tune.loguniform(lo, hi), "noise_sigma": tune.uniform(*noise_sigma)}
 
 
-def mitigation_grid(l2: Sequence[float] = (), noise_sigma: Sequence[float] = (), grad_clip: Sequence[float] = ()) -> dict:
+def mitigation_grid(l2: Sequence[float] = (), noise_sigma: Sequence[float] = (),
+                    grad_clip: Sequence[float] = ()) -> dict:
     """Return a grid over one mitigation at a time plus the unmitigated baseline (§11.1)."""
     variants = [{"l2": 0.0, "noise_sigma": 0.0, "grad_clip": 0.0}]
     for key, values in (("l2", l2), ("noise_sigma", noise_sigma), ("grad_clip", grad_clip)):

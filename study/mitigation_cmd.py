@@ -46,7 +46,8 @@ def tuning_options(spec, smoke: bool, args: argparse.Namespace | None = None):
     allowed = {f.name for f in fields(TuningOptions)}
     unknown = set(values) - allowed
     if unknown:
-        raise SpuriousError(f"unknown tuning option(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}")
+        raise SpuriousError(f"unknown tuning option(s) {', '.join(sorted(unknown))}; "
+                            f"allowed: {', '.join(sorted(allowed))}")
     return TuningOptions(**values)
 
 

@@ -102,8 +102,8 @@ def test_trial_fault_is_retried_from_its_last_checkpoint(tmp_path):
 
 def test_diverging_trial_errors_with_one_line_and_the_study_goes_on(tmp_path):
     proc = study("run", "demo", "--smoke", "--set", "n_spurious=100", "--set", "lr=[0.01,1.0e12]",
-                 "--set", "momentum=0.0", "--max-failures", "0", "--storage-path", str(tmp_path), "--name", "nan", "-v", "0",
-                 "--wandb", "off")
+                 "--set", "momentum=0.0", "--max-failures", "0", "--storage-path", str(tmp_path), "--name", "nan",
+                 "-v", "0", "--wandb", "off")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     df = frames.load(tmp_path / "nan")
     assert sorted(df["status"]) == ["ERROR", "TERMINATED"]
