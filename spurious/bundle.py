@@ -25,7 +25,8 @@ Only models without dropout, BatchNorm or buffers can be bundled (dropout under 
 masks separate runs draw); in the registry those are the MLPs, where the reference grids are.
 
 Memory model: members share one clean training tensor (`MemberData.base_x`; the dataset's own tensor
-for the full split, one per data seed for membership splits) and each stores only its planted rows, so a bundle holds one (N, C, H, W) pool plus
+for the full split, one per data seed for membership splits) and each stores only its planted rows,
+so a bundle holds one (N, C, H, W) pool plus
 the planted rows of all members (60k Fashion: 188 MB + 3 KB per planted image), a (K, N) int64 row
 table, and the deduplicated test sets (31 MB per distinct patterned test set: one per pattern for
 patch patterns, one per data seed for noise patterns). Parameters, gradients and optimiser state are
