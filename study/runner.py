@@ -269,7 +269,7 @@ def run(prepared: Prepared, options: RunOptions, callbacks: list | None = None) 
         build_trainable(prepared.data, prepared.spec.checkpoint_every, resources, options.bundle > 1),
         param_space=prepared.space,
         tune_config=tune.TuneConfig(num_samples=prepared.spec.num_samples,
-                                    max_concurrent_trials=options.max_concurrent,
+                                    max_concurrent_trials=options.max_concurrent, reuse_actors=True,
                                     trial_dirname_creator=bundle_dirname if options.bundle > 1 else None),
         run_config=run_config(options, prepared.name, callbacks))
     return tuner.fit()
