@@ -215,12 +215,13 @@ def cmd_resume(args) -> int:
 
     options = runner.RunOptions(address=args.address, verbose=args.verbose)
     path = runner.location(args.experiment)
-    if runner.read_meta(path).get("kind") == "tune-mitigation":
+    meta = runner.read_meta(path)
+    if meta.get("kind") == "tune-mitigation":
         from study import mitigation
 
-        mitigation.resume(path, runner.read_meta(path), options, args.retry_errored)
+        mitigation.resume(path, meta, options, args.retry_errored)
         return 0
-    if runner.read_meta(path).get("kind") in ("delete", "mia"):
+    if meta.get("kind") in ("delete", "mia"):
         from study import posthoc
 
         return posthoc.resume_cmd(path, options, args.retry_errored)

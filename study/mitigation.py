@@ -232,8 +232,6 @@ def resume(root: Path, meta: dict, options: runner.RunOptions, retry_errored: bo
     tuning = TuningOptions(**meta["tuning"])
     runner.start_ray(options)
     data = runner.load_datasets(meta["datasets"], meta.get("data_dir"))
-    res = meta.get("resources", {})
-    resources = runner.trial_resources(runner.RunOptions(cpus_per_trial=res.get("cpu", 1.0),
-                                                         gpus_per_trial=res.get("gpu")))
+    resources = runner.trial_resources(runner.resume_options(options, meta))
     opts = runner.RunOptions(max_concurrent=meta.get("max_concurrent"), verbose=options.verbose)
     return _execute(root, meta["base"], tuning, data, resources, meta["checkpoint_every"], opts, retry_errored)

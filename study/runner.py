@@ -294,13 +294,14 @@ def resume(path: str | Path, retry_errored: bool = False, options: RunOptions | 
     start_ray(options)
     _fresh_experiment_state(int(meta.get("trials", 0)))
     data = load_datasets(meta["datasets"], meta.get("data_dir"))
-    trainable = build_trainable(data, meta["checkpoint_every"], trial_resources(_resume_options(options, meta)),
+    trainable = build_trainable(data, meta["checkpoint_every"], trial_resources(resume_options(options, meta)),
                                 meta.get("bundle", 1) > 1)
     tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
                                resume_errored=retry_errored)
     return tuner.fit()
 
 
-def _resume_options(options: RunOptions, meta: dict) -> RunOptions:
+def resume_options(options: RunOptions, meta: dict) -> RunOptions:
+    """Return the per-trial resources a study was launched with (from its study.json) as RunOptions."""
     res = meta.get("resources", {})
     return RunOptions(cpus_per_trial=res.get("cpu", options.cpus_per_trial), gpus_per_trial=res.get("gpu"))
