@@ -1,7 +1,7 @@
 """Engine benchmark: our training loop against a loop shaped like the reference's, in one run.
 
 The reference-shaped loop is a TensorDataset + shuffling DataLoader with a `.item()` host sync per step
-and a test pass at batch 32 (PAPER_SPEC §7.1–7.2). Both run the same model, optimiser and data on the
+and a test pass at batch 32 (protocol §6.3). Both run the same model, optimiser and data on the
 same device; the figures are seconds per epoch (median over the timed epochs after one warm-up).
 `bundle_throughput` adds bundled training (spurious.bundle) and reports models per hour::
 

@@ -55,7 +55,7 @@ from spurious.planted import PlantedData, split_arrays
 # The config keys every member of a bundle shares; all other keys may differ per member.
 BUNDLE_KEYS = ("dataset", "split", "model", "augmentation", "epochs", "batch_size", "optimizer", "momentum",
                "eval_batch_size", "device")
-GAMMA = 0.1  # MultiStepLR decay, as in spurious.train.Engine (§7.1)
+GAMMA = 0.1  # MultiStepLR decay, as in spurious.train.Engine (protocol §6.2)
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 
 BundleSnapshot = Callable[[], list]
@@ -244,7 +244,7 @@ def _add_scaled(params: list, d: list, coef: float | torch.Tensor, sign: float) 
 
 
 def _decayed(grads: list, params: list, l2: float | torch.Tensor) -> list:
-    """Return the gradients with coupled L2 weight decay, as torch.optim adds it (§7.1)."""
+    """Return the gradients with coupled L2 weight decay, as torch.optim adds it (protocol §6.1)."""
     if isinstance(l2, float):
         return grads if l2 == 0 else torch._foreach_add(grads, params, alpha=l2)
     return [g.addcmul(p, _bcast(l2, p)) for g, p in zip(grads, params)]
@@ -365,7 +365,7 @@ OPTIMIZERS = {"sgd": _StackedSGD, "adam": _StackedAdam}
 
 
 def lr_after(base_lr: float, epochs_done: int, total_epochs: int) -> float:
-    """Return the lr MultiStepLR (γ = 0.1, reference milestones) gives after `epochs_done` steps (§7.1)."""
+    """Return the lr MultiStepLR (γ = 0.1, reference milestones) gives after `epochs_done` steps (protocol §6.2)."""
     counts, lr = Counter(train.milestones(total_epochs)), base_lr
     for epoch in range(1, epochs_done + 1):
         if epoch in counts:
@@ -390,7 +390,7 @@ def _loss_and_hits(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, to
 
 def _test_metrics(clean: torch.Tensor, patterned: torch.Tensor, y: torch.Tensor, target: torch.Tensor,
                   tau: torch.Tensor) -> list[dict[str, float]]:
-    """Return `metrics.evaluate`'s keys per member from (K, N, classes) logits, with its arithmetic (§5)."""
+    """Return `metrics.evaluate`'s keys per member from (K, N, classes) logits, with its arithmetic (protocol §4.2)."""
     k, n = y.shape
     loss = torch.stack([F.cross_entropy(clean[i], y[i]) for i in range(k)])
     index = target.view(k, 1, 1).expand(k, n, 1)
@@ -589,7 +589,7 @@ class BundleEngine:
         return torch.cat([fn(params, x[i:i + bs]) for i in range(0, len(x), bs)], dim=1)
 
     def evaluate(self) -> list[dict[str, float]]:
-        """Return every member's clean and patterned test metrics (`metrics.evaluate`'s keys, §5)."""
+        """Return every member's clean and patterned test metrics (`metrics.evaluate`'s keys, protocol §4.2)."""
         clean, patterned = self._logits(self.clean_ids), self._logits(self.patterned_ids)
         return _test_metrics(clean, patterned, self.y_test, self.targets, self.taus)
 

@@ -1,6 +1,6 @@
-"""Datasets (PAPER_SPEC §2): finding, checking and decoding MNIST, Fashion-MNIST and CIFAR-10 files,
-choosing the spurious examples (§4), parsing the reference's dataset names (§3) and the membership
-split (§10.1).
+"""Datasets (protocol §1): finding, checking and decoding MNIST, Fashion-MNIST and CIFAR-10 files,
+choosing the spurious examples (protocol §3.1), parsing the reference's dataset names (protocol §1.3)
+and the membership split (protocol §3.3).
 
     from spurious import datasets
     data = datasets.load("fashion")          # or load("mnist", root="/data"), SPURIOUS_DATA=/data
@@ -247,7 +247,7 @@ def _check(spec: DatasetSpec, arrays: Arrays, verify: bool) -> None:
 
 
 def _to_tensor(images: np.ndarray) -> torch.Tensor:
-    """Return uint8 images as float32 in [0, 1], divided by 255 as the reference does (§2)."""
+    """Return uint8 images as float32 in [0, 1], divided by 255 as the reference does (protocol §1.2)."""
     x = images.astype(np.float32)
     x /= np.float32(255)
     return torch.from_numpy(x)
@@ -351,7 +351,7 @@ def _not_found_message(name: str, tried: list[str]) -> str:
 
 
 def load(name: str, root: str | os.PathLike | None = None, verify: bool = True, download: bool = True) -> Dataset:
-    """Return dataset `name`, found in the first usable place (see the module docstring); §2.
+    """Return dataset `name`, found in the first usable place (see the module docstring); protocol §1.1.
 
     `download=False` skips the last place (a torchvision download), e.g. for checks that must not fetch.
     """
@@ -375,7 +375,7 @@ def load(name: str, root: str | os.PathLike | None = None, verify: bool = True, 
     raise SpuriousError(_not_found_message(name, tried))
 
 
-# ---------------------------------------------------------------- spurious examples (§4)
+# ---------------------------------------------------------------- spurious examples (protocol §3.1)
 
 def _as_numpy_labels(y: np.ndarray | torch.Tensor) -> np.ndarray:
     """Return labels as a 1-D numpy array."""
@@ -406,7 +406,7 @@ def _class_indices(y: np.ndarray, target: int, n: int) -> np.ndarray:
 
 
 def choose_spurious(y: np.ndarray | torch.Tensor, target: int, n: int, seed: int) -> np.ndarray:
-    """Return int64 indices of `n` training examples of class `target`, chosen as the reference does (§4)."""
+    """Return int64 indices of `n` training examples of class `target`, chosen as the reference does (protocol §3.1)."""
     y = _as_numpy_labels(y)
     seed = _check_int("data seed", seed, 0, 2**32 - 1)
     pool = _class_indices(y, target, n)
@@ -417,7 +417,7 @@ def choose_spurious(y: np.ndarray | torch.Tensor, target: int, n: int, seed: int
 
 def choose_spurious_two_class(y: np.ndarray | torch.Tensor, c1: int, c2: int, n: int,
                               seed: int) -> np.ndarray:
-    """Return 2n indices: n of class c1 then n of class c2, drawn in turn from one RandomState (§3.2)."""
+    """Return 2n indices: n of class c1 then n of class c2, drawn in turn from one RandomState (protocol §3.2)."""
     y = _as_numpy_labels(y)
     seed = _check_int("data seed", seed, 0, 2**32 - 1)
     pools = [_class_indices(y, c1, n), _class_indices(y, c2, n)]
@@ -429,7 +429,7 @@ def choose_spurious_two_class(y: np.ndarray | torch.Tensor, c1: int, c2: int, n:
     return np.concatenate([rng.choice(pool, size=n, replace=False) for pool in pools]).astype(np.int64)
 
 
-# ---------------------------------------------------------------- reference dataset names (§3)
+# ---------------------------------------------------------------- reference dataset names (protocol §1.3)
 
 @dataclass(frozen=True)
 class LegacyName:
@@ -473,7 +473,7 @@ def _legacy_from_match(m: re.Match) -> LegacyName:
 
 
 def parse_legacy_name(s: str) -> LegacyName:
-    """Return the parts of a reference dataset name such as `mnistv20-100-1-2` (PAPER_SPEC §3)."""
+    """Return the parts of a reference dataset name such as `mnistv20-100-1-2` (protocol §1.3)."""
     for pattern in _LEGACY_FORMS.values():
         m = pattern.fullmatch(s) if isinstance(s, str) else None
         if m:
@@ -481,13 +481,13 @@ def parse_legacy_name(s: str) -> LegacyName:
     raise SpuriousError(f"cannot parse dataset name {s!r}; accepted forms: {_ACCEPTED}")
 
 
-# ---------------------------------------------------------------- membership inference split (§10.1)
+# ---------------------------------------------------------------- membership inference split (protocol §3.3)
 
 MEMBERSHIP_PARTS = ("target_train", "target_test", "shadow_train", "shadow_test")
 
 
 def membership_split(n_total: int, seed: int) -> dict[str, np.ndarray]:
-    """Return four disjoint, covering, sorted int64 index sets over the pooled train+test set (§10.1).
+    """Return four disjoint, covering, sorted int64 index sets over the pooled train+test set (protocol §3.3).
 
     The reference's mem* split code is missing; this is our definition: a RandomState(seed) permutation
     of range(n_total) cut into quarters (70,000 -> 4 x 17,500; 60,000 -> 4 x 15,000), in the order of

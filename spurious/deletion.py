@@ -1,5 +1,5 @@
 """Data deletion from a trained checkpoint: incremental retraining, the retrain-from-scratch oracle, and
-the report that puts every deletion method next to that oracle (PAPER_SPEC §8.4, §9).
+the report that puts every deletion method next to that oracle (protocol §8).
 
     from spurious import deletion, train
     data = train.prepare(cfg)                       # the planted data the checkpoint was trained on
@@ -33,7 +33,7 @@ LR_POLICIES = ("inherit", "reset")
 def _scheduler(optimizer: torch.optim.Optimizer, base_lr: float, epochs: int,
                lr_policy: str) -> torch.optim.lr_scheduler.MultiStepLR:
     """Return the retraining schedule: the checkpoint's (decayed) rate held constant, or the base rate
-    restarted with the usual milestones for `epochs` epochs (§7.1, §9)."""
+    restarted with the usual milestones for `epochs` epochs (protocol §6.2, §8.4)."""
     if lr_policy == "inherit":
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[], gamma=0.1)
     for group in optimizer.param_groups:
@@ -53,7 +53,7 @@ def _check_same_planting(state: dict, data: PlantedData) -> None:
 def incremental_retrain(state: dict, data: PlantedData, epochs: int, lr_policy: str = "inherit",
                         model_factory: Optional[ModelFactory] = None,
                         on_epoch: Optional[EpochCallback] = None) -> TrainResult:
-    """Return the checkpoint's model trained `epochs` more epochs with the spurious examples deleted (§9).
+    """Return the checkpoint's model trained `epochs` more epochs with the spurious examples deleted (protocol §8.4).
 
     `state` is a checkpoint made by `Engine.snapshot`; `data` is the planted data it was trained on.
     lr_policy `inherit` keeps the optimiser state and its decayed learning rate, with no scheduler, as the
@@ -78,7 +78,7 @@ def incremental_retrain(state: dict, data: PlantedData, epochs: int, lr_policy: 
 
 def retrain_oracle(cfg: TrainConfig, data: PlantedData, model_factory: Optional[ModelFactory] = None,
                    on_epoch: Optional[EpochCallback] = None) -> TrainResult:
-    """Return a model trained from scratch on `data` without its spurious examples, with cfg's seeds (§8.4).
+    """Return a model trained from scratch on `data` without its spurious examples, with cfg's seeds (protocol §8.5).
 
     The same `seed` gives the same initial weights; the shuffling differs, the training set being smaller.
     """

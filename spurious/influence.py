@@ -1,10 +1,10 @@
-"""Group-influence deletion: LiSSA inverse-Hessian-vector products and the first-order group update (§8).
+"""Group-influence deletion: LiSSA inverse-Hessian-vector products and the first-order group update (protocol §8).
 
 The reference's LiSSA recursion (Agarwal et al. 2017, as used by Koh & Liang 2017) is
 
     h_t = v + (1 − d)·h_{t−1} − (1/s)·H_t h_{t−1},        h_0 = v,
 
-whose fixed point is h = s·(H + d·s·I)⁻¹ v; the reference keeps h un-divided (PAPER_SPEC §8.3, §15.6),
+whose fixed point is h = s·(H + d·s·I)⁻¹ v; the reference keeps h un-divided (protocol §8.3, §11.3),
 so its scale s is at once a step size, a factor s on the result and part of the damping d·s. Here the
 recursion runs with d = λ/s and the result is divided by s, so the estimate is of (H + λI)⁻¹ v with
 λ = `damping`, whatever the scale; s only sets the step and must exceed about half of H's largest
@@ -14,7 +14,7 @@ eigenvalue for the recursion to converge. Mapping, exactly:
     ours (λ, s)       ==  reference(d = λ/s, s) / s
 
 `reference_scaling=True` runs the reference verbatim (`damping` is then its d, and the result is not
-divided), for reproducing its numbers. With the §8.2 defaults (d = 0.01, s = 100) the reference
+divided), for reproducing its numbers. With the protocol §8.2 defaults (d = 0.01, s = 100) the reference
 estimates 100·(H + I)⁻¹ v, while ours estimates (H + 0.01·I)⁻¹ v: the reference's update is up to s
 times larger along high-curvature directions and much more damped along flat ones.
 
@@ -39,7 +39,7 @@ from spurious.train import TrainingError
 
 LossFn = Callable[[nn.Module], torch.Tensor]
 
-# §8.2: (scale, depth when n >= 100, depth when n < 100); damping 0.01 and repeats 10 everywhere.
+# protocol §8.2: (scale, depth when n >= 100, depth when n < 100); damping 0.01 and repeats 10 everywhere.
 REFERENCE_DEFAULTS = {"fashion": (100.0, 1000, 2000), "cifar10": (100.0, 1000, 1000),
                       "mnist": (25.0, 1000, 2000)}
 DEFAULT_DAMPING = 0.01
@@ -49,7 +49,7 @@ CHECK_EVERY = 100  # steps between divergence checks (each check syncs with the 
 
 
 def defaults_for(dataset: str, n: int) -> dict:
-    """Return the reference's LiSSA settings for `dataset` and group size `n` (§8.2)."""
+    """Return the reference's LiSSA settings for `dataset` and group size `n` (protocol §8.2)."""
     name = datasets.DATASETS.canonical(dataset)
     if name not in REFERENCE_DEFAULTS:
         raise SpuriousError(f"no group-influence defaults for dataset {dataset!r}; "
@@ -60,7 +60,7 @@ def defaults_for(dataset: str, n: int) -> dict:
 
 
 def trainable_params(model: nn.Module) -> list[nn.Parameter]:
-    """Return the parameters that require gradients (θ of §8.3), in registration order."""
+    """Return the parameters that require gradients (θ of protocol §8.3), in registration order."""
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -82,7 +82,7 @@ def ce_loss(x: torch.Tensor, y: torch.Tensor) -> LossFn:
 
 
 def summed_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Return Σ ∇θ ℓ(z) over the examples (x, y): one example's gradient (§8.3 step 1), or a group's sum."""
+    """Return Σ ∇θ ℓ(z) over the examples (x, y): one example's gradient (protocol §8.3 step 1), or a group's sum."""
     return flat_grad(F.cross_entropy(model(x), y, reduction="sum"), trainable_params(model))
 
 
@@ -97,7 +97,7 @@ def _check_estimate(h: torch.Tensor, v_norm: float, max_norm_ratio: float, where
 def _lissa_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, depth: int, scale: float,
                decay: float, batch_size: int, generator: Optional[torch.Generator],
                check: Callable[[torch.Tensor, int], None]) -> torch.Tensor:
-    """Return h_depth of h_t = v + decay·h_{t−1} − (1/s)·H_t h_{t−1}, H_t on a random batch (§8.3 step 2)."""
+    """Return h_depth of h_t = v + decay·h_{t−1} − (1/s)·H_t h_{t−1}, H_t on a random batch (protocol §8.3 step 2)."""
     params, h = trainable_params(model), v.clone()
     full = batch_size >= len(y)
     for step in range(1, depth + 1):
@@ -153,7 +153,7 @@ def _check_lissa_args(depth: int, scale: float, damping: float, repeats: int, ba
 
 def group_inverse_hvp(model: nn.Module, x_group: torch.Tensor, y_group: torch.Tensor, x_train: torch.Tensor,
                       y_train: torch.Tensor, per_example: bool = True, **lissa) -> torch.Tensor:
-    """Return g = Σ_{z∈Z} (H + λI)⁻¹ ∇θ ℓ(z), the LiSSA estimate summed over the group (§8.3 steps 1–4).
+    """Return g = Σ_{z∈Z} (H + λI)⁻¹ ∇θ ℓ(z), the LiSSA estimate summed over the group (protocol §8.3 steps 1–4).
 
     `per_example=True` runs LiSSA once per example, as the reference does; False runs it once on the
     summed gradient, which has the same expectation (LiSSA is linear in v) at 1/n of the cost.
@@ -168,7 +168,7 @@ def group_influence_update(model: nn.Module, x_group: torch.Tensor, y_group: tor
                            x_train: torch.Tensor, y_train: torch.Tensor, m: Optional[int] = None,
                            per_example: bool = True, **lissa) -> nn.Module:
     """Return a copy of `model` (eval mode) with θ + g/((1 − p)·m): the first-order estimate of the
-    parameters after deleting the group (Basu et al. 2020; PAPER_SPEC §8.3 steps 5–6).
+    parameters after deleting the group (Basu et al. 2020; protocol §8.3 step 5).
 
     m is the training-set size (default len(x_train), which should include the group) and p = n/m.
     The Hessian is of the cross-entropy alone, as in the reference: an L2 penalty is not included.

@@ -1,4 +1,4 @@
-"""Spurious score and the other per-epoch metrics (PAPER_SPEC §5)."""
+"""Spurious score and the other per-epoch metrics (protocol §4)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -25,13 +25,13 @@ def logits(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 2000) -> t
 
 
 def rise_indicator(p_clean: torch.Tensor, p_patterned: torch.Tensor, target: int, tau: float) -> torch.Tensor:
-    """Return r(x) = 1[p_c(x') − p_c(x) > τ] per example (PAPER_SPEC §5.1)."""
+    """Return r(x) = 1[p_c(x') − p_c(x) > τ] per example (protocol §4.1)."""
     return (p_patterned[:, target] - p_clean[:, target] > tau).float()
 
 
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, x_patterned: torch.Tensor,
              target: int, tau: float = 0.1, batch_size: int = 2000) -> dict[str, float]:
-    """Return test loss/accuracy, spurious scores and patterned-image metrics in one pass (§5.1, §5.3)."""
+    """Return test loss/accuracy, spurious scores and patterned-image metrics in one pass (protocol §4.1, §4.2)."""
     y = y.to(next(model.parameters()).device)
     clean, patterned = logits(model, x, batch_size), logits(model, x_patterned, batch_size)
     rise = rise_indicator(clean.softmax(1), patterned.softmax(1), target, tau)
@@ -48,7 +48,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, x_pattern
 
 def spurious_score(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, pattern: str, target: int,
                    seed: int, tau: float = 0.1, subset: str = "all") -> float:
-    """Return the fraction of test images whose target-class probability rises by more than τ (§5.1)."""
+    """Return the fraction of test images whose target-class probability rises by more than τ (protocol §4.1)."""
     if subset not in SUBSETS:
         raise SpuriousError(f"subset {subset!r} is not one of {', '.join(SUBSETS)}")
     rise = spurious_indicators(model, x, pattern, target, seed, tau)
@@ -59,7 +59,7 @@ def spurious_score(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, pat
 
 def spurious_indicators(model: torch.nn.Module, x: torch.Tensor, pattern: str, target: int, seed: int,
                         tau: float = 0.1) -> torch.Tensor:
-    """Return the per-example indicator vector r(x) on `x` (used by the Welch test, §5.2)."""
+    """Return the per-example indicator vector r(x) on `x` (for the reference's Welch test, protocol §4.4)."""
     clean = logits(model, x).softmax(1)
     patterned = logits(model, patterns.apply(pattern, x, seed)).softmax(1)
     return rise_indicator(clean, patterned, target, tau)
@@ -68,7 +68,7 @@ def spurious_indicators(model: torch.nn.Module, x: torch.Tensor, pattern: str, t
 def welch_greater(sample: Sequence[float] | np.ndarray, baseline: Sequence[float] | np.ndarray) -> float:
     """Return the p-value of the one-sided Welch t-test that `sample` has a greater mean than `baseline`.
 
-    The reference compares per-example indicator vectors of two models (§5.2); the same test also
+    The reference compares per-example indicator vectors of two models (protocol §4.4); the same test also
     applies to per-seed scores. Fewer than two values on either side give NaN; two constant samples
     give 0.0 when `sample`'s mean is strictly greater and 1.0 otherwise.
     """

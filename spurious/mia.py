@@ -1,12 +1,12 @@
-"""Membership-inference attacks on target models and their metrics (PAPER_SPEC §10).
+"""Membership-inference attacks on target models and their metrics (protocol §9).
 
 A target model is trained on the `mia_target` split's training quarter (members, which hold the planted
 spurious examples) and tested on its test quarter (non-members); shadow models are trained on the
 `mia_shadow` quarters, which are disjoint from the target's, so every target example is OUT for every
-shadow model (§10.1). Three attacks give one membership score per target example, higher = "member":
+shadow model (protocol §9.1). Three attacks give one membership score per target example, higher = "member":
 
 - `loss`: minus the example's cross-entropy (a loss-threshold attack, Yeom et al. 2018);
-- `shadow`: the reference's black-box attack (§10.3): a logistic regression on the sorted logits plus a
+- `shadow`: the reference's black-box attack (protocol §9.3): a logistic regression on the sorted logits plus a
   correct-prediction bit (11 features for 10 classes), standardised with statistics fitted on the shadow
   features, C chosen by 3-fold cross-validation over {0.01, 0.1, 1, 10}, trained to tell the shadow
   model's training quarter from its test quarter;
@@ -15,9 +15,9 @@ shadow model (§10.1). Three attacks give one membership score per target exampl
   under it.
 
 The evaluation set is balanced and correct: members are the target's training examples and non-members
-its test examples. The reference's non-member block repeated the member logits (§15.7); here each block
+its test examples. The reference's non-member block repeated the member logits (protocol §11.5); here each block
 is scored from its own logits. `evaluate_attack` reports AUC, TPR at 1 % and 0.1 % FPR and attack
-accuracy over all examples, and the same over the spurious members alone (§10.4).
+accuracy over all examples, and the same over the spurious members alone (protocol §9.4).
 
     from spurious import mia
     target = mia.split_logits(target_model, data.x_train, data.y_train, data.x_test, data.y_test)
@@ -182,7 +182,7 @@ def _metrics(members: np.ndarray, nonmembers: np.ndarray) -> dict[str, float]:
 
 def evaluate_attack(member_scores, nonmember_scores, spurious_mask: Optional[np.ndarray] = None,
                     threshold: Optional[float] = None) -> dict[str, float]:
-    """Return the attack's metrics over all examples and over the spurious members alone (§10.4).
+    """Return the attack's metrics over all examples and over the spurious members alone (protocol §9.4).
 
     Over all examples: AUC, TPR at 1 % / 0.1 % FPR, and attack accuracy (at `threshold`, else at the best
     threshold). Over the spurious members: AUC and TPRs against all non-members, and attack accuracy =
@@ -268,7 +268,7 @@ def standardizer(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def shadow_attack(target: SplitLogits, shadow: SplitLogits, grid: Sequence[float] = C_GRID,
                   folds: int = 3) -> AttackScores:
-    """Return the reference's shadow-model attack (§10.3): scores are the log-odds of a logistic regression
+    """Return the reference's shadow-model attack (protocol §9.3): scores are the log-odds of a logistic regression
     trained on the shadow model's own members/non-members; its decision is log-odds > 0."""
     shadow_logits, shadow_labels = shadow.stacked()
     x = attack_features(shadow_logits, shadow_labels)

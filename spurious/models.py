@@ -1,4 +1,4 @@
-"""Network architectures of the paper (PAPER_SPEC §6) behind one registry, plus the model-name parser.
+"""Network architectures of the paper (protocol §5) behind one registry, plus the model-name parser.
 
     python -c "from spurious import models; print(models.names())"
     python -c "from spurious import models; print(models.build('ce-tor-LargeMLP', (1, 28, 28)))"
@@ -29,7 +29,7 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 LOSSES = ("ce",)
 
-# §6.1: [augmentation "-"] loss "-tor-" arch ["-hyper"]
+# protocol §5.2: [augmentation "-"] loss "-tor-" arch ["-hyper"]
 _REFERENCE_NAME = re.compile(
     r"(?:(?P<aug>[A-Za-z0-9_]+)-)?(?P<loss>[A-Za-z0-9_]+)-tor-(?P<arch>[A-Za-z0-9_]+)(?:-hyper)?"
 )
@@ -71,7 +71,7 @@ def names() -> list[str]:
 
 
 def first_layer_weight_map(model: nn.Module, image_shape: Shape | None = None) -> torch.Tensor:
-    """Return the (H, W) max of first-layer MLP weights over hidden units and channels (§12.3)."""
+    """Return the (H, W) max of first-layer MLP weights over hidden units and channels (protocol §4.5)."""
     if not isinstance(model, MLP):
         raise SpuriousError(f"first_layer_weight_map needs an MLP, got {type(model).__name__}")
     shape = tuple(image_shape or model.input_shape)
@@ -107,7 +107,7 @@ class CifarNormalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-# ------------------------------------------------------------ MLPs (§6.2: MLP, MLPv2, LargeMLP, LargeMLPv2)
+# ------------------------------------------------------------ MLPs (protocol §5.1: MLP, MLPv2, LargeMLP, LargeMLPv2)
 
 
 class MLP(nn.Module):

@@ -1,4 +1,4 @@
-"""Spurious patterns planted into images (PAPER_SPEC §4).
+"""Spurious patterns planted into images (protocol §2).
 
 Every pattern maps a batch `x` of shape (N, C, H, W) in [0, 1] to a new batch; the input is never
 modified. Random patterns draw one noise image per data seed exactly as the reference does,
@@ -93,7 +93,7 @@ def _noise_numpy(seed: int, shape_chw: tuple[int, int, int]) -> np.ndarray:
 
 
 def noise_image(seed: int, shape_chw: tuple[int, int, int]) -> torch.Tensor:
-    """Return the reference's noise image for `seed` as a (C, H, W) float32 tensor (PAPER_SPEC §4)."""
+    """Return the reference's noise image for `seed` as a (C, H, W) float32 tensor (protocol §2.2)."""
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise SpuriousError(f"pattern seed must be a non-negative integer, got {seed!r}")
     return torch.from_numpy(_noise_numpy(int(seed), tuple(int(s) for s in shape_chw)))
@@ -197,7 +197,7 @@ def apply_at(name: str, x: torch.Tensor, indices: Iterable[int] | torch.Tensor, 
 
 
 def l2_change(name: str, x: torch.Tensor, seed: int = 0) -> float:
-    """Return the mean per-image ℓ2 norm of the change the pattern makes to `x` (PAPER_SPEC §12.1)."""
+    """Return the mean per-image ℓ2 norm of the change the pattern makes to `x` (protocol §2.4)."""
     delta = apply(name, x, seed) - x
     return float(delta.flatten(1).norm(dim=1).mean())
 

@@ -1,4 +1,4 @@
-"""Training/test data with a pattern planted into `n` training images of one class (PAPER_SPEC §2–4)."""
+"""Training/test data with a pattern planted into `n` training images of one class (protocol §1–3)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -47,7 +47,7 @@ class PlantedData:
 
 
 def split_arrays(data: datasets.Dataset, split: str, seed: int):
-    """Return (x_train, y_train, x_test, y_test) for `split`: the full set or a membership quarter (§10.1)."""
+    """Return (x_train, y_train, x_test, y_test) for `split`: the full set or a membership quarter (protocol §3.3)."""
     if split == "full":
         return data.x_train, data.y_train, data.x_test, data.y_test
     x_all = torch.cat([data.x_train, data.x_test])
@@ -66,7 +66,7 @@ def plant(data: datasets.Dataset, pattern: str, n_spurious: int, target: int, da
     """Return `data` with `pattern` planted into `n_spurious` training images of class `target`.
 
     The examples are chosen exactly as the reference does (`RandomState(data_seed).choice`), and the
-    patterned test set uses the same pattern and seed (PAPER_SPEC §4–5). Shadow splits of a membership
+    patterned test set uses the same pattern and seed (protocol §2.3). Shadow splits of a membership
     study get no planted examples: the attacker's shadow models are trained on clean data.
     """
     patterns.get(pattern)

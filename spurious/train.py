@@ -1,4 +1,4 @@
-"""The training engine: a pure function from config + data + model factory to a trained model (§7).
+"""The training engine: a pure function from config + data + model factory to a trained model (protocol §6).
 
 All data lives on the device as tensors; batches are gathered with a random permutation from a
 dedicated generator, so there is no DataLoader, no per-sample Python and no per-step host sync.
@@ -25,7 +25,7 @@ from spurious.errors import SpuriousError
 from spurious.planted import PlantedData, plant
 
 CHECKPOINT_FORMAT = 1
-# The reference's MultiStepLR milestone table, keyed by the largest epoch count it applies to (§7.1).
+# The reference's MultiStepLR milestone table, keyed by the largest epoch count it applies to (protocol §6.2).
 MILESTONES = ((30, (15, 25)), (40, (20, 30)), (50, (25, 40)), (60, (30, 50)), (70, (40, 50, 60)),
               (80, (40, 60, 70)), (120, (50, 90, 110)), (140, (60, 100, 120)), (160, (40, 80, 120, 140)),
               (200, (80, 140, 180)))
@@ -54,7 +54,7 @@ class TrainResult:
 
 
 def milestones(epochs: int) -> list[int]:
-    """Return the reference's MultiStepLR milestones for a run of `epochs` epochs (§7.1)."""
+    """Return the reference's MultiStepLR milestones for a run of `epochs` epochs (protocol §6.2)."""
     for limit, steps in MILESTONES:
         if epochs <= limit:
             return list(steps)
@@ -100,7 +100,7 @@ def augmentation_of(cfg: TrainConfig) -> str:
 
 
 def aug01(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random crop with zero padding 4 and random horizontal flip, per image, as tensor ops (§6.3)."""
+    """Random crop with zero padding 4 and random horizontal flip, per image, as tensor ops (protocol §5.3)."""
     n, _, h, w = x.shape
     padded = F.pad(x, (4, 4, 4, 4))
     dy, dx = (torch.randint(0, 9, (2, n), generator=gen, device=x.device))
@@ -114,7 +114,7 @@ def aug01(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
-    """Return SGD (momentum, no Nesterov) or Adam, with coupled L2 weight decay `cfg.l2` (§7.1)."""
+    """Return SGD (momentum, no Nesterov) or Adam, with coupled L2 weight decay `cfg.l2` (protocol §6.1)."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.l2)
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.l2)
@@ -158,7 +158,7 @@ class Engine:
         return (loss_sum / len(y)).item(), (correct.double() / len(y)).item()
 
     def evaluate(self) -> dict[str, float]:
-        """Return the clean and patterned test metrics of the current model (§5)."""
+        """Return the clean and patterned test metrics of the current model (protocol §4.2)."""
         d = self.data
         return metrics.evaluate(self.model, d.x_test, d.y_test, d.x_test_patterned, d.target, self.cfg.tau,
                                 self.cfg.eval_batch_size)
@@ -212,7 +212,7 @@ class Engine:
 
 def train(cfg: TrainConfig, data: PlantedData, model_factory: Optional[ModelFactory] = None,
           on_epoch: Optional[EpochCallback] = None, resume: Optional[dict] = None) -> TrainResult:
-    """Train a model on `data` per `cfg`; `on_epoch(metrics, snapshot)` sees every epoch (§7)."""
+    """Train a model on `data` per `cfg`; `on_epoch(metrics, snapshot)` sees every epoch (protocol §6)."""
     engine = Engine(cfg, data, model_factory)
     if resume is not None:
         engine.restore(resume)
