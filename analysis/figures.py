@@ -1,8 +1,8 @@
 """Paper-style figures from the tidy frames of `analysis.frames`, written as PNG with Agg.
 
-Score and clean accuracy versus n (PAPER_SPEC §5.4), the mitigation trade-off (§11) and the first-layer
-weight map of an MLP checkpoint (§12.3). Curves carry their pattern label (S1…Co) at their end, so no
-legend is needed. Each `*_figures`/`*_figure` function returns matplotlib Figures (for inspection);
+Score and clean accuracy versus n (protocol §4.5), the mitigation trade-off (protocol §10.2) and the
+first-layer weight map of an MLP checkpoint (protocol §4.5). Curves carry their pattern label (S1…Co)
+at their end, so no legend is needed. Each `*_figures`/`*_figure` function returns matplotlib Figures (for inspection);
 the plain-named functions save them and return the PNG paths.
 
 Example::
@@ -113,7 +113,7 @@ def _n_panel(ax, cells: pd.DataFrame, metric: str) -> None:
 
 def metric_vs_n_figures(df: pd.DataFrame, metric: str = "spurious_score") -> list[Figure]:
     """Return figures of `metric` (mean ± s.e. over seeds) against n, one curve per pattern and one panel
-    per combination of the other varying factors (dataset, model, optimizer, target, …; §5.4)."""
+    per combination of the other varying factors (dataset, model, optimizer, target, …; protocol §4.5)."""
     summary = frames.summarize(df, by=("pattern", "n_spurious"), metric=metric)
     if summary.empty:
         return []
@@ -156,7 +156,7 @@ def mitigation_knobs(df: pd.DataFrame) -> list[str]:
 
 def tradeoff_points(df: pd.DataFrame, knob: str) -> pd.DataFrame:
     """Return score and clean accuracy per (pattern, knob value), each the mean over n of the seed means,
-    the n = 0 model included (PAPER_SPEC §11.2); other mitigations are held at 0."""
+    the n = 0 model included (protocol §10.2); other mitigations are held at 0."""
     done = df[df["status"] == "TERMINATED"] if "status" in df else df
     others = [k for k in MITIGATIONS if k != knob and k in done]
     sweep = done[(done[others] == 0).all(axis=1)] if others else done
@@ -216,7 +216,7 @@ def first_layer_map(checkpoint: str | Path) -> tuple[np.ndarray, dict]:
 def weight_map_figure(checkpoints: Sequence[str | Path], titles: Sequence[str] | None = None,
                       vrange: tuple[float, float] | None = None) -> Figure:
     """Return one panel per MLP checkpoint: the max first-layer weight of each input pixel over hidden
-    units (PAPER_SPEC §12.3; the paper's colour range is `vrange=(-0.5, 6.5)`), sharing one colour bar."""
+    units (protocol §4.5; the paper's colour range is `vrange=(-0.5, 6.5)`), sharing one colour bar."""
     maps = [first_layer_map(c) for c in checkpoints]
     if not maps:
         raise SpuriousError("weight_map needs at least one checkpoint")
@@ -237,6 +237,6 @@ def weight_map_figure(checkpoints: Sequence[str | Path], titles: Sequence[str] |
 
 def weight_map(checkpoints: str | Path | Sequence[str | Path], out: str | Path,
                titles: Sequence[str] | None = None, vrange: tuple[float, float] | None = None) -> Path:
-    """Write the first-layer weight map of one or more MLP checkpoints (§12.3) to the PNG `out`."""
+    """Write the first-layer weight map of one or more MLP checkpoints (protocol §4.5) to the PNG `out`."""
     paths = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
     return save(weight_map_figure(paths, titles, vrange), out)

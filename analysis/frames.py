@@ -194,7 +194,7 @@ def cell_keys(df: pd.DataFrame, by: Sequence[str]) -> list[str]:
 def summarize(df: pd.DataFrame, by: Sequence[str] = ("pattern", "n_spurious"),
               metric: str = "spurious_score") -> pd.DataFrame:
     """Return mean, standard error and count of `metric` per cell, and the one-sided Welch p-value of
-    each cell against its n = 0 baseline cell (same other keys; PAPER_SPEC §5.2)."""
+    each cell against its n = 0 baseline cell (same other keys; protocol §4.3)."""
     done = df[df["status"] == "TERMINATED"] if "status" in df else df
     done = done[done[metric].notna()] if metric in done else done
     keys = cell_keys(done, list(by))

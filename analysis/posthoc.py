@@ -1,5 +1,5 @@
-"""Frames, tables and figures of post-hoc studies: deletion (`study delete`, PAPER_SPEC §8–9) and
-membership inference (`study mia`, §10).
+"""Frames, tables and figures of post-hoc studies: deletion (`study delete`, protocol §8) and
+membership inference (`study mia`, protocol §9).
 
     from analysis import posthoc
     df = posthoc.load(["results/demo-delete-retrain", "results/demo-delete-group_influence"])
@@ -160,7 +160,7 @@ def _as_text(df: pd.DataFrame, settings: Sequence[str]) -> pd.DataFrame:
 
 def deletion_summary(df: pd.DataFrame, metric: str = "spurious_score") -> pd.DataFrame:
     """Return mean ± se over seeds of `metric` for the original, deleted and oracle models, per method,
-    varied setting, pattern and n_spurious (the paper's retrain figure, §8.4 / §9)."""
+    varied setting, pattern and n_spurious (the paper's retrain figure, protocol §8.1)."""
     done = _as_text(_done(df), DELETE_SETTINGS)
     keys = _cells(done, "method", DELETE_SETTINGS, every_factor=True)
     return _summary(done, keys, {f"{metric}_{r}": r for r in ROLES}, "role")
@@ -187,7 +187,7 @@ def deletion_table(df: pd.DataFrame, metrics: Sequence[str] = ("spurious_score",
 
 def mia_summary(df: pd.DataFrame, metrics: Sequence[str] = MIA_METRICS) -> pd.DataFrame:
     """Return mean ± se over targets (data seeds) of the attack metrics, per attack, varied setting and
-    n_spurious (§10.4)."""
+    n_spurious (protocol §9.4)."""
     done = _as_text(_done(df), MIA_SETTINGS)
     keys = _cells(done, "attack", MIA_SETTINGS, every_factor=True)
     return _summary(done, keys, {m: m for m in metrics}, "metric")
@@ -238,7 +238,7 @@ def _panels(summary: pd.DataFrame, within: Sequence[str]) -> list[tuple[str, pd.
 
 def retrain_figure(df: pd.DataFrame, metric: str = "spurious_score"):
     """Return the retrain figure: `metric` against n for the original, deleted and retrained models, one
-    panel per method (and pattern), mean ± s.e. over seeds (§8.4, §9)."""
+    panel per method (and pattern), mean ± s.e. over seeds (protocol §8.1)."""
     plt = _pyplot()
     summary = deletion_summary(df, metric)
     panels = _panels(summary, ("dataset", "model", "n_spurious", "role"))
@@ -261,7 +261,7 @@ def retrain_figure(df: pd.DataFrame, metric: str = "spurious_score"):
 
 def mia_figure(df: pd.DataFrame, groups: dict[str, str] = MIA_GROUPS):
     """Return the MIA figure: attack success on all examples, spurious members and other members against
-    n_spurious, one panel per attack, bars of mean ± s.e. over targets (§10.4, the reference's bbox bars)."""
+    n_spurious, one panel per attack, bars of mean ± s.e. over targets (protocol §9.4, the reference's bbox bars)."""
     plt = _pyplot()
     summary = mia_summary(df, tuple(groups))
     panels = _panels(summary, ("dataset", "model", "pattern", "n_spurious", "metric"))

@@ -96,7 +96,7 @@ def summary_markdown(df: pd.DataFrame, summaries: dict[str, pd.DataFrame]) -> st
     """Return the Markdown summary: per metric, a pattern × n table of mean ± s.e. and the long table."""
     parts = [f"# Summary\n\nExperiments: {', '.join(sorted(df['experiment'].astype(str).unique()))}. "
              f"Trials: {len(df)} ({_counts(df)}).\n\nCells are mean ± s.e. over seeds; * marks a one-sided "
-             f"Welch test against the n = 0 cell with p < {SIGNIFICANT} (PAPER_SPEC §5.2).\n"]
+             f"Welch test against the n = 0 cell with p < {SIGNIFICANT} (protocol §4.3).\n"]
     for metric, summary in summaries.items():
         parts.append(f"## {figures.label(metric)} (`{metric}`)\n")
         if summary.empty:
@@ -113,7 +113,7 @@ def summary_markdown(df: pd.DataFrame, summaries: dict[str, pd.DataFrame]) -> st
 
 def weight_map_sets(df: pd.DataFrame) -> list[tuple[str, list[str]]]:
     """Return (name, checkpoints) per dataset/model/optimizer/target/pattern: the first seed's checkpoint at
-    up to WEIGHT_MAP_PANELS values of n, without mitigation (the panels of PAPER_SPEC §12.3)."""
+    up to WEIGHT_MAP_PANELS values of n, without mitigation (the panels of protocol §4.5)."""
     if "checkpoint" not in df:
         return []
     done = df[(df["status"] == "TERMINATED") & df["checkpoint"].notna()]

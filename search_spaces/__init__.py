@@ -1,4 +1,4 @@
-"""Tune param spaces, one function per research question, composed with `merge` (PAPER_SPEC §11, §13).
+"""Tune param spaces, one function per research question, composed with `merge` (protocol §7, §10).
 
 Experimental factors (pattern, count, class, seed) are grid axes; nuisance and mitigation
 hyperparameters are sampled. Optimiser variants that change several keys at once are grid axes over
@@ -16,7 +16,7 @@ PAPER_PATTERNS = ("s1", "s2", "s3", "r1", "r2", "r3", "core")
 MNIST_COUNTS = (0, 3, 5, 10, 20, 100, 2000, 5000)
 CIFAR_COUNTS = (0, 3, 5, 10, 20, 100, 500)
 SEEDS = (0, 1, 2, 3, 4)
-# Documented upper bound of the noise search: σ = 1 already costs most clean accuracy (§11.3).
+# Documented upper bound of the noise search: σ = 1 already costs most clean accuracy (protocol §10.4).
 NOISE_SIGMA_MAX = 1.0
 
 
@@ -38,7 +38,7 @@ def merge(*spaces: dict) -> dict:
 
 def rarity_grid(patterns: Sequence[str] = PAPER_PATTERNS, n_spurious: Sequence[int] = MNIST_COUNTS,
                 targets: Sequence[int] = (0, 1), data_seeds: Sequence[int] = SEEDS) -> dict:
-    """Return the pattern × n_spurious × target × data_seed grid (the paper's core design, §5.2)."""
+    """Return the pattern × n_spurious × target × data_seed grid (the paper's core design, protocol §7.1)."""
     return {"pattern": grid(patterns), "n_spurious": grid(n_spurious), "target": grid(targets),
             "data_seed": grid(data_seeds)}
 
@@ -61,14 +61,14 @@ def mitigation_space(l2: tuple[float, float] = (1e-6, 1e-1),
 
 def mitigation_grid(l2: Sequence[float] = (), noise_sigma: Sequence[float] = (),
                     grad_clip: Sequence[float] = ()) -> dict:
-    """Return a grid over one mitigation at a time plus the unmitigated baseline (§11.1)."""
+    """Return a grid over one mitigation at a time plus the unmitigated baseline (protocol §10.2)."""
     variants = [{"l2": 0.0, "noise_sigma": 0.0, "grad_clip": 0.0}]
     for key, values in (("l2", l2), ("noise_sigma", noise_sigma), ("grad_clip", grad_clip)):
         variants += [{**variants[0], key: float(v)} for v in values]
     return {"mitigation": grid(variants)}
 
 
-# PAPER_SPEC §13 optimiser variants.
+# The optimiser variants of grids G1 and G3 (protocol §7.1).
 G1_OPTIMIZERS = (
     {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "grad_clip": 0.0},
     {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "grad_clip": 0.1},
@@ -100,7 +100,7 @@ def g3_space() -> dict:
 
 
 def regularization_space(dataset: str = "mnist") -> dict:
-    """Return the §11 sweep: Adam 0.01, class 0, S3, 5 seeds, one mitigation at a time (wd, clip, noise)."""
+    """Return the protocol §10.2 sweep: Adam 0.01, class 0, S3, 5 seeds, one mitigation at a time (wd, clip, noise)."""
     if dataset == "cifar10":
         base = {"dataset": "cifar10", "model": "resnet20", "augmentation": "aug01"}
         mitigations = mitigation_grid(l2=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2), noise_sigma=(0.1, 0.2, 0.5, 1.0, 2.0),
@@ -121,7 +121,7 @@ MIA_COUNTS = (1, 3, 5, 10, 20, 100, 1000)
 
 def membership_grid(counts: Sequence[int] = MIA_COUNTS, shadow_seeds: Sequence[int] = (0, 1, 2, 3),
                     data_seeds: Sequence[int] = (0, 1, 2)) -> dict:
-    """Return the membership-inference design (§10.1): per data seed (which also seeds the membership split),
+    """Return the membership-inference design (protocol §9.2): per data seed (which also seeds the membership split),
     one target model per count (split mia_target, training seed 0) and one clean shadow model per training
     seed (split mia_shadow), as a grid over `role` variants × data seeds. Shadows do not depend on the count,
     so they are trained once per data seed, not once per count."""

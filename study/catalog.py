@@ -80,7 +80,7 @@ def demo() -> StudySpec:
 
 @study("paper-mlp")
 def paper_mlp() -> StudySpec:
-    """Grid G1 of the paper (PAPER_SPEC §13.1): MNIST and Fashion-MNIST, LargeMLP and CNN002, 6 optimisers.
+    """Grid G1 of the paper (protocol §7.1): MNIST and Fashion-MNIST, LargeMLP and CNN002, 6 optimisers.
 
     Command: `study run paper-mlp --address auto --gpus-per-trial 0.25` — 13,440 trials of 70 epochs
     (2 datasets × 2 models × 6 optimisers × 7 patterns × 8 counts × 2 classes × 5 seeds; the n = 0
@@ -95,7 +95,7 @@ def paper_mlp() -> StudySpec:
 
 @study("paper-cifar10")
 def paper_cifar10() -> StudySpec:
-    """Grid G3 of the paper (PAPER_SPEC §13.1): CIFAR-10, aug01 ResNet20, 4 optimisers, wd 1e-4.
+    """Grid G3 of the paper (protocol §7.1): CIFAR-10, aug01 ResNet20, 4 optimisers, wd 1e-4.
 
     Command: `study run paper-cifar10 --address auto --gpus-per-trial 0.5` — 1,960 trials of 70 epochs
     (4 optimisers × 7 patterns × 7 counts × 2 classes × 5 seeds). Needs the CIFAR-10 python batches
@@ -109,7 +109,7 @@ def paper_cifar10() -> StudySpec:
 
 @study("regularization")
 def regularization() -> StudySpec:
-    """The regularisation sweeps of PAPER_SPEC §11 on Fashion-MNIST: weight decay, clipping, input noise.
+    """The regularisation sweeps of protocol §10.2 on Fashion-MNIST: weight decay, clipping, input noise.
 
     Command: `study run regularization` — 665 trials (19 mitigation settings × 7 counts × 5 seeds), Adam
     0.01, S3, class 0, 70 epochs. The reference ran this on MNIST; `--set dataset=mnist` does that.
@@ -140,7 +140,7 @@ def mitigation() -> StudySpec:
 
 @study("mia-train")
 def mia_train() -> StudySpec:
-    """Target and shadow models for membership inference (PAPER_SPEC §10) on Fashion-MNIST, pattern R3 (v20).
+    """Target and shadow models for membership inference (protocol §9) on Fashion-MNIST, pattern R3 (v20).
 
     Command: `study run mia-train`, then `study mia --from results/<experiment>` — 33 trials: per data seed
     0–2 (it also seeds the membership split), a target model per n ∈ {1, 3, 5, 10, 20, 100, 1000} (R3

@@ -1,5 +1,5 @@
-"""`study delete`: delete the planted examples from the models of a finished training study (PAPER_SPEC
-§8–9), one Tune trial per source model, each reported next to the retrain-from-scratch oracle.
+"""`study delete`: delete the planted examples from the models of a finished training study
+(protocol §8), one Tune trial per source model, each reported next to the retrain-from-scratch oracle.
 
     study run demo --smoke --set epochs=2 --set n_spurious=[0,100] --name demo-smoke
     study delete --from results/demo-smoke --method retrain          # the oracles first: the others reuse them
@@ -37,7 +37,7 @@ def register(sub) -> dict:
     """Add the `delete` subcommand."""
     from study import cli
 
-    p = sub.add_parser("delete", help="delete the spurious examples from a training study's models (§8-9)",
+    p = sub.add_parser("delete", help="delete the spurious examples from a training study's models (protocol §8)",
                        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("--from", dest="source", required=True, metavar="EXPERIMENT_DIR",

@@ -1,4 +1,4 @@
-"""`study mia`: membership-inference attacks on the target models of a `mia-train` study (PAPER_SPEC §10),
+"""`study mia`: membership-inference attacks on the target models of a `mia-train` study (protocol §9),
 one Tune trial per target model and attack.
 
     study run mia-train --smoke --name mia-smoke
@@ -35,7 +35,7 @@ def register(sub) -> dict:
     """Add the `mia` subcommand."""
     from study import cli
 
-    p = sub.add_parser("mia", help="membership-inference attacks on a mia-train study's target models (§10)",
+    p = sub.add_parser("mia", help="membership-inference attacks on a mia-train study's target models (protocol §9)",
                        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("--from", dest="source", required=True, metavar="EXPERIMENT_DIR",

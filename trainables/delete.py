@@ -1,19 +1,19 @@
 """`delete`: delete a source trial's planted examples from its trained model, as a Ray Tune trainable
-(PAPER_SPEC §8–9), and report the result next to the retrain-from-scratch oracle.
+(protocol §8), and report the result next to the retrain-from-scratch oracle.
 
 One trial per source trial. It reads the source checkpoint through Ray's storage (a local or shared path,
 or a URI), rebuilds the planted data from the checkpoint's config with the same `plant` call, and runs one
 method:
 
-- `group_influence` (§8): θ ← θ + g / ((1 − p)·m), g = Σ_z (H + λI)⁻¹ ∇ℓ(z) by LiSSA on the full planted
-  training set. Depth, scale, damping and repeats default to the reference's (§8.2, via
-  `influence.defaults_for`). The scaling is fixed (§15.6): our LiSSA estimate is divided by the scale,
+- `group_influence` (protocol §8.3): θ ← θ + g / ((1 − p)·m), g = Σ_z (H + λI)⁻¹ ∇ℓ(z) by LiSSA on the full planted
+  training set. Depth, scale, damping and repeats default to the reference's (protocol §8.2, via
+  `influence.defaults_for`). The scaling is fixed (protocol §11.3): our LiSSA estimate is divided by the scale,
   so it estimates (H + λI)⁻¹v with λ = `damping` whatever the scale, where the reference's un-divided
   estimate is s·(H + d·s·I)⁻¹v (so the reference's default update is up to s = 100 times larger along
   curved directions). `reference_scaling=True` runs the reference's recursion verbatim. A diverging
   estimate (non-finite, or norm over `max_norm_ratio`·‖v‖) or non-finite updated parameters fail the
   trial with a one-line TrainingError.
-- `incremental_retraining` (§9): train on without the planted examples from the checkpoint, for
+- `incremental_retraining` (protocol §8.4): train on without the planted examples from the checkpoint, for
   `retrain_epochs` (default: the source's epoch count, the reference's 70 → 140), learning rate `inherit`
   (the checkpoint's decayed rate, as the reference) or `reset`.
 - `retrain`: the oracle itself, trained from scratch without the planted examples with the same seeds.
@@ -88,7 +88,7 @@ class DeleteSettings:
                 raise SpuriousError(message)
 
     def lissa(self, dataset: str, n: int) -> dict[str, Any]:
-        """Return depth/scale/damping/repeats: the reference's defaults for (dataset, n) where unset (§8.2)."""
+        """Return depth/scale/damping/repeats: the reference's defaults for (dataset, n) where unset (protocol §8.2)."""
         values = influence.defaults_for(dataset, n)
         values.update({k: getattr(self, k) for k in LISSA_KEYS if getattr(self, k) is not None})
         return values

@@ -1,5 +1,5 @@
 """`mia_attack`: a membership-inference attack on one target model of a `mia-train` study, as a Ray Tune
-trainable (PAPER_SPEC §10, with the §15.7 test-set bug fixed: see spurious/mia.py).
+trainable (protocol §9; the reference's test-set bug is fixed, see protocol §11.5 and spurious/mia.py).
 
 One trial per (target model, attack). The trial reads the target checkpoint and, for the `shadow` and
 `lira` attacks, the shadow checkpoints of the same study that share the target's membership split (same
@@ -7,7 +7,7 @@ dataset and data seed, the same training hyperparameters, distinct training seed
 storage. Members are the target's training quarter (the planted spurious examples among them, as trained),
 non-members its test quarter. It reports AUC, TPR at 1 % and 0.1 % FPR and attack accuracy over all
 examples, the same over the spurious members, and the rate at which the other (non-spurious) members are
-flagged, so spurious and other members can be compared (§10.4). The checkpoint holds the per-example
+flagged, so spurious and other members can be compared (protocol §9.4). The checkpoint holds the per-example
 scores (`member`, `nonmember`, `spurious` mask, `threshold`) for ROC curves.
 """
 from __future__ import annotations
@@ -89,7 +89,7 @@ def _scores(s: MiaSettings, target_logits: mia.SplitLogits, entry: dict, data: P
 
 def other_members(scores: mia.AttackScores, mask: np.ndarray, threshold: float) -> dict[str, float]:
     """Return the attack's success on the members that are not spurious: the fraction flagged at
-    `threshold` and their AUC against the non-members (the comparison group of §10.4)."""
+    `threshold` and their AUC against the non-members (the comparison group of protocol §9.4)."""
     others = scores.member[~mask]
     if not len(others):
         return {"other_attack_acc": float("nan"), "other_auc": float("nan")}
