@@ -247,7 +247,7 @@ def test_real_fashion_mnist(offline):
     assert datasets.load("fashion_mnist") is data
 
 
-# ---------------------------------------------------------------- choosing spurious examples (§4)
+# ---------------------------------------------------------------- choosing spurious examples (protocol §3.1)
 
 LABELS = np.random.RandomState(7).randint(0, 10, 500)
 
@@ -293,7 +293,7 @@ def test_choose_spurious_two_class_matches_reference():
         datasets.choose_spurious_two_class(LABELS, 2, 2, 1, 0)
 
 
-# ---------------------------------------------------------------- reference names (§3)
+# ---------------------------------------------------------------- reference names (protocol §1.3)
 
 @pytest.mark.parametrize("name, expected", [
     ("fashionv8-3-0-0", datasets.LegacyName("fashion", "v8", 3, (0,), 0, False)),
@@ -326,7 +326,7 @@ def test_parse_legacy_name_cifar_needs_a_version():
         datasets.parse_legacy_name("cifar10-3-0-0")
 
 
-# ---------------------------------------------------------------- membership split (§10.1)
+# ---------------------------------------------------------------- membership split (protocol §3.3)
 
 @pytest.mark.parametrize("n_total, quarter", [(70000, 17500), (60000, 15000)])
 def test_membership_split_quarters(n_total, quarter):

@@ -1,4 +1,4 @@
-"""Incremental retraining, the retrain oracle and the deletion report (§8.4, §9), without Ray."""
+"""Incremental retraining, the retrain oracle and the deletion report (protocol §8), without Ray."""
 import pytest
 import torch
 
@@ -97,7 +97,7 @@ def test_report_has_flat_keys_for_before_after_and_oracle(trained):
 @pytest.mark.slow
 @requires_fashion
 def test_incremental_retraining_does_not_forget_a_corner_pattern_but_the_oracle_does():
-    """The paper's claim (v1 abstract, §9): deleting the patterned examples and training on, at the
+    """The paper's claim (v1 abstract, protocol §8.1): deleting the patterned examples and training on, at the
     inherited decayed rate or at a reset rate, leaves the spurious correlation in place; retraining from
     scratch removes it. With a corner square on Fashion-MNIST the reason is mechanical: the 5×5 corner is
     all black in 74 % of the remaining images (mean intensity 0.005), so the first-layer weights on it get

@@ -1,4 +1,4 @@
-"""LiSSA and the group-influence update against the exact inverse Hessian of tiny float64 models (§8).
+"""LiSSA and the group-influence update against the exact inverse Hessian of tiny float64 models (protocol §8.3).
 
 Tolerances: with the full-data Hessian (batch_size ≥ m) LiSSA is deterministic and converges
 geometrically, so it must match the exact solve to 1e-6 relative. With the reference's stochastic
@@ -103,7 +103,7 @@ def test_full_batch_lissa_equals_damped_inverse(kind, damping):
 
 
 def test_reference_scaling_reproduces_the_undivided_estimate():
-    """The reference's (d, s) estimates s·(H + d·s·I)⁻¹ v, i.e. s times ours with damping d·s (§15.6)."""
+    """The reference's (d, s) estimates s·(H + d·s·I)⁻¹ v, i.e. s times ours with damping d·s (protocol §11.3)."""
     x, y = toy_data()
     model = fit_full_batch(logistic(), x, y)
     hess, eye = exact_hessian(model, x, y), torch.eye(21, dtype=torch.float64)

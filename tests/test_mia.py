@@ -1,4 +1,4 @@
-"""Membership-inference metrics on constructed scores with known values, and the three attacks (§10)."""
+"""Membership-inference metrics on constructed scores with known values, and the three attacks (protocol §9)."""
 import numpy as np
 import pytest
 import torch
@@ -166,7 +166,7 @@ def test_shadow_attack_learns_membership_and_uses_its_own_decision():
 
 
 def test_scoring_the_non_members_from_their_own_logits_fixes_the_reference_bug():
-    """§15.7: the reference scored target-train logits for both blocks, which pins the AUC at 0.5."""
+    """Protocol §11.5: the reference scored target-train logits for both blocks, which pins the AUC at 0.5."""
     rng = np.random.default_rng(0)
     target, shadow = fake_split(rng), fake_split(rng)
     buggy = mia.SplitLogits(target.member_logits, target.member_labels, target.member_logits,

@@ -13,7 +13,7 @@ from spurious.errors import SpuriousError
 MNIST, CIFAR = (1, 28, 28), (3, 32, 32)
 MNIST_MODELS = {"mlp", "mlp_v2", "large_mlp", "large_mlp_v2", "cnn002"}
 
-# PAPER_SPEC §6.2, 10 classes; MLP family and CNN002 on MNIST, ResNets and VGG16 on CIFAR.
+# Protocol §5.1, 10 classes; MLP family and CNN002 on MNIST, ResNets and VGG16 on CIFAR.
 PARAM_COUNTS = {
     "mlp": 203_530,
     "mlp_v2": 269_322,

@@ -1,4 +1,4 @@
-"""Patterns are pixel-exact per PAPER_SPEC §4, for greyscale and colour, and never modify their input."""
+"""Patterns are pixel-exact per protocol §2.1, for greyscale and colour, and never modify their input."""
 import numpy as np
 import pytest
 import torch

@@ -32,7 +32,7 @@ def test_delete_settings_validate_and_fill_the_reference_lissa_defaults():
                                    "damping": "1e-3", "scale": 10})
     assert s.scale == 10.0 and s.damping == 1e-3 and s.per_example
     assert s.lissa("fashion", 20) == {"depth": 50, "scale": 10.0, "damping": 1e-3, "repeats": 10}
-    assert delete_trainable.settings({}).lissa("fashion", 100)["depth"] == 1000  # §8.2: n >= 100
+    assert delete_trainable.settings({}).lissa("fashion", 100)["depth"] == 1000  # protocol §8.2: n >= 100
     with pytest.raises(SpuriousError, match="unknown deletion setting.*'epochs'.*allowed"):
         delete_trainable.settings({"epochs": 3})
     with pytest.raises(SpuriousError, match="'depth' must be int or None"):
