@@ -12,7 +12,7 @@ PROTOCOL = ROOT / "docs" / "protocol.md"
 SECTION_SIGN = "\u00a7"  # written as an escape so that this file holds no citation of its own
 # The name of the external fact sheet the project once cited, split so that this file does not contain it.
 EXTERNAL_SHEET = ("PAPER" + "_SPEC").encode()
-# Files that may use a bare section sign: the protocol itself, and the README, which says what §N means.
+# Files that may use a bare section sign: the protocol itself, and the README, which says what it means.
 BARE_SIGN_OK = {"README.md", "docs/protocol.md"}
 CITATION = re.compile(SECTION_SIGN + r"(\d+(?:\.\d+)?)(?:\s*[–-]\s*(\d+(?:\.\d+)?))?")
 HEADING = re.compile(r"^(?:## (\d+)\.|### (\d+\.\d+)) ", re.MULTILINE)
@@ -66,4 +66,4 @@ def test_citations_outside_the_readme_say_protocol():
     unlabelled = [f"{name}:{i}: {line.strip()}" for name, text in text_files().items() if name not in BARE_SIGN_OK
                   for i, line in enumerate(text.splitlines(), 1)
                   if SECTION_SIGN in line and f"protocol {SECTION_SIGN}" not in line.lower()]
-    assert unlabelled == [], "write 'protocol §N' so a reader knows where §N is:\n" + "\n".join(unlabelled)
+    assert unlabelled == [], "write 'protocol \u00a7N' so a reader knows which document is meant:\n" + "\n".join(unlabelled)
