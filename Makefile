@@ -11,4 +11,4 @@ demo: setup
 
 # All tests, slow ones included (CI runs exactly this).
 test: setup
-	WANDB_MODE=offline .venv/bin/python -m pytest tests -q
+	.venv/bin/python -m pytest tests -q

@@ -1,14 +1,14 @@
-"""Tune param spaces, one function per research question, composed with `merge` (protocol §7, §10).
+"""Param spaces as plain data, one function per research question, composed with `merge` (protocol §7, §10).
 
 Experimental factors (pattern, count, class, seed) are grid axes; nuisance and mitigation
 hyperparameters are sampled. Optimiser variants that change several keys at once are grid axes over
-small dicts under a named key; the trainable flattens them.
+small dicts under a named key; the trainable flattens them. The values use the vocabulary of YAML study
+files (`{"grid_search": [...]}`, `{"loguniform": [low, high]}`, …; see study/space.py, which alone turns
+them into Ray Tune objects, expands and counts them): this package imports no Ray.
 """
 from __future__ import annotations
 
 from typing import Any, Iterable, Sequence
-
-from ray import tune
 
 from spurious.errors import SpuriousError
 
@@ -21,8 +21,8 @@ NOISE_SIGMA_MAX = 1.0
 
 
 def grid(values: Iterable[Any]) -> dict:
-    """Return a Tune grid axis over `values`."""
-    return tune.grid_search(list(values))
+    """Return a grid axis over `values`: `{"grid_search": [...]}`, Tune's own grid format."""
+    return {"grid_search": list(values)}
 
 
 def merge(*spaces: dict) -> dict:
@@ -56,7 +56,7 @@ def mitigation_space(l2: tuple[float, float] = (1e-6, 1e-1),
         raise SpuriousError(f"l2 bounds must satisfy 0 < low < high, got {l2}")
     if not 0 <= noise_sigma[0] <= noise_sigma[1]:
         raise SpuriousError(f"noise_sigma bounds must satisfy 0 <= low <= high, got {noise_sigma}")
-    return {"l2": tune.loguniform(lo, hi), "noise_sigma": tune.uniform(*noise_sigma)}
+    return {"l2": {"loguniform": [lo, hi]}, "noise_sigma": {"uniform": list(noise_sigma)}}
 
 
 def mitigation_grid(l2: Sequence[float] = (), noise_sigma: Sequence[float] = (),
@@ -128,12 +128,3 @@ def membership_grid(counts: Sequence[int] = MIA_COUNTS, shadow_seeds: Sequence[i
     targets = [{"split": "mia_target", "n_spurious": int(n), "seed": 0} for n in counts]
     shadows = [{"split": "mia_shadow", "n_spurious": 0, "seed": int(s)} for s in shadow_seeds]
     return {"role": grid(targets + shadows), "data_seed": grid(data_seeds)}
-
-
-def count_trials(space: dict, num_samples: int = 1) -> int:
-    """Return how many trials Tune will create from `space` (product of grid axes × num_samples)."""
-    total = num_samples
-    for value in space.values():
-        if isinstance(value, dict) and set(value) == {"grid_search"}:
-            total *= len(value["grid_search"])
-    return total

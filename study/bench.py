@@ -1,9 +1,13 @@
-"""`study bench`: engine speed against a reference-shaped loop, and Ray Tune harness overhead, in one run.
+"""`study bench`: engine speed against a reference-shaped loop, bundling, Ray Tune harness overhead and the
+CLI's start-up time, in one run.
 
 Numbers are printed, never asserted by tests (speed targets are benchmark targets).
 """
 from __future__ import annotations
 
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -15,6 +19,9 @@ from spurious.planted import plant
 
 HARNESS_TRIALS = 8
 HARNESS_EPOCHS = 3
+# Commands that must answer in under a second: they import no torch or Ray.
+QUICK_COMMANDS = (("--help",), ("list",), ("show", "demo"))
+QUICK_TARGET_S = 1.0
 
 
 def engine_section(data_dir: str | None, repeats: int) -> dict:
@@ -55,7 +62,7 @@ def harness_section(data_dir: str | None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         options = runner.RunOptions(storage_path=tmp, name="bench", data_dir=data_dir, verbose=0)
         start = time.perf_counter()
-        runner.run(runner.prepare(spec, options), options)
+        runner.run(runner.prepare(spec, options), options)  # W&B off: this measures the harness alone
         tuned = time.perf_counter() - start
     ratio = tuned / serial
     print(f"harness overhead — {HARNESS_TRIALS} trials × {HARNESS_EPOCHS} epochs, Fashion-MNIST LargeMLP")
@@ -82,13 +89,35 @@ def bundle_section(data_dir: str | None, ks: tuple[int, ...], epochs: int, train
     return res
 
 
+def cli_section(repeats: int = 3) -> dict:
+    """Print and return the wall time (median of `repeats` fresh processes) of `study --help`, `study list`
+    and `study show demo`: each must answer in under a second."""
+    print(f"CLI start-up — fresh `python -m study.cli` processes, median of {repeats} (target < {QUICK_TARGET_S:g} s)")
+    out = {}
+    for argv in QUICK_COMMANDS:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "study.cli", *argv], check=True, stdout=subprocess.DEVNULL,
+                           stdin=subprocess.DEVNULL)
+            times.append(time.perf_counter() - start)
+        out[" ".join(argv)] = median = statistics.median(times)
+        verdict = "ok" if median < QUICK_TARGET_S else "over target"
+        print(f"  study {' '.join(argv):<12s} {median:.2f} s  {verdict}")
+    return out
+
+
 def main(data_dir: str | None = None, repeats: int = 3, harness: bool = True,
          bundle_sizes: tuple[int, ...] = (1, 8, 32), bundle_epochs: int = 2,
-         train_subset: int | None = None) -> dict:
-    """Run every benchmark section and return the numbers."""
-    out = {"engine": engine_section(data_dir, repeats)}
-    if bundle_sizes:
+         train_subset: int | None = None, only: str | None = None) -> dict:
+    """Run every benchmark section (or `only` one: engine, bundle, harness, cli) and return the numbers."""
+    out = {}
+    if only in (None, "cli"):
+        out["cli"] = cli_section(repeats)
+    if only in (None, "engine"):
+        out["engine"] = engine_section(data_dir, repeats)
+    if only in (None, "bundle") and bundle_sizes:
         out["bundle"] = bundle_section(data_dir, bundle_sizes, bundle_epochs, train_subset)
-    if harness:
+    if only in (None, "harness") and (harness or only == "harness"):
         out["harness"] = harness_section(data_dir)
     return out

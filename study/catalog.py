@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
-from ray import tune
 
 import search_spaces as ss
 from spurious.errors import SpuriousError
 from spurious.registry import Registry
+from study import space as space_lib
 
 KINDS = ("train", "tune-mitigation")
 
@@ -44,7 +44,7 @@ class StudySpec:
         """Return the number of trials the resolved study creates (a tuning study: settings + baseline)."""
         if self.kind == "tune-mitigation":
             return int({**self.tuning, **(self.smoke_tuning if smoke else {})}.get("trials", 20)) + 1
-        return ss.count_trials(self.resolved(smoke, overrides), self.num_samples)
+        return space_lib.count(self.resolved(smoke, overrides), self.num_samples)
 
     @property
     def smoke_tuning(self) -> dict:
@@ -177,15 +177,11 @@ def apply_overrides(space: dict, overrides: dict) -> dict:
     out = dict(space)
     for key, value in overrides.items():
         for axis, spec in list(out.items()):
-            if _is_grid(spec) and all(isinstance(v, dict) for v in spec["grid_search"]):
-                out[axis] = ss.grid(_dedupe([{k: v for k, v in variant.items() if k != key}
-                                             for variant in spec["grid_search"]]))
-        out[key] = to_domain(value)
+            if space_lib.is_grid(spec) and all(isinstance(v, dict) for v in spec["grid_search"]):
+                out[axis] = space_lib.grid(_dedupe([{k: v for k, v in variant.items() if k != key}
+                                                    for variant in spec["grid_search"]]))
+        out[key] = space_lib.from_yaml(value)
     return out
-
-
-def _is_grid(spec: Any) -> bool:
-    return isinstance(spec, dict) and set(spec) == {"grid_search"}
 
 
 def _dedupe(items: list) -> list:
@@ -194,28 +190,6 @@ def _dedupe(items: list) -> list:
         if item not in out:
             out.append(item)
     return out
-
-
-DISTRIBUTIONS = {"loguniform": tune.loguniform, "uniform": tune.uniform, "randint": tune.randint}
-
-
-def to_domain(value: Any) -> Any:
-    """Return the Tune value for a YAML/`--set` value: list → grid, {grid: [...]}, {loguniform: [a, b]} …"""
-    if isinstance(value, list):
-        if not value:
-            raise SpuriousError("an empty list is not a valid grid axis")
-        return ss.grid(value)
-    if isinstance(value, dict) and len(value) == 1:
-        (kind, args), = value.items()
-        if kind == "grid":
-            return to_domain(list(args))
-        if kind == "choice":
-            return tune.choice(list(args))
-        if kind in DISTRIBUTIONS:
-            if not isinstance(args, list) or len(args) != 2:
-                raise SpuriousError(f"{kind} needs [low, high], got {args!r}")
-            return DISTRIBUTIONS[kind](*args)
-    return value
 
 
 YAML_KEYS = {"name", "description", "space", "smoke", "kind", "num_samples", "checkpoint_every", "expected_time",

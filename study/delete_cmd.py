@@ -28,19 +28,20 @@ from analysis import posthoc as posthoc_analysis
 from spurious import datasets as datasets_lib
 from spurious.errors import SpuriousError
 from study import posthoc, runner
+from study.options import add_run_options, expand_path, run_options
 from trainables import delete as delete_trainable
 
 FIXED_KEYS = ("method", "source_trial_id")
+# `--smoke`: a short, non-per-example LiSSA and one epoch of incremental retraining (the retrain oracle keeps
+# the source's epochs: it must match the source model's training).
+SMOKE_SETTINGS = {"depth": 50, "repeats": 1, "per_example": False, "retrain_epochs": 1}
 
 
-def register(sub) -> dict:
-    """Add the `delete` subcommand."""
-    from study import cli
-
-    p = sub.add_parser("delete", help="delete the spurious examples from a training study's models (protocol §8)",
-                       description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    p.add_argument("--from", dest="source", required=True, metavar="EXPERIMENT_DIR",
+def arguments(p: argparse.ArgumentParser) -> None:
+    """Add the arguments of `study delete`."""
+    p.description, p.epilog = __doc__.split("\n\n")[0], "\n\n".join(__doc__.split("\n\n")[1:])
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("--from", dest="source", required=True, metavar="EXPERIMENT_DIR", type=expand_path,
                    help="the training study's experiment directory (local, shared or a URI)")
     p.add_argument("--method", required=True, choices=delete_trainable.METHODS)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -48,8 +49,8 @@ def register(sub) -> dict:
     p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
                    help="keep source trials whose config column equals VALUE (or one of a list); repeatable")
     p.add_argument("--oracle", default="auto", help="auto (default), train, or a retrain deletion study")
-    cli.add_run_options(p)
-    return {"delete": handle}
+    add_run_options(p, smoke_help="fast settings for a quick check: " + ", ".join(
+        f"{k}={v}" for k, v in SMOKE_SETTINGS.items()) + " (--set overrides them)")
 
 
 def setting_keys() -> list[str]:
@@ -126,9 +127,7 @@ def plan(source: str, method: str, overrides: dict, filters: dict, oracle: str,
 
 
 def handle(args: argparse.Namespace) -> int:
-    from study import cli
-
-    options = cli.run_options(argparse.Namespace(**{**vars(args), "set": [], "smoke": False}))
-    study, notes = plan(args.source, args.method, parse_settings(args.set), posthoc.parse_pairs(args.filter),
-                        args.oracle, options)
+    options = run_options(args)
+    settings = {**(SMOKE_SETTINGS if args.smoke else {}), **parse_settings(args.set)}
+    study, notes = plan(args.source, args.method, settings, posthoc.parse_pairs(args.filter), args.oracle, options)
     return posthoc.launch(study, notes, options, args)

@@ -6,19 +6,19 @@ import uuid
 from pathlib import Path
 
 from spurious.errors import SpuriousError
+from study.options import WANDB_MODES, RunOptions, expand_path
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 
 
-def register(sub) -> dict:
-    """Add the `doctor` subcommand."""
-    p = sub.add_parser("doctor", help="check cluster, storage, datasets and W&B before a launch")
+def arguments(p: argparse.ArgumentParser) -> None:
+    """Add the arguments of `study doctor`."""
     p.add_argument("--address", help="Ray cluster address (host:port or auto); default: embedded Ray here")
-    p.add_argument("--storage-path", default="./results", help="results root to check (path or URI)")
-    p.add_argument("--data-dir", help="dataset directory to check")
+    p.add_argument("--storage-path", default="./results", type=expand_path,
+                   help="results root to check (path or URI)")
+    p.add_argument("--data-dir", type=expand_path, help="dataset directory to check")
     p.add_argument("--datasets", default="mnist,fashion,cifar10", help="comma-separated datasets to check")
-    p.add_argument("--wandb", default="auto", choices=["auto", "off", "offline", "online"])
-    return {"doctor": handle}
+    p.add_argument("--wandb", default="auto", choices=WANDB_MODES)
 
 
 def check_cluster(address: str | None) -> list[tuple[str, str, str]]:
@@ -26,7 +26,7 @@ def check_cluster(address: str | None) -> list[tuple[str, str, str]]:
     from study import cluster, runner
 
     try:
-        runner.start_ray(runner.RunOptions(address=address, verbose=0))
+        runner.start_ray(RunOptions(address=address, verbose=0))
     except SpuriousError as err:
         return [(FAIL, "cluster", str(err))]
     nodes = cluster.alive_nodes()
@@ -36,7 +36,14 @@ def check_cluster(address: str | None) -> list[tuple[str, str, str]]:
         role = "head" if n["head"] else "worker"
         out.append((OK if n["cpus"] or n["gpus"] else WARN, f"  node {n['address']} ({role})",
                     f"{n['cpus']:g} CPU, {n['gpus']:g} GPU"))
-    if not any(n["gpus"] for n in nodes):
+    types = cluster.node_types() if address else None
+    for t in types or []:
+        res = t["resources"]
+        limit = "no limit" if t["max_count"] < 0 else f"up to {t['max_count']}"
+        out.append((OK, f"  node type {t['name']}", f"{res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU, {limit}"))
+    if any(t["resources"].get("GPU", 0) for t in types or []) and not any(n["gpus"] for n in nodes):
+        out.append((OK, "gpus", "no GPU node yet: the autoscaler adds GPU workers when trials ask for GPUs"))
+    elif not any(n["gpus"] for n in nodes):
         out.append((WARN, "gpus", "no GPU in the cluster: trials run on CPUs (--gpus-per-trial 0)"))
     return out
 
@@ -100,9 +107,9 @@ def check_wandb(flag: str) -> list[tuple[str, str, str]]:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from study import runner
+    from study import cluster
 
-    runner.check_address(args.address)
+    cluster.check_address(args.address)
     verdicts = check_cluster(args.address)
     if verdicts[0][0] != FAIL:
         verdicts += check_storage(args.storage_path)

@@ -23,22 +23,22 @@ import pandas as pd
 from spurious import datasets as datasets_lib, mia
 from spurious.errors import SpuriousError
 from study import posthoc, runner
+from study.options import add_run_options, expand_path, run_options
 from trainables import mia as mia_trainable
 
 # A shadow mimics its target: same data (hence membership split) and the same training recipe.
 MATCH_KEYS = ("dataset", "model", "data_seed", "optimizer", "lr", "momentum", "l2", "grad_clip", "noise_sigma",
               "augmentation", "epochs", "batch_size")
 FIXED_KEYS = ("attack", "target_trial_id")
+# `--smoke`: the first two matched shadows only.
+SMOKE_SETTINGS = {"shadows": 2}
 
 
-def register(sub) -> dict:
-    """Add the `mia` subcommand."""
-    from study import cli
-
-    p = sub.add_parser("mia", help="membership-inference attacks on a mia-train study's target models (protocol §9)",
-                       description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    p.add_argument("--from", dest="source", required=True, metavar="EXPERIMENT_DIR",
+def arguments(p: argparse.ArgumentParser) -> None:
+    """Add the arguments of `study mia`."""
+    p.description, p.epilog = __doc__.split("\n\n")[0], "\n\n".join(__doc__.split("\n\n")[1:])
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("--from", dest="source", required=True, metavar="EXPERIMENT_DIR", type=expand_path,
                    help="the mia-train study's experiment directory (local, shared or a URI)")
     p.add_argument("--attack", action="append", choices=mia.ATTACKS,
                    help="attack to run (repeatable; default: all of loss, shadow, lira)")
@@ -46,8 +46,8 @@ def register(sub) -> dict:
                    help=f"an attack setting ({', '.join(setting_keys())}); a list makes a grid axis")
     p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
                    help="keep target trials whose config column equals VALUE (or one of a list); repeatable")
-    cli.add_run_options(p)
-    return {"mia": handle}
+    add_run_options(p, smoke_help="fast settings for a quick check: " + ", ".join(
+        f"{k}={v}" for k, v in SMOKE_SETTINGS.items()) + " (--set overrides them)")
 
 
 def setting_keys() -> list[str]:
@@ -108,11 +108,9 @@ def plan(source: str, attacks: Sequence[str], overrides: dict, filters: dict,
 
 
 def handle(args: argparse.Namespace) -> int:
-    from study import cli
-
-    options = cli.run_options(argparse.Namespace(**{**vars(args), "set": [], "smoke": False}))
+    options = run_options(args)
     attacks = list(dict.fromkeys(args.attack or mia.ATTACKS))
-    overrides = posthoc.parse_pairs(args.set, "--set")
+    overrides = {**(SMOKE_SETTINGS if args.smoke else {}), **posthoc.parse_pairs(args.set, "--set")}
     unknown = sorted(set(overrides) - set(setting_keys()))
     if unknown:
         raise SpuriousError(f"--set {', '.join(unknown)}: not an attack setting; allowed: "

@@ -17,11 +17,9 @@ lags at the same epoch. Both recommend the lowest-score setting whose accuracy i
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import optuna
 from optuna.storages import JournalStorage
@@ -33,7 +31,7 @@ import search_spaces as ss
 from analysis import tuning as tuning_analysis
 from spurious import config as config_lib
 from spurious.errors import SpuriousError
-from study import cluster, runner
+from study import cluster, runner, space as space_lib, wandb_setup
 from study.catalog import StudySpec
 from trainables.tune_mitigation import tune_mitigation
 
@@ -77,8 +75,8 @@ class TuningOptions:
         """Return the Tune search space (converted to Optuna distributions by OptunaSearch)."""
         space = ss.mitigation_space((self.l2_low, self.l2_high), (0.0, self.sigma_max))
         if self.tune_lr:
-            space["lr"] = tune.loguniform(base_lr / 10, base_lr * 10)
-        return space
+            space["lr"] = {"loguniform": [base_lr / 10, base_lr * 10]}
+        return space_lib.to_tune(space)
 
 
 def constraint_of(trial) -> list[float]:
@@ -138,14 +136,8 @@ def _scheduler(options: TuningOptions, epochs: int):
                          grace_period=max(1, epochs // 3), reduction_factor=2)
 
 
-def _run_config(options: runner.RunOptions, root: Path, name: str, callbacks: list | None = None) -> tune.RunConfig:
-    return tune.RunConfig(name=name, storage_path=str(root), verbose=options.verbose, callbacks=callbacks or [],
-                          failure_config=tune.FailureConfig(max_failures=options.max_failures),
-                          checkpoint_config=tune.CheckpointConfig(num_to_keep=options.keep_checkpoints))
-
-
 def run_baseline(root: Path, base: dict, tuning: TuningOptions, data, resources: dict, checkpoint_every: int,
-                 options: runner.RunOptions, callbacks: list | None = None) -> dict:
+                 options: runner.RunOptions, logging: wandb_setup.Logging) -> dict:
     """Run (or finish) the unmitigated baseline and return its seed-averaged final metrics."""
     path = root / "baseline"
     trainable = _trainable(data, tuning.seeds, checkpoint_every, resources, None)
@@ -153,7 +145,8 @@ def run_baseline(root: Path, base: dict, tuning: TuningOptions, data, resources:
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(trainable, param_space={**base, "l2": 0.0, "noise_sigma": 0.0},
-                           run_config=_run_config(options, root, "baseline", callbacks))
+                           run_config=runner.run_config(options, "baseline", logging.callbacks(root, root.name),
+                                                        storage_path=str(root)))
     grid = tuner.fit()
     result = grid[0]
     if result.error or not result.metrics or result.metrics.get("epoch") != base["epochs"]:
@@ -162,8 +155,8 @@ def run_baseline(root: Path, base: dict, tuning: TuningOptions, data, resources:
 
 
 def run_search(root: Path, base: dict, tuning: TuningOptions, data, resources: dict, checkpoint_every: int,
-               options: runner.RunOptions, baseline: dict, retry_errored: bool = False,
-               callbacks: list | None = None) -> tune.ResultGrid:
+               options: runner.RunOptions, baseline: dict, logging: wandb_setup.Logging,
+               retry_errored: bool = False) -> tune.ResultGrid:
     """Run (or continue) the Optuna search over mitigation settings."""
     path = root / "search"
     min_acc = baseline["test_acc"] - tuning.max_acc_drop if tuning.objective == "constrained" else None
@@ -176,24 +169,18 @@ def run_search(root: Path, base: dict, tuning: TuningOptions, data, resources: d
     tune_config = tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(tuning, base["epochs"]),
                                   num_samples=tuning.trials, max_concurrent_trials=options.max_concurrent)
     tuner = tune.Tuner(trainable, param_space={**base, **tuning.space(base["lr"])}, tune_config=tune_config,
-                       run_config=_run_config(options, root, "search", callbacks))
+                       run_config=runner.run_config(options, "search", logging.callbacks(root, root.name),
+                                                    storage_path=str(root)))
     return tuner.fit()
 
 
-def _meta(spec: StudySpec, base: dict, tuning: TuningOptions, options: runner.RunOptions, resources: dict,
-          dataset: str) -> dict:
-    return {"study": spec.name, "kind": "tune-mitigation", "base": base, "tuning": asdict(tuning),
-            "datasets": [dataset], "data_dir": options.data_dir, "checkpoint_every": spec.checkpoint_every,
-            "resources": resources, "trials": tuning.trials + 1, "smoke": options.smoke,
-            "overrides": options.overrides, "max_concurrent": options.max_concurrent}
-
-
 def run(spec: StudySpec, options: runner.RunOptions, tuning: TuningOptions,
-        make_callbacks: Callable[[Path, str], list] | None = None) -> Path:
-    """Validate, run the baseline, then the search; write and print the result. Returns the experiment dir.
+        logging: wandb_setup.Logging | None = None) -> Path:
+    """Validate, run the baseline, then the search (W&B per `logging`); write and print the result.
 
-    `make_callbacks(experiment_dir, name)` returns Tune callbacks (e.g. W&B) for both phases.
+    Returns the experiment directory.
     """
+    logging = logging or wandb_setup.Logging()
     base = base_config(spec, options.smoke, options.overrides)
     prepared = runner.prepare(StudySpec(spec.name, spec.description, base), options)
     root = Path(options.storage_uri()) / prepared.name
@@ -203,35 +190,31 @@ def run(spec: StudySpec, options: runner.RunOptions, tuning: TuningOptions,
     runner.start_ray(options)
     resources = runner.trial_resources(options)
     cluster.check_storage(options.storage_uri())
-    root.mkdir(parents=True, exist_ok=True)
-    dataset = sorted(prepared.data)[0]
-    (root / runner.META_FILE).write_text(json.dumps(_meta(spec, base, tuning, options, resources, dataset),
-                                                    indent=2, default=str))
+    runner.write_meta(root, runner.session_meta("tune-mitigation", spec.name, options, logging, resources,
+                                                sorted(prepared.data)[:1], tuning.trials + 1, base=base,
+                                                tuning=asdict(tuning), checkpoint_every=spec.checkpoint_every))
     print(f"tune-mitigation {spec.name}: baseline + {tuning.trials} settings × {tuning.seeds} seeds -> {root}",
           flush=True)
-    callbacks = make_callbacks(root, prepared.name) if make_callbacks else None
-    return _execute(root, base, tuning, prepared.data, resources, spec.checkpoint_every, options,
-                    callbacks=callbacks)
+    return _execute(root, base, tuning, prepared.data, resources, spec.checkpoint_every, options, logging)
 
 
 def _execute(root: Path, base: dict, tuning: TuningOptions, data, resources: dict, checkpoint_every: int,
-             options: runner.RunOptions, retry_errored: bool = False, callbacks: list | None = None) -> Path:
+             options: runner.RunOptions, logging: wandb_setup.Logging, retry_errored: bool = False) -> Path:
     runner._fresh_experiment_state(tuning.trials + 1)
-    baseline = run_baseline(root, base, tuning, data, resources, checkpoint_every, options, callbacks)
-    run_search(root, base, tuning, data, resources, checkpoint_every, options, baseline, retry_errored, callbacks)
+    baseline = run_baseline(root, base, tuning, data, resources, checkpoint_every, options, logging)
+    run_search(root, base, tuning, data, resources, checkpoint_every, options, baseline, logging, retry_errored)
     summary = tuning_analysis.write_summary(root, baseline, tuning.max_acc_drop, tuning.objective)
     print()
     print(tuning_analysis.format_summary(summary))
     print(f"\nOptuna study: optuna-dashboard {root / JOURNAL}")
     print(f"experiment: {root}")
+    logging.print_sync_hint(root)
     return root
 
 
-def resume(root: Path, meta: dict, options: runner.RunOptions, retry_errored: bool) -> Path:
-    """Continue a tune-mitigation study: finish the baseline if needed, then the search with its history."""
-    tuning = TuningOptions(**meta["tuning"])
-    runner.start_ray(options)
-    data = runner.load_datasets(meta["datasets"], meta.get("data_dir"))
-    resources = runner.trial_resources(runner.resume_options(options, meta))
-    opts = runner.RunOptions(max_concurrent=meta.get("max_concurrent"), verbose=options.verbose)
-    return _execute(root, meta["base"], tuning, data, resources, meta["checkpoint_every"], opts, retry_errored)
+def resume(again: runner.Reopened, retry_errored: bool) -> Path:
+    """Continue a tune-mitigation study: finish the baseline if needed, then the search with its history;
+    phases not started yet get the study's W&B callbacks."""
+    meta = again.meta
+    return _execute(Path(again.path), meta["base"], TuningOptions(**meta["tuning"]), again.data, again.resources,
+                    meta["checkpoint_every"], again.options, again.logging, retry_errored)

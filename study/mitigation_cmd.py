@@ -5,16 +5,15 @@ import argparse
 from dataclasses import fields
 
 from spurious.errors import SpuriousError
+from study.options import add_run_options, expand_path, parse_set, run_options
 
 
-def register(sub) -> dict:
-    """Add the `tune-mitigation` subcommand."""
-    from study import cli
-
-    p = sub.add_parser("tune-mitigation", help="Optuna search for the L2 / noise setting that removes a pattern",
-                       description="Search L2 weight and input-noise σ (optionally lr) with Optuna through Ray "
-                                   "Tune, after evaluating the unmitigated baseline.")
-    p.add_argument("--study", default="mitigation", help="tuning study to start from (catalog name or YAML)")
+def arguments(p: argparse.ArgumentParser) -> None:
+    """Add the arguments of `study tune-mitigation`."""
+    p.description = ("Search L2 weight and input-noise σ (optionally lr) with Optuna through Ray Tune, after "
+                     "evaluating the unmitigated baseline.")
+    p.add_argument("--study", default="mitigation", type=expand_path,
+                   help="tuning study to start from (catalog name or YAML)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="fix a training setting, e.g. --set pattern=r3 --set n_spurious=3")
     p.add_argument("--trials", type=int, help="settings to try (default 20)")
@@ -26,9 +25,7 @@ def register(sub) -> dict:
     p.add_argument("--l2-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
                    help="log-uniform L2 range (default 1e-6 0.1; the floor stands in for 'off')")
     p.add_argument("--tune-lr", action="store_true", help="also search lr (log-uniform, base/10 … base×10)")
-    p.add_argument("--smoke", action="store_true", help="3 settings × 2 seeds, 1 epoch")
-    cli.add_run_options(p)
-    return {"tune-mitigation": handle}
+    add_run_options(p, smoke_help="3 settings × 2 seeds, 1 epoch")
 
 
 def tuning_options(spec, smoke: bool, args: argparse.Namespace | None = None):
@@ -56,22 +53,16 @@ def run_spec(spec, options, args: argparse.Namespace) -> int:
     from study import mitigation, wandb_setup
 
     tuning = tuning_options(spec, options.smoke, args if args.command == "tune-mitigation" else None)
-    mode = wandb_setup.resolve_mode(args.wandb)
-
-    def make_callbacks(root, name):
-        return wandb_setup.callbacks(mode, args.wandb_project, args.wandb_entity, root, name)
-
-    root = mitigation.run(spec, options, tuning, make_callbacks)
-    wandb_setup.print_sync_hint(mode, root)
+    logging = wandb_setup.Logging.from_flags(args.wandb, args.wandb_project, args.wandb_entity)
+    mitigation.run(spec, options, tuning, logging)
     return 0
 
 
 def handle(args: argparse.Namespace) -> int:
-    from study import catalog, cli, runner
+    from study import catalog
 
     spec = catalog.get(args.study)
     if spec.kind != "tune-mitigation":
         raise SpuriousError(f"study {args.study!r} is a {spec.kind!r} study, not a tune-mitigation study")
-    options = cli.run_options(args)
-    runner.check_address(args.address)
+    options = run_options(args, parse_set(args.set))
     return run_spec(spec, options, args)

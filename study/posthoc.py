@@ -10,7 +10,6 @@ as they see its storage.
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -25,8 +24,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from analysis import frames, posthoc as posthoc_analysis
 from spurious.errors import SpuriousError
-from study import cluster, runner
-from study.catalog import to_domain
+from study import cluster, runner, space as space_lib, wandb_setup
+from study.options import confirm
 from trainables.common import CHECKPOINT_FILE
 from trainables.delete import delete
 from trainables.mia import mia_attack
@@ -173,8 +172,8 @@ def finished(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
 
 def settings_grid(overrides: Mapping[str, Any]) -> tuple[dict, list[dict]]:
     """Return the Tune space of `--set` overrides (a list is a grid axis) and every combination of them."""
-    space = {k: to_domain(v) for k, v in overrides.items()}
-    return space, runner.grid_combinations(space)
+    space = {k: space_lib.from_yaml(v) for k, v in overrides.items()}
+    return space, space_lib.points(space)
 
 
 # ---------------------------------------------------------------- running and resuming
@@ -185,13 +184,6 @@ def build_trainable(kind: str, data: Mapping, sources: Mapping, resources: dict)
     fn, keyword = TRAINABLES[kind]
     return tune.with_resources(tune.with_parameters(fn, datasets=dict(data), **{keyword: dict(sources)}),
                                resources)
-
-
-def _meta(plan: Plan, options: runner.RunOptions, resources: dict) -> dict:
-    return {"study": f"{plan.kind}", "kind": plan.kind, "source": plan.source, "datasets": plan.datasets,
-            "data_dir": options.data_dir, "resources": resources, "trials": plan.trials,
-            "max_failures": options.max_failures, "keep_checkpoints": options.keep_checkpoints,
-            "max_concurrent": options.max_concurrent, "sources": plan.sources, **plan.extra_meta}
 
 
 def check_new(options: runner.RunOptions, name: str) -> None:
@@ -222,8 +214,9 @@ def check_sources_visible(plan: Plan, timeout_s: float = 60.0) -> None:
                             f"{', '.join(missing)}; put the source study on shared storage or a URI")
 
 
-def run(plan: Plan, options: runner.RunOptions, callbacks: list | None = None) -> str:
-    """Run a planned post-hoc study and return its experiment path."""
+def run(plan: Plan, options: runner.RunOptions, logging: wandb_setup.Logging | None = None) -> str:
+    """Run a planned post-hoc study (W&B per `logging`) and return its experiment path."""
+    logging = logging or wandb_setup.Logging()
     check_new(options, plan.name)
     data = runner.load_datasets(plan.datasets, options.data_dir)
     runner.start_ray(options)
@@ -231,49 +224,38 @@ def run(plan: Plan, options: runner.RunOptions, callbacks: list | None = None) -
     cluster.check_storage(options.storage_uri())
     check_sources_visible(plan)
     runner._fresh_experiment_state(plan.trials)
-    if not is_uri(options.storage_uri()):
-        path = Path(options.storage_uri()) / plan.name
-        path.mkdir(parents=True, exist_ok=True)
-        (path / runner.META_FILE).write_text(json.dumps(_meta(plan, options, resources), indent=2, default=str))
-    tuner = tune.Tuner(build_trainable(plan.kind, data, plan.sources, resources), param_space=plan.space,
+    exp_path = runner.join(options.storage_uri(), plan.name)
+    runner.write_meta(exp_path, runner.session_meta(plan.kind, plan.kind, options, logging, resources, plan.datasets,
+                                                    plan.trials, source=plan.source, sources=plan.sources,
+                                                    **plan.extra_meta))
+    tuner = tune.Tuner(build_trainable(plan.kind, data, plan.sources, resources),
+                       param_space=space_lib.to_tune(plan.space),
                        tune_config=tune.TuneConfig(max_concurrent_trials=options.max_concurrent),
-                       run_config=runner.run_config(options, plan.name, callbacks))
+                       run_config=runner.run_config(options, plan.name, logging.callbacks(exp_path, plan.name)))
     return tuner.fit().experiment_path
 
 
-def resume(path: str | Path, options: runner.RunOptions, retry_errored: bool = False) -> str:
+def resume(again: runner.Reopened, retry_errored: bool = False) -> str:
     """Continue an interrupted post-hoc study; finished trials stay finished."""
-    path = Path(path).resolve()
-    meta = runner.read_meta(path)
+    meta = again.meta
     if meta.get("kind") not in KINDS:
-        raise SpuriousError(f"{str(path)!r} is not a post-hoc study (kind {meta.get('kind')!r})")
-    if not tune.Tuner.can_restore(str(path)):
-        raise SpuriousError(f"{str(path)!r} holds no restorable Tune experiment")
-    runner.start_ray(options)
-    runner._fresh_experiment_state(int(meta.get("trials", 0)))
-    data = runner.load_datasets(meta["datasets"], meta.get("data_dir"))
-    res = meta.get("resources", {})
-    resources = runner.trial_resources(runner.RunOptions(cpus_per_trial=res.get("cpu", 1.0),
-                                                         gpus_per_trial=res.get("gpu")))
-    trainable = build_trainable(meta["kind"], data, meta["sources"], resources)
-    tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
+        raise SpuriousError(f"{str(again.path)!r} is not a post-hoc study (kind {meta.get('kind')!r})")
+    trainable = build_trainable(meta["kind"], again.data, meta["sources"], again.resources)
+    tuner = tune.Tuner.restore(str(again.path), trainable=trainable, resume_unfinished=True,
                                resume_errored=retry_errored)
     return tuner.fit().experiment_path
 
 
 def launch(plan: Plan, notes: list[str], options: runner.RunOptions, args) -> int:
     """Print the notes, confirm a large study, run it (with W&B per `--wandb`) and print its table."""
-    from study import cli, wandb_setup
-
     for note in notes:
         print(note)
-    cli.confirm(plan.trials, args.yes)
-    mode = wandb_setup.resolve_mode(args.wandb)
-    experiment_dir = f"{options.storage_uri()}/{plan.name}"
+    confirm(plan.trials, args.yes)
+    logging = wandb_setup.Logging.from_flags(args.wandb, args.wandb_project, args.wandb_entity)
+    experiment_dir = runner.join(options.storage_uri(), plan.name)
     print(f"{plan.kind}: {plan.trials} trials -> {experiment_dir}", flush=True)
-    callbacks = wandb_setup.callbacks(mode, args.wandb_project, args.wandb_entity, experiment_dir, plan.name)
-    code = finish(run(plan, options, callbacks), plan.kind)
-    wandb_setup.print_sync_hint(mode, experiment_dir)
+    code = finish(run(plan, options, logging), plan.kind)
+    logging.print_sync_hint(experiment_dir)
     return code
 
 
@@ -287,9 +269,3 @@ def finish(experiment_path: str, kind: str) -> int:
         print(f"errored: {row.trial_id}: {row.error or row.status}")
     print(f"\nexperiment: {experiment_path}")
     return 1 if len(errored) else 0
-
-
-def resume_cmd(path: str | Path, options: runner.RunOptions, retry_errored: bool) -> int:
-    """`study resume` of a post-hoc study: continue it, then print its table."""
-    meta = runner.read_meta(Path(path).resolve())
-    return finish(resume(path, options, retry_errored), meta["kind"])

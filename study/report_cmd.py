@@ -12,22 +12,21 @@ import argparse
 from pathlib import Path
 
 from spurious.errors import SpuriousError
+from study.options import expand_path
 
 
-def register(subparsers) -> dict:
-    """Add the `report` subcommand; return its handler."""
-    p = subparsers.add_parser("report", help="write tables, figures and index.html for experiments",
-                              description=__doc__.split("\n\n")[0], epilog=__doc__.split("::\n")[1],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiments", nargs="+", metavar="EXPERIMENT_DIR",
+def arguments(p: argparse.ArgumentParser) -> None:
+    """Add the arguments of `study report`."""
+    p.description, p.epilog = __doc__.split("\n\n")[0], __doc__.split("::\n")[1]
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("experiments", nargs="+", metavar="EXPERIMENT_DIR", type=expand_path,
                    help="experiment directory (several make one report)")
-    p.add_argument("--out", help="output directory (default: FIRST_EXPERIMENT_DIR/report)")
+    p.add_argument("--out", type=expand_path, help="output directory (default: FIRST_EXPERIMENT_DIR/report)")
     p.add_argument("--wandb", nargs="?", const="offline", default="off",
                    choices=["auto", "off", "offline", "online"],
                    help="also log the tables and figures to a W&B run; bare --wandb means offline")
     p.add_argument("--wandb-project", default=None, help="W&B project (default rare-spurious-study)")
     p.add_argument("--wandb-entity", default=None, help="W&B entity (team or user)")
-    return {"report": cmd_report}
 
 
 def check_experiment(path: str) -> Path:

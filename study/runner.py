@@ -1,12 +1,10 @@
 """Builds Tuners from study specs, validates everything before a trial starts, runs and resumes studies."""
 from __future__ import annotations
 
-import itertools
 import json
 import os
-import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -15,67 +13,21 @@ from ray import tune
 
 from spurious import bundle, config as config_lib, datasets, train
 from spurious.errors import SpuriousError
-from study import cluster
+from study import cluster, space as space_lib, wandb_setup
 from study.catalog import StudySpec
+from study.options import RunOptions, expand_path
 from trainables.common import flatten_config
 from trainables.train_bundle import train_bundle
 from trainables.train_classifier import train_classifier
 
 META_FILE = "study.json"
-NONNEGATIVE_KEYS = ("l2", "noise_sigma", "grad_clip")
-
-
-@dataclass
-class RunOptions:
-    """How to run a study: where, with what resources, and where results go."""
-
-    storage_path: str = "./results"
-    name: str | None = None
-    address: str | None = None
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float | None = None
-    max_concurrent: int | None = None
-    data_dir: str | None = None
-    smoke: bool = False
-    overrides: dict = field(default_factory=dict)
-    max_failures: int = 2
-    keep_checkpoints: int = 2
-    verbose: int = 1
-    bundle: int = 1
-
-    def storage_uri(self) -> str:
-        """Return the storage path as Tune wants it: a URI, or an absolute local path."""
-        return self.storage_path if "://" in self.storage_path else str(Path(self.storage_path).resolve())
-
-
-def grid_combinations(space: Mapping[str, Any]) -> list[dict]:
-    """Return every grid point of `space`, with sampled axes replaced by one sample (for validation)."""
-    keys = list(space)
-    axes = [space[k]["grid_search"] if _is_grid(space[k]) else [_sample(space[k])] for k in keys]
-    return [dict(zip(keys, values)) for values in itertools.product(*axes)]
-
-
-def _is_grid(value: Any) -> bool:
-    return isinstance(value, dict) and set(value) == {"grid_search"}
-
-
-def _sample(value: Any) -> Any:
-    return value.sample() if hasattr(value, "sample") else value
-
-
-def check_domains(space: Mapping[str, Any]) -> None:
-    """Raise if a sampled L2, noise or clip range reaches below zero."""
-    for key in NONNEGATIVE_KEYS:
-        lower = getattr(space.get(key), "lower", None) if hasattr(space.get(key), "sample") else None
-        if isinstance(lower, (int, float)) and lower < 0:
-            raise SpuriousError(f"{key} range starts at {lower}; {key} must be >= 0")
 
 
 def validate(space: Mapping[str, Any], data: Mapping[str, datasets.Dataset]) -> list[config_lib.TrainConfig]:
     """Return the validated config of every grid point; raise on the first bad one (before any trial)."""
-    check_domains(space)
+    space_lib.check_domains(space)
     configs = []
-    for point in grid_combinations(space):
+    for point in space_lib.points(space):
         cfg = config_lib.from_dict(flatten_config(point))
         train.validate_names(cfg)
         dataset = data[datasets.DATASETS.canonical(cfg.dataset)]
@@ -86,7 +38,7 @@ def validate(space: Mapping[str, Any], data: Mapping[str, datasets.Dataset]) -> 
 
 def dataset_names(space: Mapping[str, Any]) -> list[str]:
     """Return the canonical dataset names used anywhere in `space`."""
-    names = {flatten_config(p).get("dataset", config_lib.TrainConfig.dataset) for p in grid_combinations(space)}
+    names = {flatten_config(p).get("dataset", config_lib.TrainConfig.dataset) for p in space_lib.points(space)}
     return sorted({datasets.DATASETS.canonical(n) for n in names})
 
 
@@ -95,22 +47,11 @@ def load_datasets(names: list[str], data_dir: str | None) -> dict[str, datasets.
     return {name: datasets.load(name, data_dir) for name in names}
 
 
-def check_address(address: str | None) -> None:
-    """Fail fast with one line if a `host:port` cluster address does not answer."""
-    if not address or address in ("auto", "local") or address.startswith("ray://"):
-        return
-    host, _, port = address.rpartition(":")
-    try:
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=3).close()
-    except (OSError, ValueError) as err:
-        raise SpuriousError(f"cannot reach Ray cluster at --address {address!r}: {err}") from None
-
-
 def start_ray(options: RunOptions) -> None:
     """Join the cluster at `--address`, or start embedded Ray on this machine."""
     if ray.is_initialized():
         return
-    check_address(options.address)
+    cluster.check_address(options.address)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     try:
         if options.address:
@@ -122,17 +63,9 @@ def start_ray(options: RunOptions) -> None:
 
 
 def trial_resources(options: RunOptions) -> dict[str, float]:
-    """Return per-trial resources; GPUs default to a quarter GPU when the cluster has any, else none."""
-    cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    gpus = options.gpus_per_trial
-    if gpus is None:
-        gpus = 0.25 if cluster_gpus > 0 else 0.0
-    if gpus > 0 and cluster_gpus == 0:
-        raise SpuriousError(f"--gpus-per-trial {gpus} asked for GPUs but the cluster has none; use 0")
-    if options.cpus_per_trial > ray.cluster_resources().get("CPU", 0):
-        raise SpuriousError(f"--cpus-per-trial {options.cpus_per_trial} is more than the cluster's "
-                            f"{ray.cluster_resources().get('CPU', 0):g} CPUs")
-    return {"cpu": options.cpus_per_trial, "gpu": gpus}
+    """Return per-trial resources {"cpu", "gpu"} (see cluster.plan_resources: refuse only the impossible)."""
+    return cluster.plan_resources(options.cpus_per_trial, options.gpus_per_trial, options.address,
+                                  options.static_cluster)
 
 
 def build_trainable(data: Mapping[str, datasets.Dataset], checkpoint_every: int, resources: dict,
@@ -152,7 +85,7 @@ def bundle_space(configs: list[config_lib.TrainConfig], size: int, data: Mapping
     for members in chunks:
         dataset = data[datasets.DATASETS.canonical(members[0].dataset)]
         bundle.check_bundlable(members[0], dataset.input_shape, dataset.num_classes)
-    return {"bundle": tune.grid_search([[c.to_dict() for c in members] for members in chunks])}
+    return {"bundle": space_lib.grid([[c.to_dict() for c in members] for members in chunks])}
 
 
 def bundle_dirname(trial) -> str:
@@ -160,10 +93,16 @@ def bundle_dirname(trial) -> str:
     return f"bundle_{trial.trial_id}"
 
 
-def run_config(options: RunOptions, name: str, callbacks: list | None = None) -> tune.RunConfig:
-    """Return the RunConfig: storage, retries from the last checkpoint, checkpoints kept."""
+def run_config(options: RunOptions, name: str, callbacks: list | None = None,
+               storage_path: str | None = None) -> tune.RunConfig:
+    """Return the RunConfig: storage, retries from the last checkpoint, checkpoints kept.
+
+    The callbacks list is copied: Tune appends its own progress reporter to the list it gets, and a list
+    shared by two Tuners would hand the second one the first one's finished reporter.
+    """
     return tune.RunConfig(
-        name=name, storage_path=options.storage_uri(), callbacks=callbacks or [], verbose=options.verbose,
+        name=name, storage_path=storage_path or options.storage_uri(), callbacks=list(callbacks or []),
+        verbose=options.verbose,
         failure_config=tune.FailureConfig(max_failures=options.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=options.keep_checkpoints))
 
@@ -201,14 +140,19 @@ def prepare(spec: StudySpec, options: RunOptions) -> Prepared:
     return Prepared(spec, space, configs, data, name)
 
 
-def write_meta(path: str | Path, prepared: Prepared, options: RunOptions, resources: dict) -> None:
-    """Record what `study resume` needs to rebuild the trainable."""
-    meta = {"study": prepared.spec.name, "kind": prepared.spec.kind, "datasets": sorted(prepared.data),
-            "data_dir": options.data_dir, "checkpoint_every": prepared.spec.checkpoint_every,
-            "resources": resources, "trials": len(prepared.configs) * prepared.spec.num_samples,
-            "smoke": options.smoke, "overrides": options.overrides, "max_failures": options.max_failures,
-            "keep_checkpoints": options.keep_checkpoints, "max_concurrent": options.max_concurrent,
-            "bundle": options.bundle}
+def session_meta(kind: str, study: str, options: RunOptions, logging: wandb_setup.Logging, resources: dict,
+                 datasets_used: list[str], trials: int, **extra) -> dict:
+    """Return the study.json record every study kind writes: what `study resume` needs to set up the same
+    process and trainable in any shell (data, resources, W&B, retries), plus the kind's own `extra`."""
+    return {"study": study, "kind": kind, "datasets": sorted(datasets_used), "data_dir": options.data_dir,
+            "resources": resources, "trials": trials, "smoke": options.smoke, "overrides": options.overrides,
+            "max_failures": options.max_failures, "keep_checkpoints": options.keep_checkpoints,
+            "max_concurrent": options.max_concurrent, "bundle": options.bundle,
+            "static_cluster": options.static_cluster, "wandb": logging.to_meta(), **extra}
+
+
+def write_meta(path: str | Path, meta: Mapping[str, Any]) -> None:
+    """Write study.json into an experiment directory (a local path or a URI)."""
     write_text(join(path, META_FILE), json.dumps(meta, indent=2, default=str))
 
 
@@ -219,7 +163,7 @@ def join(base: str | Path, name: str) -> str | Path:
 
 def location(path: str | Path) -> str | Path:
     """Return an experiment location as given on the command line: a URI as is, a local path resolved."""
-    return str(path) if "://" in str(path) else Path(path).resolve()
+    return str(path) if "://" in str(path) else Path(expand_path(path)).resolve()
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -257,21 +201,25 @@ def read_meta(path: str | Path) -> dict:
         raise SpuriousError(f"{str(path)!r} is not a study experiment directory (no {META_FILE})") from None
 
 
-def run(prepared: Prepared, options: RunOptions, callbacks: list | None = None) -> tune.ResultGrid:
-    """Run a prepared study through a Tuner and return its ResultGrid."""
+def run(prepared: Prepared, options: RunOptions, logging: wandb_setup.Logging | None = None) -> tune.ResultGrid:
+    """Run a prepared study through a Tuner (W&B per `logging`) and return its ResultGrid."""
+    logging = logging or wandb_setup.Logging()
     start_ray(options)
     resources = trial_resources(options)
     cluster.check_storage(options.storage_uri())
-    _fresh_experiment_state(len(prepared.configs) * prepared.spec.num_samples)
+    trials = len(prepared.configs) * prepared.spec.num_samples
+    _fresh_experiment_state(trials)
     exp_path = join(options.storage_uri(), prepared.name)
-    write_meta(exp_path, prepared, options, resources)
+    write_meta(exp_path, session_meta(prepared.spec.kind, prepared.spec.name, options, logging, resources,
+                                      list(prepared.data), trials,
+                                      checkpoint_every=prepared.spec.checkpoint_every))
     tuner = tune.Tuner(
         build_trainable(prepared.data, prepared.spec.checkpoint_every, resources, options.bundle > 1),
-        param_space=prepared.space,
+        param_space=space_lib.to_tune(prepared.space),
         tune_config=tune.TuneConfig(num_samples=prepared.spec.num_samples,
                                     max_concurrent_trials=options.max_concurrent, reuse_actors=True,
                                     trial_dirname_creator=bundle_dirname if options.bundle > 1 else None),
-        run_config=run_config(options, prepared.name, callbacks))
+        run_config=run_config(options, prepared.name, logging.callbacks(exp_path, prepared.name)))
     return tuner.fit()
 
 
@@ -283,25 +231,52 @@ def _fresh_experiment_state(trials: int) -> None:
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
 
 
-def resume(path: str | Path, retry_errored: bool = False, options: RunOptions | None = None,
-           callbacks: list | None = None) -> tune.ResultGrid:
-    """Continue an interrupted study: finished trials stay finished, unfinished ones restart from checkpoints."""
+@dataclass
+class Reopened:
+    """An interrupted experiment of any kind, with this process set up as its launch set it up."""
+
+    path: str | Path
+    meta: dict
+    options: RunOptions
+    resources: dict
+    data: dict
+    logging: wandb_setup.Logging
+
+
+def reopen(path: str | Path, address: str | None = None, verbose: int = 1) -> Reopened:
+    """Set up this process to continue the experiment at `path` (local or URI), whatever shell it runs in.
+
+    From study.json: W&B mode and directory (the callbacks restored from tuner.pkl need them; an online
+    study needs an API key here too), the data directory, per-trial resources, retries, concurrency and
+    Tune's state-saving period; Ray is joined at `address` (default: embedded). Raises SpuriousError (one
+    line) for a directory that is not a restorable study.
+    """
     path = location(path)
     meta = read_meta(path)
-    if not tune.Tuner.can_restore(str(path)):
+    if not tune.Tuner.can_restore(str(path)) and meta.get("kind") != "tune-mitigation":
         raise SpuriousError(f"{str(path)!r} holds no restorable Tune experiment")
-    options = options or RunOptions()
+    text = str(path).rstrip("/")
+    res = meta.get("resources", {})
+    options = RunOptions(storage_path=text.rsplit("/", 1)[0], name=text.rsplit("/", 1)[-1], address=address,
+                         cpus_per_trial=res.get("cpu", 1.0), gpus_per_trial=res.get("gpu"),
+                         max_concurrent=meta.get("max_concurrent"), data_dir=meta.get("data_dir"),
+                         smoke=bool(meta.get("smoke")), overrides=meta.get("overrides") or {},
+                         max_failures=meta.get("max_failures", 2), keep_checkpoints=meta.get("keep_checkpoints", 2),
+                         verbose=verbose, bundle=meta.get("bundle", 1),
+                         static_cluster=bool(meta.get("static_cluster")))
+    logging = wandb_setup.Logging.from_meta(meta)
+    logging.reactivate(path)
+    data = load_datasets(meta["datasets"], options.data_dir)
     start_ray(options)
     _fresh_experiment_state(int(meta.get("trials", 0)))
-    data = load_datasets(meta["datasets"], meta.get("data_dir"))
-    trainable = build_trainable(data, meta["checkpoint_every"], trial_resources(resume_options(options, meta)),
-                                meta.get("bundle", 1) > 1)
-    tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
+    return Reopened(path, meta, options, trial_resources(options), data, logging)
+
+
+def resume(again: Reopened, retry_errored: bool = False) -> tune.ResultGrid:
+    """Continue a reopened training study: finished trials stay finished, unfinished ones restart from their
+    checkpoints (errored ones too with `retry_errored`)."""
+    trainable = build_trainable(again.data, again.meta["checkpoint_every"], again.resources,
+                                again.options.bundle > 1)
+    tuner = tune.Tuner.restore(str(again.path), trainable=trainable, resume_unfinished=True,
                                resume_errored=retry_errored)
     return tuner.fit()
-
-
-def resume_options(options: RunOptions, meta: dict) -> RunOptions:
-    """Return the per-trial resources a study was launched with (from its study.json) as RunOptions."""
-    res = meta.get("resources", {})
-    return RunOptions(cpus_per_trial=res.get("cpu", options.cpus_per_trial), gpus_per_trial=res.get("gpu"))

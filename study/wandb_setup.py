@@ -11,8 +11,11 @@ Examples::
 from __future__ import annotations
 
 import functools
+import json
 import netrc
 import os
+import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 from urllib.parse import urlsplit
@@ -23,6 +26,7 @@ MODES = ("auto", "off", "offline", "online")
 DEFAULT_PROJECT = "rare-spurious-study"
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 WANDB_SUBDIR = "wandb"
+SUPERSEDED_SUBDIR = "superseded"
 TAG_KEYS = ("dataset", "pattern")
 # Settings every W&B run of a study gets: no prompts or console capture, no code or git snapshot.
 SETTINGS = {"silent": True, "save_code": False, "disable_code": True, "disable_git": True, "console": "off"}
@@ -158,15 +162,121 @@ def callback_class() -> type:
         def _start_logging_actor(self, trial, exclude_results, **init_kwargs):
             config = flat_config(trial.config, trial.trainable_name)
             init_kwargs.update(config=config, tags=run_tags(config))
+            if trial not in self._trial_logging_futures:  # a new W&B process for this trial
+                if init_kwargs.get("mode") == "online":
+                    init_kwargs["resume"] = "allow"  # a restarted trial continues its W&B run on the server
+                elif supersede_runs(init_kwargs.get("dir"), trial.trial_id):
+                    self._replay = {*getattr(self, "_replay", ()), trial.trial_id}
             super()._start_logging_actor(trial, exclude_results, **init_kwargs)
 
         def log_trial_result(self, iteration, trial, result):
             # Ray also sends each result's config as a config update: keep it flat too.
             if isinstance(result.get("config"), Mapping):
                 result = {**result, "config": flat_config(result["config"], trial.trainable_name)}
+            if trial.trial_id in getattr(self, "_replay", ()):
+                self._replay.discard(trial.trial_id)
+                for old in earlier_results(trial, result.get("training_iteration", iteration)):
+                    self.log_trial_result(old["training_iteration"], trial, old)
             super().log_trial_result(iteration, trial, result)
 
     return StudyWandbCallback
+
+
+def supersede_runs(directory: str | Path | None, run_id: str) -> bool:
+    """Move the offline run folders of W&B run `run_id` under `directory`/wandb into wandb/superseded/.
+
+    W&B cannot resume an offline run: a trial restarted by `study resume` (or retried after a fault) gets a
+    new offline folder with the same run id. Its earlier folder, possibly cut short by the kill, is moved
+    aside, and the callback replays the trial's earlier results into the new run, so the
+    `wandb/offline-run-*` folders hold exactly one complete run per trial and `wandb sync` uploads each
+    trial once. Returns whether any folder was moved.
+    """
+    if directory is None:
+        return False
+    runs = Path(directory) / WANDB_SUBDIR
+    old = sorted(runs.glob(f"offline-run-*-{run_id}"))
+    for folder in old:
+        target = runs / SUPERSEDED_SUBDIR / folder.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(folder), str(target))
+    return bool(old)
+
+
+def earlier_results(trial, before_iteration: int) -> list[dict]:
+    """Return the results a trial reported before `before_iteration` (its result.json, last report of each
+    training iteration kept), oldest first; the epochs of a restarted trial that it will report again are
+    left out."""
+    latest: dict[int, dict] = {}
+    for text in _result_files(trial):
+        for line in text.splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a killed driver
+            step = record.get("training_iteration")
+            if isinstance(step, int) and step < before_iteration:
+                latest[step] = record
+        if latest:
+            break
+    return [latest[k] for k in sorted(latest)]
+
+
+def _result_files(trial) -> list[str]:
+    """Return the texts of a trial's result.json: the driver's staging copy (current within a session), then
+    the copy in storage (what a resumed session finds)."""
+    texts = []
+    staging = getattr(trial, "local_path", None)
+    if staging and (Path(staging) / "result.json").is_file():
+        texts.append((Path(staging) / "result.json").read_text())
+    try:
+        fs, path = trial.storage.storage_filesystem, f"{trial.path}/result.json"
+        with fs.open_input_stream(path) as stream:
+            texts.append(stream.read().decode())
+    except Exception:  # no copy in storage yet, or no storage context (a test double)
+        pass
+    return texts
+
+
+@dataclass(frozen=True)
+class Logging:
+    """A study's W&B settings, recorded in study.json so `study resume` logs the same way in any shell."""
+
+    mode: str = "off"
+    project: str = DEFAULT_PROJECT
+    entity: str | None = None
+
+    @classmethod
+    def from_flags(cls, flag: str, project: str | None, entity: str | None) -> "Logging":
+        """Return the settings for `--wandb FLAG` (auto resolved now) and the project/entity flags."""
+        return cls(resolve_mode(flag), project or DEFAULT_PROJECT, entity)
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any]) -> "Logging":
+        """Return the settings recorded in study.json (studies written before they were recorded: off)."""
+        return cls(**meta.get("wandb", {}))
+
+    def to_meta(self) -> dict:
+        """Return the settings as study.json records them (never an API key)."""
+        return asdict(self)
+
+    def callbacks(self, experiment_dir: str | Path, group: str) -> list:
+        """Return a fresh list of Tune callbacks (one per Tuner: Tune adds its own to the list it is given)."""
+        return callbacks(self.mode, self.project, self.entity, experiment_dir, group)
+
+    def reactivate(self, experiment_dir: str | Path) -> None:
+        """Set up this process for a resumed study whose restored callbacks log per these settings: W&B's
+        mode and directory in the environment (Ray's callback looks for an API key unless WANDB_MODE says
+        offline); an online study needs a key here too (one-line error, never a prompt)."""
+        if self.mode == "off":
+            return
+        if self.mode == "online" and not api_key_configured():
+            raise SpuriousError("this study logs to W&B online, and no W&B API key is configured in this shell "
+                                "(set WANDB_API_KEY or run `wandb login`)")
+        configure_env(self.mode, wandb_dir(experiment_dir))
+
+    def print_sync_hint(self, experiment_dir: str | Path) -> None:
+        """Print how to upload the experiment's offline runs, if it has any."""
+        print_sync_hint(self.mode, experiment_dir)
 
 
 def callbacks(mode: str, project: str | None, entity: str | None, experiment_dir: str | Path,

@@ -1,12 +1,20 @@
-"""Shared fixtures: a small learnable synthetic dataset, real Fashion-MNIST where installed, offline W&B."""
+"""Shared fixtures: a small learnable synthetic dataset, real Fashion-MNIST where installed, and a user's
+defaults for W&B.
+
+The test session runs as a user without W&B credentials would: a temporary HOME (no netrc, no W&B
+settings) and no W&B variables, so `--wandb auto` resolves to offline by itself, exactly as on a fresh
+machine. Subprocesses inherit this environment.
+"""
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
-os.environ.setdefault("WANDB_MODE", "offline")
-os.environ.setdefault("WANDB_SILENT", "true")
+for _var in [v for v in os.environ if v.startswith("WANDB_")] + ["NETRC"]:
+    os.environ.pop(_var, None)
+os.environ["HOME"] = tempfile.mkdtemp(prefix="study-tests-home-")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")

@@ -17,10 +17,11 @@ KEYS = ["pattern", "n_spurious", "data_seed"]
 
 
 def run(tmp_path, name, *extra, env=None):
+    # W&B off: this compares bundled and unbundled numbers; the default W&B path is the walk-through's subject
     proc = subprocess.run([sys.executable, "-m", "study.cli", "run", "demo", "--smoke",
                            "--set", "n_spurious=[0,10,100]",
                            "--set", "data_seed=[0,1]", "--set", "epochs=3", "--storage-path", str(tmp_path),
-                           "--name", name, "-v", "0", "--wandb", "off", *extra],
+                           "--name", name, "--wandb", "off", *extra],
                           capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
                           env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stdout + proc.stderr

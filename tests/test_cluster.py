@@ -63,7 +63,8 @@ def three_node_cluster():
 @requires_fashion
 def test_study_spreads_over_nodes_and_survives_losing_a_worker(three_node_cluster, tmp_path):
     """Trials run on both workers; removing one mid-study restarts its trial from the last checkpoint
-    elsewhere, and every trial finishes; a deletion study on a new node reads the checkpoints they wrote."""
+    elsewhere, and every trial finishes; a deletion study on a new node reads the checkpoints they wrote.
+    (W&B off: this is about nodes; the autoscaling test below runs with default W&B.)"""
     cluster, workers = three_node_cluster
     exp = tmp_path / "multi"
     doctor = subprocess.run([sys.executable, "-m", "study.cli", "doctor", "--address", cluster.address,
@@ -74,8 +75,9 @@ def test_study_spreads_over_nodes_and_survives_losing_a_worker(three_node_cluste
 
     proc = subprocess.Popen([sys.executable, "-m", "study.cli", "run", "demo", "--smoke",
                              "--set", "n_spurious=[0,3,10,100]", "--set", "epochs=5", "--address", cluster.address,
-                             "--storage-path", str(tmp_path), "--name", "multi", "-v", "0", "--wandb", "off"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+                             "--storage-path", str(tmp_path), "--name", "multi", "--wandb", "off"],
+                            stdout=(tmp_path / "run.log").open("w"), stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
     victim = workers[0]
     deadline = time.time() + 300
     while time.time() < deadline:  # wait until a trial on the victim node is past its epoch-2 checkpoint
@@ -87,8 +89,8 @@ def test_study_spreads_over_nodes_and_survives_losing_a_worker(three_node_cluste
         proc.kill()
         pytest.fail("no trial reached epoch 3 on the victim node")
     cluster.remove_node(victim)
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out
+    proc.wait(timeout=600)
+    assert proc.returncode == 0, (tmp_path / "run.log").read_text()[-3000:]
 
     results = result_rows(exp)
     assert len(results) == 4
@@ -111,7 +113,7 @@ def test_study_spreads_over_nodes_and_survives_losing_a_worker(three_node_cluste
     cluster.remove_node(survivor)
     delete = subprocess.run([sys.executable, "-m", "study.cli", "delete", "--from", str(exp), "--method",
                              "incremental_retraining", "--set", "retrain_epochs=1", "--filter", "n_spurious=[10,100]",
-                             "--address", cluster.address, "--storage-path", str(tmp_path), "--name", "del", "-v", "0",
+                             "--address", cluster.address, "--storage-path", str(tmp_path), "--name", "del",
                              "--wandb", "off"], capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert delete.returncode == 0, delete.stdout + delete.stderr
     deletion = result_rows(tmp_path / "del")
@@ -121,3 +123,62 @@ def test_study_spreads_over_nodes_and_survives_losing_a_worker(three_node_cluste
     finished = Counter(rows[-1]["node_id"][:8] for rows in results.values())
     print(f"\nnodes: victim {victim.node_id[:8]}; trials started per node {dict(started)}; finished per node "
           f"{dict(finished)}; epochs redone per trial {sorted(redone.values())}")
+
+
+def publish_node_types(address: str, types: list[tuple[str, dict, int]]) -> None:
+    """Publish node types to the cluster's GCS as Ray's autoscaler does (its cluster config)."""
+    import ray
+    import ray._raylet
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental import internal_kv
+
+    config = autoscaler_pb2.ClusterConfig()
+    for name, resources, max_count in types:
+        group = config.node_group_configs.add()
+        group.name, group.max_count = name, max_count
+        group.resources.update(resources)
+    ray.init(address=address)
+    try:
+        internal_kv._internal_kv_put(ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode(),
+                                     config.SerializeToString(), overwrite=True,
+                                     namespace=ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE.encode())
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@requires_fashion
+def test_autoscaling_cluster_launch_waits_for_its_gpu_worker(tmp_path):
+    """cluster.yaml's shape: a head with 0 CPUs, GPU workers from 0. With no worker yet, `study run --gpus-per-trial
+    0.5` says trials wait and runs once the worker joins (a few seconds after launch, as an autoscaler's
+    would); a trial that no published node type fits is refused in one line."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        publish_node_types(cluster.address, [("head", {"CPU": 0}, 1), ("gpu_worker", {"CPU": 2, "GPU": 1}, 4)])
+        base = [sys.executable, "-m", "study.cli", "run", "demo", "--smoke", "--address", cluster.address,
+                "--storage-path", str(tmp_path), "--yes"]
+        refused = subprocess.run([*base, "--gpus-per-trial", "2", "--name", "too-big"], capture_output=True,
+                                 text=True, timeout=300, stdin=subprocess.DEVNULL)
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert "no node type of the cluster's autoscaler fits a trial of 1 CPU and 2 GPU" in refused.stderr
+        assert refused.stderr.count("\n") == 1 and not (tmp_path / "too-big").exists()
+
+        log = tmp_path / "run.log"
+        proc = subprocess.Popen([*base, "--gpus-per-trial", "0.5", "--name", "auto"], stdout=log.open("w"),
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline and "trials wait for workers" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.3)
+        assert "trials wait for workers" in log.read_text()
+        time.sleep(3)
+        worker = cluster.add_node(num_cpus=2, num_gpus=1)
+        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+        rows = result_rows(tmp_path / "auto")
+        assert len(rows) == 2 and all(r[-1]["epoch"] == 1 for r in rows.values())
+        assert {r["node_id"] for rs in rows.values() for r in rs} == {worker.node_id}
+    finally:
+        cluster.shutdown()

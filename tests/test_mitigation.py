@@ -81,13 +81,14 @@ def finished_search_trials(root, epochs):
 @pytest.mark.ray
 @requires_fashion
 def test_smoke_tuning_run_then_kill_and_resume_keeps_trials_and_sampler_history(tmp_path):
-    """A tuning run on embedded Ray, killed during its search and resumed with `study resume`."""
+    """A tuning run on embedded Ray, killed during its search and resumed with `study resume` (W&B off: this is
+    about the search's history; the README walk-through kills and resumes a tuning run with default W&B)."""
     root = tmp_path / "tune"
     args = [sys.executable, "-m", "study.cli", "tune-mitigation", "--smoke", "--trials", "4", "--seeds", "2",
             "--set", "epochs=2", "--set", "n_spurious=100", "--max-concurrent", "1", "--storage-path",
-            str(tmp_path), "--name", "tune", "-v", "0", "--wandb", "off"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            text=True)
+            str(tmp_path), "--name", "tune", "--wandb", "off"]
+    proc = subprocess.Popen(args, stdout=(tmp_path / "run.log").open("w"), stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
     deadline = time.time() + 400
     while time.time() < deadline and len(finished_search_trials(root, 2)) < 2:
         time.sleep(0.5)
@@ -99,7 +100,7 @@ def test_smoke_tuning_run_then_kill_and_resume_keeps_trials_and_sampler_history(
     history = {t.number: t.params for t in journal_trials(root, "tune") if t.state.name == "COMPLETE"}
     assert len(history) >= 2
 
-    resumed = subprocess.run([sys.executable, "-m", "study.cli", "resume", str(root), "-v", "0"],
+    resumed = subprocess.run([sys.executable, "-m", "study.cli", "resume", str(root)],
                              capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "unmitigated baseline" in resumed.stdout and "recommended" in resumed.stdout

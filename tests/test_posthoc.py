@@ -402,7 +402,7 @@ def assert_ok(proc, code=0):
 @pytest.mark.ray
 @requires_fashion
 def test_deletion_studies_from_a_smoke_training_study(tmp_path):
-    run = ("--storage-path", str(tmp_path), "-v", "0", "--wandb", "off")
+    run = ("--storage-path", str(tmp_path), "--wandb", "off")  # W&B is the walk-through's subject, not this one's
     assert_ok(study("run", "demo", "--smoke", "--set", "epochs=2", "--set", "n_spurious=[0,100]", "--set",
                     "data_seed=[0,1]", "--name", "src", *run))
     retrain = study("delete", "--from", str(tmp_path / "src"), "--method", "retrain", *run)
@@ -433,7 +433,7 @@ def test_deletion_studies_from_a_smoke_training_study(tmp_path):
     assert done["oracle_from"] == "trained" and done["lissa_depth"] == 50 and done["pattern"] == "s3"
     assert gi[gi["status"] == "ERROR"].iloc[0]["n_spurious"] == 100  # filled from the source
 
-    resumed = study("resume", str(tmp_path / "bad-delete-group_influence"), "-v", "0")
+    resumed = study("resume", str(tmp_path / "bad-delete-group_influence"))
     assert_ok(resumed, 1)
     assert "errored:" in resumed.stdout and "experiment:" in resumed.stdout
     frame = pd.concat([oracle, inc, gi])
@@ -444,7 +444,7 @@ def test_deletion_studies_from_a_smoke_training_study(tmp_path):
 @pytest.mark.ray
 @requires_fashion
 def test_membership_inference_from_a_smoke_mia_train_study(tmp_path):
-    run = ("--storage-path", str(tmp_path), "-v", "0", "--wandb", "off")
+    run = ("--storage-path", str(tmp_path), "--wandb", "off")  # W&B is the walk-through's subject, not this one's
     assert_ok(study("run", "mia-train", "--smoke", "--name", "mia", *run))
     proc = study("mia", "--from", str(tmp_path / "mia"), "--attack", "loss", "--attack", "lira", *run)
     assert_ok(proc)

@@ -1,6 +1,9 @@
 """End-to-end studies on embedded Ray (2 CPUs) through the real `study` CLI, on real Fashion-MNIST.
 
-Each test runs the CLI in a subprocess (as a user would), so Ray starts and stops with it.
+Each test runs the CLI in a subprocess (as a user would), so Ray starts and stops with it. Tests whose
+subject is not W&B pass `--wandb off` (W_OFF): the default W&B path (auto → offline without a key) is
+exercised by the README walk-through (tests/test_readme_walkthrough.py), by the fault-retry test below
+and by tests/test_wandb.py, and one W&B process per trial would cost the suite time for nothing here.
 """
 import json
 import os
@@ -16,6 +19,7 @@ from analysis import frames
 from tests.conftest import requires_fashion
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, requires_fashion]
+W_OFF = ("--wandb", "off")
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "spurious_score", "spurious_score_nontarget",
            "patterned_acc", "patterned_target_rate")
 
@@ -25,10 +29,10 @@ def study(*argv, env=None, timeout=600, **kw):
                           timeout=timeout, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})}, **kw)
 
 
-def start_study(*argv, env=None):
-    return subprocess.Popen([sys.executable, "-m", "study.cli", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
-                            env={**os.environ, **(env or {})})
+def start_study(*argv, log: Path, env=None):
+    """Start the CLI in the background, its output to `log` (a pipe nobody reads could fill and block it)."""
+    return subprocess.Popen([sys.executable, "-m", "study.cli", *argv], stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
 
 
 def finished_trials(exp: Path, epochs: int) -> list[Path]:
@@ -42,8 +46,7 @@ def finished_trials(exp: Path, epochs: int) -> list[Path]:
 
 def test_smoke_study_completes_with_all_metrics_in_the_result_grid(tmp_path):
     """Storage given as a URI (file://, as s3:// or gs:// would be): results and study.json land there."""
-    proc = study("run", "demo", "--smoke", "--storage-path", f"file://{tmp_path}", "--name", "smoke", "-v", "0",
-                 "--wandb", "off")
+    proc = study("run", "demo", "--smoke", "--storage-path", f"file://{tmp_path}", "--name", "smoke", *W_OFF)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "spurious_score (mean ± s.e. over seeds)" in proc.stdout and "experiment:" in proc.stdout
     from ray import tune
@@ -63,9 +66,8 @@ def test_smoke_study_completes_with_all_metrics_in_the_result_grid(tmp_path):
 def test_killed_driver_then_resume_finishes_without_rerunning_finished_trials(tmp_path):
     exp = tmp_path / "killed"
     args = ("run", "demo", "--smoke", "--set", "n_spurious=[0,3,10,100]", "--set", "epochs=3",
-            "--max-concurrent", "1", "--storage-path", str(tmp_path), "--name", "killed", "-v", "0",
-            "--wandb", "off")
-    proc = start_study(*args)
+            "--max-concurrent", "1", "--storage-path", str(tmp_path), "--name", "killed", *W_OFF)
+    proc = start_study(*args, log=tmp_path / "run.log")
     deadline = time.time() + 300
     while time.time() < deadline and not finished_trials(exp, 3):
         time.sleep(0.5)
@@ -76,7 +78,7 @@ def test_killed_driver_then_resume_finishes_without_rerunning_finished_trials(tm
     before = {p: p.read_text() for p in finished_trials(exp, 3)}
     assert len(before) < 4, "the study must be interrupted before it ends"
 
-    resumed = study("resume", str(exp), "-v", "0", timeout=600)
+    resumed = study("resume", str(exp), timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     df = frames.load(exp)
     assert len(df) == 4 and (df["status"] == "TERMINATED").all()
@@ -86,24 +88,29 @@ def test_killed_driver_then_resume_finishes_without_rerunning_finished_trials(tm
     assert len(epochs) == 4 * 3, "every trial keeps every reported epoch exactly once"
 
 
-def test_trial_fault_is_retried_from_its_last_checkpoint(tmp_path):
+def test_trial_fault_is_retried_from_its_last_checkpoint_and_stays_one_wandb_run(tmp_path):
+    """Default flags (W&B auto → offline here): the retried trial keeps one W&B run holding each epoch once."""
+    from study import wandb_setup
+    from tests.wandb_records import read_run
+
     fault = tmp_path / "fault.txt"
     fault.write_text("2")  # fail once, at epoch 3 (epoch 2 is checkpointed: demo checkpoints every 2 epochs)
     proc = study("run", "demo", "--smoke", "--set", "n_spurious=100", "--set", "epochs=3", "--storage-path",
-                 str(tmp_path), "--name", "fault", "-v", "0", "--wandb", "off",
-                 env={"SPURIOUS_FAULT_FILE": str(fault)})
+                 str(tmp_path), "--name", "fault", env={"SPURIOUS_FAULT_FILE": str(fault)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert not fault.exists(), "the fault must have fired"
     (result,) = (tmp_path / "fault").glob("*/result.json")
     epochs = [json.loads(ln)["epoch"] for ln in result.read_text().splitlines()]
     assert epochs == [1, 2, 3], f"the retry must continue after the epoch-2 checkpoint, saw {epochs}"
     assert frames.load(tmp_path / "fault")["status"].tolist() == ["TERMINATED"]
+    (run,) = wandb_setup.offline_runs(wandb_setup.runs_dir(tmp_path / "fault"))
+    assert [row["epoch"] for row in read_run(run)["history"] if "epoch" in row] == [1, 2, 3]
 
 
 def test_diverging_trial_errors_with_one_line_and_the_study_goes_on(tmp_path):
     proc = study("run", "demo", "--smoke", "--set", "n_spurious=100", "--set", "lr=[0.01,1.0e12]",
                  "--set", "momentum=0.0", "--max-failures", "0", "--storage-path", str(tmp_path), "--name", "nan",
-                 "-v", "0", "--wandb", "off")
+                 *W_OFF)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     df = frames.load(tmp_path / "nan")
     assert sorted(df["status"]) == ["ERROR", "TERMINATED"]

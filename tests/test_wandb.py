@@ -138,8 +138,9 @@ def test_api_key_never_reaches_callbacks_metadata_report_or_wandb_files(no_crede
     callbacks = wandb_setup.callbacks("online", None, None, exp, exp.name)
     assert FAKE_KEY.encode() not in cloudpickle.dumps(callbacks)  # Tune pickles callbacks into tuner.pkl
     from study import catalog
-    prepared = runner.Prepared(catalog.get("demo"), {}, [], {}, exp.name)
-    runner.write_meta(tmp_path / "meta", prepared, runner.RunOptions(), {"cpu": 1})
+    logging = wandb_setup.Logging.from_flags("online", None, None)
+    runner.write_meta(tmp_path / "meta", runner.session_meta("train", catalog.get("demo").name, runner.RunOptions(),
+                                                             logging, {"cpu": 1}, ["fashion"], 16))
     assert cli.main(["report", str(exp), "--wandb", "offline"]) == 0
     (report_run,) = wandb_setup.offline_runs(wandb_setup.runs_dir(exp))
     logged = read_run(report_run)

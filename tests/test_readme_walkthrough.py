@@ -1,0 +1,255 @@
+"""The README, walked through as a new user would: every `study` command of its `bash` blocks, in the README's
+order, exactly as written except for size-reducing flags (`--smoke`, a small `--set epochs=…`, fewer tuning
+trials), with default verbosity and default W&B mode, in a shell with no W&B variables and a HOME without
+keys (so `--wandb auto` resolves to offline by itself).
+
+Each step runs in a fresh process, as separate shell commands would: `study resume` runs in a shell that
+never had WANDB_MODE set. Results go to ./results under a temporary working directory, as the README's
+relative paths say.
+
+Kept in step with the README: `test_every_readme_command_is_walked` fails when the README gains a `study`
+command that this walk does not run. The block under "Running on a cluster" needs a cloud account and is
+not walked; tests/test_cluster.py validates cluster.yaml with Ray's own checks and runs `study doctor`,
+`study run` and `study delete` against a local multi-node cluster.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from study import wandb_setup
+from tests.conftest import requires_fashion
+from tests.wandb_records import read_run
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray, requires_fashion]
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+NOT_WALKED_SECTIONS = ("Running on a cluster",)
+
+# README command -> the flags the walk adds (size only: smoke variants, fewer epochs or tuning trials).
+WALK: dict[str, list[str]] = {
+    "study list": [],
+    "study show demo --smoke": [],
+    "study run demo --smoke": [],
+    "study run demo --name demo": ["--smoke", "--set", "epochs=3"],
+    "study report results/demo": [],
+    "study resume results/demo": [],
+    "study run my_study.yaml --max-concurrent 2": ["--smoke"],
+    "study doctor": [],
+    "study bench": ["--only", "cli", "--repeats", "1"],
+    "study run demo --set pattern=r3 --set n_spurious=[0,10,100] --name rare": ["--set", "epochs=1"],
+    "study delete --from results/rare --method retrain": ["--smoke"],
+    "study delete --from results/rare --method incremental_retraining --set lr_policy=reset": ["--smoke"],
+    "study delete --from results/rare --method group_influence --set per_example=false --filter n_spurious=10":
+        ["--smoke"],
+    "study report results/rare results/rare-delete-retrain --out reports/rare": [],
+    "study run mia-train --name mia": ["--smoke"],
+    "study mia --from results/mia --attack loss --attack lira": ["--smoke"],
+    "study tune-mitigation --set pattern=s3 --set n_spurious=10 --trials 20 --seeds 3 --name tune-s3":
+        ["--smoke", "--trials", "2", "--seeds", "2"],
+    "study tune-mitigation --objective constrained --max-acc-drop 0.01 --tune-lr": ["--smoke", "--trials", "2"],
+    "study resume results/tune-s3": [],
+}
+
+
+def readme_commands() -> list[str]:
+    """Return the `study …` lines of the README's bash blocks (comments stripped), in order."""
+    commands, section, in_bash = [], "", False
+    for line in README.read_text().splitlines():
+        if line.startswith("## "):
+            section = line[3:].strip()
+        if line.startswith("```"):
+            in_bash = line.strip() == "```bash" and not in_bash
+            continue
+        text = line.split(" #", 1)[0].strip()
+        if in_bash and section not in NOT_WALKED_SECTIONS and text.startswith("study "):
+            commands.append(text)
+    return commands
+
+
+def yaml_example() -> str:
+    """Return the README's YAML study file example."""
+    return re.search(r"```yaml\n(.*?)```", README.read_text(), re.S).group(1)
+
+
+class Shell:
+    """A user's shell: a working directory, a HOME without keys, no W&B variables."""
+
+    def __init__(self, root: Path):
+        self.cwd = root / "work"
+        self.cwd.mkdir(parents=True)
+        home = root / "home"
+        home.mkdir()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "NETRC"}
+        self.env.update(HOME=str(home), PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+
+    def argv(self, command: str) -> list[str]:
+        assert command in WALK, f"README command not in the walk: {command}"
+        return [sys.executable, "-m", "study.cli", *shlex.split(command)[1:], *WALK[command]]
+
+    def run(self, command: str, timeout: int = 600) -> subprocess.CompletedProcess:
+        done = subprocess.run(self.argv(command), cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        assert "Traceback" not in done.stderr, done.stderr[-3000:]
+        return done
+
+    def start(self, command: str, log: Path) -> subprocess.Popen:
+        return subprocess.Popen(self.argv(command), cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
+                                stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+@pytest.fixture(scope="module")
+def shell(tmp_path_factory) -> Shell:
+    return Shell(tmp_path_factory.mktemp("walk"))
+
+
+def last_line(proc: subprocess.CompletedProcess) -> str:
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def reported_epochs(exp: Path) -> dict[str, list[int]]:
+    out = {}
+    for result in exp.glob("*/result.json"):
+        out[result.parent.name] = [json.loads(ln).get("epoch") for ln in result.read_text().splitlines()
+                                   if ln.strip().endswith("}")]
+    return out
+
+
+def kill_when(proc: subprocess.Popen, ready, settle_s: float = 2.5, timeout: float = 300) -> None:
+    """SIGKILL the driver `settle_s` seconds after `ready()` holds (2.5 s: Tune saves its state every 2 s)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and not ready():
+        assert proc.poll() is None, "the study ended before it could be interrupted"
+        time.sleep(0.2)
+    assert ready(), "the study did not reach the point of interruption in time"
+    time.sleep(settle_s)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def wandb_runs(exp: Path) -> dict[str, Path]:
+    """Return {run id: folder} of an experiment's offline W&B runs; a run id appearing twice fails."""
+    runs = wandb_setup.offline_runs(wandb_setup.runs_dir(exp))
+    ids = [run.name.rsplit("-", 1)[-1] for run in runs]
+    assert len(ids) == len(set(ids)), f"a trial has two W&B runs: {sorted(ids)}"
+    return dict(zip(ids, runs))
+
+
+def test_every_readme_command_is_walked():
+    commands = readme_commands()
+    assert commands, "no study commands found in the README"
+    assert set(commands) == set(WALK), (f"README commands not walked: {sorted(set(commands) - set(WALK))}; "
+                                        f"walked but not in the README: {sorted(set(WALK) - set(commands))}")
+    assert commands == list(WALK), "the walk must follow the README's order"
+
+
+def test_list_and_show(shell):
+    assert "demo" in shell.run("study list").stdout
+    assert "trials: 2" in shell.run("study show demo --smoke").stdout
+
+
+def test_first_smoke_run_uses_offline_wandb_by_default(shell):
+    done = shell.run("study run demo --smoke")
+    (exp,) = (shell.cwd / "results").glob("demo-smoke-*")
+    assert f"experiment: {exp}" in done.stdout and "spurious_score (mean ± s.e. over seeds)" in done.stdout
+    assert len(wandb_runs(exp)) == 2 and f"wandb sync {exp}/wandb/offline-run-*" in done.stdout
+
+
+def test_main_job_killed_then_resumed_in_a_fresh_shell_keeps_one_wandb_run_per_trial(shell, tmp_path):
+    exp = shell.cwd / "results" / "demo"
+    proc = shell.start("study run demo --name demo", tmp_path / "run.log")
+    # demo checkpoints every 2 epochs: interrupt once a trial is past its epoch-2 checkpoint
+    kill_when(proc, lambda: any(2 in e for e in reported_epochs(exp).values()))
+    assert not all(e[-1:] == [3] for e in reported_epochs(exp).values()), "interrupted before the end"
+
+    done = shell.run("study resume results/demo")
+    assert "spurious_score (mean ± s.e. over seeds)" in done.stdout
+    epochs = reported_epochs(exp)
+    assert len(epochs) == 2 and all(e[-1] == 3 for e in epochs.values())
+    runs = wandb_runs(exp)
+    assert len(runs) == 2, "one W&B run per trial after the resume"
+    for run in runs.values():
+        history = [row["epoch"] for row in read_run(run)["history"] if "epoch" in row]
+        assert history == [1, 2, 3], f"{run.name}: the resumed run holds every epoch once, got {history}"
+    assert f"wandb sync {exp}/wandb/offline-run-*" in done.stdout
+    print("resume:", last_line(done))
+
+
+def test_report(shell):
+    shell.run("study report results/demo")
+    assert (shell.cwd / "results" / "demo" / "report" / "index.html").exists()
+
+
+def test_resume_of_a_finished_study_is_a_no_op(shell):
+    before = reported_epochs(shell.cwd / "results" / "demo")
+    shell.run("study resume results/demo")
+    assert reported_epochs(shell.cwd / "results" / "demo") == before
+
+
+def test_yaml_study_file(shell):
+    (shell.cwd / "my_study.yaml").write_text(yaml_example())
+    done = shell.run("study run my_study.yaml --max-concurrent 2")
+    assert "study rarity-r3: 2 trials" in done.stdout
+
+
+def test_doctor_and_bench(shell):
+    assert "verdict: ready to launch" in shell.run("study doctor").stdout
+    bench = shell.run("study bench").stdout
+    assert "CLI start-up" in bench and "study list" in bench
+
+
+def test_deletion_studies(shell):
+    shell.run("study run demo --set pattern=r3 --set n_spurious=[0,10,100] --name rare")
+    for command in ("study delete --from results/rare --method retrain",
+                    "study delete --from results/rare --method incremental_retraining --set lr_policy=reset",
+                    "study delete --from results/rare --method group_influence --set per_example=false "
+                    "--filter n_spurious=10"):
+        done = shell.run(command)
+        assert "experiment:" in done.stdout, command
+    meta = json.loads((shell.cwd / "results" / "rare-delete-group_influence" / "study.json").read_text())
+    assert meta["settings"]["depth"] == 50 and meta["wandb"]["mode"] == "offline"
+    shell.run("study report results/rare results/rare-delete-retrain --out reports/rare")
+    assert (shell.cwd / "reports" / "rare" / "index.html").exists()
+    resumed = subprocess.run([sys.executable, "-m", "study.cli", "resume", "results/rare-delete-retrain"],
+                             cwd=shell.cwd, env=shell.env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                             timeout=300)  # a post-hoc study resumes in a fresh shell too (not a README line)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+
+def test_membership_inference(shell):
+    shell.run("study run mia-train --name mia")
+    done = shell.run("study mia --from results/mia --attack loss --attack lira")
+    assert "experiment:" in done.stdout
+    meta = json.loads((shell.cwd / "results" / "mia-mia-loss-lira" / "study.json").read_text())
+    assert meta["settings"] == {"shadows": 2} and meta["kind"] == "mia"
+    resumed = subprocess.run([sys.executable, "-m", "study.cli", "resume", "results/mia-mia-loss-lira"],
+                             cwd=shell.cwd, env=shell.env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                             timeout=300)  # not a README line: the mia kind resumes in a fresh shell too
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+
+def test_tuning_with_default_flags_killed_and_resumed_then_constrained(shell, tmp_path):
+    root = shell.cwd / "results" / "tune-s3"
+    proc = shell.start("study tune-mitigation --set pattern=s3 --set n_spurious=10 --trials 20 --seeds 3 "
+                       "--name tune-s3", tmp_path / "tune.log")
+    # interrupt as soon as the baseline reported: the resume finishes it and starts the search, a phase whose
+    # Tuner (and W&B callbacks) the resume must build itself
+    kill_when(proc, lambda: any(reported_epochs(root / "baseline").values()), settle_s=0)
+    assert not (root / "tuning.json").exists()
+    done = shell.run("study resume results/tune-s3")
+    assert "Pareto set" in done.stdout and "recommended" in done.stdout
+    runs = wandb_runs(root)
+    assert len(runs) == 1 + 2, "one W&B run for the baseline and per search trial, the resumed phase included"
+    constrained = shell.run("study tune-mitigation --objective constrained --max-acc-drop 0.01 --tune-lr")
+    assert "experiment:" in constrained.stdout
+    print("tune-mitigation constrained:", last_line(constrained))
