@@ -210,13 +210,20 @@ def register(name: str, pattern: Pattern, aliases: Iterable[str] = ()) -> Patter
 
 
 def register_image(name: str, path: str | Path, mode: str = "replace", threshold: float = 0.0) -> Pattern:
-    """Register a pattern from an image file (PNG): `replace` pixels brighter than `threshold`, or `add` it."""
-    import matplotlib.image as mpimg
+    """Register a pattern from an image file (PNG or any format Pillow reads): `replace` pixels brighter than
+    `threshold`, or `add` it. Grey, RGB and RGBA images keep their channels (alpha = mask); other modes are
+    read as RGBA; 8-bit values are divided by 255, 16-bit ones by 65535."""
+    from PIL import Image
 
     if mode not in ("replace", "add"):
         raise SpuriousError(f"image pattern mode must be 'replace' or 'add', got {mode!r}")
     try:
-        arr = np.asarray(mpimg.imread(str(path)), dtype=np.float32)
+        with Image.open(path) as img:
+            if img.mode.startswith("I"):
+                arr = np.asarray(img, dtype=np.float32) / 65535.0
+            else:
+                img = img if img.mode in ("L", "RGB", "RGBA") else img.convert("RGBA")
+                arr = np.asarray(img, dtype=np.float32) / 255.0
     except (OSError, ValueError) as err:
         raise SpuriousError(f"cannot read pattern image {str(path)!r}: {err}") from None
     return register(name, image_pattern(arr, mode, threshold))
