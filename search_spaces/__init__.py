@@ -3,7 +3,7 @@
 Experimental factors (pattern, count, class, seed) are grid axes; nuisance and mitigation
 hyperparameters are sampled. Optimiser variants that change several keys at once are grid axes over
 small dicts under a named key; the trainable flattens them. The values use the vocabulary of YAML study
-files (`{"grid_search": [...]}`, `{"loguniform": [low, high]}`, …; see study/space.py, which alone turns
+files (`{"grid": [...]}`, `{"loguniform": [low, high]}`, …; see study/space.py, which alone turns
 them into Ray Tune objects, expands and counts them): this package imports no Ray.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ NOISE_SIGMA_MAX = 1.0
 
 
 def grid(values: Iterable[Any]) -> dict:
-    """Return a grid axis over `values`: `{"grid_search": [...]}`, Tune's own grid format."""
-    return {"grid_search": list(values)}
+    """Return a grid axis over `values`: `{"grid": [...]}` in the YAML study-file vocabulary."""
+    return {"grid": list(values)}
 
 
 def merge(*spaces: dict) -> dict:

@@ -47,7 +47,7 @@ def harness_configs() -> list[TrainConfig]:
 
 def harness_section(data_dir: str | None) -> dict:
     """Print and return wall time of the 8-trial study through Ray Tune vs back-to-back in this process."""
-    from study import catalog, runner
+    from study import catalog, runner, space as space_lib
 
     configs = harness_configs()
     data = datasets.load("fashion", data_dir)
@@ -56,8 +56,8 @@ def harness_section(data_dir: str | None) -> dict:
         train.train(cfg, plant(data, cfg.pattern, cfg.n_spurious, cfg.target, cfg.data_seed))
     serial = time.perf_counter() - start
 
-    space = {"dataset": "fashion", "epochs": HARNESS_EPOCHS, "pattern": {"grid_search": ["s3", "r3"]},
-             "n_spurious": {"grid_search": [0, 10]}, "data_seed": {"grid_search": [0, 1]}}
+    space = {"dataset": "fashion", "epochs": HARNESS_EPOCHS, "pattern": space_lib.grid(["s3", "r3"]),
+             "n_spurious": space_lib.grid([0, 10]), "data_seed": space_lib.grid([0, 1])}
     spec = catalog.StudySpec("bench-harness", "harness overhead benchmark", space, checkpoint_every=0)
     with tempfile.TemporaryDirectory() as tmp:
         options = runner.RunOptions(storage_path=tmp, name="bench", data_dir=data_dir, verbose=0)

@@ -33,6 +33,10 @@ class StudySpec:
     expected_time: str = ""
     tuning: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # search_spaces/ writes grids in the YAML vocabulary ({"grid": [...]}); keep the resolved form
+        object.__setattr__(self, "space", space_lib.normalise(self.space))
+
     def resolved(self, smoke: bool = False, overrides: dict | None = None) -> dict:
         """Return the param space with the smoke variant and `--set` overrides applied."""
         space = copy.deepcopy(self.space)
@@ -151,7 +155,7 @@ def mia_train() -> StudySpec:
     space = ss.merge({"dataset": "fashion", "model": "large_mlp", "pattern": "r3", "target": 0,
                       "optimizer": "adam", "lr": 0.01, "epochs": 20, "batch_size": 128}, ss.membership_grid())
     smoke = {"epochs": 1, "data_seed": 0,
-             "role": ss.membership_grid([10], [0, 1], [0])["role"]["grid_search"]}
+             "role": ss.membership_grid([10], [0, 1], [0])["role"]}
     return StudySpec("mia-train", _doc(mia_train), space, smoke=smoke, checkpoint_every=5,
                      expected_time="~10 min on 2 CPUs")
 
@@ -177,9 +181,9 @@ def apply_overrides(space: dict, overrides: dict) -> dict:
     out = dict(space)
     for key, value in overrides.items():
         for axis, spec in list(out.items()):
-            if space_lib.is_grid(spec) and all(isinstance(v, dict) for v in spec["grid_search"]):
+            if space_lib.is_grid(spec) and all(isinstance(v, dict) for v in space_lib.grid_values(spec)):
                 out[axis] = space_lib.grid(_dedupe([{k: v for k, v in variant.items() if k != key}
-                                                    for variant in spec["grid_search"]]))
+                                                    for variant in space_lib.grid_values(spec)]))
         out[key] = space_lib.from_yaml(value)
     return out
 

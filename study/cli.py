@@ -145,7 +145,7 @@ def cmd_show(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from study import catalog, runner, wandb_setup
+    from study import catalog, runner, space as space_lib, wandb_setup
 
     options = run_options(args, parse_set(args.set))
     spec = catalog.get(args.study)
@@ -157,7 +157,7 @@ def cmd_run(args) -> int:
         return mitigation_cmd.run_spec(spec, options, args)
     prepared = runner.prepare(spec, options)
     experiment_dir = runner.join(options.storage_uri(), prepared.name)
-    bundles = f" in {len(prepared.space['bundle']['grid_search'])} bundle trials" if options.bundle > 1 else ""
+    bundles = f" in {space_lib.count(prepared.space)} bundle trials" if options.bundle > 1 else ""
     print(f"study {spec.name}: {len(prepared.configs) * spec.num_samples} trials{bundles} -> {experiment_dir}",
           flush=True)
     results = runner.run(prepared, options, logging)

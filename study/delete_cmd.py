@@ -27,7 +27,7 @@ import pandas as pd
 from analysis import posthoc as posthoc_analysis
 from spurious import datasets as datasets_lib
 from spurious.errors import SpuriousError
-from study import posthoc, runner
+from study import posthoc, runner, space as space_lib
 from study.options import add_run_options, expand_path, run_options
 from trainables import delete as delete_trainable
 
@@ -121,7 +121,7 @@ def plan(source: str, method: str, overrides: dict, filters: dict, oracle: str,
     names = sorted({datasets_lib.DATASETS.canonical(d) for d in df["dataset"]})
     study = posthoc.Plan("delete", posthoc.canonical_source(source),
                          options.name or default_name(source, method),
-                         {"method": method, **space, "source_trial_id": {"grid_search": ids}}, sources, names,
+                         {"method": method, **space, "source_trial_id": space_lib.grid(ids)}, sources, names,
                          len(ids) * len(combos), {"method": method, "settings": overrides})
     return study, notes + note
 

@@ -22,7 +22,7 @@ import pandas as pd
 
 from spurious import datasets as datasets_lib, mia
 from spurious.errors import SpuriousError
-from study import posthoc, runner
+from study import posthoc, runner, space as space_lib
 from study.options import add_run_options, expand_path, run_options
 from trainables import mia as mia_trainable
 
@@ -100,7 +100,7 @@ def plan(source: str, attacks: Sequence[str], overrides: dict, filters: dict,
     counts = sorted({len(shadows[t]) for t in ids})
     notes.append(f"{len(ids)} target(s); shadows per target: {', '.join(map(str, counts))}")
     names = sorted({datasets_lib.DATASETS.canonical(d) for d in targets["dataset"]})
-    space = {"attack": {"grid_search": list(attacks)}, **space, "target_trial_id": {"grid_search": ids}}
+    space = {"attack": space_lib.grid(attacks), **space, "target_trial_id": space_lib.grid(ids)}
     study = posthoc.Plan("mia", posthoc.canonical_source(source), options.name or default_name(source, attacks),
                          space, table, names, len(ids) * len(combos) * len(attacks),
                          {"attacks": list(attacks), "settings": overrides})

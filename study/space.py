@@ -34,6 +34,11 @@ def grid(values: Iterable[Any]) -> dict:
     return {GRID: values}
 
 
+def grid_values(value: Mapping[str, Any]) -> list:
+    """Return the values of a grid axis."""
+    return value[GRID]
+
+
 def is_grid(value: Any) -> bool:
     """Return whether `value` is a grid axis."""
     return isinstance(value, dict) and set(value) == {GRID}
@@ -103,8 +108,14 @@ def sample(value: Any, rng: random.Random | None = None) -> Any:
     return rng.uniform(low, high)
 
 
+def normalise(space: Mapping[str, Any]) -> dict:
+    """Return `space` with its grid axes in the resolved form (`{"grid": […]}` → `{"grid_search": […]}`)."""
+    return {k: from_yaml(v) if isinstance(v, dict) else v for k, v in space.items()}
+
+
 def points(space: Mapping[str, Any]) -> list[dict]:
     """Return every grid point of `space`; each sampled axis takes one (seeded) draw, for validation."""
+    space = normalise(space)
     rng = random.Random(0)
     keys = list(space)
     axes = [space[k][GRID] if is_grid(space[k]) else [sample(space[k], rng)] for k in keys]
@@ -114,7 +125,7 @@ def points(space: Mapping[str, Any]) -> list[dict]:
 def count(space: Mapping[str, Any], num_samples: int = 1) -> int:
     """Return how many trials Tune creates from `space`: the product of the grid axes' lengths × num_samples."""
     total = num_samples
-    for value in space.values():
+    for value in normalise(space).values():
         if is_grid(value):
             total *= len(value[GRID])
     return total
