@@ -137,9 +137,14 @@ def test_cross_validation_folds_are_stratified_and_c_comes_from_the_grid():
     folds = mia.stratified_folds(t, 3)
     for k in range(3):
         assert (t[folds == k] == 1).sum() == 10 and (t[folds == k] == 0).sum() == 20
+    # Separable data: a vanishing C shrinks the weights to ~0, so only the unpenalised intercept is left and
+    # it predicts the majority class (accuracy 2/3); a large C separates the classes (accuracy 1).
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(90, 2)) + 2 * t[:, None]
-    assert mia.choose_c(x, t) in mia.C_GRID
+    x = rng.normal(size=(90, 2)) + 8 * t[:, None]
+    assert mia.choose_c(x, t, grid=(1e-6, 100.0)) == 100.0
+    assert mia.choose_c(x, t, grid=(100.0, 1e-6)) == 100.0
+    # Ties go to the first C of the grid, as GridSearchCV's do (both separate the classes perfectly).
+    assert mia.choose_c(x, t, grid=(10.0, 100.0)) == 10.0 and mia.choose_c(x, t, grid=(100.0, 10.0)) == 100.0
 
 
 def fake_model_outputs(rng, n, member, classes=10):
