@@ -62,7 +62,8 @@ def harness_section(data_dir: str | None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         options = runner.RunOptions(storage_path=tmp, name="bench", data_dir=data_dir, verbose=0)
         start = time.perf_counter()
-        runner.run(runner.prepare(spec, options), options)  # W&B off: this measures the harness alone
+        # W&B off (no logging given): this measures the harness alone
+        runner.launch(runner.train_launch(runner.prepare(spec, options), options), options, runner.train_trainable)
         tuned = time.perf_counter() - start
     ratio = tuned / serial
     print(f"harness overhead — {HARNESS_TRIALS} trials × {HARNESS_EPOCHS} epochs, Fashion-MNIST LargeMLP")

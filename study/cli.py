@@ -145,7 +145,7 @@ def cmd_show(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from study import catalog, runner, space as space_lib, wandb_setup
+    from study import catalog, kinds, runner, space as space_lib, wandb_setup
 
     options = run_options(args, parse_set(args.set))
     spec = catalog.get(args.study)
@@ -160,49 +160,18 @@ def cmd_run(args) -> int:
     bundles = f" in {space_lib.count(prepared.space)} bundle trials" if options.bundle > 1 else ""
     print(f"study {spec.name}: {len(prepared.configs) * spec.num_samples} trials{bundles} -> {experiment_dir}",
           flush=True)
-    results = runner.run(prepared, options, logging)
-    code = finish(results.experiment_path)
+    results = runner.launch(runner.train_launch(prepared, options), options, runner.train_trainable, logging)
+    code = kinds.finish_training(results.experiment_path)
     logging.print_sync_hint(experiment_dir)
     return code
 
 
 def cmd_resume(args) -> int:
-    from study import runner
+    from study import kinds, runner
 
     again = runner.reopen(args.experiment, args.address, args.verbose)
-    kind = again.meta.get("kind", "train")
-    print(f"resuming {kind} study {again.meta.get('study')!r}: {again.path}", flush=True)
-    if kind == "tune-mitigation":
-        from study import mitigation
-
-        mitigation.resume(again, args.retry_errored)
-        return 0
-    if kind in ("delete", "mia"):
-        from study import posthoc
-
-        code = posthoc.finish(posthoc.resume(again, args.retry_errored), kind)
-    else:
-        code = finish(runner.resume(again, args.retry_errored).experiment_path)
-    again.logging.print_sync_hint(again.path)
-    return code
-
-
-def finish(experiment_path: str) -> int:
-    """Print the spurious-score table and the experiment path; exit 1 if any trial errored."""
-    from analysis import frames
-
-    if "://" in str(experiment_path):
-        print(f"\nexperiment: {experiment_path}\n(copy it to a local folder and run `study report` on it for "
-              f"tables and figures)")
-        return 0
-    df = frames.load(experiment_path)
-    print()
-    print(frames.score_table(df))
-    errored = frames.errored(df)
-    for line in errored:
-        print(f"errored: {line}")
-    print(f"\nexperiment: {experiment_path}")
-    return 1 if errored else 0
+    print(f"resuming {again.meta.get('kind', 'train')} study {again.meta.get('study')!r}: {again.path}", flush=True)
+    return kinds.resume(again, args.retry_errored)
 
 
 def cmd_bench(args) -> int:

@@ -208,11 +208,10 @@ def _execute(root: Path, base: dict, tuning: TuningOptions, data, resources: dic
     print(tuning_analysis.format_summary(summary))
     print(f"\nOptuna study: optuna-dashboard {root / JOURNAL}")
     print(f"experiment: {root}")
-    logging.print_sync_hint(root)
     return root
 
 
-def resume(again: runner.Reopened, retry_errored: bool) -> Path:
+def resume(again: "runner.Reopened", retry_errored: bool) -> Path:
     """Continue a tune-mitigation study: finish the baseline if needed, then the search with its history;
     phases not started yet get the study's W&B callbacks."""
     meta = again.meta

@@ -186,12 +186,11 @@ def build_trainable(kind: str, data: Mapping, sources: Mapping, resources: dict)
                                resources)
 
 
-def check_new(options: runner.RunOptions, name: str) -> None:
-    """Refuse to overwrite an existing experiment directory."""
-    target = Path(options.storage_uri()) / name
-    if not is_uri(options.storage_uri()) and target.exists():
-        raise SpuriousError(f"experiment {str(target)!r} already exists; continue it with `study resume "
-                            f"{target}` or choose another --name")
+def trainable_of(meta: Mapping[str, Any], data: Mapping, resources: dict):
+    """Return a post-hoc study's trainable as its study.json describes it (kind and source table)."""
+    if meta.get("kind") not in KINDS:
+        raise SpuriousError(f"not a post-hoc study (kind {meta.get('kind')!r})")
+    return build_trainable(meta["kind"], data, meta["sources"], resources)
 
 
 @ray.remote(num_cpus=0)
@@ -215,35 +214,13 @@ def check_sources_visible(plan: Plan, timeout_s: float = 60.0) -> None:
 
 
 def run(plan: Plan, options: runner.RunOptions, logging: wandb_setup.Logging | None = None) -> str:
-    """Run a planned post-hoc study (W&B per `logging`) and return its experiment path."""
-    logging = logging or wandb_setup.Logging()
-    check_new(options, plan.name)
+    """Run a planned post-hoc study (W&B per `logging`) through the one runner; return its experiment path."""
+    runner.check_new(options, plan.name)
     data = runner.load_datasets(plan.datasets, options.data_dir)
-    runner.start_ray(options)
-    resources = runner.trial_resources(options)
-    cluster.check_storage(options.storage_uri())
-    check_sources_visible(plan)
-    runner._fresh_experiment_state(plan.trials)
-    exp_path = runner.join(options.storage_uri(), plan.name)
-    runner.write_meta(exp_path, runner.session_meta(plan.kind, plan.kind, options, logging, resources, plan.datasets,
-                                                    plan.trials, source=plan.source, sources=plan.sources,
-                                                    **plan.extra_meta))
-    tuner = tune.Tuner(build_trainable(plan.kind, data, plan.sources, resources),
-                       param_space=space_lib.to_tune(plan.space),
-                       tune_config=tune.TuneConfig(max_concurrent_trials=options.max_concurrent),
-                       run_config=runner.run_config(options, plan.name, logging.callbacks(exp_path, plan.name)))
-    return tuner.fit().experiment_path
-
-
-def resume(again: runner.Reopened, retry_errored: bool = False) -> str:
-    """Continue an interrupted post-hoc study; finished trials stay finished."""
-    meta = again.meta
-    if meta.get("kind") not in KINDS:
-        raise SpuriousError(f"{str(again.path)!r} is not a post-hoc study (kind {meta.get('kind')!r})")
-    trainable = build_trainable(meta["kind"], again.data, meta["sources"], again.resources)
-    tuner = tune.Tuner.restore(str(again.path), trainable=trainable, resume_unfinished=True,
-                               resume_errored=retry_errored)
-    return tuner.fit().experiment_path
+    launch = runner.Launch(plan.kind, plan.kind, plan.name, plan.space, data, plan.trials,
+                           meta={"source": plan.source, "sources": plan.sources, **plan.extra_meta})
+    return runner.launch(launch, options, trainable_of, logging, preflight=lambda _: check_sources_visible(plan)
+                         ).experiment_path
 
 
 def launch(plan: Plan, notes: list[str], options: runner.RunOptions, args) -> int:

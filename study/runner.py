@@ -4,9 +4,9 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import ray
 from ray import tune
@@ -126,10 +126,7 @@ class Prepared:
 def prepare(spec: StudySpec, options: RunOptions) -> Prepared:
     """Resolve the study and validate every trial config and the data; raise SpuriousError on bad input."""
     name = options.name or default_name(spec, options.smoke)
-    target = Path(options.storage_uri()) / name
-    if "://" not in options.storage_uri() and target.exists():
-        raise SpuriousError(f"experiment {str(target)!r} already exists; continue it with `study resume "
-                            f"{target}` or choose another --name")
+    check_new(options, name)
     space = spec.resolved(options.smoke, options.overrides)
     data = load_datasets(dataset_names(space), options.data_dir)
     configs = validate(space, data)
@@ -201,26 +198,75 @@ def read_meta(path: str | Path) -> dict:
         raise SpuriousError(f"{str(path)!r} is not a study experiment directory (no {META_FILE})") from None
 
 
-def run(prepared: Prepared, options: RunOptions, logging: wandb_setup.Logging | None = None) -> tune.ResultGrid:
-    """Run a prepared study through a Tuner (W&B per `logging`) and return its ResultGrid."""
+@dataclass
+class Launch:
+    """A validated study of any kind, ready to run (nothing started yet): what the runner needs from a kind.
+
+    `meta` holds the kind's own study.json fields, from which `study resume` rebuilds its trainable
+    (study/kinds.py); `tune` the kind's extra TuneConfig arguments.
+    """
+
+    kind: str
+    study: str
+    name: str
+    space: dict
+    data: dict
+    trials: int
+    meta: dict = field(default_factory=dict)
+    tune: dict = field(default_factory=dict)
+    num_samples: int = 1
+
+
+def check_new(options: RunOptions, name: str) -> None:
+    """Refuse to overwrite an existing local experiment directory (one line, pointing to `study resume`)."""
+    target = join(options.storage_uri(), name)
+    if "://" not in options.storage_uri() and Path(target).exists():
+        raise SpuriousError(f"experiment {str(target)!r} already exists; continue it with `study resume "
+                            f"{target}` or choose another --name")
+
+
+def launch(plan: Launch, options: RunOptions, trainable_of: Callable[[dict, dict, dict], Any],
+           logging: wandb_setup.Logging | None = None,
+           preflight: Callable[[Launch], None] | None = None) -> tune.ResultGrid:
+    """Run a study of any kind through a Tuner and return its ResultGrid.
+
+    One path for every kind: refuse an existing experiment, join or start Ray, plan per-trial resources
+    (cluster.plan_resources), check the storage is shared, run the kind's `preflight(plan)` check, record
+    study.json (local or URI) and fit a Tuner with the kind's trainable — `trainable_of(meta, data,
+    resources)`, built from the same study.json fields `study resume` uses (study/kinds.py) — and W&B
+    callbacks per `logging`.
+    """
     logging = logging or wandb_setup.Logging()
+    check_new(options, plan.name)
     start_ray(options)
     resources = trial_resources(options)
     cluster.check_storage(options.storage_uri())
-    trials = len(prepared.configs) * prepared.spec.num_samples
-    _fresh_experiment_state(trials)
-    exp_path = join(options.storage_uri(), prepared.name)
-    write_meta(exp_path, session_meta(prepared.spec.kind, prepared.spec.name, options, logging, resources,
-                                      list(prepared.data), trials,
-                                      checkpoint_every=prepared.spec.checkpoint_every))
-    tuner = tune.Tuner(
-        build_trainable(prepared.data, prepared.spec.checkpoint_every, resources, options.bundle > 1),
-        param_space=space_lib.to_tune(prepared.space),
-        tune_config=tune.TuneConfig(num_samples=prepared.spec.num_samples,
-                                    max_concurrent_trials=options.max_concurrent, reuse_actors=True,
-                                    trial_dirname_creator=bundle_dirname if options.bundle > 1 else None),
-        run_config=run_config(options, prepared.name, logging.callbacks(exp_path, prepared.name)))
+    if preflight:
+        preflight(plan)
+    _fresh_experiment_state(plan.trials)
+    exp_path = join(options.storage_uri(), plan.name)
+    meta = session_meta(plan.kind, plan.study, options, logging, resources, list(plan.data), plan.trials,
+                        **plan.meta)
+    write_meta(exp_path, meta)
+    tuner = tune.Tuner(trainable_of(meta, plan.data, resources), param_space=space_lib.to_tune(plan.space),
+                       tune_config=tune.TuneConfig(num_samples=plan.num_samples,
+                                                   max_concurrent_trials=options.max_concurrent, **plan.tune),
+                       run_config=run_config(options, plan.name, logging.callbacks(exp_path, plan.name)))
     return tuner.fit()
+
+
+def train_launch(prepared: Prepared, options: RunOptions) -> Launch:
+    """Return the Launch of a prepared training study (bundled when --bundle > 1)."""
+    return Launch("train", prepared.spec.name, prepared.name, prepared.space, prepared.data,
+                  len(prepared.configs) * prepared.spec.num_samples,
+                  meta={"checkpoint_every": prepared.spec.checkpoint_every},
+                  tune={"reuse_actors": True, "trial_dirname_creator": bundle_dirname if options.bundle > 1 else None},
+                  num_samples=prepared.spec.num_samples)
+
+
+def train_trainable(meta: Mapping[str, Any], data: Mapping[str, datasets.Dataset], resources: dict):
+    """Return a training study's trainable as its study.json describes it."""
+    return build_trainable(data, meta["checkpoint_every"], resources, meta.get("bundle", 1) > 1)
 
 
 def _fresh_experiment_state(trials: int) -> None:
@@ -272,11 +318,11 @@ def reopen(path: str | Path, address: str | None = None, verbose: int = 1) -> Re
     return Reopened(path, meta, options, trial_resources(options), data, logging)
 
 
-def resume(again: Reopened, retry_errored: bool = False) -> tune.ResultGrid:
-    """Continue a reopened training study: finished trials stay finished, unfinished ones restart from their
-    checkpoints (errored ones too with `retry_errored`)."""
-    trainable = build_trainable(again.data, again.meta["checkpoint_every"], again.resources,
-                                again.options.bundle > 1)
-    tuner = tune.Tuner.restore(str(again.path), trainable=trainable, resume_unfinished=True,
-                               resume_errored=retry_errored)
+def resume(again: Reopened, trainable_of: Callable[[dict, dict, dict], Any],
+           retry_errored: bool = False) -> tune.ResultGrid:
+    """Continue a reopened study of a Tune-experiment kind with its trainable `trainable_of(meta, data,
+    resources)`: finished trials stay finished, unfinished ones restart from their checkpoints (errored ones
+    too with `retry_errored`)."""
+    tuner = tune.Tuner.restore(str(again.path), trainable=trainable_of(again.meta, again.data, again.resources),
+                               resume_unfinished=True, resume_errored=retry_errored)
     return tuner.fit()

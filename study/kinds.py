@@ -1,0 +1,76 @@
+"""The study kinds, one registry: how each kind's trainable is rebuilt from study.json, how it resumes and what
+it prints at the end.
+
+Every kind runs through the one runner (study/runner.py: `launch` for a new study, `reopen` + `resume` for an
+interrupted one, in any shell). A kind adds only what is its own:
+
+| kind              | trainable (from study.json)                       | end-of-run print                       |
+|-------------------|---------------------------------------------------|----------------------------------------|
+| `train`           | train_classifier, or train_bundle when bundle > 1 | spurious-score table (study/cli.py)    |
+| `delete`, `mia`   | the post-hoc trainable with its source table      | deletion / attack table (posthoc.py)   |
+| `tune-mitigation` | two Tune experiments (baseline, Optuna search)    | Pareto set and recommendation          |
+
+A new kind (a detection study, say) registers here with the same three parts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from spurious.registry import Registry
+from study import mitigation, posthoc, runner
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A study kind: `trainable(meta, data, resources)` builds its Tune trainable from study.json (None for a
+    kind that is not one Tune experiment), `finish(experiment_path) -> exit code` prints its result, and
+    `resume(reopened, retry_errored) -> exit code` continues it (default: Tuner.restore, then finish)."""
+
+    trainable: Callable[[dict, dict, dict], Any] | None
+    finish: Callable[[str], int]
+    resume: Callable[[runner.Reopened, bool], int] | None = None
+
+
+def finish_training(experiment_path: str) -> int:
+    """Print the spurious-score table and the experiment path; exit 1 if any trial errored."""
+    from analysis import frames
+
+    if "://" in str(experiment_path):
+        print(f"\nexperiment: {experiment_path}\n(copy it to a local folder and run `study report` on it for "
+              f"tables and figures)")
+        return 0
+    df = frames.load(experiment_path)
+    print()
+    print(frames.score_table(df))
+    errored = frames.errored(df)
+    for line in errored:
+        print(f"errored: {line}")
+    print(f"\nexperiment: {experiment_path}")
+    return 1 if errored else 0
+
+
+def _resume_tuner(kind: Kind) -> Callable[[runner.Reopened, bool], int]:
+    def resume(again: runner.Reopened, retry_errored: bool) -> int:
+        return kind.finish(runner.resume(again, kind.trainable, retry_errored).experiment_path)
+    return resume
+
+
+def _resume_tuning(again: runner.Reopened, retry_errored: bool) -> int:
+    mitigation.resume(again, retry_errored)
+    return 0
+
+
+KINDS: Registry[Kind] = Registry("study kind")
+KINDS.register("train", Kind(runner.train_trainable, finish_training))
+KINDS.register("delete", Kind(posthoc.trainable_of, lambda path: posthoc.finish(path, "delete")))
+KINDS.register("mia", Kind(posthoc.trainable_of, lambda path: posthoc.finish(path, "mia")))
+KINDS.register("tune-mitigation", Kind(None, lambda path: 0, _resume_tuning))
+
+
+def resume(again: runner.Reopened, retry_errored: bool = False) -> int:
+    """Continue a reopened study of any kind and print its result; return the exit code (1: a trial errored)."""
+    kind = KINDS.get(again.meta.get("kind", "train"))
+    code = (kind.resume or _resume_tuner(kind))(again, retry_errored)
+    again.logging.print_sync_hint(again.path)
+    return code
