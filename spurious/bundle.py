@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from spurious import datasets, models, patterns, train
+from spurious import checkpoint, datasets, models, patterns, train
 from spurious.config import TrainConfig
 from spurious.errors import SpuriousError
 from spurious.planted import PlantedData, split_arrays
@@ -648,7 +648,7 @@ class BundleEngine:
         rng = {"torch": torch.get_rng_state(), "generator": self.gens[k].get_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {"format": train.CHECKPOINT_FORMAT, "config": cfg.to_dict(), "epoch": self.epoch, "model": model,
+        return {"format": checkpoint.FORMAT, "config": cfg.to_dict(), "epoch": self.epoch, "model": model,
                 "optimizer": optimizer, "scheduler": scheduler, "rng": rng,
                 "spurious_idx": torch.from_numpy(np.asarray(self.members[k].planted_idx, np.int64)),
                 "history": [dict(r) for r in self.histories[k]]}
@@ -689,9 +689,7 @@ class BundleEngine:
         if len(states) != self.k:
             raise SpuriousError(f"restore needs {self.k} member checkpoints, got {len(states)}")
         for k, state in enumerate(states):
-            if state.get("format") != train.CHECKPOINT_FORMAT:
-                raise SpuriousError(f"member {k}: checkpoint format {state.get('format')!r} is not "
-                                    f"{train.CHECKPOINT_FORMAT}")
+            checkpoint.check(state, f"member {k}: checkpoint")
             mine, theirs = self.cfgs[k].to_dict(), state["config"]
             differ = sorted(key for key in mine if key != "device" and theirs.get(key) != mine[key])
             if differ:

@@ -19,12 +19,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from spurious import datasets, metrics, models, patterns
+from spurious import checkpoint, datasets, metrics, models, patterns
 from spurious.config import AUGMENTATIONS, TrainConfig
 from spurious.errors import SpuriousError
 from spurious.planted import PlantedData, plant
 
-CHECKPOINT_FORMAT = 1
 # The reference's MultiStepLR milestone table, keyed by the largest epoch count it applies to (§7.1).
 MILESTONES = ((30, (15, 25)), (40, (20, 30)), (50, (25, 40)), (60, (30, 50)), (70, (40, 50, 60)),
               (80, (40, 60, 70)), (120, (50, 90, 110)), (140, (60, 100, 120)), (160, (40, 80, 120, 140)),
@@ -191,15 +190,14 @@ class Engine:
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         sched = {k: v for k, v in self.scheduler.state_dict().items() if k != "milestones"}
-        return {"format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(), "epoch": self.epoch,
+        return {"format": checkpoint.FORMAT, "config": self.cfg.to_dict(), "epoch": self.epoch,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "scheduler": sched,
                 "rng": rng, "spurious_idx": torch.from_numpy(np.asarray(self.data.spurious_idx, np.int64)),
                 "history": [dict(r) for r in self.history]}
 
     def restore(self, state: dict) -> None:
         """Continue from a checkpoint made by `snapshot` (same config)."""
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise SpuriousError(f"checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}")
+        checkpoint.check(state)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -223,34 +221,3 @@ def run(cfg: TrainConfig, on_epoch: Optional[EpochCallback] = None, root: str | 
         resume: Optional[dict] = None) -> TrainResult:
     """Load and plant the data for `cfg`, then train; the library's one-call entry point."""
     return train(cfg, prepare(cfg, root), on_epoch=on_epoch, resume=resume)
-
-
-def save_checkpoint(state: dict, path: str | Path) -> Path:
-    """Write a checkpoint atomically (temporary file, then rename) and return its path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
-    return path
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint safely (`weights_only=True`: it may come from another machine) onto the CPU."""
-    try:
-        return torch.load(Path(path), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise SpuriousError(f"checkpoint {str(path)!r} does not exist") from None
-    except Exception as err:  # torch raises many types for corrupt files
-        raise SpuriousError(f"checkpoint {str(path)!r} cannot be read: {type(err).__name__}: "
-                            f"{str(err).splitlines()[0] if str(err) else ''}") from None
-
-
-def model_from_checkpoint(state: dict, input_shape: tuple[int, int, int], num_classes: int = 10) -> torch.nn.Module:
-    """Rebuild the model of a checkpoint on the CPU, in eval mode."""
-    from spurious.config import from_dict
-
-    cfg = from_dict(state["config"])
-    model = models.build(cfg.model, input_shape, num_classes)
-    model.load_state_dict(state["model"])
-    return model.eval()

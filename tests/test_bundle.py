@@ -8,7 +8,7 @@ metrics within 5e-7, parameters within 2e-8 (SGD) and 3e-6 (Adam).
 import pytest
 import torch
 
-from spurious import bundle, train
+from spurious import bundle, checkpoint, train
 from spurious.config import TrainConfig
 from spurious.errors import SpuriousError
 from spurious.planted import plant
@@ -141,8 +141,8 @@ def test_snapshot_has_engine_format_and_loads_as_a_single_model(tiny_data, tmp_p
         assert torch.equal(state["spurious_idx"], expected["spurious_idx"])
         for got, want in zip(strip_time(state["history"]), strip_time(expected["history"])):
             assert got == pytest.approx(want, abs=ATOL)
-        loaded = train.load_checkpoint(train.save_checkpoint(state, tmp_path / "member.pt"))
-        model = train.model_from_checkpoint(loaded, d.input_shape)
+        loaded = checkpoint.load(checkpoint.save(state, tmp_path / "member.pt"))
+        model = checkpoint.model_from_checkpoint(loaded, d.input_shape)
         assert torch.allclose(model(d.x_test[:50]), single.model.eval()(d.x_test[:50]), atol=PARAM_ATOL)
 
 
@@ -152,7 +152,7 @@ def test_engine_resumes_a_member_from_a_bundle_snapshot(tiny_data, tmp_path):
     engine = bundle.BundleEngine(cfgs, datas)
     for _ in range(2):
         engine.step()
-    state = train.load_checkpoint(train.save_checkpoint(engine.snapshot()[1], tmp_path / "m1.pt"))
+    state = checkpoint.load(checkpoint.save(engine.snapshot()[1], tmp_path / "m1.pt"))
     resumed = train.train(cfgs[1], datas[1], resume=state)
     assert_close([resumed], separate(tiny_data, cfgs[1:]))
 
@@ -166,13 +166,13 @@ def test_bundle_resume_equals_uninterrupted_bundle(tiny_data, tmp_path, optimize
 
     def stop_after_two(rows, snapshot):
         if rows[0]["epoch"] == 2:
-            saved["states"] = [train.save_checkpoint(s, tmp_path / f"{k}.pt") for k, s in enumerate(snapshot())]
+            saved["states"] = [checkpoint.save(s, tmp_path / f"{k}.pt") for k, s in enumerate(snapshot())]
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         bundle.train_bundle(cfgs, datas, on_epoch=stop_after_two)
     torch.manual_seed(12345)  # a fresh process would have a different global RNG state
-    resumed = bundle.train_bundle(cfgs, datas, resume=[train.load_checkpoint(p) for p in saved["states"]])
+    resumed = bundle.train_bundle(cfgs, datas, resume=[checkpoint.load(p) for p in saved["states"]])
     for a, b in zip(full, resumed):
         assert strip_time(a.history) == strip_time(b.history)
         for name, value in a.model.state_dict().items():

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from spurious import metrics, train
+from spurious import checkpoint, metrics, train
 from spurious.config import TrainConfig
 from spurious.errors import SpuriousError
 from spurious.planted import plant
@@ -59,14 +59,14 @@ def test_resume_from_disk_checkpoint_equals_uninterrupted_run(tiny_data, tmp_pat
 
     def stop_after_two(m, snapshot):
         if m["epoch"] == 2:
-            saved["path"] = train.save_checkpoint(snapshot(), tmp_path / "ckpt.pt")
+            saved["path"] = checkpoint.save(snapshot(), tmp_path / "ckpt.pt")
             raise KeyboardInterrupt
 
     data = plant(tiny_data, c.pattern, c.n_spurious, c.target, c.data_seed)
     with pytest.raises(KeyboardInterrupt):
         train.train(c, data, on_epoch=stop_after_two)
     torch.manual_seed(12345)  # a fresh process would have a different global RNG state
-    state = train.load_checkpoint(saved["path"])
+    state = checkpoint.load(saved["path"])
     resumed = train.train(c, data, resume=state)
     assert strip_time(resumed.history) == strip_time(rows_full)
     for key, value in full.model.state_dict().items():
@@ -75,10 +75,10 @@ def test_resume_from_disk_checkpoint_equals_uninterrupted_run(tiny_data, tmp_pat
 
 def test_checkpoint_loads_with_weights_only_and_rebuilds_model(tiny_data, tmp_path):
     result, _ = fit(tiny_data, cfg(epochs=1))
-    path = train.save_checkpoint(result.state, tmp_path / "a" / "final.pt")
-    state = train.load_checkpoint(path)
+    path = checkpoint.save(result.state, tmp_path / "a" / "final.pt")
+    state = checkpoint.load(path)
     assert state["epoch"] == 1 and state["config"]["pattern"] == "s3"
-    model = train.model_from_checkpoint(state, (1, 28, 28))
+    model = checkpoint.model_from_checkpoint(state, (1, 28, 28))
     x = tiny_data.x_test[:50]
     assert torch.allclose(model(x), result.model.eval()(x))
 
@@ -87,9 +87,9 @@ def test_corrupt_or_missing_checkpoint_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(SpuriousError, match="cannot be read"):
-        train.load_checkpoint(bad)
+        checkpoint.load(bad)
     with pytest.raises(SpuriousError, match="does not exist"):
-        train.load_checkpoint(tmp_path / "missing.pt")
+        checkpoint.load(tmp_path / "missing.pt")
 
 
 def test_divergence_raises_training_error(tiny_data):

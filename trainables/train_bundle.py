@@ -1,7 +1,7 @@
 """`train_bundle`: K compatible training configs trained in lock-step in one Tune trial (`--bundle K`).
 
 Each member keeps its own metrics (reported under `members/<k>/…`), its own checkpoint file in the
-checkpoint directory (`member_<k>.pt`, in `spurious.train`'s format) and its own row in
+checkpoint directory (`spurious.checkpoint`'s layout and format) and its own row in
 `analysis.frames.load`, so post-hoc studies and resume treat members like ordinary trials.
 """
 from __future__ import annotations
