@@ -15,7 +15,7 @@ import numpy as np
 from spurious import config as config_lib, train
 from spurious.datasets import Dataset
 from spurious.planted import plant
-from trainables.common import (dataset_for, flatten_config, maybe_inject_fault, report, restored_state,
+from trainables.common import (dataset_for, flatten_config, maybe_inject_fault, report_states, restored_states,
                                use_trial_threads)
 
 AVERAGED = ("train_loss", "train_acc", "test_loss", "test_acc", "spurious_score", "spurious_score_nontarget",
@@ -53,9 +53,9 @@ def tune_mitigation(config: Mapping, datasets: Mapping[str, Dataset], seeds: int
         cfg = base.replace(data_seed=base.data_seed + k)
         engines.append(train.Engine(cfg, plant(data, cfg.pattern, cfg.n_spurious, cfg.target, cfg.data_seed,
                                                cfg.split)))
-    state = restored_state()
-    if state is not None:
-        for engine, member in zip(engines, state["members"]):
+    states = restored_states(seeds)
+    if states is not None:
+        for engine, member in zip(engines, states):
             engine.restore(member)
     while engines[0].epoch < base.epochs:
         metrics = seed_average([engine.step() for engine in engines])
@@ -63,4 +63,4 @@ def tune_mitigation(config: Mapping, datasets: Mapping[str, Dataset], seeds: int
         epoch = metrics["epoch"]
         maybe_inject_fault(epoch)
         due = epoch == base.epochs or (checkpoint_every > 0 and epoch % checkpoint_every == 0)
-        report(metrics, {"members": [e.snapshot() for e in engines]} if due else None)
+        report_states(metrics, [e.snapshot() for e in engines] if due else None)
