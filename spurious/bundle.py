@@ -17,7 +17,7 @@ dataset and split). Example::
 
 Equivalence with separate runs: per member, the model init (`torch.manual_seed(seed)` then
 `models.build`), the shuffling, noise and aug01 draws (a generator seeded with `seed`, drawn in
-`Engine`'s order) and the SGD/Adam/MultiStepLR arithmetic are those of `spurious.train.Engine`.
+`Engine`'s order), the SGD/Adam arithmetic and the `train.lr_at` schedule are those of `train.Engine`.
 With one member per pass (`vmap_chunk=1`, the CPU default) each member runs the very kernels `Engine`
 runs and the results are bit-identical; batched passes (`vmap_chunk>1`, the GPU default) change float
 rounding only (tests/test_bundle.py bounds it).
@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import copy
 import time
-import warnings
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -55,7 +53,6 @@ from spurious.planted import PlantedData, split_arrays
 # The config keys every member of a bundle shares; all other keys may differ per member.
 BUNDLE_KEYS = ("dataset", "split", "model", "augmentation", "epochs", "batch_size", "optimizer", "momentum",
                "eval_batch_size", "device")
-GAMMA = 0.1  # MultiStepLR decay, as in spurious.train.Engine (§7.1)
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 
 BundleSnapshot = Callable[[], list]
@@ -364,15 +361,6 @@ class _Pass:
 OPTIMIZERS = {"sgd": _StackedSGD, "adam": _StackedAdam}
 
 
-def lr_after(base_lr: float, epochs_done: int, total_epochs: int) -> float:
-    """Return the lr MultiStepLR (γ = 0.1, reference milestones) gives after `epochs_done` steps (§7.1)."""
-    counts, lr = Counter(train.milestones(total_epochs)), base_lr
-    for epoch in range(1, epochs_done + 1):
-        if epoch in counts:
-            lr = lr * GAMMA ** counts[epoch]
-    return lr
-
-
 def _check_bundlable(model: nn.Module, name: str) -> None:
     """Raise a SpuriousError if the model has dropout, BatchNorm or buffers, which bundling cannot match."""
     bad = sorted({type(m).__name__ for m in model.modules()
@@ -438,7 +426,6 @@ class BundleEngine:
         self.gens = [torch.Generator(device=self.device).manual_seed(c.seed) for c in cfgs]
         self.augment = train.aug01 if train.augmentation_of(cfgs[0]) == "aug01" else None
         self.perturbed = self.augment is not None or any(c.noise_sigma > 0 for c in cfgs)
-        self.lrs = [c.lr for c in cfgs]
         self.epoch, self.steps = 0, 0
         self.histories: list[list[dict]] = [[] for _ in cfgs]
         self.failed: dict[int, str] = {}
@@ -534,6 +521,11 @@ class BundleEngine:
             x = x + sigma * torch.randn(x.shape, generator=gen, device=self.device)
         return x
 
+    @property
+    def lrs(self) -> list[float]:
+        """Return every member's learning rate for the current epoch (`train.lr_at`)."""
+        return [train.lr_at(c, self.epoch) for c in self.cfgs]
+
     def _hyper(self, p: _Pass) -> tuple:
         """Return this epoch's lr, l2 and clip bound of a pass's members (floats when they agree)."""
         cfgs, inf = self.cfgs[p.a:p.b], float("inf")
@@ -595,11 +587,10 @@ class BundleEngine:
 
     def step(self) -> list[Optional[dict]]:
         """Train and evaluate one epoch; return each member's metrics row (None once a member has failed)."""
-        start, lrs = time.perf_counter(), list(self.lrs)
+        start, lrs = time.perf_counter(), self.lrs
         train_loss, train_acc = self.train_epoch()
         self._mark_failures(train_loss, lrs)
         self.epoch += 1
-        self.lrs = [lr_after(c.lr, self.epoch, c.epochs) for c in self.cfgs]
         tests, seconds = self.evaluate(), time.perf_counter() - start
         rows: list[Optional[dict]] = []
         for k in range(self.k):
@@ -641,30 +632,15 @@ class BundleEngine:
         return [self._member_snapshot(k) for k in range(self.k)]
 
     def _member_snapshot(self, k: int) -> dict:
-        """Return member k's checkpoint; optimiser/scheduler dicts come from real torch objects."""
+        """Return member k's checkpoint; its optimiser dict is the one torch.optim would hold (SGD or Adam)."""
         cfg = self.cfgs[k]
         model = {n: p[k].detach().clone() for n, p in self.params.items()}
-        optimizer, scheduler = self._torch_states(k, list(model.values()))
-        rng = {"torch": torch.get_rng_state(), "generator": self.gens[k].get_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {"format": checkpoint.FORMAT, "config": cfg.to_dict(), "epoch": self.epoch, "model": model,
-                "optimizer": optimizer, "scheduler": scheduler, "rng": rng,
-                "spurious_idx": torch.from_numpy(np.asarray(self.members[k].planted_idx, np.int64)),
-                "history": [dict(r) for r in self.histories[k]]}
-
-    def _torch_states(self, k: int, tensors: list[torch.Tensor]) -> tuple[dict, dict]:
-        """Return member k's optimiser and scheduler state dicts as Engine's torch objects would hold them."""
-        cfg = self.cfgs[k]
-        opt = train.make_optimizer(cfg, tensors)
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, train.milestones(cfg.epochs), GAMMA)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # stepping a scheduler without optimizer.step() warns
-            for _ in range(self.epoch):
-                sched.step()
-        state = opt.state_dict()
-        state["state"] = self.optimizer.member_state(k, self.names, self.steps)
-        return state, {key: v for key, v in sched.state_dict().items() if key != "milestones"}
+        optimizer = train.with_lr(train.make_optimizer(cfg, list(model.values())).state_dict(),
+                                  train.lr_at(cfg, self.epoch))
+        optimizer["state"] = self.optimizer.member_state(k, self.names, self.steps)
+        return checkpoint.make(cfg.to_dict(), self.epoch, model, optimizer,
+                               checkpoint.rng_state(self.gens[k], self.device), self.members[k].planted_idx,
+                               self.histories[k])
 
     def restore(self, states: Sequence[dict]) -> None:
         """Continue from per-member checkpoints (from `snapshot` or from separate `Engine` runs) at one epoch."""
@@ -674,12 +650,9 @@ class BundleEngine:
                 self.params[n][k] = state["model"][n].to(self.device)
             self.optimizer.load_member(k, self.names, {i: {key: _to(v, self.device) for key, v in s.items()}
                                                        for i, s in state["optimizer"]["state"].items()})
-            self.lrs[k] = float(state["optimizer"]["param_groups"][0]["lr"])
             self.gens[k].set_state(state["rng"]["generator"])
             self.histories[k] = [dict(r) for r in state["history"]]
-        torch.set_rng_state(states[0]["rng"]["torch"])
-        if "cuda" in states[0]["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(states[0]["rng"]["cuda"], self.device)
+        checkpoint.restore_global_rng(states[0]["rng"], self.device)
         self.epoch = int(states[0]["epoch"])
         self.steps = self.epoch * -(-self.pool.table.shape[1] // self.cfgs[0].batch_size)
         self.failed = {}

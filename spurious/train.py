@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -24,6 +25,7 @@ from spurious.config import AUGMENTATIONS, TrainConfig
 from spurious.errors import SpuriousError
 from spurious.planted import PlantedData, plant
 
+GAMMA = 0.1  # the reference's MultiStepLR decay at each milestone (§7.1)
 # The reference's MultiStepLR milestone table, keyed by the largest epoch count it applies to (§7.1).
 MILESTONES = ((30, (15, 25)), (40, (20, 30)), (50, (25, 40)), (60, (30, 50)), (70, (40, 50, 60)),
               (80, (40, 60, 70)), (120, (50, 90, 110)), (140, (60, 100, 120)), (160, (40, 80, 120, 140)),
@@ -58,6 +60,22 @@ def milestones(epochs: int) -> list[int]:
         if epochs <= limit:
             return list(steps)
     return [60, 120]
+
+
+def lr_at(cfg: TrainConfig, epoch: int) -> float:
+    """Return the learning rate of epoch `epoch` (0-based, i.e. after `epoch` completed epochs): `cfg.lr`
+    times GAMMA once per milestone of `milestones(cfg.epochs)` reached, multiplied in the order and with the
+    arithmetic of torch's MultiStepLR, so the value is bit-identical to the scheduler's (§7.1)."""
+    lr = cfg.lr
+    for milestone in milestones(cfg.epochs):
+        if milestone <= epoch:
+            lr = lr * GAMMA  # MultiStepLR's `lr * gamma ** count` with count 1: milestones are distinct
+    return lr
+
+
+def with_lr(optimizer_state: dict, lr: float) -> dict:
+    """Return a torch optimizer `state_dict()` with every param group's lr set to `lr` (a shallow copy)."""
+    return {**optimizer_state, "param_groups": [{**g, "lr": lr} for g in optimizer_state["param_groups"]]}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -120,7 +138,10 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
 
 
 class Engine:
-    """Holds the model, optimiser, scheduler and RNGs of one run; `fit` trains it epoch by epoch."""
+    """Holds the model, optimiser and RNGs of one run; `fit` trains it epoch by epoch.
+
+    `schedule(epoch)` gives each epoch's learning rate (`lr_at` by default; deletion replaces it).
+    """
 
     def __init__(self, cfg: TrainConfig, data: PlantedData, model_factory: Optional[ModelFactory] = None):
         self.cfg, self.device = cfg, resolve_device(cfg.device)
@@ -128,7 +149,7 @@ class Engine:
         self.model = (model_factory or default_model)(cfg, data).to(self.device)
         self.data = data.to(self.device)
         self.optimizer = make_optimizer(cfg, self.model.parameters())
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones(cfg.epochs), 0.1)
+        self.schedule: Callable[[int], float] = partial(lr_at, cfg)
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.augment = aug01 if augmentation_of(cfg) == "aug01" else None
         self.epoch, self.history = 0, []
@@ -164,12 +185,13 @@ class Engine:
 
     def step(self) -> dict:
         """Train and evaluate one epoch; return its metrics (raises TrainingError on divergence)."""
-        start, lr = time.perf_counter(), self.optimizer.param_groups[0]["lr"]
+        start, lr = time.perf_counter(), self.schedule(self.epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         train_loss, train_acc = self.train_epoch()
         if not np.isfinite(train_loss):
             raise TrainingError(f"training loss became {train_loss} at epoch {self.epoch + 1} "
                                 f"(lr={lr}, optimizer={self.cfg.optimizer}); lower the learning rate")
-        self.scheduler.step()
         self.epoch += 1
         row = {"epoch": self.epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
                **self.evaluate(), "epoch_time_s": time.perf_counter() - start}
@@ -185,26 +207,18 @@ class Engine:
         return TrainResult(self.model, list(self.history), self.snapshot())
 
     def snapshot(self) -> dict:
-        """Return a checkpoint: model, optimiser, scheduler, epoch, RNG states, config, planted indices."""
-        rng = {"torch": torch.get_rng_state(), "generator": self.gen.get_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        sched = {k: v for k, v in self.scheduler.state_dict().items() if k != "milestones"}
-        return {"format": checkpoint.FORMAT, "config": self.cfg.to_dict(), "epoch": self.epoch,
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "scheduler": sched,
-                "rng": rng, "spurious_idx": torch.from_numpy(np.asarray(self.data.spurious_idx, np.int64)),
-                "history": [dict(r) for r in self.history]}
+        """Return a checkpoint (`spurious.checkpoint`'s format): model, optimiser, epoch, RNGs, config, history."""
+        optimizer = with_lr(self.optimizer.state_dict(), self.schedule(self.epoch))
+        return checkpoint.make(self.cfg.to_dict(), self.epoch, self.model.state_dict(), optimizer,
+                               checkpoint.rng_state(self.gen, self.device), self.data.spurious_idx, self.history)
 
     def restore(self, state: dict) -> None:
-        """Continue from a checkpoint made by `snapshot` (same config)."""
+        """Continue from a checkpoint made by `snapshot` (same config); an old one's "scheduler" is ignored."""
         checkpoint.check(state)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
+        checkpoint.restore_global_rng(state["rng"], self.device)
         self.gen.set_state(state["rng"]["generator"])
-        if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.epoch, self.history = int(state["epoch"]), [dict(r) for r in state["history"]]
 
 

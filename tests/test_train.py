@@ -103,6 +103,16 @@ def test_milestone_table(epochs, expected):
     assert train.milestones(epochs) == expected
 
 
+@pytest.mark.parametrize("epochs", [17, 70, 160])
+def test_lr_at_is_multisteplr_exactly(epochs):
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.037)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, train.milestones(epochs), 0.1)
+    for done in range(epochs + 1):
+        assert train.lr_at(cfg(lr=0.037, epochs=epochs), done) == opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+
+
 def test_lr_schedule_decays_at_milestones(tiny_data):
     _, rows = fit(tiny_data, cfg(epochs=17, lr=0.01))
     lrs = [r["lr"] for r in rows]
@@ -167,3 +177,19 @@ def test_welch_greater():
     assert metrics.welch_greater([0.1, 0.12, 0.09], [0.5, 0.6, 0.55]) > 0.99
     assert np.isnan(metrics.welch_greater([0.3], [0.1, 0.2]))
     assert metrics.welch_greater([1, 1], [0, 0]) == 0.0
+
+
+def test_a_checkpoint_with_the_old_scheduler_state_resumes_the_same(tiny_data):
+    """Checkpoints written before issue 12 also hold MultiStepLR's state; the epoch alone sets the rate."""
+    c = cfg(epochs=17, lr=0.01)
+    data = plant(tiny_data, c.pattern, c.n_spurious, c.target, c.data_seed)
+    engine = train.Engine(c, data)
+    for _ in range(15):
+        engine.step()
+    state = engine.snapshot()
+    old = {**state, "scheduler": {"last_epoch": 15, "base_lrs": [0.01], "_last_lr": [0.001]},
+           "optimizer": {**state["optimizer"], "param_groups": [{**g, "initial_lr": 0.01}
+                                                                for g in state["optimizer"]["param_groups"]]}}
+    resumed = train.train(c, data, resume=old)
+    assert [r["lr"] for r in resumed.history[15:]] == [pytest.approx(0.001, rel=1e-12)] * 2
+    assert strip_time(resumed.history) == strip_time(train.train(c, data).history)
