@@ -24,7 +24,7 @@ rounding only (tests/test_bundle.py bounds it).
 Only models without dropout, BatchNorm or buffers can be bundled (dropout under vmap cannot draw the
 masks separate runs draw); in the registry those are the MLPs, where the reference grids are.
 
-Memory model: members share one clean training tensor (`MemberData.base_x`; the dataset's own tensor
+Memory model: members share one clean training tensor (`PlantedRows.base_x`; the dataset's own tensor
 for the full split, one per data seed for membership splits) and each stores only its planted rows,
 so a bundle holds one (N, C, H, W) pool plus
 the planted rows of all members (60k Fashion: 188 MB + 3 KB per planted image), a (K, N) int64 row
@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -45,10 +45,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from spurious import checkpoint, datasets, models, patterns, train
+from spurious import checkpoint, datasets, metrics, models, train
 from spurious.config import TrainConfig
 from spurious.errors import SpuriousError
-from spurious.planted import PlantedData, split_arrays
+from spurious.planted import PlantedData, PlantedRows, plant_rows, split_arrays
 
 # The config keys every member of a bundle shares; all other keys may differ per member.
 BUNDLE_KEYS = ("dataset", "split", "model", "augmentation", "epochs", "batch_size", "optimizer", "momentum",
@@ -82,71 +82,19 @@ def check_compatible(cfgs: Sequence[TrainConfig]) -> None:
 # ------------------------------------------------------------------------------------------ member data
 
 
-@dataclass(frozen=True)
-class MemberData:
-    """One member's planted data, stored compactly: a shared base tensor plus its own planted rows.
-
-    `base_dirty` lists base rows that are not clean (they hold another planting); only rows in
-    `planted_idx` are read from `planted_x`, every other row comes from `base_x`.
-    """
-
-    base_x: torch.Tensor
-    base_y: torch.Tensor
-    base_dirty: np.ndarray
-    planted_idx: np.ndarray
-    planted_x: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    x_test_patterned: torch.Tensor
-    pattern: str
-    target: int
-    data_seed: int
-    num_classes: int
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """Return (C, H, W) of one image."""
-        return tuple(self.base_x.shape[1:])
-
-    def materialize(self) -> PlantedData:
-        """Return the member's data as a full PlantedData (copies the training images)."""
-        x = self.base_x.clone()
-        x[torch.from_numpy(self.planted_idx)] = self.planted_x
-        return PlantedData(x, self.base_y, self.x_test, self.y_test, self.x_test_patterned, self.planted_idx,
-                           self.pattern, self.target, self.data_seed, self.num_classes)
-
-
-def member_data(data: PlantedData | MemberData) -> MemberData:
-    """Return `data` as MemberData, sharing its tensors (no copy of the training images)."""
-    if isinstance(data, MemberData):
-        return data
-    idx = np.asarray(data.spurious_idx, np.int64)
-    return MemberData(data.x_train, data.y_train, idx, idx, data.x_train[torch.from_numpy(idx)], data.x_test,
-                      data.y_test, data.x_test_patterned, data.pattern, data.target, data.data_seed,
-                      data.num_classes)
-
-
-def plant_members(cfgs: Sequence[TrainConfig], dataset: datasets.Dataset) -> list[MemberData]:
-    """Return each config's planted data as `spurious.planted.plant` makes it, without K image copies."""
+def plant_members(cfgs: Sequence[TrainConfig], dataset: datasets.Dataset) -> list[PlantedRows]:
+    """Return each config's planted data as `planted.plant_rows` makes it, without K image copies: members
+    of one split share its arrays, and equal patterned test sets are kept once."""
     splits: dict[tuple[str, int], tuple] = {}
-    interner = _Interner()
-    return [_plant_member(cfg, dataset, splits, interner) for cfg in cfgs]
-
-
-def _plant_member(cfg: TrainConfig, dataset: datasets.Dataset, splits: dict, interner: "_Interner") -> MemberData:
-    """Return one member's MemberData; mirrors `planted.plant` (same rows, same pattern draws)."""
-    train.validate_names(cfg)
-    key = (cfg.split, 0 if cfg.split == "full" else cfg.data_seed)
-    if key not in splits:
-        splits[key] = split_arrays(dataset, cfg.split, cfg.data_seed)
-    x_train, y_train, x_test, y_test = splits[key]
-    n = 0 if cfg.split == "mia_shadow" else cfg.n_spurious
-    idx = datasets.choose_spurious(y_train, cfg.target, n, cfg.data_seed)
-    rows = x_train[torch.from_numpy(idx)]
-    planted = patterns.apply(cfg.pattern, rows, cfg.data_seed) if len(idx) else rows
-    x_test_patterned = interner.intern(patterns.apply(cfg.pattern, x_test, cfg.data_seed))
-    return MemberData(x_train, y_train, np.empty(0, np.int64), idx, planted, x_test, y_test, x_test_patterned,
-                      cfg.pattern, cfg.target, cfg.data_seed, dataset.num_classes)
+    interner, out = _Interner(), []
+    for cfg in cfgs:
+        train.validate_names(cfg)
+        key = (cfg.split, 0 if cfg.split == "full" else cfg.data_seed)
+        if key not in splits:
+            splits[key] = split_arrays(dataset, cfg.split, cfg.data_seed)
+        rows = plant_rows(dataset, cfg.pattern, cfg.n_spurious, cfg.target, cfg.data_seed, cfg.split, splits[key])
+        out.append(replace(rows, x_test_patterned=interner.intern(rows.x_test_patterned)))
+    return out
 
 
 class _Interner:
@@ -175,7 +123,7 @@ class _TrainPool:
     gather, `x[table.gather(1, perms)[:, a:b]]`.
     """
 
-    def __init__(self, members: Sequence[MemberData], device: torch.device) -> None:
+    def __init__(self, members: Sequence[PlantedRows], device: torch.device) -> None:
         bases: list[list] = []  # [x, y, dirty rows (set), owned]
         which = [self._assign(bases, m) for m in members]
         offsets = np.cumsum([0] + [len(b[1]) for b in bases])
@@ -190,7 +138,7 @@ class _TrainPool:
         self.y, self.table = self.y.to(device), torch.stack(tables).to(device)
 
     @staticmethod
-    def _assign(bases: list[list], m: MemberData) -> int:
+    def _assign(bases: list[list], m: PlantedRows) -> int:
         """Return the index of a base `m` can share (filling rows it knows clean), adding one if none fits."""
         planted = set(m.planted_idx.tolist())
         for i, (x, y, dirty, owned) in enumerate(bases):
@@ -205,7 +153,7 @@ class _TrainPool:
         return len(bases) - 1
 
 
-def _fill_clean_rows(base: list, m: MemberData, planted: set) -> None:
+def _fill_clean_rows(base: list, m: PlantedRows, planted: set) -> None:
     """Copy into the base the rows it holds dirty but member `m` holds clean (cloning the base once)."""
     fill = sorted(base[2] - planted - set(m.base_dirty.tolist()))
     if fill:
@@ -376,24 +324,6 @@ def _loss_and_hits(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, to
     return F.cross_entropy(out, y), (out.argmax(1) == y).sum()
 
 
-def _test_metrics(clean: torch.Tensor, patterned: torch.Tensor, y: torch.Tensor, target: torch.Tensor,
-                  tau: torch.Tensor) -> list[dict[str, float]]:
-    """Return `metrics.evaluate`'s keys per member from (K, N, classes) logits, with its arithmetic (§5)."""
-    k, n = y.shape
-    loss = torch.stack([F.cross_entropy(clean[i], y[i]) for i in range(k)])
-    index = target.view(k, 1, 1).expand(k, n, 1)
-    p_clean, p_pat = (z.softmax(2).gather(2, index).squeeze(2) for z in (clean, patterned))
-    rise = (p_pat - p_clean > tau[:, None]).float()
-    other = (y != target[:, None]).float()
-    count, pred = other.sum(1), patterned.argmax(2)
-    stats = torch.stack([loss, (clean.argmax(2) == y).float().mean(1), rise.mean(1), (rise * other).sum(1) / count,
-                         ((pred == y).float() * other).sum(1) / count,
-                         ((pred == target[:, None]).float() * other).sum(1) / count])
-    keys = ("test_loss", "test_acc", "spurious_score", "spurious_score_nontarget", "patterned_acc",
-            "patterned_target_rate")
-    return [dict(zip(keys, column)) for column in stats.T.tolist()]
-
-
 # ------------------------------------------------------------------------------------------ the engine
 
 
@@ -409,14 +339,14 @@ class BundleEngine:
     holds the message `Engine` would raise; the others go on (all failing raises TrainingError).
     """
 
-    def __init__(self, cfgs: Sequence[TrainConfig], datas: Sequence[PlantedData | MemberData],
+    def __init__(self, cfgs: Sequence[TrainConfig], datas: Sequence[PlantedData | PlantedRows],
                  vmap_chunk: Optional[int] = None) -> None:
         check_compatible(cfgs)
         if len(cfgs) != len(datas):
             raise SpuriousError(f"a bundle needs one data per config, got {len(cfgs)} configs and {len(datas)} datas")
         self.cfgs, self.k = list(cfgs), len(cfgs)
         self.device = train.resolve_device(cfgs[0].device)
-        self.members = [member_data(d) for d in datas]
+        self.members = [PlantedRows.of(d) for d in datas]
         _check_data(self.members)
         self.chunk = max(1, min(self.k, vmap_chunk or (self.k if self.device.type == "cuda" else 1)))
         self._init_models()
@@ -424,8 +354,8 @@ class BundleEngine:
         self.optimizer = OPTIMIZERS[cfgs[0].optimizer](self.params, cfgs[0].momentum)
         self.passes = self._make_passes()
         self.gens = [torch.Generator(device=self.device).manual_seed(c.seed) for c in cfgs]
-        self.augment = train.aug01 if train.augmentation_of(cfgs[0]) == "aug01" else None
-        self.perturbed = self.augment is not None or any(c.noise_sigma > 0 for c in cfgs)
+        self.augment = train.augmentation_of(cfgs[0]) == "aug01"
+        self.perturbed = self.augment or any(c.noise_sigma > 0 for c in cfgs)
         self.epoch, self.steps = 0, 0
         self.histories: list[list[dict]] = [[] for _ in cfgs]
         self.failed: dict[int, str] = {}
@@ -513,13 +443,8 @@ class BundleEngine:
         return torch.stack([self._perturb(k, x[i]) for i, k in enumerate(range(p.a, p.b))]), y
 
     def _perturb(self, k: int, x: torch.Tensor) -> torch.Tensor:
-        """Return member k's batch after aug01 and Gaussian noise, drawn from its generator in Engine's order."""
-        sigma, gen = self.cfgs[k].noise_sigma, self.gens[k]
-        if self.augment is not None:
-            x = self.augment(x, gen)
-        if sigma > 0:
-            x = x + sigma * torch.randn(x.shape, generator=gen, device=self.device)
-        return x
+        """Return member k's batch perturbed as `train.perturb` does, drawn from the member's generator."""
+        return train.perturb(x, self.gens[k], self.cfgs[k].noise_sigma, self.augment)
 
     @property
     def lrs(self) -> list[float]:
@@ -581,9 +506,9 @@ class BundleEngine:
         return torch.cat([fn(params, x[i:i + bs]) for i in range(0, len(x), bs)], dim=1)
 
     def evaluate(self) -> list[dict[str, float]]:
-        """Return every member's clean and patterned test metrics (`metrics.evaluate`'s keys, §5)."""
+        """Return every member's clean and patterned test metrics (`metrics.TEST_KEYS`, §5)."""
         clean, patterned = self._logits(self.clean_ids), self._logits(self.patterned_ids)
-        return _test_metrics(clean, patterned, self.y_test, self.targets, self.taus)
+        return metrics.member_metrics(clean, patterned, self.y_test, self.targets, self.taus)
 
     def step(self) -> list[Optional[dict]]:
         """Train and evaluate one epoch; return each member's metrics row (None once a member has failed)."""
@@ -677,9 +602,9 @@ def _to(value: Any, device: torch.device) -> Any:
     return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
-def _check_data(members: Sequence[MemberData]) -> None:
+def _check_data(members: Sequence[PlantedRows]) -> None:
     """Raise a SpuriousError unless all members' data have the same shapes and sizes."""
-    def shape_of(m: MemberData) -> dict[str, Any]:
+    def shape_of(m: PlantedRows) -> dict[str, Any]:
         return {"input shape": m.input_shape, "training-set size": len(m.base_y), "test-set size": len(m.y_test),
                 "number of classes": m.num_classes, "patterned test-set size": len(m.x_test_patterned)}
 
@@ -690,7 +615,7 @@ def _check_data(members: Sequence[MemberData]) -> None:
                 raise SpuriousError(f"cannot bundle: member {i} has {key} {value} but member 0 has {first[key]}")
 
 
-def train_bundle(cfgs: Sequence[TrainConfig], datas: Sequence[PlantedData | MemberData],
+def train_bundle(cfgs: Sequence[TrainConfig], datas: Sequence[PlantedData | PlantedRows],
                  on_epoch: Optional[BundleCallback] = None, resume: Optional[Sequence[dict]] = None,
                  vmap_chunk: Optional[int] = None) -> list[train.TrainResult]:
     """Train the configs as one bundle; `on_epoch(rows, snapshot)` sees every epoch; one result per member."""

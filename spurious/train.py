@@ -130,6 +130,16 @@ def aug01(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 
+def perturb(x: torch.Tensor, gen: torch.Generator, noise_sigma: float, augment: bool) -> torch.Tensor:
+    """Return a training batch x (B, C, H, W) after aug01 (when `augment`) and then N(0, noise_sigma²) input
+    noise (when noise_sigma > 0), both drawn from `gen` in that order (§6.3, §7); x itself when neither."""
+    if augment:
+        x = aug01(x, gen)
+    if noise_sigma > 0:
+        x = x + noise_sigma * torch.randn(x.shape, generator=gen, device=x.device)
+    return x
+
+
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     """Return SGD (momentum, no Nesterov) or Adam, with coupled L2 weight decay `cfg.l2` (§7.1)."""
     if cfg.optimizer == "sgd":
@@ -151,7 +161,7 @@ class Engine:
         self.optimizer = make_optimizer(cfg, self.model.parameters())
         self.schedule: Callable[[int], float] = partial(lr_at, cfg)
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        self.augment = aug01 if augmentation_of(cfg) == "aug01" else None
+        self.augment = augmentation_of(cfg) == "aug01"
         self.epoch, self.history = 0, []
 
     def train_epoch(self) -> tuple[float, float]:
@@ -161,11 +171,7 @@ class Engine:
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         for idx in torch.randperm(len(y), generator=self.gen, device=self.device).split(cfg.batch_size):
-            xb, yb = x[idx], y[idx]
-            if self.augment is not None:
-                xb = self.augment(xb, self.gen)
-            if cfg.noise_sigma > 0:
-                xb = xb + cfg.noise_sigma * torch.randn(xb.shape, generator=self.gen, device=self.device)
+            xb, yb = perturb(x[idx], self.gen, cfg.noise_sigma, self.augment), y[idx]
             out = self.model(xb)
             loss = F.cross_entropy(out, yb)
             self.optimizer.zero_grad(set_to_none=True)
