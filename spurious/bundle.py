@@ -35,7 +35,6 @@ K x (2-4) x the model size.
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Sequence
 
@@ -512,37 +511,18 @@ class BundleEngine:
 
     def step(self) -> list[Optional[dict]]:
         """Train and evaluate one epoch; return each member's metrics row (None once a member has failed)."""
-        start, lrs = time.perf_counter(), self.lrs
-        train_loss, train_acc = self.train_epoch()
-        self._mark_failures(train_loss, lrs)
-        self.epoch += 1
-        tests, seconds = self.evaluate(), time.perf_counter() - start
-        rows: list[Optional[dict]] = []
-        for k in range(self.k):
-            row = None if k in self.failed else {"epoch": self.epoch, "lr": lrs[k], "train_loss": train_loss[k],
-                                                 "train_acc": train_acc[k], **tests[k], "epoch_time_s": seconds}
-            if row is not None:
-                self.histories[k].append(row)
-            rows.append(row)
-        return rows
-
-    def _mark_failures(self, train_loss: list[float], lrs: list[float]) -> None:
-        """Record members whose loss became non-finite; raise TrainingError when no member is left."""
-        for k, loss in enumerate(train_loss):
-            if k not in self.failed and not np.isfinite(loss):
-                self.failed[k] = (f"training loss became {loss} at epoch {self.epoch + 1} (lr={lrs[k]}, "
-                                  f"optimizer={self.cfgs[k].optimizer}); lower the learning rate")
-        if len(self.failed) == self.k:
-            raise train.TrainingError(f"every bundle member diverged; member 0: {self.failed[0]}")
+        return train.step(self)
 
     def fit(self, on_epoch: Optional[BundleCallback] = None) -> list[train.TrainResult]:
         """Train to `epochs`, calling `on_epoch(rows, snapshot)` after every epoch; one result per member."""
-        while self.epoch < self.cfgs[0].epochs:
-            rows = self.step()
-            if on_epoch is not None:
-                on_epoch([dict(r) if r else None for r in rows], self.snapshot)
+        train.fit(self, on_epoch)
         states = self.snapshot()
         return [train.TrainResult(self.member_model(k), list(self.histories[k]), states[k]) for k in range(self.k)]
+
+    # The member protocol of train.step and train.fit (Engine implements it with K = 1).
+    drop_diverged = True
+    train_members = train_epoch
+    evaluate_members = evaluate
 
     def member_model(self, k: int) -> nn.Module:
         """Return member k as a standalone model (a copy of its current parameters) on the bundle's device."""

@@ -162,11 +162,14 @@ class Engine:
         self.schedule: Callable[[int], float] = partial(lr_at, cfg)
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.augment = augmentation_of(cfg) == "aug01"
-        self.epoch, self.history = 0, []
+        self.epoch, self.history, self.failed = 0, [], {}
 
     def train_epoch(self) -> tuple[float, float]:
-        """Run one epoch over the shuffled patterned training set; return running loss and accuracy."""
+        """Run one epoch over the shuffled patterned training set at `schedule(epoch)`'s learning rate;
+        return the running loss and accuracy."""
         cfg, x, y = self.cfg, self.data.x_train, self.data.y_train
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.schedule(self.epoch)
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
@@ -191,26 +194,39 @@ class Engine:
 
     def step(self) -> dict:
         """Train and evaluate one epoch; return its metrics (raises TrainingError on divergence)."""
-        start, lr = time.perf_counter(), self.schedule(self.epoch)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        train_loss, train_acc = self.train_epoch()
-        if not np.isfinite(train_loss):
-            raise TrainingError(f"training loss became {train_loss} at epoch {self.epoch + 1} "
-                                f"(lr={lr}, optimizer={self.cfg.optimizer}); lower the learning rate")
-        self.epoch += 1
-        row = {"epoch": self.epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
-               **self.evaluate(), "epoch_time_s": time.perf_counter() - start}
-        self.history.append(row)
-        return row
+        return step(self)[0]
 
     def fit(self, on_epoch: Optional[EpochCallback] = None) -> TrainResult:
         """Train up to `cfg.epochs`, calling `on_epoch(metrics, snapshot)` after every epoch."""
-        while self.epoch < self.cfg.epochs:
-            row = self.step()
-            if on_epoch is not None:
-                on_epoch(dict(row), self.snapshot)
+        fit(self, None if on_epoch is None else lambda rows, snapshot: on_epoch(rows[0], snapshot))
         return TrainResult(self.model, list(self.history), self.snapshot())
+
+    # The member protocol of `step` and `fit` with K = 1 (BundleEngine implements it for K members).
+    drop_diverged = False  # a lone run that diverges raises TrainingError
+
+    @property
+    def cfgs(self) -> list[TrainConfig]:
+        """Return the configs of the members: this run's."""
+        return [self.cfg]
+
+    @property
+    def lrs(self) -> list[float]:
+        """Return the members' learning rates for the current epoch."""
+        return [self.schedule(self.epoch)]
+
+    @property
+    def histories(self) -> list[list[dict]]:
+        """Return the members' metric histories (this run's `history`)."""
+        return [self.history]
+
+    def train_members(self) -> tuple[list[float], list[float]]:
+        """Return `train_epoch`'s running loss and accuracy as one-member lists."""
+        loss, acc = self.train_epoch()
+        return [loss], [acc]
+
+    def evaluate_members(self) -> list[dict[str, float]]:
+        """Return `evaluate`'s metrics as a one-member list."""
+        return [self.evaluate()]
 
     def snapshot(self) -> dict:
         """Return a checkpoint (`spurious.checkpoint`'s format): model, optimiser, epoch, RNGs, config, history."""
@@ -226,6 +242,52 @@ class Engine:
         checkpoint.restore_global_rng(state["rng"], self.device)
         self.gen.set_state(state["rng"]["generator"])
         self.epoch, self.history = int(state["epoch"]), [dict(r) for r in state["history"]]
+
+
+def divergence_message(loss: float, epoch: int, lr: float, cfg: TrainConfig) -> str:
+    """Return the one-line message for a training loss that became non-finite in epoch `epoch` (1-based)."""
+    return (f"training loss became {loss} at epoch {epoch} (lr={lr}, optimizer={cfg.optimizer}); "
+            "lower the learning rate")
+
+
+def step(engine) -> list[Optional[dict]]:
+    """Train and evaluate one epoch of every member of `engine`; return one metrics row per member.
+
+    `engine` is an Engine (K = 1) or a BundleEngine (K members): it has `cfgs`, `epoch`, `lrs`, `failed`,
+    `histories`, `drop_diverged`, `train_members()` and `evaluate_members()`. A member whose training loss
+    is not finite raises TrainingError, or, where `drop_diverged`, is recorded in `failed` and gets None rows
+    from then on; TrainingError is raised when no member is left. Rows hold "epoch", "lr", TRAIN_KEYS,
+    TEST_KEYS (`spurious.metrics`) and "epoch_time_s" (seconds, training and evaluation of all members).
+    """
+    start, lrs = time.perf_counter(), engine.lrs
+    losses, accs = engine.train_members()
+    for k, loss in enumerate(losses):
+        if k not in engine.failed and not np.isfinite(loss):
+            message = divergence_message(loss, engine.epoch + 1, lrs[k], engine.cfgs[k])
+            if not engine.drop_diverged:
+                raise TrainingError(message)
+            engine.failed[k] = message
+    if len(engine.failed) == len(losses):
+        raise TrainingError(f"every bundle member diverged; member 0: {engine.failed[0]}")
+    engine.epoch += 1
+    tests, seconds = engine.evaluate_members(), time.perf_counter() - start
+    rows: list[Optional[dict]] = []
+    for k, history in enumerate(engine.histories):
+        row = None if k in engine.failed else {"epoch": engine.epoch, "lr": lrs[k], "train_loss": losses[k],
+                                               "train_acc": accs[k], **tests[k], "epoch_time_s": seconds}
+        if row is not None:
+            history.append(row)
+        rows.append(row)
+    return rows
+
+
+def fit(engine, on_epoch: Optional[Callable[[list, Callable], Any]] = None) -> None:
+    """Run `step(engine)` up to the members' epoch count, calling `on_epoch(rows, engine.snapshot)` after
+    every epoch with copies of the rows (None for a dropped member); the one epoch loop of the library."""
+    while engine.epoch < engine.cfgs[0].epochs:
+        rows = step(engine)
+        if on_epoch is not None:
+            on_epoch([None if r is None else dict(r) for r in rows], engine.snapshot)
 
 
 def train(cfg: TrainConfig, data: PlantedData, model_factory: Optional[ModelFactory] = None,

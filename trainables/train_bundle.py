@@ -10,7 +10,7 @@ from typing import Mapping
 
 import numpy as np
 
-from spurious import bundle, config as config_lib
+from spurious import bundle, config as config_lib, train
 from spurious.datasets import Dataset
 from trainables.common import (dataset_for, flatten_config, maybe_inject_fault, report_states, restored_states,
                                use_trial_threads)
@@ -34,13 +34,14 @@ def train_bundle(config: Mapping, datasets: Mapping[str, Dataset], checkpoint_ev
     states = restored_states(len(cfgs))
     if states is not None:
         engine.restore(states)
-    epochs = cfgs[0].epochs
-    while engine.epoch < epochs:
-        rows = engine.step()
-        maybe_inject_fault(engine.epoch)
-        due = engine.epoch == epochs or (checkpoint_every > 0 and engine.epoch % checkpoint_every == 0)
+
+    def on_epoch(rows: list[dict | None], snapshot) -> None:
+        epoch = engine.epoch
+        maybe_inject_fault(epoch)
+        due = epoch == cfgs[0].epochs or (checkpoint_every > 0 and epoch % checkpoint_every == 0)
         for k, row in enumerate(rows):
             if row is not None:
                 row["n_planted"] = len(engine.members[k].planted_idx)
-        report_states(summary(rows, engine.failed), engine.snapshot() if due else None)
+        report_states(summary(rows, engine.failed), snapshot() if due else None)
 
+    train.fit(engine, on_epoch)
