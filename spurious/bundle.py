@@ -47,7 +47,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from spurious import checkpoint, datasets, metrics, models, train
 from spurious.config import TrainConfig
 from spurious.errors import SpuriousError
-from spurious.planted import PlantedData, PlantedRows, plant_rows, split_arrays
+from spurious.planted import PlantedData, PlantedRows, plant, plant_rows, split_arrays
 
 # The config keys every member of a bundle shares; all other keys may differ per member.
 BUNDLE_KEYS = ("dataset", "split", "model", "augmentation", "epochs", "batch_size", "optimizer", "momentum",
@@ -335,7 +335,8 @@ class BundleEngine:
     pass runs the plain model, bit-identical to Engine. Within an epoch each pass runs its steps back
     to back; all members finish an epoch before the next begins, and evaluation is batched per bundle.
     A member whose training loss becomes non-finite is dropped: its rows become None and `failed`
-    holds the message `Engine` would raise; the others go on (all failing raises TrainingError).
+    holds the message `Engine` would raise; the others go on (all failing raises TrainingError). Setting
+    `drop_diverged = False` makes the first diverging member raise that message instead, as Engine does.
     """
 
     def __init__(self, cfgs: Sequence[TrainConfig], datas: Sequence[PlantedData | PlantedRows],
@@ -603,6 +604,18 @@ def train_bundle(cfgs: Sequence[TrainConfig], datas: Sequence[PlantedData | Plan
     if resume is not None:
         engine.restore(resume)
     return engine.fit(on_epoch)
+
+
+def lockstep(cfgs: Sequence[TrainConfig], dataset: datasets.Dataset) -> "BundleEngine | train.Lockstep":
+    """Return the configs' runs stepped together: a BundleEngine when the model can be bundled, else a
+    `train.Lockstep` of Engines; both go through `train.step` and `train.fit` with the same results."""
+    check_compatible(cfgs)
+    try:
+        check_bundlable(cfgs[0], tuple(dataset.x_train.shape[1:]), dataset.num_classes)
+    except SpuriousError:
+        return train.Lockstep([train.Engine(c, plant(dataset, c.pattern, c.n_spurious, c.target, c.data_seed, c.split))
+                               for c in cfgs])
+    return BundleEngine(cfgs, plant_members(cfgs, dataset))
 
 
 def check_bundlable(cfg: TrainConfig, input_shape: tuple[int, int, int], num_classes: int) -> None:

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -288,6 +288,61 @@ def fit(engine, on_epoch: Optional[Callable[[list, Callable], Any]] = None) -> N
         rows = step(engine)
         if on_epoch is not None:
             on_epoch([None if r is None else dict(r) for r in rows], engine.snapshot)
+
+
+class Lockstep:
+    """K Engines stepped together, epoch by epoch, through `step` and `fit`: the member protocol over separate
+    runs, for models a bundle cannot hold (dropout, BatchNorm). Member k is exactly `engines[k]`'s run."""
+
+    drop_diverged = False
+
+    def __init__(self, engines: Sequence[Engine]) -> None:
+        self.engines, self.failed = list(engines), {}
+
+    @property
+    def epoch(self) -> int:
+        """Return the epochs completed (the same for every member)."""
+        return self.engines[0].epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        for engine in self.engines:
+            engine.epoch = value
+
+    @property
+    def cfgs(self) -> list[TrainConfig]:
+        """Return the members' configs."""
+        return [e.cfg for e in self.engines]
+
+    @property
+    def lrs(self) -> list[float]:
+        """Return the members' learning rates for the current epoch."""
+        return [e.schedule(e.epoch) for e in self.engines]
+
+    @property
+    def histories(self) -> list[list[dict]]:
+        """Return the members' metric histories."""
+        return [e.history for e in self.engines]
+
+    def train_members(self) -> tuple[list[float], list[float]]:
+        """Run one epoch of every member; return their running losses and accuracies."""
+        losses, accs = zip(*(e.train_epoch() for e in self.engines))
+        return list(losses), list(accs)
+
+    def evaluate_members(self) -> list[dict[str, float]]:
+        """Return every member's test metrics."""
+        return [e.evaluate() for e in self.engines]
+
+    def snapshot(self) -> list[dict]:
+        """Return one checkpoint per member."""
+        return [e.snapshot() for e in self.engines]
+
+    def restore(self, states: Sequence[dict]) -> None:
+        """Continue every member from its checkpoint."""
+        if len(states) != len(self.engines):
+            raise SpuriousError(f"restore needs {len(self.engines)} member checkpoints, got {len(states)}")
+        for engine, state in zip(self.engines, states):
+            engine.restore(state)
 
 
 def train(cfg: TrainConfig, data: PlantedData, model_factory: Optional[ModelFactory] = None,

@@ -68,6 +68,11 @@ def report(metrics: dict, state: dict | None = None) -> None:
     report_states(metrics, None if state is None else [state])
 
 
+def checkpoint_due(epoch: int, epochs: int, every: int) -> bool:
+    """Return whether epoch `epoch` (1-based) of `epochs` is checkpointed: every `every` epochs and the last."""
+    return epoch == epochs or (every > 0 and epoch % every == 0)
+
+
 def maybe_inject_fault(epoch: int) -> None:
     """Raise once if the fault file named by $SPURIOUS_FAULT_FILE exists (reliability tests, chaos drills).
 

@@ -12,8 +12,8 @@ import numpy as np
 
 from spurious import bundle, config as config_lib, train
 from spurious.datasets import Dataset
-from trainables.common import (dataset_for, flatten_config, maybe_inject_fault, report_states, restored_states,
-                               use_trial_threads)
+from trainables.common import (checkpoint_due, dataset_for, flatten_config, maybe_inject_fault, report_states,
+                               restored_states, use_trial_threads)
 
 
 def summary(rows: list[dict | None], failed: dict[int, str]) -> dict:
@@ -36,9 +36,8 @@ def train_bundle(config: Mapping, datasets: Mapping[str, Dataset], checkpoint_ev
         engine.restore(states)
 
     def on_epoch(rows: list[dict | None], snapshot) -> None:
-        epoch = engine.epoch
-        maybe_inject_fault(epoch)
-        due = epoch == cfgs[0].epochs or (checkpoint_every > 0 and epoch % checkpoint_every == 0)
+        maybe_inject_fault(engine.epoch)
+        due = checkpoint_due(engine.epoch, cfgs[0].epochs, checkpoint_every)
         for k, row in enumerate(rows):
             if row is not None:
                 row["n_planted"] = len(engine.members[k].planted_idx)
