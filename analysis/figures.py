@@ -197,19 +197,16 @@ def mitigation_tradeoff(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     return [] if fig is None else [save(fig, Path(out_dir) / "mitigation_tradeoff.png")]
 
 
-def _checkpoint_file(path: str | Path) -> Path:
+def first_layer_map(path: str | Path) -> tuple[np.ndarray, dict]:
+    """Return the (H, W) max first-layer weight map of an MLP checkpoint (a file, or a checkpoint directory:
+    its model 0) and the checkpoint's config."""
+    from spurious import checkpoint, datasets, models
+
     path = Path(path)
-    return path / "checkpoint.pt" if path.is_dir() else path
-
-
-def first_layer_map(checkpoint: str | Path) -> tuple[np.ndarray, dict]:
-    """Return the (H, W) max first-layer weight map of an MLP checkpoint and the checkpoint's config."""
-    from spurious import datasets, models, train
-
-    state = train.load_checkpoint(_checkpoint_file(checkpoint))
+    state = checkpoint.read_member(path, 0) if path.is_dir() else checkpoint.load(path)
     config = state["config"]
     spec = datasets.DATASETS.get(config["dataset"])
-    model = train.model_from_checkpoint(state, spec.image_shape, len(spec.class_names))
+    model = checkpoint.model_from_checkpoint(state, spec.image_shape, len(spec.class_names))
     return models.first_layer_weight_map(model).numpy(), config
 
 

@@ -16,6 +16,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from spurious import checkpoint
 from spurious.errors import SpuriousError
 
 CONFIG_COLUMNS = ("dataset", "model", "pattern", "n_spurious", "target", "data_seed", "seed", "split", "optimizer",
@@ -109,7 +110,7 @@ def _units(trial_dir: Path) -> list[dict]:
     if "bundle" not in params:
         return [{"trial_id": trial_id, "config": _full_config(params), "epochs": _epochs(results),
                  "error": _error_line(trial_dir), "checkpoint": latest,
-                 "checkpoint_file": _existing(latest, "checkpoint.pt")}]
+                 "checkpoint_file": _model_file(latest, 0)}]
     units = []
     for k, member in enumerate(params["bundle"]):
         reports = [r["members"][str(k)] for r in results if str(k) in r.get("members", {})]
@@ -117,13 +118,13 @@ def _units(trial_dir: Path) -> list[dict]:
         rows = [{**r, **r["members"][str(k)]} for r in results if "epoch" in r.get("members", {}).get(str(k), {})]
         units.append({"trial_id": f"{trial_id}-m{k}", "config": _full_config(member), "epochs": _epochs(rows),
                       "error": member_error or _error_line(trial_dir), "checkpoint": latest,
-                      "checkpoint_file": _existing(latest, f"member_{k:03d}.pt")})
+                      "checkpoint_file": _model_file(latest, k)})
     return units
 
 
-def _existing(directory: str | None, name: str) -> str | None:
-    path = Path(directory) / name if directory else None
-    return str(path) if path is not None and path.exists() else None
+def _model_file(directory: str | None, k: int) -> str | None:
+    path = checkpoint.member_path(directory, k)
+    return None if path is None else str(path)
 
 
 def _unit_row(trial_dir: Path, unit: dict) -> dict:

@@ -34,7 +34,6 @@ MIA_METRICS = ("attack_acc", "spurious_attack_acc", "other_attack_acc", "auc", "
                "tpr_at_1pct_fpr", "spurious_tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "spurious_tpr_at_0_1pct_fpr")
 MIA_GROUPS = {"attack_acc": "all examples", "spurious_attack_acc": "spurious members",
               "other_attack_acc": "other members"}
-SCORES_FILE = "checkpoint.pt"
 # Settings of post-hoc trials (params.json keys) that make separate cells when a study varies them.
 DELETE_SETTINGS = ("retrain_epochs", "lr_policy", "depth", "scale", "damping", "repeats", "per_example",
                    "lissa_batch_size", "lissa_seed", "reference_scaling", "max_norm_ratio")
@@ -285,10 +284,11 @@ def mia_figure(df: pd.DataFrame, groups: dict[str, str] = MIA_GROUPS):
 
 
 def scores(checkpoint: str | Path) -> dict[str, np.ndarray]:
-    """Return the per-example scores an attack trial saved: member, nonmember, spurious mask, threshold."""
-    import torch
+    """Return the per-example scores an attack trial saved in its checkpoint directory: member, nonmember,
+    spurious mask, threshold."""
+    from spurious import checkpoint as checkpoints
 
-    state = torch.load(Path(checkpoint) / SCORES_FILE, map_location="cpu", weights_only=True)
+    state = checkpoints.read_member(checkpoint, 0)
     return {"member": state["member"].numpy(), "nonmember": state["nonmember"].numpy(),
             "spurious": state["spurious"].numpy().astype(bool), "threshold": float(state["threshold"])}
 

@@ -17,14 +17,14 @@ dataset and split). Example::
 
 Equivalence with separate runs: per member, the model init (`torch.manual_seed(seed)` then
 `models.build`), the shuffling, noise and aug01 draws (a generator seeded with `seed`, drawn in
-`Engine`'s order) and the SGD/Adam/MultiStepLR arithmetic are those of `spurious.train.Engine`.
+`Engine`'s order), the SGD/Adam arithmetic and the `train.lr_at` schedule are those of `train.Engine`.
 With one member per pass (`vmap_chunk=1`, the CPU default) each member runs the very kernels `Engine`
 runs and the results are bit-identical; batched passes (`vmap_chunk>1`, the GPU default) change float
 rounding only (tests/test_bundle.py bounds it).
 Only models without dropout, BatchNorm or buffers can be bundled (dropout under vmap cannot draw the
 masks separate runs draw); in the registry those are the MLPs, where the reference grids are.
 
-Memory model: members share one clean training tensor (`MemberData.base_x`; the dataset's own tensor
+Memory model: members share one clean training tensor (`PlantedRows.base_x`; the dataset's own tensor
 for the full split, one per data seed for membership splits) and each stores only its planted rows,
 so a bundle holds one (N, C, H, W) pool plus
 the planted rows of all members (60k Fashion: 188 MB + 3 KB per planted image), a (K, N) int64 row
@@ -35,10 +35,7 @@ K x (2-4) x the model size.
 from __future__ import annotations
 
 import copy
-import time
-import warnings
-from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -47,15 +44,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from spurious import datasets, models, patterns, train
+from spurious import checkpoint, datasets, metrics, models, train
 from spurious.config import TrainConfig
 from spurious.errors import SpuriousError
-from spurious.planted import PlantedData, split_arrays
+from spurious.planted import PlantedData, PlantedRows, plant, plant_rows, split_arrays
 
 # The config keys every member of a bundle shares; all other keys may differ per member.
 BUNDLE_KEYS = ("dataset", "split", "model", "augmentation", "epochs", "batch_size", "optimizer", "momentum",
                "eval_batch_size", "device")
-GAMMA = 0.1  # MultiStepLR decay, as in spurious.train.Engine (protocol §6.2)
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 
 BundleSnapshot = Callable[[], list]
@@ -85,71 +81,19 @@ def check_compatible(cfgs: Sequence[TrainConfig]) -> None:
 # ------------------------------------------------------------------------------------------ member data
 
 
-@dataclass(frozen=True)
-class MemberData:
-    """One member's planted data, stored compactly: a shared base tensor plus its own planted rows.
-
-    `base_dirty` lists base rows that are not clean (they hold another planting); only rows in
-    `planted_idx` are read from `planted_x`, every other row comes from `base_x`.
-    """
-
-    base_x: torch.Tensor
-    base_y: torch.Tensor
-    base_dirty: np.ndarray
-    planted_idx: np.ndarray
-    planted_x: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    x_test_patterned: torch.Tensor
-    pattern: str
-    target: int
-    data_seed: int
-    num_classes: int
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """Return (C, H, W) of one image."""
-        return tuple(self.base_x.shape[1:])
-
-    def materialize(self) -> PlantedData:
-        """Return the member's data as a full PlantedData (copies the training images)."""
-        x = self.base_x.clone()
-        x[torch.from_numpy(self.planted_idx)] = self.planted_x
-        return PlantedData(x, self.base_y, self.x_test, self.y_test, self.x_test_patterned, self.planted_idx,
-                           self.pattern, self.target, self.data_seed, self.num_classes)
-
-
-def member_data(data: PlantedData | MemberData) -> MemberData:
-    """Return `data` as MemberData, sharing its tensors (no copy of the training images)."""
-    if isinstance(data, MemberData):
-        return data
-    idx = np.asarray(data.spurious_idx, np.int64)
-    return MemberData(data.x_train, data.y_train, idx, idx, data.x_train[torch.from_numpy(idx)], data.x_test,
-                      data.y_test, data.x_test_patterned, data.pattern, data.target, data.data_seed,
-                      data.num_classes)
-
-
-def plant_members(cfgs: Sequence[TrainConfig], dataset: datasets.Dataset) -> list[MemberData]:
-    """Return each config's planted data as `spurious.planted.plant` makes it, without K image copies."""
+def plant_members(cfgs: Sequence[TrainConfig], dataset: datasets.Dataset) -> list[PlantedRows]:
+    """Return each config's planted data as `planted.plant_rows` makes it, without K image copies: members
+    of one split share its arrays, and equal patterned test sets are kept once."""
     splits: dict[tuple[str, int], tuple] = {}
-    interner = _Interner()
-    return [_plant_member(cfg, dataset, splits, interner) for cfg in cfgs]
-
-
-def _plant_member(cfg: TrainConfig, dataset: datasets.Dataset, splits: dict, interner: "_Interner") -> MemberData:
-    """Return one member's MemberData; mirrors `planted.plant` (same rows, same pattern draws)."""
-    train.validate_names(cfg)
-    key = (cfg.split, 0 if cfg.split == "full" else cfg.data_seed)
-    if key not in splits:
-        splits[key] = split_arrays(dataset, cfg.split, cfg.data_seed)
-    x_train, y_train, x_test, y_test = splits[key]
-    n = 0 if cfg.split == "mia_shadow" else cfg.n_spurious
-    idx = datasets.choose_spurious(y_train, cfg.target, n, cfg.data_seed)
-    rows = x_train[torch.from_numpy(idx)]
-    planted = patterns.apply(cfg.pattern, rows, cfg.data_seed) if len(idx) else rows
-    x_test_patterned = interner.intern(patterns.apply(cfg.pattern, x_test, cfg.data_seed))
-    return MemberData(x_train, y_train, np.empty(0, np.int64), idx, planted, x_test, y_test, x_test_patterned,
-                      cfg.pattern, cfg.target, cfg.data_seed, dataset.num_classes)
+    interner, out = _Interner(), []
+    for cfg in cfgs:
+        train.validate_names(cfg)
+        key = (cfg.split, 0 if cfg.split == "full" else cfg.data_seed)
+        if key not in splits:
+            splits[key] = split_arrays(dataset, cfg.split, cfg.data_seed)
+        rows = plant_rows(dataset, cfg.pattern, cfg.n_spurious, cfg.target, cfg.data_seed, cfg.split, splits[key])
+        out.append(replace(rows, x_test_patterned=interner.intern(rows.x_test_patterned)))
+    return out
 
 
 class _Interner:
@@ -178,7 +122,7 @@ class _TrainPool:
     gather, `x[table.gather(1, perms)[:, a:b]]`.
     """
 
-    def __init__(self, members: Sequence[MemberData], device: torch.device) -> None:
+    def __init__(self, members: Sequence[PlantedRows], device: torch.device) -> None:
         bases: list[list] = []  # [x, y, dirty rows (set), owned]
         which = [self._assign(bases, m) for m in members]
         offsets = np.cumsum([0] + [len(b[1]) for b in bases])
@@ -193,7 +137,7 @@ class _TrainPool:
         self.y, self.table = self.y.to(device), torch.stack(tables).to(device)
 
     @staticmethod
-    def _assign(bases: list[list], m: MemberData) -> int:
+    def _assign(bases: list[list], m: PlantedRows) -> int:
         """Return the index of a base `m` can share (filling rows it knows clean), adding one if none fits."""
         planted = set(m.planted_idx.tolist())
         for i, (x, y, dirty, owned) in enumerate(bases):
@@ -208,7 +152,7 @@ class _TrainPool:
         return len(bases) - 1
 
 
-def _fill_clean_rows(base: list, m: MemberData, planted: set) -> None:
+def _fill_clean_rows(base: list, m: PlantedRows, planted: set) -> None:
     """Copy into the base the rows it holds dirty but member `m` holds clean (cloning the base once)."""
     fill = sorted(base[2] - planted - set(m.base_dirty.tolist()))
     if fill:
@@ -364,15 +308,6 @@ class _Pass:
 OPTIMIZERS = {"sgd": _StackedSGD, "adam": _StackedAdam}
 
 
-def lr_after(base_lr: float, epochs_done: int, total_epochs: int) -> float:
-    """Return the lr MultiStepLR (γ = 0.1, reference milestones) gives after `epochs_done` steps (protocol §6.2)."""
-    counts, lr = Counter(train.milestones(total_epochs)), base_lr
-    for epoch in range(1, epochs_done + 1):
-        if epoch in counts:
-            lr = lr * GAMMA ** counts[epoch]
-    return lr
-
-
 def _check_bundlable(model: nn.Module, name: str) -> None:
     """Raise a SpuriousError if the model has dropout, BatchNorm or buffers, which bundling cannot match."""
     bad = sorted({type(m).__name__ for m in model.modules()
@@ -388,24 +323,6 @@ def _loss_and_hits(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, to
     return F.cross_entropy(out, y), (out.argmax(1) == y).sum()
 
 
-def _test_metrics(clean: torch.Tensor, patterned: torch.Tensor, y: torch.Tensor, target: torch.Tensor,
-                  tau: torch.Tensor) -> list[dict[str, float]]:
-    """Return `metrics.evaluate`'s keys per member from (K, N, classes) logits, with its arithmetic (protocol §4.2)."""
-    k, n = y.shape
-    loss = torch.stack([F.cross_entropy(clean[i], y[i]) for i in range(k)])
-    index = target.view(k, 1, 1).expand(k, n, 1)
-    p_clean, p_pat = (z.softmax(2).gather(2, index).squeeze(2) for z in (clean, patterned))
-    rise = (p_pat - p_clean > tau[:, None]).float()
-    other = (y != target[:, None]).float()
-    count, pred = other.sum(1), patterned.argmax(2)
-    stats = torch.stack([loss, (clean.argmax(2) == y).float().mean(1), rise.mean(1), (rise * other).sum(1) / count,
-                         ((pred == y).float() * other).sum(1) / count,
-                         ((pred == target[:, None]).float() * other).sum(1) / count])
-    keys = ("test_loss", "test_acc", "spurious_score", "spurious_score_nontarget", "patterned_acc",
-            "patterned_target_rate")
-    return [dict(zip(keys, column)) for column in stats.T.tolist()]
-
-
 # ------------------------------------------------------------------------------------------ the engine
 
 
@@ -418,17 +335,18 @@ class BundleEngine:
     pass runs the plain model, bit-identical to Engine. Within an epoch each pass runs its steps back
     to back; all members finish an epoch before the next begins, and evaluation is batched per bundle.
     A member whose training loss becomes non-finite is dropped: its rows become None and `failed`
-    holds the message `Engine` would raise; the others go on (all failing raises TrainingError).
+    holds the message `Engine` would raise; the others go on (all failing raises TrainingError). Setting
+    `drop_diverged = False` makes the first diverging member raise that message instead, as Engine does.
     """
 
-    def __init__(self, cfgs: Sequence[TrainConfig], datas: Sequence[PlantedData | MemberData],
+    def __init__(self, cfgs: Sequence[TrainConfig], datas: Sequence[PlantedData | PlantedRows],
                  vmap_chunk: Optional[int] = None) -> None:
         check_compatible(cfgs)
         if len(cfgs) != len(datas):
             raise SpuriousError(f"a bundle needs one data per config, got {len(cfgs)} configs and {len(datas)} datas")
         self.cfgs, self.k = list(cfgs), len(cfgs)
         self.device = train.resolve_device(cfgs[0].device)
-        self.members = [member_data(d) for d in datas]
+        self.members = [PlantedRows.of(d) for d in datas]
         _check_data(self.members)
         self.chunk = max(1, min(self.k, vmap_chunk or (self.k if self.device.type == "cuda" else 1)))
         self._init_models()
@@ -436,9 +354,8 @@ class BundleEngine:
         self.optimizer = OPTIMIZERS[cfgs[0].optimizer](self.params, cfgs[0].momentum)
         self.passes = self._make_passes()
         self.gens = [torch.Generator(device=self.device).manual_seed(c.seed) for c in cfgs]
-        self.augment = train.aug01 if train.augmentation_of(cfgs[0]) == "aug01" else None
-        self.perturbed = self.augment is not None or any(c.noise_sigma > 0 for c in cfgs)
-        self.lrs = [c.lr for c in cfgs]
+        self.augment = train.augmentation_of(cfgs[0]) == "aug01"
+        self.perturbed = self.augment or any(c.noise_sigma > 0 for c in cfgs)
         self.epoch, self.steps = 0, 0
         self.histories: list[list[dict]] = [[] for _ in cfgs]
         self.failed: dict[int, str] = {}
@@ -526,13 +443,13 @@ class BundleEngine:
         return torch.stack([self._perturb(k, x[i]) for i, k in enumerate(range(p.a, p.b))]), y
 
     def _perturb(self, k: int, x: torch.Tensor) -> torch.Tensor:
-        """Return member k's batch after aug01 and Gaussian noise, drawn from its generator in Engine's order."""
-        sigma, gen = self.cfgs[k].noise_sigma, self.gens[k]
-        if self.augment is not None:
-            x = self.augment(x, gen)
-        if sigma > 0:
-            x = x + sigma * torch.randn(x.shape, generator=gen, device=self.device)
-        return x
+        """Return member k's batch perturbed as `train.perturb` does, drawn from the member's generator."""
+        return train.perturb(x, self.gens[k], self.cfgs[k].noise_sigma, self.augment)
+
+    @property
+    def lrs(self) -> list[float]:
+        """Return every member's learning rate for the current epoch (`train.lr_at`)."""
+        return [train.lr_at(c, self.epoch) for c in self.cfgs]
 
     def _hyper(self, p: _Pass) -> tuple:
         """Return this epoch's lr, l2 and clip bound of a pass's members (floats when they agree)."""
@@ -589,44 +506,24 @@ class BundleEngine:
         return torch.cat([fn(params, x[i:i + bs]) for i in range(0, len(x), bs)], dim=1)
 
     def evaluate(self) -> list[dict[str, float]]:
-        """Return every member's clean and patterned test metrics (`metrics.evaluate`'s keys, protocol §4.2)."""
+        """Return every member's clean and patterned test metrics (`metrics.TEST_KEYS`, protocol §4.2)."""
         clean, patterned = self._logits(self.clean_ids), self._logits(self.patterned_ids)
-        return _test_metrics(clean, patterned, self.y_test, self.targets, self.taus)
+        return metrics.member_metrics(clean, patterned, self.y_test, self.targets, self.taus)
 
     def step(self) -> list[Optional[dict]]:
         """Train and evaluate one epoch; return each member's metrics row (None once a member has failed)."""
-        start, lrs = time.perf_counter(), list(self.lrs)
-        train_loss, train_acc = self.train_epoch()
-        self._mark_failures(train_loss, lrs)
-        self.epoch += 1
-        self.lrs = [lr_after(c.lr, self.epoch, c.epochs) for c in self.cfgs]
-        tests, seconds = self.evaluate(), time.perf_counter() - start
-        rows: list[Optional[dict]] = []
-        for k in range(self.k):
-            row = None if k in self.failed else {"epoch": self.epoch, "lr": lrs[k], "train_loss": train_loss[k],
-                                                 "train_acc": train_acc[k], **tests[k], "epoch_time_s": seconds}
-            if row is not None:
-                self.histories[k].append(row)
-            rows.append(row)
-        return rows
-
-    def _mark_failures(self, train_loss: list[float], lrs: list[float]) -> None:
-        """Record members whose loss became non-finite; raise TrainingError when no member is left."""
-        for k, loss in enumerate(train_loss):
-            if k not in self.failed and not np.isfinite(loss):
-                self.failed[k] = (f"training loss became {loss} at epoch {self.epoch + 1} (lr={lrs[k]}, "
-                                  f"optimizer={self.cfgs[k].optimizer}); lower the learning rate")
-        if len(self.failed) == self.k:
-            raise train.TrainingError(f"every bundle member diverged; member 0: {self.failed[0]}")
+        return train.step(self)
 
     def fit(self, on_epoch: Optional[BundleCallback] = None) -> list[train.TrainResult]:
         """Train to `epochs`, calling `on_epoch(rows, snapshot)` after every epoch; one result per member."""
-        while self.epoch < self.cfgs[0].epochs:
-            rows = self.step()
-            if on_epoch is not None:
-                on_epoch([dict(r) if r else None for r in rows], self.snapshot)
+        train.fit(self, on_epoch)
         states = self.snapshot()
         return [train.TrainResult(self.member_model(k), list(self.histories[k]), states[k]) for k in range(self.k)]
+
+    # The member protocol of train.step and train.fit (Engine implements it with K = 1).
+    drop_diverged = True
+    train_members = train_epoch
+    evaluate_members = evaluate
 
     def member_model(self, k: int) -> nn.Module:
         """Return member k as a standalone model (a copy of its current parameters) on the bundle's device."""
@@ -641,30 +538,15 @@ class BundleEngine:
         return [self._member_snapshot(k) for k in range(self.k)]
 
     def _member_snapshot(self, k: int) -> dict:
-        """Return member k's checkpoint; optimiser/scheduler dicts come from real torch objects."""
+        """Return member k's checkpoint; its optimiser dict is the one torch.optim would hold (SGD or Adam)."""
         cfg = self.cfgs[k]
         model = {n: p[k].detach().clone() for n, p in self.params.items()}
-        optimizer, scheduler = self._torch_states(k, list(model.values()))
-        rng = {"torch": torch.get_rng_state(), "generator": self.gens[k].get_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {"format": train.CHECKPOINT_FORMAT, "config": cfg.to_dict(), "epoch": self.epoch, "model": model,
-                "optimizer": optimizer, "scheduler": scheduler, "rng": rng,
-                "spurious_idx": torch.from_numpy(np.asarray(self.members[k].planted_idx, np.int64)),
-                "history": [dict(r) for r in self.histories[k]]}
-
-    def _torch_states(self, k: int, tensors: list[torch.Tensor]) -> tuple[dict, dict]:
-        """Return member k's optimiser and scheduler state dicts as Engine's torch objects would hold them."""
-        cfg = self.cfgs[k]
-        opt = train.make_optimizer(cfg, tensors)
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, train.milestones(cfg.epochs), GAMMA)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # stepping a scheduler without optimizer.step() warns
-            for _ in range(self.epoch):
-                sched.step()
-        state = opt.state_dict()
-        state["state"] = self.optimizer.member_state(k, self.names, self.steps)
-        return state, {key: v for key, v in sched.state_dict().items() if key != "milestones"}
+        optimizer = train.with_lr(train.make_optimizer(cfg, list(model.values())).state_dict(),
+                                  train.lr_at(cfg, self.epoch))
+        optimizer["state"] = self.optimizer.member_state(k, self.names, self.steps)
+        return checkpoint.make(cfg.to_dict(), self.epoch, model, optimizer,
+                               checkpoint.rng_state(self.gens[k], self.device), self.members[k].planted_idx,
+                               self.histories[k])
 
     def restore(self, states: Sequence[dict]) -> None:
         """Continue from per-member checkpoints (from `snapshot` or from separate `Engine` runs) at one epoch."""
@@ -674,12 +556,9 @@ class BundleEngine:
                 self.params[n][k] = state["model"][n].to(self.device)
             self.optimizer.load_member(k, self.names, {i: {key: _to(v, self.device) for key, v in s.items()}
                                                        for i, s in state["optimizer"]["state"].items()})
-            self.lrs[k] = float(state["optimizer"]["param_groups"][0]["lr"])
             self.gens[k].set_state(state["rng"]["generator"])
             self.histories[k] = [dict(r) for r in state["history"]]
-        torch.set_rng_state(states[0]["rng"]["torch"])
-        if "cuda" in states[0]["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(states[0]["rng"]["cuda"], self.device)
+        checkpoint.restore_global_rng(states[0]["rng"], self.device)
         self.epoch = int(states[0]["epoch"])
         self.steps = self.epoch * -(-self.pool.table.shape[1] // self.cfgs[0].batch_size)
         self.failed = {}
@@ -689,9 +568,7 @@ class BundleEngine:
         if len(states) != self.k:
             raise SpuriousError(f"restore needs {self.k} member checkpoints, got {len(states)}")
         for k, state in enumerate(states):
-            if state.get("format") != train.CHECKPOINT_FORMAT:
-                raise SpuriousError(f"member {k}: checkpoint format {state.get('format')!r} is not "
-                                    f"{train.CHECKPOINT_FORMAT}")
+            checkpoint.check(state, f"member {k}: checkpoint")
             mine, theirs = self.cfgs[k].to_dict(), state["config"]
             differ = sorted(key for key in mine if key != "device" and theirs.get(key) != mine[key])
             if differ:
@@ -706,9 +583,9 @@ def _to(value: Any, device: torch.device) -> Any:
     return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
-def _check_data(members: Sequence[MemberData]) -> None:
+def _check_data(members: Sequence[PlantedRows]) -> None:
     """Raise a SpuriousError unless all members' data have the same shapes and sizes."""
-    def shape_of(m: MemberData) -> dict[str, Any]:
+    def shape_of(m: PlantedRows) -> dict[str, Any]:
         return {"input shape": m.input_shape, "training-set size": len(m.base_y), "test-set size": len(m.y_test),
                 "number of classes": m.num_classes, "patterned test-set size": len(m.x_test_patterned)}
 
@@ -719,7 +596,7 @@ def _check_data(members: Sequence[MemberData]) -> None:
                 raise SpuriousError(f"cannot bundle: member {i} has {key} {value} but member 0 has {first[key]}")
 
 
-def train_bundle(cfgs: Sequence[TrainConfig], datas: Sequence[PlantedData | MemberData],
+def train_bundle(cfgs: Sequence[TrainConfig], datas: Sequence[PlantedData | PlantedRows],
                  on_epoch: Optional[BundleCallback] = None, resume: Optional[Sequence[dict]] = None,
                  vmap_chunk: Optional[int] = None) -> list[train.TrainResult]:
     """Train the configs as one bundle; `on_epoch(rows, snapshot)` sees every epoch; one result per member."""
@@ -727,6 +604,18 @@ def train_bundle(cfgs: Sequence[TrainConfig], datas: Sequence[PlantedData | Memb
     if resume is not None:
         engine.restore(resume)
     return engine.fit(on_epoch)
+
+
+def lockstep(cfgs: Sequence[TrainConfig], dataset: datasets.Dataset) -> "BundleEngine | train.Lockstep":
+    """Return the configs' runs stepped together: a BundleEngine when the model can be bundled, else a
+    `train.Lockstep` of Engines; both go through `train.step` and `train.fit` with the same results."""
+    check_compatible(cfgs)
+    try:
+        check_bundlable(cfgs[0], tuple(dataset.x_train.shape[1:]), dataset.num_classes)
+    except SpuriousError:
+        return train.Lockstep([train.Engine(c, plant(dataset, c.pattern, c.n_spurious, c.target, c.data_seed, c.split))
+                               for c in cfgs])
+    return BundleEngine(cfgs, plant_members(cfgs, dataset))
 
 
 def check_bundlable(cfg: TrainConfig, input_shape: tuple[int, int, int], num_classes: int) -> None:

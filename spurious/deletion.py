@@ -16,7 +16,7 @@ planted indices are the data's.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -25,20 +25,20 @@ from spurious import metrics
 from spurious.config import TrainConfig, from_dict
 from spurious.errors import SpuriousError
 from spurious.planted import PlantedData
-from spurious.train import EpochCallback, Engine, ModelFactory, TrainResult, milestones, train
+from spurious.train import EpochCallback, Engine, ModelFactory, TrainResult, lr_at, train
 
 LR_POLICIES = ("inherit", "reset")
 
 
-def _scheduler(optimizer: torch.optim.Optimizer, base_lr: float, epochs: int,
-               lr_policy: str) -> torch.optim.lr_scheduler.MultiStepLR:
-    """Return the retraining schedule: the checkpoint's (decayed) rate held constant, or the base rate
-    restarted with the usual milestones for `epochs` epochs (protocol §6.2, §8.4)."""
+def _schedule(state: dict, epochs: int, lr_policy: str) -> Callable[[int], float]:
+    """Return the retraining schedule, epoch -> lr: the checkpoint's (decayed) rate held constant, or the
+    config's base rate restarted at the checkpoint's epoch with the usual milestones for `epochs` epochs
+    (protocol §6.2, §8.4)."""
     if lr_policy == "inherit":
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[], gamma=0.1)
-    for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] = base_lr
-    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones(epochs), gamma=0.1)
+        inherited = float(state["optimizer"]["param_groups"][0]["lr"])
+        return lambda epoch: inherited
+    start, restart = int(state["epoch"]), from_dict(state["config"]).replace(epochs=epochs)
+    return lambda epoch: lr_at(restart, epoch - start)
 
 
 def _check_same_planting(state: dict, data: PlantedData) -> None:
@@ -71,7 +71,7 @@ def incremental_retrain(state: dict, data: PlantedData, epochs: int, lr_policy: 
     cfg = from_dict(state["config"])
     engine = Engine(cfg.replace(epochs=int(state["epoch"]) + epochs), data.without_spurious(), model_factory)
     engine.restore(state)
-    engine.scheduler = _scheduler(engine.optimizer, cfg.lr, epochs, lr_policy)
+    engine.schedule = _schedule(state, epochs, lr_policy)
     engine.history = []
     return engine.fit(on_epoch)
 

@@ -11,6 +11,10 @@ from spurious import patterns
 from spurious.errors import SpuriousError
 
 SUBSETS = ("all", "nontarget")
+# The per-epoch metric keys, in report order: training metrics, then test metrics (protocol §4.2).
+TRAIN_KEYS = ("train_loss", "train_acc")
+TEST_KEYS = ("test_loss", "test_acc", "spurious_score", "spurious_score_nontarget", "patterned_acc",
+             "patterned_target_rate")
 
 
 @torch.inference_mode()
@@ -31,19 +35,35 @@ def rise_indicator(p_clean: torch.Tensor, p_patterned: torch.Tensor, target: int
 
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, x_patterned: torch.Tensor,
              target: int, tau: float = 0.1, batch_size: int = 2000) -> dict[str, float]:
-    """Return test loss/accuracy, spurious scores and patterned-image metrics in one pass (protocol §4.1, §4.2)."""
-    y = y.to(next(model.parameters()).device)
+    """Return test loss/accuracy, spurious scores and patterned-image metrics in one pass (protocol §4.1, §4.2):
+    `member_metrics` of one model (K = 1) on clean `x` (N, C, H, W) and `x_patterned`, labels `y` (N,)."""
     clean, patterned = logits(model, x, batch_size), logits(model, x_patterned, batch_size)
-    rise = rise_indicator(clean.softmax(1), patterned.softmax(1), target, tau)
-    other = y != target
-    pred_patterned = patterned.argmax(1)
-    stats = torch.stack([
-        F.cross_entropy(clean, y), (clean.argmax(1) == y).float().mean(), rise.mean(), rise[other].mean(),
-        (pred_patterned[other] == y[other]).float().mean(), (pred_patterned[other] == target).float().mean(),
-    ]).tolist()
-    keys = ("test_loss", "test_acc", "spurious_score", "spurious_score_nontarget", "patterned_acc",
-            "patterned_target_rate")
-    return dict(zip(keys, stats))
+    y = y.to(clean.device)
+    targets = torch.tensor([target], device=clean.device)
+    taus = torch.tensor([tau], dtype=torch.float32, device=clean.device)
+    return member_metrics(clean[None], patterned[None], y[None], targets, taus)[0]
+
+
+def member_metrics(clean: torch.Tensor, patterned: torch.Tensor, y: torch.Tensor, target: torch.Tensor,
+                 tau: torch.Tensor) -> list[dict[str, float]]:
+    """Return one dict of TEST_KEYS per model from logits over a leading model axis (protocol §4.1, §4.2).
+
+    clean, patterned: (K, N, classes) logits on the clean and patterned test sets; y: (K, N) labels;
+    target: (K,) target classes; tau: (K,) float32 thresholds. The non-target metrics average over the
+    examples whose label is not the target (NaN when there are none). Used with K = 1 by `evaluate`
+    (hence by `train.Engine`) and with K members by `bundle.BundleEngine`.
+    """
+    k, n = y.shape
+    loss = torch.stack([F.cross_entropy(clean[i], y[i]) for i in range(k)])
+    index = target.view(k, 1, 1).expand(k, n, 1)
+    p_clean, p_pat = (z.softmax(2).gather(2, index).squeeze(2) for z in (clean, patterned))
+    rise = (p_pat - p_clean > tau[:, None]).float()  # r(x) of protocol §4.1, per model and example
+    other = (y != target[:, None]).float()
+    count, pred = other.sum(1), patterned.argmax(2)
+    stats = torch.stack([loss, (clean.argmax(2) == y).float().mean(1), rise.mean(1), (rise * other).sum(1) / count,
+                         ((pred == y).float() * other).sum(1) / count,
+                         ((pred == target[:, None]).float() * other).sum(1) / count])
+    return [dict(zip(TEST_KEYS, column)) for column in stats.T.tolist()]
 
 
 def spurious_score(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, pattern: str, target: int,

@@ -12,19 +12,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from spurious import datasets, metrics, models, patterns
+from spurious import checkpoint, datasets, metrics, models, patterns
 from spurious.config import AUGMENTATIONS, TrainConfig
 from spurious.errors import SpuriousError
 from spurious.planted import PlantedData, plant
 
-CHECKPOINT_FORMAT = 1
+GAMMA = 0.1  # the reference's MultiStepLR decay at each milestone (protocol §6.2)
 # The reference's MultiStepLR milestone table, keyed by the largest epoch count it applies to (protocol §6.2).
 MILESTONES = ((30, (15, 25)), (40, (20, 30)), (50, (25, 40)), (60, (30, 50)), (70, (40, 50, 60)),
               (80, (40, 60, 70)), (120, (50, 90, 110)), (140, (60, 100, 120)), (160, (40, 80, 120, 140)),
@@ -59,6 +60,22 @@ def milestones(epochs: int) -> list[int]:
         if epochs <= limit:
             return list(steps)
     return [60, 120]
+
+
+def lr_at(cfg: TrainConfig, epoch: int) -> float:
+    """Return the learning rate of epoch `epoch` (0-based, i.e. after `epoch` completed epochs): `cfg.lr`
+    times GAMMA once per milestone of `milestones(cfg.epochs)` reached, multiplied in the order and with the
+    arithmetic of torch's MultiStepLR, so the value is bit-identical to the scheduler's (protocol §6.2)."""
+    lr = cfg.lr
+    for milestone in milestones(cfg.epochs):
+        if milestone <= epoch:
+            lr = lr * GAMMA  # MultiStepLR's `lr * gamma ** count` with count 1: milestones are distinct
+    return lr
+
+
+def with_lr(optimizer_state: dict, lr: float) -> dict:
+    """Return a torch optimizer `state_dict()` with every param group's lr set to `lr` (a shallow copy)."""
+    return {**optimizer_state, "param_groups": [{**g, "lr": lr} for g in optimizer_state["param_groups"]]}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -113,6 +130,16 @@ def aug01(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 
+def perturb(x: torch.Tensor, gen: torch.Generator, noise_sigma: float, augment: bool) -> torch.Tensor:
+    """Return a training batch x (B, C, H, W) after aug01 (when `augment`) and then N(0, noise_sigma²) input
+    noise (when noise_sigma > 0), both drawn from `gen` in that order (protocol §5.3, §6.3); x itself when neither."""
+    if augment:
+        x = aug01(x, gen)
+    if noise_sigma > 0:
+        x = x + noise_sigma * torch.randn(x.shape, generator=gen, device=x.device)
+    return x
+
+
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     """Return SGD (momentum, no Nesterov) or Adam, with coupled L2 weight decay `cfg.l2` (protocol §6.1)."""
     if cfg.optimizer == "sgd":
@@ -121,7 +148,10 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
 
 
 class Engine:
-    """Holds the model, optimiser, scheduler and RNGs of one run; `fit` trains it epoch by epoch."""
+    """Holds the model, optimiser and RNGs of one run; `fit` trains it epoch by epoch.
+
+    `schedule(epoch)` gives each epoch's learning rate (`lr_at` by default; deletion replaces it).
+    """
 
     def __init__(self, cfg: TrainConfig, data: PlantedData, model_factory: Optional[ModelFactory] = None):
         self.cfg, self.device = cfg, resolve_device(cfg.device)
@@ -129,23 +159,22 @@ class Engine:
         self.model = (model_factory or default_model)(cfg, data).to(self.device)
         self.data = data.to(self.device)
         self.optimizer = make_optimizer(cfg, self.model.parameters())
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones(cfg.epochs), 0.1)
+        self.schedule: Callable[[int], float] = partial(lr_at, cfg)
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        self.augment = aug01 if augmentation_of(cfg) == "aug01" else None
-        self.epoch, self.history = 0, []
+        self.augment = augmentation_of(cfg) == "aug01"
+        self.epoch, self.history, self.failed = 0, [], {}
 
     def train_epoch(self) -> tuple[float, float]:
-        """Run one epoch over the shuffled patterned training set; return running loss and accuracy."""
+        """Run one epoch over the shuffled patterned training set at `schedule(epoch)`'s learning rate;
+        return the running loss and accuracy."""
         cfg, x, y = self.cfg, self.data.x_train, self.data.y_train
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.schedule(self.epoch)
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         for idx in torch.randperm(len(y), generator=self.gen, device=self.device).split(cfg.batch_size):
-            xb, yb = x[idx], y[idx]
-            if self.augment is not None:
-                xb = self.augment(xb, self.gen)
-            if cfg.noise_sigma > 0:
-                xb = xb + cfg.noise_sigma * torch.randn(xb.shape, generator=self.gen, device=self.device)
+            xb, yb = perturb(x[idx], self.gen, cfg.noise_sigma, self.augment), y[idx]
             out = self.model(xb)
             loss = F.cross_entropy(out, yb)
             self.optimizer.zero_grad(set_to_none=True)
@@ -165,49 +194,155 @@ class Engine:
 
     def step(self) -> dict:
         """Train and evaluate one epoch; return its metrics (raises TrainingError on divergence)."""
-        start, lr = time.perf_counter(), self.optimizer.param_groups[0]["lr"]
-        train_loss, train_acc = self.train_epoch()
-        if not np.isfinite(train_loss):
-            raise TrainingError(f"training loss became {train_loss} at epoch {self.epoch + 1} "
-                                f"(lr={lr}, optimizer={self.cfg.optimizer}); lower the learning rate")
-        self.scheduler.step()
-        self.epoch += 1
-        row = {"epoch": self.epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
-               **self.evaluate(), "epoch_time_s": time.perf_counter() - start}
-        self.history.append(row)
-        return row
+        return step(self)[0]
 
     def fit(self, on_epoch: Optional[EpochCallback] = None) -> TrainResult:
         """Train up to `cfg.epochs`, calling `on_epoch(metrics, snapshot)` after every epoch."""
-        while self.epoch < self.cfg.epochs:
-            row = self.step()
-            if on_epoch is not None:
-                on_epoch(dict(row), self.snapshot)
+        fit(self, None if on_epoch is None else lambda rows, snapshot: on_epoch(rows[0], snapshot))
         return TrainResult(self.model, list(self.history), self.snapshot())
 
+    # The member protocol of `step` and `fit` with K = 1 (BundleEngine implements it for K members).
+    drop_diverged = False  # a lone run that diverges raises TrainingError
+
+    @property
+    def cfgs(self) -> list[TrainConfig]:
+        """Return the configs of the members: this run's."""
+        return [self.cfg]
+
+    @property
+    def lrs(self) -> list[float]:
+        """Return the members' learning rates for the current epoch."""
+        return [self.schedule(self.epoch)]
+
+    @property
+    def histories(self) -> list[list[dict]]:
+        """Return the members' metric histories (this run's `history`)."""
+        return [self.history]
+
+    def train_members(self) -> tuple[list[float], list[float]]:
+        """Return `train_epoch`'s running loss and accuracy as one-member lists."""
+        loss, acc = self.train_epoch()
+        return [loss], [acc]
+
+    def evaluate_members(self) -> list[dict[str, float]]:
+        """Return `evaluate`'s metrics as a one-member list."""
+        return [self.evaluate()]
+
     def snapshot(self) -> dict:
-        """Return a checkpoint: model, optimiser, scheduler, epoch, RNG states, config, planted indices."""
-        rng = {"torch": torch.get_rng_state(), "generator": self.gen.get_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        sched = {k: v for k, v in self.scheduler.state_dict().items() if k != "milestones"}
-        return {"format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(), "epoch": self.epoch,
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "scheduler": sched,
-                "rng": rng, "spurious_idx": torch.from_numpy(np.asarray(self.data.spurious_idx, np.int64)),
-                "history": [dict(r) for r in self.history]}
+        """Return a checkpoint (`spurious.checkpoint`'s format): model, optimiser, epoch, RNGs, config, history."""
+        optimizer = with_lr(self.optimizer.state_dict(), self.schedule(self.epoch))
+        return checkpoint.make(self.cfg.to_dict(), self.epoch, self.model.state_dict(), optimizer,
+                               checkpoint.rng_state(self.gen, self.device), self.data.spurious_idx, self.history)
 
     def restore(self, state: dict) -> None:
-        """Continue from a checkpoint made by `snapshot` (same config)."""
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise SpuriousError(f"checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}")
+        """Continue from a checkpoint made by `snapshot` (same config); an old one's "scheduler" is ignored."""
+        checkpoint.check(state)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
+        checkpoint.restore_global_rng(state["rng"], self.device)
         self.gen.set_state(state["rng"]["generator"])
-        if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.epoch, self.history = int(state["epoch"]), [dict(r) for r in state["history"]]
+
+
+def divergence_message(loss: float, epoch: int, lr: float, cfg: TrainConfig) -> str:
+    """Return the one-line message for a training loss that became non-finite in epoch `epoch` (1-based)."""
+    return (f"training loss became {loss} at epoch {epoch} (lr={lr}, optimizer={cfg.optimizer}); "
+            "lower the learning rate")
+
+
+def step(engine) -> list[Optional[dict]]:
+    """Train and evaluate one epoch of every member of `engine`; return one metrics row per member.
+
+    `engine` is an Engine (K = 1) or a BundleEngine (K members): it has `cfgs`, `epoch`, `lrs`, `failed`,
+    `histories`, `drop_diverged`, `train_members()` and `evaluate_members()`. A member whose training loss
+    is not finite raises TrainingError, or, where `drop_diverged`, is recorded in `failed` and gets None rows
+    from then on; TrainingError is raised when no member is left. Rows hold "epoch", "lr", TRAIN_KEYS,
+    TEST_KEYS (`spurious.metrics`) and "epoch_time_s" (seconds, training and evaluation of all members).
+    """
+    start, lrs = time.perf_counter(), engine.lrs
+    losses, accs = engine.train_members()
+    for k, loss in enumerate(losses):
+        if k not in engine.failed and not np.isfinite(loss):
+            message = divergence_message(loss, engine.epoch + 1, lrs[k], engine.cfgs[k])
+            if not engine.drop_diverged:
+                raise TrainingError(message)
+            engine.failed[k] = message
+    if len(engine.failed) == len(losses):
+        raise TrainingError(f"every bundle member diverged; member 0: {engine.failed[0]}")
+    engine.epoch += 1
+    tests, seconds = engine.evaluate_members(), time.perf_counter() - start
+    rows: list[Optional[dict]] = []
+    for k, history in enumerate(engine.histories):
+        row = None if k in engine.failed else {"epoch": engine.epoch, "lr": lrs[k], "train_loss": losses[k],
+                                               "train_acc": accs[k], **tests[k], "epoch_time_s": seconds}
+        if row is not None:
+            history.append(row)
+        rows.append(row)
+    return rows
+
+
+def fit(engine, on_epoch: Optional[Callable[[list, Callable], Any]] = None) -> None:
+    """Run `step(engine)` up to the members' epoch count, calling `on_epoch(rows, engine.snapshot)` after
+    every epoch with copies of the rows (None for a dropped member); the one epoch loop of the library."""
+    while engine.epoch < engine.cfgs[0].epochs:
+        rows = step(engine)
+        if on_epoch is not None:
+            on_epoch([None if r is None else dict(r) for r in rows], engine.snapshot)
+
+
+class Lockstep:
+    """K Engines stepped together, epoch by epoch, through `step` and `fit`: the member protocol over separate
+    runs, for models a bundle cannot hold (dropout, BatchNorm). Member k is exactly `engines[k]`'s run."""
+
+    drop_diverged = False
+
+    def __init__(self, engines: Sequence[Engine]) -> None:
+        self.engines, self.failed = list(engines), {}
+
+    @property
+    def epoch(self) -> int:
+        """Return the epochs completed (the same for every member)."""
+        return self.engines[0].epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        for engine in self.engines:
+            engine.epoch = value
+
+    @property
+    def cfgs(self) -> list[TrainConfig]:
+        """Return the members' configs."""
+        return [e.cfg for e in self.engines]
+
+    @property
+    def lrs(self) -> list[float]:
+        """Return the members' learning rates for the current epoch."""
+        return [e.schedule(e.epoch) for e in self.engines]
+
+    @property
+    def histories(self) -> list[list[dict]]:
+        """Return the members' metric histories."""
+        return [e.history for e in self.engines]
+
+    def train_members(self) -> tuple[list[float], list[float]]:
+        """Run one epoch of every member; return their running losses and accuracies."""
+        losses, accs = zip(*(e.train_epoch() for e in self.engines))
+        return list(losses), list(accs)
+
+    def evaluate_members(self) -> list[dict[str, float]]:
+        """Return every member's test metrics."""
+        return [e.evaluate() for e in self.engines]
+
+    def snapshot(self) -> list[dict]:
+        """Return one checkpoint per member."""
+        return [e.snapshot() for e in self.engines]
+
+    def restore(self, states: Sequence[dict]) -> None:
+        """Continue every member from its checkpoint."""
+        if len(states) != len(self.engines):
+            raise SpuriousError(f"restore needs {len(self.engines)} member checkpoints, got {len(states)}")
+        for engine, state in zip(self.engines, states):
+            engine.restore(state)
 
 
 def train(cfg: TrainConfig, data: PlantedData, model_factory: Optional[ModelFactory] = None,
@@ -223,34 +358,3 @@ def run(cfg: TrainConfig, on_epoch: Optional[EpochCallback] = None, root: str | 
         resume: Optional[dict] = None) -> TrainResult:
     """Load and plant the data for `cfg`, then train; the library's one-call entry point."""
     return train(cfg, prepare(cfg, root), on_epoch=on_epoch, resume=resume)
-
-
-def save_checkpoint(state: dict, path: str | Path) -> Path:
-    """Write a checkpoint atomically (temporary file, then rename) and return its path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
-    return path
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint safely (`weights_only=True`: it may come from another machine) onto the CPU."""
-    try:
-        return torch.load(Path(path), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise SpuriousError(f"checkpoint {str(path)!r} does not exist") from None
-    except Exception as err:  # torch raises many types for corrupt files
-        raise SpuriousError(f"checkpoint {str(path)!r} cannot be read: {type(err).__name__}: "
-                            f"{str(err).splitlines()[0] if str(err) else ''}") from None
-
-
-def model_from_checkpoint(state: dict, input_shape: tuple[int, int, int], num_classes: int = 10) -> torch.nn.Module:
-    """Rebuild the model of a checkpoint on the CPU, in eval mode."""
-    from spurious.config import from_dict
-
-    cfg = from_dict(state["config"])
-    model = models.build(cfg.model, input_shape, num_classes)
-    model.load_state_dict(state["model"])
-    return model.eval()

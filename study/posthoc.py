@@ -23,10 +23,10 @@ from ray import tune
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from analysis import frames, posthoc as posthoc_analysis
+from spurious import checkpoint
 from spurious.errors import SpuriousError
 from study import cluster, runner, space as space_lib, wandb_setup
 from study.options import confirm
-from trainables.common import CHECKPOINT_FILE
 from trainables.delete import delete
 from trainables.mia import mia_attack
 
@@ -91,9 +91,9 @@ def _mirror(uri: str, into: Path) -> None:
 
 def _file_names(df: pd.DataFrame) -> list[str | None]:
     """Return each row's checkpoint file name: `checkpoint_file` where frames.load gives it (a bundle member's
-    `member_<k>.pt`), else the trainables' checkpoint.pt."""
+    `member_<k>.pt`), else the file of model 0 in `spurious.checkpoint`'s layout."""
     if "checkpoint_file" not in df:
-        return [CHECKPOINT_FILE if isinstance(c, str) else None for c in df["checkpoint"]]
+        return [checkpoint.member_file(0) if isinstance(c, str) else None for c in df["checkpoint"]]
     return [Path(f).name if isinstance(f, str) else None for f in df["checkpoint_file"]]
 
 

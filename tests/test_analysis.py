@@ -239,7 +239,7 @@ def test_mitigation_tradeoff_panel_per_knob_point_per_setting(experiment, tmp_pa
 
 
 def mlp_checkpoint(path: Path, n: int, corner: float) -> Path:
-    from spurious import models, train
+    from spurious import checkpoint, models
     from spurious.config import TrainConfig
 
     cfg = TrainConfig(dataset="fashion", model="large_mlp", pattern="s3", n_spurious=n)
@@ -247,8 +247,8 @@ def mlp_checkpoint(path: Path, n: int, corner: float) -> Path:
     model = models.build(cfg.model, (1, 28, 28))
     with torch.no_grad():
         model.first_layer.weight[3, :5] += corner  # the first image row's S3 pixels light up
-    return train.save_checkpoint({"format": train.CHECKPOINT_FORMAT, "config": cfg.to_dict(),
-                                  "model": model.state_dict()}, path / "checkpoint_000000" / "checkpoint.pt")
+    state = {"format": checkpoint.FORMAT, "config": cfg.to_dict(), "model": model.state_dict()}
+    return checkpoint.save(state, path / "checkpoint_000000" / checkpoint.LEGACY_FILE)  # the pre-issue-12 layout
 
 
 def test_weight_map_of_mlp_checkpoints(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from analysis import frames
-from spurious import train
+from spurious import checkpoint
 from tests.conftest import requires_fashion
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, requires_fashion]
@@ -43,7 +43,7 @@ def test_bundled_study_equals_unbundled_and_resumes_members_from_checkpoints(tmp
         np.testing.assert_allclose(bundled[metric], plain[metric], atol=1e-4, err_msg=metric)
 
     for row in bundled.itertuples():
-        state = train.load_checkpoint(row.checkpoint_file)
+        state = checkpoint.load(row.checkpoint_file)
         assert state["epoch"] == 3 and state["config"]["n_spurious"] == row.n_spurious
         assert state["config"]["data_seed"] == row.data_seed and len(state["spurious_idx"]) == row.n_spurious
     epochs = frames.load_epochs(tmp_path / "bundled")

@@ -1,4 +1,5 @@
 """Optuna mitigation tuning: Pareto logic, option checking, and end-to-end runs with kill + resume."""
+import copy
 import json
 import os
 import signal
@@ -11,10 +12,53 @@ import pandas as pd
 import pytest
 
 from analysis import tuning
+from spurious import train
+from spurious.config import TrainConfig
 from spurious.errors import SpuriousError
+from spurious.planted import plant
 from study import cli
 from study.mitigation import TuningOptions
-from tests.conftest import requires_fashion
+from tests.conftest import requires_fashion, synthetic_dataset
+from trainables import tune_mitigation as trainable
+
+
+def run_trainable(monkeypatch, config, seeds, restored=None):
+    """Run the tune_mitigation trainable outside Tune; return its reports as (metrics, member states)."""
+    reports = []
+    monkeypatch.setattr(trainable, "report_states",  # Tune writes the states to files at once: copy them
+                        lambda metrics, states=None: reports.append((metrics, copy.deepcopy(states))))
+    monkeypatch.setattr(trainable, "restored_states", lambda count: restored)
+    monkeypatch.setattr(trainable, "use_trial_threads", lambda: None)
+    trainable.tune_mitigation(config, {"fashion": synthetic_dataset(n_train=300, n_test=100)}, seeds=seeds,
+                              checkpoint_every=2, min_acc=0.5)
+    return reports
+
+
+def averaged(metrics):
+    return {k: metrics[k] for k in trainable.AVERAGED + ("spurious_score_per_seed",)}
+
+
+@pytest.mark.parametrize("model", ["large_mlp", "cnn002"])  # a bundle, and Engines in lock-step (dropout)
+def test_mitigation_trial_reports_the_seed_mean_of_engines_in_lock_step_and_resumes(monkeypatch, model):
+    config = dict(dataset="fashion", model=model, pattern="s3", n_spurious=15, target=0, epochs=3, lr=0.05,
+                  batch_size=64, device="cpu", l2=1e-3, noise_sigma=0.1)
+    reports = run_trainable(monkeypatch, config, seeds=2)
+    data = synthetic_dataset(n_train=300, n_test=100)
+    cfgs = [TrainConfig(**{**config, "data_seed": seed}) for seed in (0, 1)]
+    engines = [train.Engine(c, plant(data, "s3", 15, 0, c.data_seed)) for c in cfgs]  # the pre-issue-12 trial
+    assert [m["epoch"] for m, _ in reports] == [1, 2, 3]
+    for epoch, (metrics, states) in enumerate(reports):
+        assert averaged(metrics) == averaged(trainable.seed_average([e.step() for e in engines]))
+        assert "constraint" in metrics and (states is not None) == (epoch + 1 in (2, 3)), "every 2 and the last"
+    resumed = run_trainable(monkeypatch, config, seeds=2, restored=reports[1][1])
+    assert [averaged(m) for m, _ in resumed] == [averaged(m) for m, _ in reports[2:]]
+
+
+def test_a_diverging_seed_fails_the_mitigation_trial(monkeypatch):
+    config = dict(dataset="fashion", model="large_mlp", pattern="s3", n_spurious=15, target=0, epochs=2,
+                  lr=1e12, momentum=0.0, batch_size=64, device="cpu")
+    with pytest.raises(train.TrainingError, match="training loss became"):
+        run_trainable(monkeypatch, config, seeds=2)
 
 
 def test_pareto_front_is_exactly_the_non_dominated_set():

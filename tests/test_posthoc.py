@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from analysis import posthoc as analysis
-from spurious import train
+from spurious import checkpoint as ckpt, train
 from spurious.config import TrainConfig
 from spurious.errors import SpuriousError
 from spurious.planted import plant
@@ -21,7 +21,6 @@ from study import delete_cmd, mia_cmd, posthoc, runner
 from tests.conftest import requires_fashion, synthetic_dataset
 from tests.test_influence import one_thread  # noqa: F401  (autouse fixture)
 from trainables import delete as delete_trainable, mia as mia_trainable
-from trainables.common import CHECKPOINT_FILE
 from trainables.sources import read_checkpoint, read_source
 
 # ---------------------------------------------------------------- settings
@@ -126,7 +125,7 @@ def write_trial(exp: Path, name: str, params: dict, result: dict | None, checkpo
         (trial / "result.json").write_text(json.dumps(result) + "\n")
     if checkpoint is not None:
         (trial / "checkpoint_000000").mkdir()
-        torch.save(checkpoint, trial / "checkpoint_000000" / CHECKPOINT_FILE)
+        torch.save(checkpoint, trial / "checkpoint_000000" / ckpt.LEGACY_FILE)  # a pre-issue-12 layout
     if error:
         (trial / "error.txt").write_text(f"Traceback (most recent call last):\n  File x\n{error}\n")
     return trial
@@ -180,7 +179,7 @@ def test_a_bundle_members_checkpoint_file_is_read_from_the_shared_directory(tmp_
     frame = pd.DataFrame({"checkpoint": ["/c", "/c", None], "checkpoint_file": ["/c/member_000.pt",
                                                                                 "/c/member_001.pt", None]})
     assert posthoc._file_names(frame) == ["member_000.pt", "member_001.pt", None]
-    assert posthoc._file_names(frame.drop(columns="checkpoint_file")) == ["checkpoint.pt", "checkpoint.pt", None]
+    assert posthoc._file_names(frame.drop(columns="checkpoint_file")) == ["member_000.pt", "member_000.pt", None]
     torch.save({"format": 1, "member": 1}, tmp_path / "member_001.pt")
     assert read_source({"checkpoint": str(tmp_path), "file": "member_001.pt"})["member"] == 1
 
@@ -189,7 +188,7 @@ def test_reading_a_missing_or_corrupt_checkpoint_fails_with_one_line(tmp_path):
     with pytest.raises(SpuriousError, match="does not exist") as missing:
         read_checkpoint(str(tmp_path / "nowhere"))
     (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
+    (tmp_path / "bad" / ckpt.member_file(0)).write_bytes(b"not a checkpoint")
     with pytest.raises(SpuriousError, match="cannot be read") as corrupt:
         read_checkpoint(f"file://{tmp_path / 'bad'}")
     assert "\n" not in str(missing.value) and "\n" not in str(corrupt.value)
@@ -206,7 +205,7 @@ def tiny_cfg(**kw) -> TrainConfig:
 
 def save_trained(cfg: TrainConfig, data, directory: Path) -> str:
     directory.mkdir(parents=True)
-    train.save_checkpoint(train.train(cfg, data).state, directory / CHECKPOINT_FILE)
+    ckpt.save(train.train(cfg, data).state, directory / ckpt.member_file(0))
     return str(directory)
 
 
@@ -247,12 +246,12 @@ def test_each_deletion_method_reports_next_to_the_oracle_and_saves_a_loadable_mo
     x = plant(data["fashion"], "s3", 20, 0, 0).x_test[:5]
     for state in (r_state, i_state, g_state):
         assert len(state["spurious_idx"]) == 0 and len(state["deletion"]["deleted_idx"]) == 20
-        model = train.model_from_checkpoint(state, (1, 28, 28))
+        model = ckpt.model_from_checkpoint(state, (1, 28, 28))
         assert model(x).shape == (5, 10)
 
     oracle_dir = tmp_path / "oracle"
     oracle_dir.mkdir()
-    train.save_checkpoint(r_state, oracle_dir / CHECKPOINT_FILE)
+    ckpt.save(r_state, oracle_dir / ckpt.member_file(0))
     sources["src"]["oracle"] = str(oracle_dir)
     delete_trainable.delete({"method": "incremental_retraining", "source_trial_id": "src", "retrain_epochs": 1,
                              "lr_policy": "reset"}, data, sources)
@@ -268,7 +267,7 @@ def test_an_oracle_of_another_config_is_refused(captured, source_checkpoint, tmp
     state = train.train(other, plant(data["fashion"], "s3", 20, 0, 0).without_spurious()).state
     state["deletion"] = {"method": "retrain", "deleted_idx": torch.zeros(0, dtype=torch.int64)}
     (tmp_path / "other").mkdir()
-    train.save_checkpoint(state, tmp_path / "other" / CHECKPOINT_FILE)
+    ckpt.save(state, tmp_path / "other" / ckpt.LEGACY_FILE)  # an oracle in the old layout
     with pytest.raises(SpuriousError, match="another config"):
         delete_trainable.delete({"method": "incremental_retraining", "source_trial_id": "src", "retrain_epochs": 1},
                                 data, {"src": {"checkpoint": path, "oracle": str(tmp_path / "other")}})
@@ -422,7 +421,7 @@ def test_deletion_studies_from_a_smoke_training_study(tmp_path):
 
     shutil.copytree(tmp_path / "src", tmp_path / "bad")
     corrupt = next((tmp_path / "bad").glob("*data_seed=0,n_spurious=100*/checkpoint_*"))
-    (corrupt / CHECKPOINT_FILE).write_bytes(b"corrupted on disk")
+    (corrupt / ckpt.member_file(0)).write_bytes(b"corrupted on disk")
     influence = study("delete", "--from", str(tmp_path / "bad"), "--method", "group_influence", "--set",
                       "depth=50", "--set", "repeats=1", "--set", "per_example=false", "--max-failures", "0", *run)
     assert_ok(influence, 1)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from spurious import metrics, train
+from spurious import checkpoint, metrics, train
 from spurious.config import TrainConfig
 from spurious.errors import SpuriousError
 from spurious.planted import plant
@@ -59,14 +59,14 @@ def test_resume_from_disk_checkpoint_equals_uninterrupted_run(tiny_data, tmp_pat
 
     def stop_after_two(m, snapshot):
         if m["epoch"] == 2:
-            saved["path"] = train.save_checkpoint(snapshot(), tmp_path / "ckpt.pt")
+            saved["path"] = checkpoint.save(snapshot(), tmp_path / "ckpt.pt")
             raise KeyboardInterrupt
 
     data = plant(tiny_data, c.pattern, c.n_spurious, c.target, c.data_seed)
     with pytest.raises(KeyboardInterrupt):
         train.train(c, data, on_epoch=stop_after_two)
     torch.manual_seed(12345)  # a fresh process would have a different global RNG state
-    state = train.load_checkpoint(saved["path"])
+    state = checkpoint.load(saved["path"])
     resumed = train.train(c, data, resume=state)
     assert strip_time(resumed.history) == strip_time(rows_full)
     for key, value in full.model.state_dict().items():
@@ -75,10 +75,10 @@ def test_resume_from_disk_checkpoint_equals_uninterrupted_run(tiny_data, tmp_pat
 
 def test_checkpoint_loads_with_weights_only_and_rebuilds_model(tiny_data, tmp_path):
     result, _ = fit(tiny_data, cfg(epochs=1))
-    path = train.save_checkpoint(result.state, tmp_path / "a" / "final.pt")
-    state = train.load_checkpoint(path)
+    path = checkpoint.save(result.state, tmp_path / "a" / "final.pt")
+    state = checkpoint.load(path)
     assert state["epoch"] == 1 and state["config"]["pattern"] == "s3"
-    model = train.model_from_checkpoint(state, (1, 28, 28))
+    model = checkpoint.model_from_checkpoint(state, (1, 28, 28))
     x = tiny_data.x_test[:50]
     assert torch.allclose(model(x), result.model.eval()(x))
 
@@ -87,9 +87,9 @@ def test_corrupt_or_missing_checkpoint_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(SpuriousError, match="cannot be read"):
-        train.load_checkpoint(bad)
+        checkpoint.load(bad)
     with pytest.raises(SpuriousError, match="does not exist"):
-        train.load_checkpoint(tmp_path / "missing.pt")
+        checkpoint.load(tmp_path / "missing.pt")
 
 
 def test_divergence_raises_training_error(tiny_data):
@@ -101,6 +101,16 @@ def test_divergence_raises_training_error(tiny_data):
                                              (160, [40, 80, 120, 140]), (500, [60, 120])])
 def test_milestone_table(epochs, expected):
     assert train.milestones(epochs) == expected
+
+
+@pytest.mark.parametrize("epochs", [17, 70, 160])
+def test_lr_at_is_multisteplr_exactly(epochs):
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.037)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, train.milestones(epochs), 0.1)
+    for done in range(epochs + 1):
+        assert train.lr_at(cfg(lr=0.037, epochs=epochs), done) == opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
 
 
 def test_lr_schedule_decays_at_milestones(tiny_data):
@@ -167,3 +177,19 @@ def test_welch_greater():
     assert metrics.welch_greater([0.1, 0.12, 0.09], [0.5, 0.6, 0.55]) > 0.99
     assert np.isnan(metrics.welch_greater([0.3], [0.1, 0.2]))
     assert metrics.welch_greater([1, 1], [0, 0]) == 0.0
+
+
+def test_a_checkpoint_with_the_old_scheduler_state_resumes_the_same(tiny_data):
+    """Checkpoints written before issue 12 also hold MultiStepLR's state; the epoch alone sets the rate."""
+    c = cfg(epochs=17, lr=0.01)
+    data = plant(tiny_data, c.pattern, c.n_spurious, c.target, c.data_seed)
+    engine = train.Engine(c, data)
+    for _ in range(15):
+        engine.step()
+    state = engine.snapshot()
+    old = {**state, "scheduler": {"last_epoch": 15, "base_lrs": [0.01], "_last_lr": [0.001]},
+           "optimizer": {**state["optimizer"], "param_groups": [{**g, "initial_lr": 0.01}
+                                                                for g in state["optimizer"]["param_groups"]]}}
+    resumed = train.train(c, data, resume=old)
+    assert [r["lr"] for r in resumed.history[15:]] == [pytest.approx(0.001, rel=1e-12)] * 2
+    assert strip_time(resumed.history) == strip_time(train.train(c, data).history)

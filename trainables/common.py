@@ -10,10 +10,9 @@ import ray
 import torch
 from ray import tune
 
-from spurious import train
+from spurious import checkpoint
 from spurious.errors import SpuriousError
 
-CHECKPOINT_FILE = "checkpoint.pt"
 FAULT_FILE_ENV = "SPURIOUS_FAULT_FILE"
 
 
@@ -36,50 +35,42 @@ def dataset_for(datasets: Mapping[str, Any], name: str) -> Any:
     return datasets[DATASETS.canonical(name)]
 
 
-def restored_state() -> dict | None:
-    """Return the checkpoint Ray hands a restored trial, or None for a fresh trial."""
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is None:
+def restored_states(count: int = 1) -> list[dict] | None:
+    """Return the `count` model states of the checkpoint Ray hands a restored trial, or None for a fresh
+    trial (checkpoints of either layout, `spurious.checkpoint`)."""
+    restored = tune.get_checkpoint()
+    if restored is None:
         return None
-    with checkpoint.as_directory() as directory:
-        return train.load_checkpoint(Path(directory) / CHECKPOINT_FILE)
+    with restored.as_directory() as directory:
+        return checkpoint.read_members(directory, count)
 
 
-def report_files(metrics: dict, files: Mapping[str, dict] | None = None) -> None:
-    """Report one epoch's metrics to Tune (with this node's id), and a checkpoint of the given files
-    ({file name: state}) when `files` is given."""
+def restored_state() -> dict | None:
+    """Return the model state Ray hands a restored one-model trial, or None for a fresh trial."""
+    states = restored_states(1)
+    return None if states is None else states[0]
+
+
+def report_states(metrics: dict, states: list[dict] | None = None) -> None:
+    """Report one epoch's metrics to Tune (with this node's id), and a checkpoint with one file per model
+    state (`spurious.checkpoint`'s layout) when `states` is given."""
     metrics = {**metrics, "node_id": ray.get_runtime_context().get_node_id()}
-    if not files:
+    if not states:
         tune.report(metrics)
         return
     with tempfile.TemporaryDirectory() as directory:
-        for name, state in files.items():
-            train.save_checkpoint(state, Path(directory) / name)
+        checkpoint.write_members(directory, states)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
 
 
 def report(metrics: dict, state: dict | None = None) -> None:
-    """Report one epoch's metrics to Tune, with a checkpoint when `state` is given."""
-    report_files(metrics, None if state is None else {CHECKPOINT_FILE: state})
+    """Report one epoch's metrics to Tune, with a one-model checkpoint when `state` is given."""
+    report_states(metrics, None if state is None else [state])
 
 
-def member_file(k: int) -> str:
-    """Return the checkpoint file name of bundle member `k`."""
-    return f"member_{k:03d}.pt"
-
-
-def restored_states(count: int) -> list[dict] | None:
-    """Return the member checkpoints Ray hands a restored bundle trial, or None for a fresh trial."""
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as directory:
-        return [train.load_checkpoint(Path(directory) / member_file(k)) for k in range(count)]
-
-
-def report_states(metrics: dict, states: list[dict] | None = None) -> None:
-    """Report a bundle's metrics to Tune, with one checkpoint file per member when `states` is given."""
-    report_files(metrics, None if states is None else {member_file(k): s for k, s in enumerate(states)})
+def checkpoint_due(epoch: int, epochs: int, every: int) -> bool:
+    """Return whether epoch `epoch` (1-based) of `epochs` is checkpointed: every `every` epochs and the last."""
+    return epoch == epochs or (every > 0 and epoch % every == 0)
 
 
 def maybe_inject_fault(epoch: int) -> None:

@@ -27,7 +27,7 @@ retrain` first therefore trains each oracle once for all methods.
 Each trial reports the spurious score, its non-target variant and clean accuracy before, after and for
 the oracle, the parameter distance to the oracle before and after, the method's and the oracle's wall
 time, `source_trial_id` and the source model's config; its checkpoint is the deleted model in the
-training checkpoint format (plus a `deletion` record), readable by `train.model_from_checkpoint`.
+training checkpoint format (plus a `deletion` record), readable by `checkpoint.model_from_checkpoint`.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch.nn.utils import parameters_to_vector
 
-from spurious import deletion, influence, train
+from spurious import checkpoint, deletion, influence, train
 from spurious.config import TrainConfig
 from spurious.errors import SpuriousError
 from spurious.planted import PlantedData
@@ -144,7 +144,7 @@ def load_oracle(path: str, state: dict, data: PlantedData) -> tuple[torch.nn.Mod
     if oracle.get("config") != state["config"] or not np.array_equal(deleted, np.sort(data.spurious_idx)):
         raise SpuriousError(f"oracle checkpoint {path!r} was trained with another config or deleted other "
                             "examples than this source trial; pass --oracle train")
-    model = train.model_from_checkpoint(oracle, data.input_shape, data.num_classes)
+    model = checkpoint.model_from_checkpoint(oracle, data.input_shape, data.num_classes)
     return model.to(data.x_train.device), float(record.get("wall_time_s", float("nan")))
 
 
@@ -164,7 +164,7 @@ def delete(config: Mapping[str, Any], datasets: Mapping[str, Any], sources: Mapp
     """Run one deletion on the source trial `config['source_trial_id']` and report it with its checkpoint.
 
     `sources` maps a source trial id to {"checkpoint": checkpoint directory (path or URI), "file": the
-    checkpoint file in it (default checkpoint.pt), "oracle": a retrain study's checkpoint directory or None};
+    checkpoint file in it (default: model 0), "oracle": a retrain study's checkpoint directory or None};
     it and `datasets` come through `tune.with_parameters`.
     """
     s = settings(config)
@@ -177,7 +177,7 @@ def delete(config: Mapping[str, Any], datasets: Mapping[str, Any], sources: Mapp
     if len(data.spurious_idx) == 0:
         raise SpuriousError(f"source trial {s.source_trial_id} has no planted examples: nothing to delete")
     data = data.to(train.resolve_device(cfg.device))
-    before = train.model_from_checkpoint(state, data.input_shape, data.num_classes).to(data.x_train.device)
+    before = checkpoint.model_from_checkpoint(state, data.input_shape, data.num_classes).to(data.x_train.device)
     start = time.perf_counter()
     after, new_state, extra = METHOD_FUNCTIONS[s.method](s, state, cfg, data, before)
     method_time = time.perf_counter() - start

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from spurious import mia, train
+from spurious import checkpoint, mia, train
 from spurious.errors import SpuriousError
 from spurious.planted import PlantedData
 from trainables.common import report, use_trial_threads
@@ -55,7 +55,7 @@ def settings(config: Mapping[str, Any]) -> MiaSettings:
 
 
 def _model(state: dict, data: PlantedData, device: torch.device) -> torch.nn.Module:
-    return train.model_from_checkpoint(state, data.input_shape, data.num_classes).to(device)
+    return checkpoint.model_from_checkpoint(state, data.input_shape, data.num_classes).to(device)
 
 
 def _shadow_logits(s: MiaSettings, shadows: list[dict], target: PlantedData, datasets, device):

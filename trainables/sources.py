@@ -9,11 +9,11 @@ from typing import Any, Mapping
 import numpy as np
 from ray import tune
 
-from spurious import config as config_lib, train
+from spurious import checkpoint, config as config_lib
 from spurious.config import TrainConfig
 from spurious.errors import SpuriousError
 from spurious.planted import PlantedData, plant
-from trainables.common import CHECKPOINT_FILE, dataset_for
+from trainables.common import dataset_for
 
 
 def _first_line(err: BaseException) -> str:
@@ -21,14 +21,14 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
-def read_checkpoint(path: str, name: str = CHECKPOINT_FILE) -> dict:
-    """Return the state in file `name` (`checkpoint.pt`, or a bundle member's `member_<k>.pt`) of a Tune
-    checkpoint directory given as a local path or a URI (s3://, gs://, file://). It is read through Ray's
-    storage layer, so the trial may run on any node that sees the storage; a missing or unreadable
-    checkpoint raises a one-line SpuriousError."""
+def read_checkpoint(path: str, name: str | None = None) -> dict:
+    """Return the state in file `name` (e.g. a bundle member's `member_<k>.pt`; default: model 0 in either
+    layout of `spurious.checkpoint`) of a Tune checkpoint directory given as a local path or a URI (s3://,
+    gs://, file://). It is read through Ray's storage layer, so the trial may run on any node that sees the
+    storage; a missing or unreadable checkpoint raises a one-line SpuriousError."""
     try:
         with tune.Checkpoint(str(path)).as_directory() as directory:
-            return train.load_checkpoint(Path(directory) / name)
+            return checkpoint.load(Path(directory) / name) if name else checkpoint.read_member(directory, 0)
     except SpuriousError:
         raise
     except Exception as err:  # pyarrow and Ray raise many types for missing or unreachable storage
@@ -38,7 +38,7 @@ def read_checkpoint(path: str, name: str = CHECKPOINT_FILE) -> dict:
 
 def read_source(entry: Mapping[str, Any]) -> dict:
     """Return the checkpoint state of a source-table entry {"checkpoint": dir or URI, "file": name}."""
-    return read_checkpoint(entry["checkpoint"], entry.get("file") or CHECKPOINT_FILE)
+    return read_checkpoint(entry["checkpoint"], entry.get("file"))
 
 
 def planted_data(state: dict, datasets: Mapping[str, Any]) -> tuple[TrainConfig, PlantedData]:

@@ -1,7 +1,7 @@
 """`train_bundle`: K compatible training configs trained in lock-step in one Tune trial (`--bundle K`).
 
 Each member keeps its own metrics (reported under `members/<k>/…`), its own checkpoint file in the
-checkpoint directory (`member_<k>.pt`, in `spurious.train`'s format) and its own row in
+checkpoint directory (`spurious.checkpoint`'s layout and format) and its own row in
 `analysis.frames.load`, so post-hoc studies and resume treat members like ordinary trials.
 """
 from __future__ import annotations
@@ -10,10 +10,10 @@ from typing import Mapping
 
 import numpy as np
 
-from spurious import bundle, config as config_lib
+from spurious import bundle, config as config_lib, train
 from spurious.datasets import Dataset
-from trainables.common import (dataset_for, flatten_config, maybe_inject_fault, report_states, restored_states,
-                               use_trial_threads)
+from trainables.common import (checkpoint_due, dataset_for, flatten_config, maybe_inject_fault, report_states,
+                               restored_states, use_trial_threads)
 
 
 def summary(rows: list[dict | None], failed: dict[int, str]) -> dict:
@@ -34,13 +34,13 @@ def train_bundle(config: Mapping, datasets: Mapping[str, Dataset], checkpoint_ev
     states = restored_states(len(cfgs))
     if states is not None:
         engine.restore(states)
-    epochs = cfgs[0].epochs
-    while engine.epoch < epochs:
-        rows = engine.step()
+
+    def on_epoch(rows: list[dict | None], snapshot) -> None:
         maybe_inject_fault(engine.epoch)
-        due = engine.epoch == epochs or (checkpoint_every > 0 and engine.epoch % checkpoint_every == 0)
+        due = checkpoint_due(engine.epoch, cfgs[0].epochs, checkpoint_every)
         for k, row in enumerate(rows):
             if row is not None:
                 row["n_planted"] = len(engine.members[k].planted_idx)
-        report_states(summary(rows, engine.failed), engine.snapshot() if due else None)
+        report_states(summary(rows, engine.failed), snapshot() if due else None)
 
+    train.fit(engine, on_epoch)

@@ -6,8 +6,8 @@ from typing import Mapping
 from spurious import config as config_lib, train
 from spurious.datasets import Dataset
 from spurious.planted import plant
-from trainables.common import (dataset_for, flatten_config, maybe_inject_fault, report, restored_state,
-                               use_trial_threads)
+from trainables.common import (checkpoint_due, dataset_for, flatten_config, maybe_inject_fault, report,
+                               restored_state, use_trial_threads)
 
 
 def train_classifier(config: Mapping, datasets: Mapping[str, Dataset], checkpoint_every: int = 5) -> None:
@@ -24,7 +24,7 @@ def train_classifier(config: Mapping, datasets: Mapping[str, Dataset], checkpoin
     def on_epoch(metrics: dict, snapshot) -> None:
         epoch = metrics["epoch"]
         maybe_inject_fault(epoch)
-        due = epoch == cfg.epochs or (checkpoint_every > 0 and epoch % checkpoint_every == 0)
+        due = checkpoint_due(epoch, cfg.epochs, checkpoint_every)
         metrics["n_planted"] = len(data.spurious_idx)
         report(metrics, snapshot() if due else None)
 

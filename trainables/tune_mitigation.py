@@ -1,10 +1,10 @@
 """`tune_mitigation`: one mitigation setting (L2, σ, optionally lr) scored over K data seeds in one trial.
 
-The K models are trained in lock-step inside the trial, epoch by epoch, so the trial reports the
-seed-averaged spurious score and clean accuracy every epoch. That makes the objective less noisy
-than one seed (the score of a single seed is very noisy at small n), lets a Tune scheduler stop a
-hopeless setting early on the averaged curve, and keeps one Optuna trial per setting, so the
-sampler sees exactly one (averaged) value per point it proposed.
+The K models are trained in lock-step inside the trial, epoch by epoch (as one bundle, `spurious.bundle`,
+when the model allows it), so the trial reports the seed-averaged spurious score and clean accuracy
+every epoch. That makes the objective less noisy than one seed (the score of a single seed is very
+noisy at small n), lets a Tune scheduler stop a hopeless setting early on the averaged curve, and keeps
+one Optuna trial per setting, so the sampler sees exactly one (averaged) value per point it proposed.
 """
 from __future__ import annotations
 
@@ -12,14 +12,13 @@ from typing import Mapping
 
 import numpy as np
 
-from spurious import config as config_lib, train
+from spurious import bundle, config as config_lib, train
 from spurious.datasets import Dataset
-from spurious.planted import plant
-from trainables.common import (dataset_for, flatten_config, maybe_inject_fault, report, restored_state,
-                               use_trial_threads)
+from spurious.metrics import TEST_KEYS, TRAIN_KEYS
+from trainables.common import (checkpoint_due, dataset_for, flatten_config, maybe_inject_fault, report_states,
+                               restored_states, use_trial_threads)
 
-AVERAGED = ("train_loss", "train_acc", "test_loss", "test_acc", "spurious_score", "spurious_score_nontarget",
-            "patterned_acc", "patterned_target_rate")
+AVERAGED = TRAIN_KEYS + TEST_KEYS
 
 
 def seed_average(rows: list[dict]) -> dict:
@@ -47,20 +46,17 @@ def tune_mitigation(config: Mapping, datasets: Mapping[str, Dataset], seeds: int
     """Train `seeds` models (data seeds data_seed … data_seed+seeds−1) of one setting; report seed means."""
     base = config_lib.from_dict(flatten_config(config))
     use_trial_threads()
-    data = dataset_for(datasets, base.dataset)
-    engines = []
-    for k in range(seeds):
-        cfg = base.replace(data_seed=base.data_seed + k)
-        engines.append(train.Engine(cfg, plant(data, cfg.pattern, cfg.n_spurious, cfg.target, cfg.data_seed,
-                                               cfg.split)))
-    state = restored_state()
-    if state is not None:
-        for engine, member in zip(engines, state["members"]):
-            engine.restore(member)
-    while engines[0].epoch < base.epochs:
-        metrics = seed_average([engine.step() for engine in engines])
+    cfgs = [base.replace(data_seed=base.data_seed + k) for k in range(seeds)]
+    engine = bundle.lockstep(cfgs, dataset_for(datasets, base.dataset))
+    engine.drop_diverged = False  # one diverging seed fails the setting: its mean would be over fewer seeds
+    states = restored_states(seeds)
+    if states is not None:
+        engine.restore(states)
+
+    def on_epoch(rows: list[dict], snapshot) -> None:
+        metrics = seed_average(rows)
         metrics.update(constrained_objective(metrics, min_acc))
-        epoch = metrics["epoch"]
-        maybe_inject_fault(epoch)
-        due = epoch == base.epochs or (checkpoint_every > 0 and epoch % checkpoint_every == 0)
-        report(metrics, {"members": [e.snapshot() for e in engines]} if due else None)
+        maybe_inject_fault(metrics["epoch"])
+        report_states(metrics, snapshot() if checkpoint_due(metrics["epoch"], base.epochs, checkpoint_every) else None)
+
+    train.fit(engine, on_epoch)
