@@ -33,17 +33,10 @@ REPLICATE_KEYS = ("data_seed", "seed")
 
 def _full_config(params: dict) -> dict:
     """Return the trial's flat config with the training defaults filled in (every row has every key)."""
-    from spurious.config import TrainConfig
+    from spurious.config import TrainConfig, flatten
 
     return {**{f.name: f.default for f in dataclasses.fields(TrainConfig)},
-            **_flatten(params)}
-
-
-def _flatten(config: dict) -> dict:
-    flat = {}
-    for key, value in config.items():
-        flat.update(_flatten(value) if isinstance(value, dict) else {key: value})
-    return flat
+            **flatten(params, on_clash="path")}  # a clash (the trial errored on it) is kept by path
 
 
 def _read_params(trial_dir: Path) -> dict:

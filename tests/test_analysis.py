@@ -129,6 +129,15 @@ def test_several_experiments_at_once_and_join_on_source_trial(experiment, tmp_pa
         frames.join_source(frames.load(experiment), df)
 
 
+def test_a_key_set_twice_by_variant_dicts_is_kept_by_path_not_overwritten(tmp_path):
+    exp = tmp_path / "exp"
+    write_trial(exp, 0, {"a": {"lr": 0.1}, "b": {"lr": 0.2}}, [], epochs_total=2,
+                error="SpuriousError: config key 'lr' is set twice with different values (0.1, 0.2)")
+    (row,) = frames.load(exp).to_dict(orient="records")
+    assert row["a.lr"] == 0.1 and row["b.lr"] == 0.2 and row["lr"] == 0.01  # the default, not either value
+    assert row["status"] == "ERROR" and "set twice" in row["error"]
+
+
 def test_missing_directory_and_bad_params_are_one_line_errors(tmp_path):
     with pytest.raises(SpuriousError, match="does not exist"):
         frames.load(tmp_path / "nope")
