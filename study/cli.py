@@ -189,13 +189,13 @@ def cmd_resume(args) -> int:
 
 def finish(experiment_path: str) -> int:
     """Print the spurious-score table and the experiment path; exit 1 if any trial errored."""
-    from analysis import frames
+    from analysis import frames, load
 
     if "://" in str(experiment_path):
         print(f"\nexperiment: {experiment_path}\n(copy it to a local folder and run `study report` on it for "
               f"tables and figures)")
         return 0
-    df = frames.load(experiment_path)
+    df = load(experiment_path)
     print()
     print(frames.score_table(df))
     errored = frames.errored(df)

@@ -12,7 +12,6 @@ from ray import tune
 
 from spurious import train
 from spurious.config import flatten as flatten_config  # re-exported: the trainables' name for it
-from spurious.errors import SpuriousError
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FAULT_FILE_ENV = "SPURIOUS_FAULT_FILE"
