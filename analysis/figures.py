@@ -1,4 +1,4 @@
-"""Paper-style figures from the tidy frames of `analysis.frames`, written as PNG with Agg.
+"""Paper-style figures of training studies from `analysis.load` frames, in the one style of `analysis.style`.
 
 Score and clean accuracy versus n (protocol §4.5), the mitigation trade-off (protocol §10.2) and the
 first-layer weight map of an MLP checkpoint (protocol §4.5). Curves carry their pattern label (S1…Co)
@@ -7,46 +7,25 @@ the plain-named functions save them and return the PNG paths.
 
 Example::
 
-    from analysis import figures, frames
-    df = frames.load("results/demo-20261128-120000")
+    from analysis import figures, load
+    df = load("results/demo-20261128-120000")
     figures.score_vs_n(df, "figs")         # [PosixPath('figs/spurious_score_vs_n.png')]
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullLocator
 
-from analysis import frames
+from analysis import frames, style
+from analysis.style import label, save
 from spurious.errors import SpuriousError
 
-LABELS = {"spurious_score": "spurious score", "spurious_score_nontarget": "spurious score (label ≠ c)",
-          "test_acc": "clean test accuracy", "patterned_acc": "patterned test accuracy (label ≠ c)",
-          "l2": "L2", "noise_sigma": "σ", "grad_clip": "clip"}
 MITIGATIONS = ("l2", "noise_sigma", "grad_clip")
 MAX_PANELS = 12
-COLUMNS = 4
-DPI = 110
-
-
-def label(key: str) -> str:
-    """Return the axis label of a metric or config key."""
-    return LABELS.get(key, key.replace("_", " "))
-
-
-def save(fig: Figure, path: str | Path) -> Path:
-    """Render `fig` with Agg into the PNG `path` and return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=DPI)
-    return path
 
 
 def pattern_order(names: Iterable[str]) -> list[str]:
@@ -76,16 +55,6 @@ def _context(df: pd.DataFrame, keys: Sequence[str]) -> str:
     return " · ".join(parts)
 
 
-def _grid(count: int, width: float = 3.6, height: float = 3.0) -> tuple[Figure, list]:
-    cols = min(count, COLUMNS)
-    rows = math.ceil(count / cols)
-    fig = Figure(figsize=(width * cols + 0.4, height * rows + 0.6), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
-    for ax in axes[count:]:
-        ax.set_visible(False)
-    return fig, axes[:count]
-
-
 def _panel_groups(summary: pd.DataFrame, keys: Sequence[str]) -> list[tuple[str, pd.DataFrame]]:
     if not keys:
         return [("", summary)]
@@ -101,14 +70,8 @@ def _n_panel(ax, cells: pd.DataFrame, metric: str) -> None:
                            capsize=0, lw=1.5).lines[0]
         ax.annotate(_short(pattern), (c["n_spurious"].iloc[-1], c["mean"].iloc[-1]), xytext=(5, 0),
                     textcoords="offset points", va="center", color=line.get_color(), fontweight="bold")
-    ns = sorted(cells["n_spurious"].unique())
-    ax.set_xscale("symlog", linthresh=1)
-    ax.set_xticks(ns, [str(int(n)) for n in ns])
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xlim(-0.3 if ns[0] == 0 else ns[0] * 0.7, max(ns[-1], 1) * 2.5)
-    ax.set_xlabel("n (planted training examples)")
+    style.n_axis(ax, cells["n_spurious"])
     ax.set_ylabel(label(metric))
-    ax.grid(alpha=0.3)
 
 
 def metric_vs_n_figures(df: pd.DataFrame, metric: str = "spurious_score") -> list[Figure]:
@@ -119,16 +82,16 @@ def metric_vs_n_figures(df: pd.DataFrame, metric: str = "spurious_score") -> lis
         return []
     panel_keys = [k for k in summary.columns if k not in ("pattern", "n_spurious", *frames.SUMMARY_COLUMNS)]
     panels = _panel_groups(summary, panel_keys)
-    done = df[df["status"] == "TERMINATED"] if "status" in df else df
+    done = frames.finished(df)
     title = f"{label(metric)} vs n\n{_context(done, ('dataset', 'model', 'optimizer', 'target'))}".strip()
     figures = []
     for start in range(0, len(panels), MAX_PANELS):
         chunk = panels[start:start + MAX_PANELS]
-        fig, axes = _grid(len(chunk))
+        fig, axes = style.grid(len(chunk))
         for ax, (name, cells) in zip(axes, chunk):
             _n_panel(ax, cells, metric)
-            ax.set_title(name, fontsize=9)
-        fig.suptitle(title, fontsize=10)
+            ax.set_title(name, fontsize=style.TITLE_SIZE)
+        fig.suptitle(title, fontsize=style.SUPTITLE_SIZE)
         figures.append(fig)
     return figures
 
@@ -150,14 +113,14 @@ def accuracy_vs_n(df: pd.DataFrame, out_dir: str | Path, metric: str = "test_acc
 
 def mitigation_knobs(df: pd.DataFrame) -> list[str]:
     """Return the mitigation settings (l2, noise_sigma, grad_clip) that vary across the finished trials."""
-    done = df[df["status"] == "TERMINATED"] if "status" in df else df
+    done = frames.finished(df)
     return [k for k in MITIGATIONS if k in done and done[k].nunique() > 1]
 
 
 def tradeoff_points(df: pd.DataFrame, knob: str) -> pd.DataFrame:
     """Return score and clean accuracy per (pattern, knob value), each the mean over n of the seed means,
     the n = 0 model included (protocol §10.2); other mitigations are held at 0."""
-    done = df[df["status"] == "TERMINATED"] if "status" in df else df
+    done = frames.finished(df)
     others = [k for k in MITIGATIONS if k != knob and k in done]
     sweep = done[(done[others] == 0).all(axis=1)] if others else done
     cells = sweep.groupby(["pattern", knob, "n_spurious"])[["spurious_score", "test_acc"]].mean()
@@ -170,7 +133,7 @@ def tradeoff_figure(df: pd.DataFrame) -> Figure | None:
     knobs = mitigation_knobs(df)
     if not knobs:
         return None
-    fig, axes = _grid(len(knobs), width=4.2, height=3.4)
+    fig, axes = style.grid(len(knobs), width=4.2, height=3.4)
     for ax, knob in zip(axes, knobs):
         points = tradeoff_points(df, knob)
         for pattern in pattern_order(points["pattern"]):
@@ -182,12 +145,12 @@ def tradeoff_figure(df: pd.DataFrame) -> Figure | None:
             first = (p["test_acc"].iloc[0], p["spurious_score"].iloc[0])
             ax.annotate(_short(pattern), first, xytext=(4, -10), textcoords="offset points",
                         color=line.get_color(), fontweight="bold")
-        ax.set_title(f"{label(knob)} sweep (points labelled with {label(knob)})", fontsize=9)
+        ax.set_title(f"{label(knob)} sweep (points labelled with {label(knob)})", fontsize=style.TITLE_SIZE)
         ax.margins(x=0.15, y=0.1)
         ax.set_xlabel(label("test_acc"))
         ax.set_ylabel(f"{label('spurious_score')} (mean over n)")
         ax.grid(alpha=0.3)
-    fig.suptitle("mitigation trade-off", fontsize=10)
+    fig.suptitle("mitigation trade-off", fontsize=style.SUPTITLE_SIZE)
     return fig
 
 
@@ -218,17 +181,18 @@ def weight_map_figure(checkpoints: Sequence[str | Path], titles: Sequence[str] |
     if not maps:
         raise SpuriousError("weight_map needs at least one checkpoint")
     low, high = vrange or (min(m.min() for m, _ in maps), max(m.max() for m, _ in maps))
-    fig, axes = _grid(len(maps), width=2.6, height=2.7)
+    fig, axes = style.grid(len(maps), width=2.6, height=2.7)
     for i, (ax, (values, config)) in enumerate(zip(axes, maps)):
         image = ax.imshow(values, cmap="viridis", vmin=low, vmax=high)
         default = f"({chr(97 + i)}) {_short(config['pattern'])}, n={config['n_spurious']}"
         name = titles[i] if titles else default
-        ax.set_title(f"{name}\nmax {values.max():.3f}", fontsize=9)
+        ax.set_title(f"{name}\nmax {values.max():.3f}", fontsize=style.TITLE_SIZE)
         ax.set_xticks([])
         ax.set_yticks([])
     fig.colorbar(image, ax=axes, shrink=0.8, label="max first-layer weight")
     config = maps[0][1]
-    fig.suptitle(f"max first-layer weight per pixel\n{config['dataset']} · {config['model']}", fontsize=10)
+    fig.suptitle(f"max first-layer weight per pixel\n{config['dataset']} · {config['model']}",
+                 fontsize=style.SUPTITLE_SIZE)
     return fig
 
 

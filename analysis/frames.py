@@ -1,7 +1,14 @@
-"""Tidy DataFrames from experiment directories: one row per trial (`load`) or per trial × epoch (`load_epochs`).
+"""The one results loader: `load` gives one row per trained or evaluated model of any study kind,
+`load_epochs` one row per model × epoch; `finished`, `errored` and `join_source` work on its frames, and
+`summarize`, `score_table` and `pivot_cells` are the training studies' mean ± s.e. tables (protocol §4.3).
 
-Reads Tune's plain files (each trial directory's `params.json`, `result.json`, `error.txt` and
-`checkpoint_*`), so it needs no Ray and works on finished, partly finished and resumed experiments.
+    from analysis import load
+    df = load(["results/demo-20261128-120000", "results/demo-20261128-120000-delete-retrain"])
+    df.groupby(["kind", "status"]).size()
+
+Reads Tune's plain files (each experiment's `study.json`, each trial directory's `params.json`,
+`result.json`, `error.txt` and `checkpoint_*`), so it needs no Ray and works on finished, partly finished
+and resumed experiments of every kind (`study.json`'s "kind"; none: "train").
 """
 from __future__ import annotations
 
@@ -9,13 +16,13 @@ import dataclasses
 import json
 import math
 import re
-import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 
+from analysis import stats
 from spurious import checkpoint
 from spurious.errors import SpuriousError
 
@@ -30,21 +37,44 @@ EXTRAS = ("epoch_time_s", "n_planted")
 SUMMARY_COLUMNS = ("mean", "se", "count", "p_vs_baseline")
 # Keys that identify a cell of a study; seeds are replicates, not cells.
 REPLICATE_KEYS = ("data_seed", "seed")
+# Post-hoc kinds: their params.json holds the post-hoc settings and their one report the source model's config;
+# the column naming the source trial fills the config of trials that errored before reporting.
+SOURCE_ID_COLUMNS = {"delete": "source_trial_id", "mia": "target_trial_id"}
+TUNING_PHASES = ("baseline", "search")  # the Tune experiments inside a tune-mitigation directory
+# Tune's bookkeeping in result.json, left out of the rows (the columns below carry what is kept of it).
+TUNE_KEYS = ("config", "done", "timestamp", "date", "pid", "node_ip", "checkpoint_dir_name", "should_checkpoint",
+             "training_iteration", "time_this_iter_s", "time_since_restore", "iterations_since_restore",
+             "experiment_tag", "members", "epoch")
+ROW_KEYS = ("experiment", "kind", "phase", "source_experiment", "trial_id", "status", "error", "epochs_done",
+            "time_total_s", "hostname", "node_id", "checkpoint", "checkpoint_file", "trial_dir")
+
+
+def study_meta(path: str | Path) -> dict:
+    """Return an experiment's study.json ({} when it has none; a trial directory reads its experiment's)."""
+    path = Path(path)
+    path = path.parent if (path / "params.json").exists() else path
+    meta = path / "study.json"
+    return json.loads(meta.read_text()) if meta.exists() else {}
+
+
+def study_kind(path: str | Path) -> str:
+    """Return an experiment's study kind: study.json's "kind", "train" when it has none."""
+    return study_meta(path).get("kind", "train")
 
 
 def _full_config(params: dict) -> dict:
     """Return the trial's flat config with the training defaults filled in (every row has every key)."""
-    from spurious.config import TrainConfig
+    from spurious.config import TrainConfig, flatten
 
     return {**{f.name: f.default for f in dataclasses.fields(TrainConfig)},
-            **_flatten(params)}
+            **flatten(params, on_clash="path")}  # a clash (the trial errored on it) is kept by path
 
 
-def _flatten(config: dict) -> dict:
-    flat = {}
-    for key, value in config.items():
-        flat.update(_flatten(value) if isinstance(value, dict) else {key: value})
-    return flat
+def _config(params: dict, kind: str) -> dict:
+    """Return a post-hoc trial's flat settings as given, any other trial's full training config."""
+    from spurious.config import flatten
+
+    return flatten(params, on_clash="path") if kind in SOURCE_ID_COLUMNS else _full_config(params)
 
 
 def _read_params(trial_dir: Path) -> dict:
@@ -67,10 +97,26 @@ def _read_results(trial_dir: Path) -> list[dict]:
     return [r for r in rows if isinstance(r, dict)]
 
 
-def _epochs(rows: list[dict]) -> list[dict]:
-    """Keep the last report of each epoch (a restored trial repeats epochs after its checkpoint)."""
+def _reports(rows: list[dict]) -> list[dict]:
+    """Return the reports that count: the last report of each epoch in epoch order (a restored trial repeats
+    the epochs after its checkpoint), or every row of a trainable that reports no epochs (delete, mia)."""
     by_epoch = {r["epoch"]: r for r in rows if "epoch" in r}
-    return [by_epoch[e] for e in sorted(by_epoch)]
+    return [by_epoch[e] for e in sorted(by_epoch)] if by_epoch else rows
+
+
+def is_final(report: dict, config: dict) -> bool:
+    """Return whether `report` is a trial's final one: it reports the configured last epoch (`epochs`), or it
+    is a report of a trainable that reports once, when done, and counts no epochs (delete, mia)."""
+    return bool(report) and ("epoch" not in report or report["epoch"] == config.get("epochs"))
+
+
+def status(reports: list[dict], config: dict, error: str | None) -> str:
+    """Return a model's status from its files, by one rule for every kind: TERMINATED when its last report
+    is final (`is_final`), else ERROR when it has an error line, else RUNNING when it has reported (it was
+    interrupted, or a scheduler stopped it early), else PENDING."""
+    if reports and is_final(reports[-1], config):
+        return "TERMINATED"
+    return "ERROR" if error else "RUNNING" if reports else "PENDING"
 
 
 def _trial_dirs(path: Path) -> list[Path]:
@@ -80,6 +126,14 @@ def _trial_dirs(path: Path) -> list[Path]:
     if not dirs and not path.exists():
         raise SpuriousError(f"experiment directory {str(path)!r} does not exist")
     return dirs
+
+
+def _tune_dirs(path: Path, kind: str) -> list[tuple[str | None, Path]]:
+    """Return (phase, Tune experiment directory) pairs: a tune-mitigation study's baseline and search, else
+    the directory itself."""
+    if kind != "tune-mitigation":
+        return [(None, path)]
+    return [(phase, path / phase) for phase in TUNING_PHASES if (path / phase).exists()]
 
 
 def _error_line(trial_dir: Path) -> str | None:
@@ -101,14 +155,14 @@ def _dir_trial_id(trial_dir: Path) -> str:
     return match.group(1) if match else trial_dir.name
 
 
-def _units(trial_dir: Path) -> list[dict]:
-    """Return the trained models of a trial directory: one for an ordinary trial, one per member of a bundle
-    (`--bundle K`), each with its id, flat config, deduplicated epoch reports, error and checkpoint file."""
+def _units(trial_dir: Path, kind: str) -> list[dict]:
+    """Return the models of a trial directory: one for an ordinary trial, one per member of a bundle
+    (`--bundle K`), each with its id, flat config, counted reports, error and checkpoint file."""
     params, results = _read_params(trial_dir), _read_results(trial_dir)
     trial_id = next((r["trial_id"] for r in reversed(results) if r.get("trial_id")), None) or _dir_trial_id(trial_dir)
     latest = _latest_checkpoint(trial_dir)
     if "bundle" not in params:
-        return [{"trial_id": trial_id, "config": _full_config(params), "epochs": _epochs(results),
+        return [{"trial_id": trial_id, "config": _config(params, kind), "reports": _reports(results),
                  "error": _error_line(trial_dir), "checkpoint": latest,
                  "checkpoint_file": _model_file(latest, 0)}]
     units = []
@@ -116,7 +170,7 @@ def _units(trial_dir: Path) -> list[dict]:
         reports = [r["members"][str(k)] for r in results if str(k) in r.get("members", {})]
         member_error = next((m["error"] for m in reversed(reports) if "error" in m), None)
         rows = [{**r, **r["members"][str(k)]} for r in results if "epoch" in r.get("members", {}).get(str(k), {})]
-        units.append({"trial_id": f"{trial_id}-m{k}", "config": _full_config(member), "epochs": _epochs(rows),
+        units.append({"trial_id": f"{trial_id}-m{k}", "config": _config(member, kind), "reports": _reports(rows),
                       "error": member_error or _error_line(trial_dir), "checkpoint": latest,
                       "checkpoint_file": _model_file(latest, k)})
     return units
@@ -127,14 +181,16 @@ def _model_file(directory: str | None, k: int) -> str | None:
     return None if path is None else str(path)
 
 
-def _unit_row(trial_dir: Path, unit: dict) -> dict:
-    config, epochs = unit["config"], unit["epochs"]
-    final = epochs[-1] if epochs else {}
-    done = bool(epochs) and final.get("epoch") == config.get("epochs")
-    status = "TERMINATED" if done else "ERROR" if unit["error"] else "INCOMPLETE"
-    return {"experiment": trial_dir.parent.name, "trial_id": unit["trial_id"], "status": status,
-            "error": unit["error"] if not done else None, "epochs_done": final.get("epoch", 0),
-            **config, **{m: final.get(m, math.nan) for m in (*METRICS, *EXTRAS)},
+def _unit_row(trial_dir: Path, unit: dict, where: dict) -> dict:
+    """Return the row of one model; `where` holds its experiment, kind and (tune-mitigation) phase."""
+    config, reports = unit["config"], unit["reports"]
+    final = reports[-1] if reports else {}
+    state = status(reports, config, unit["error"])
+    expected = {} if where["kind"] in SOURCE_ID_COLUMNS else {m: math.nan for m in (*METRICS, *EXTRAS)}
+    reported = {k: v for k, v in final.items() if k not in config and k not in TUNE_KEYS and k not in ROW_KEYS}
+    return {**where, "trial_id": unit["trial_id"], "status": state,
+            "error": unit["error"] if state != "TERMINATED" else None,
+            "epochs_done": final.get("epoch", math.nan if final else 0), **config, **expected, **reported,
             "time_total_s": final.get("time_total_s", math.nan), "hostname": final.get("hostname"),
             "node_id": final.get("node_id"), "checkpoint": unit["checkpoint"],
             "checkpoint_file": unit["checkpoint_file"], "trial_dir": str(trial_dir)}
@@ -144,25 +200,92 @@ def _as_list(paths: str | Path | Iterable[str | Path]) -> list[Path]:
     return [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
 
 
-def load(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
-    """Return one row per trial of one or more experiment directories: config, final metrics, status."""
-    rows = [_unit_row(d, u) for p in _as_list(paths) for d in _trial_dirs(p) for u in _units(d)]
-    df = pd.DataFrame(rows)
-    if df.empty:
-        return pd.DataFrame(columns=["experiment", "trial_id", "status", *CONFIG_COLUMNS, *METRICS])
+def _experiment_rows(path: Path) -> tuple[list[dict], dict]:
+    """Return the model rows of one experiment directory (or one trial directory) and its study.json."""
+    meta = study_meta(path)
+    kind, name = meta.get("kind", "train"), _experiment_name(path)
+    rows = []
+    for phase, tune_dir in _tune_dirs(path, kind):
+        where = {"experiment": name, "kind": kind, **({"phase": phase} if phase else {}),
+                 **({"source_experiment": meta["source"]} if meta.get("source") else {})}
+        rows += [_unit_row(d, u, where) for d in _trial_dirs(tune_dir) for u in _units(d, kind)]
+    return rows, meta
+
+
+def load(paths: str | Path | Iterable[str | Path], fill_from_source: bool = True) -> pd.DataFrame:
+    """Return one row per model of one or more experiment (or trial) directories of any kind: per trial, per
+    bundle member, per deletion, per attack, per tuning setting (tune-mitigation: the baseline and each search
+    trial, `phase`).
+
+    Columns: experiment, kind (study.json's; "train" without one), phase (tune-mitigation), source_experiment
+    (post-hoc), trial_id, status, error (the cause line of error.txt, or the member's error, unless finished),
+    epochs_done (the last reported epoch; 0 before any report, NaN for a one-report trainable), the flat config
+    (training trials: every TrainConfig key, defaults filled in; post-hoc trials: their settings, the source
+    model's config from their report, filled from the source experiment for trials that errored before
+    reporting when `fill_from_source` and the source is a readable local directory), every value of the last
+    counted report (training trials: METRICS and EXTRAS always, NaN until reported; units as reported:
+    accuracies and scores in [0, 1], times in seconds), time_total_s, hostname, node_id, checkpoint (the latest
+    checkpoint directory), checkpoint_file (the model's file in it) and trial_dir.
+
+    Status, one rule for every kind (`status`): TERMINATED when the last counted report (the last report of
+    each epoch, so a resumed trial counts its re-run epochs once) is final, i.e. reports the configured last
+    epoch, or is the one report of a trainable that counts no epochs (delete, mia); else ERROR with an error
+    line; else RUNNING when it has reported (interrupted, or stopped early by a scheduler: Tune's own status is
+    not in the trial's files), with its last metrics; else PENDING. Lines cut short by a killed driver are
+    skipped. Raises SpuriousError for a missing directory or an unreadable params.json.
+    """
+    parts = []
+    for path in _as_list(paths):
+        rows, meta = _experiment_rows(path)
+        if rows:
+            parts.append(_fill_config(pd.DataFrame(rows), meta) if fill_from_source else pd.DataFrame(rows))
+    if not parts:
+        return pd.DataFrame(columns=["experiment", "kind", "trial_id", "status", *CONFIG_COLUMNS, *METRICS])
+    return _integer_columns(pd.concat(parts, ignore_index=True))
+
+
+def _integer_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """Return `df` with the integer config columns (n_spurious, seeds …) as ints where none is missing."""
+    from spurious.config import FIELD_TYPES
+
+    for column in [c for c, t in FIELD_TYPES.items() if t == "int" and c in df]:
+        if df[column].notna().all():
+            df[column] = df[column].astype(int)
     return df
 
 
-def _epoch_rows(trial_dir: Path) -> list[dict]:
-    return [{"experiment": trial_dir.parent.name, "trial_id": unit["trial_id"], **unit["config"],
+def _fill_config(df: pd.DataFrame, meta: dict) -> pd.DataFrame:
+    """Return a post-hoc frame with missing config values taken from the source trial named in its id column."""
+    id_column, source = SOURCE_ID_COLUMNS.get(meta.get("kind")), meta.get("source")
+    if id_column not in df or not source or "://" in str(source) or not Path(source).exists():
+        return df
+    sources = load(source)
+    config = sources.set_index("trial_id")[[c for c in CONFIG_COLUMNS if c in sources]]
+    looked_up = config.reindex(df[id_column]).reset_index(drop=True)
+    for column in looked_up:
+        own = df[column] if column in df else pd.Series([None] * len(df))
+        df[column] = [a if pd.notna(a) else b for a, b in zip(own, looked_up[column])]
+    return df
+
+
+def _experiment_name(path: Path) -> str:
+    return path.parent.name if (path / "params.json").exists() else path.name
+
+
+def _epoch_rows(trial_dir: Path, kind: str, experiment: str) -> list[dict]:
+    return [{"experiment": experiment, "trial_id": unit["trial_id"], **unit["config"],
              "epoch": r["epoch"], "lr": r.get("lr", math.nan), **{m: r.get(m, math.nan) for m in (*METRICS, *EXTRAS)}}
-            for unit in _units(trial_dir) for r in unit["epochs"]]
+            for unit in _units(trial_dir, kind) for r in unit["reports"] if "epoch" in r]
 
 
 def load_epochs(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
-    """Return one row per (trial, epoch): the trial's config columns and that epoch's metrics (`lr` is the
-    epoch's scheduled learning rate)."""
-    rows = [row for p in _as_list(paths) for d in _trial_dirs(p) for row in _epoch_rows(d)]
+    """Return one row per (model, epoch) of training trials: experiment, trial_id, the config columns and that
+    epoch's METRICS and EXTRAS (`lr` is the epoch's scheduled learning rate); post-hoc trials have none."""
+    rows = []
+    for path in _as_list(paths):
+        kind = study_kind(path)
+        for _, tune_dir in _tune_dirs(path, kind):
+            rows += [row for d in _trial_dirs(tune_dir) for row in _epoch_rows(d, kind, _experiment_name(path))]
     if not rows:
         return pd.DataFrame(columns=["experiment", "trial_id", *CONFIG_COLUMNS, "epoch", *METRICS])
     return pd.DataFrame(rows)
@@ -192,25 +315,26 @@ def cell_keys(df: pd.DataFrame, by: Sequence[str]) -> list[str]:
     return [*extra, *by]
 
 
+def finished(df: pd.DataFrame) -> pd.DataFrame:
+    """Return the TERMINATED rows of a `load` frame (every row of a frame without a status column)."""
+    return df[df["status"] == "TERMINATED"] if "status" in df else df
+
+
 def summarize(df: pd.DataFrame, by: Sequence[str] = ("pattern", "n_spurious"),
               metric: str = "spurious_score") -> pd.DataFrame:
     """Return mean, standard error and count of `metric` per cell, and the one-sided Welch p-value of
     each cell against its n = 0 baseline cell (same other keys; protocol §4.3)."""
-    done = df[df["status"] == "TERMINATED"] if "status" in df else df
-    done = done[done[metric].notna()] if metric in done else done
+    done = finished(df)
+    done = done[done[metric].notna()] if metric in done else done.iloc[0:0]  # e.g. post-hoc rows only
     keys = cell_keys(done, list(by))
     if done.empty:
         return pd.DataFrame(columns=[*keys, *SUMMARY_COLUMNS])
+    out = stats.mean_se(done, keys, metric)
     grouped = done.groupby(keys, dropna=False, sort=True)[metric]
-    out = grouped.agg(mean="mean", se=_stderr, count="count").reset_index()
     samples = {_hashable(k): v.to_numpy(dtype=float) for k, v in grouped}
     cells = out[keys].itertuples(index=False, name=None)
     out["p_vs_baseline"] = [_p_value(samples, key, keys) for key in cells]
     return out
-
-
-def _stderr(values: pd.Series) -> float:
-    return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else math.nan
 
 
 def _hashable(key) -> tuple:
@@ -220,14 +344,10 @@ def _hashable(key) -> tuple:
 
 
 def _p_value(samples: dict, key: tuple, keys: list[str]) -> float:
-    from spurious.metrics import welch_greater
-
     if "n_spurious" not in keys or key[keys.index("n_spurious")] == 0:
         return math.nan
     baseline = samples.get(_hashable(_baseline_key(key, keys)), np.array([]))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # scipy warns on near-identical seeds; p stands
-        return welch_greater(samples[_hashable(key)], baseline)
+    return stats.welch_greater_p(samples[_hashable(key)], baseline)
 
 
 def _baseline_key(key: tuple, keys: list[str]) -> tuple:
@@ -247,14 +367,9 @@ def pivot_cells(summary: pd.DataFrame, digits: int = 3, mark_p: float | None = N
     """Return a `summarize` frame as text cells 'mean ± se': rows pattern (and other varying factors),
     columns n=…; with `mark_p`, cells whose p-value vs n = 0 is below it get a '*'."""
     summary = summary.copy()
-    summary["cell"] = [_cell(m, s, p, digits, mark_p)
+    summary["cell"] = [stats.cell(m, s, digits) + ("*" if mark_p is not None and p < mark_p else "")
                        for m, s, p in zip(summary["mean"], summary["se"], summary["p_vs_baseline"])]
     rows = [k for k in cell_keys(summary, ["pattern"]) if k != "n_spurious"]
     table = summary.pivot_table(index=rows, columns="n_spurious", values="cell", aggfunc="first")
     table.columns = [f"n={c}" for c in table.columns]
     return table
-
-
-def _cell(mean: float, se: float, p: float, digits: int, mark_p: float | None) -> str:
-    text = f"{mean:.{digits}f} ± {se:.{digits}f}" if not np.isnan(se) else f"{mean:.{digits}f}"
-    return text + ("*" if mark_p is not None and p < mark_p else "")

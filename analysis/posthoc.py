@@ -1,33 +1,30 @@
-"""Frames, tables and figures of post-hoc studies: deletion (`study delete`, protocol §8) and
-membership inference (`study mia`, protocol §9).
+"""Summaries, tables and figures of post-hoc studies: deletion (`study delete`, protocol §8) and membership
+inference (`study mia`, protocol §9), from `analysis.load` frames.
 
-    from analysis import posthoc
-    df = posthoc.load(["results/demo-delete-retrain", "results/demo-delete-group_influence"])
+    from analysis import load, posthoc
+    df = load(["results/demo-delete-retrain", "results/demo-delete-group_influence"])
     print(posthoc.deletion_table(df))
     posthoc.retrain_figure(df).savefig("retrain.png")        # the paper's retrain figure
-    mia = posthoc.load("results/mia-train-mia-loss-lira")
+    mia = load("results/mia-train-mia-loss-lira")
     posthoc.mia_figure(mia).savefig("mia.png")               # spurious vs other members against n
     posthoc.roc_figure(mia).savefig("roc.png")               # ROC curves on log axes
 
-`load` reads Tune's plain files (no Ray): one row per post-hoc trial with its settings (params.json), its
-one final report (the source model's config among it) and its status; the source experiment named in
-study.json fills the config of trials that errored before reporting, and `frames.join_source(df,
-frames.load(source), on="source_trial_id")` (`target_trial_id` for MIA) adds any source column.
+`load` gives one row per post-hoc trial with its settings, its one final report (the source model's config
+among it) and its status; `frames.join_source(df, load(source), on="source_trial_id")` (`target_trial_id`
+for MIA) adds any other source column.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
-from analysis import frames
+from analysis import stats, style
+from analysis.frames import finished
 
-KINDS = ("delete", "mia")
-ID_COLUMNS = {"delete": "source_trial_id", "mia": "target_trial_id"}
 ROLES = ("before", "after", "oracle")
 ROLE_LABELS = {"before": "original", "after": "deleted", "oracle": "retrained (oracle)"}
 MIA_METRICS = ("attack_acc", "spurious_attack_acc", "other_attack_acc", "auc", "spurious_auc", "other_auc",
@@ -41,93 +38,27 @@ MIA_SETTINGS = ("shadows", "lira_variance")
 FACTORS = ("dataset", "model", "pattern")
 
 
-def _meta(experiment: Path) -> dict:
-    path = experiment / "study.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _trial_row(trial_dir: Path, meta: dict) -> dict:
-    params = json.loads((trial_dir / "params.json").read_text())
-    rows = frames._read_results(trial_dir)
-    final = rows[-1] if rows else {}
-    error = frames._error_line(trial_dir)
-    status = "TERMINATED" if final else "ERROR" if error else "INCOMPLETE"
-    final = {k: v for k, v in final.items() if k != "config"}
-    return {"experiment": trial_dir.parent.name, "kind": meta.get("kind"), "source_experiment": meta.get("source"),
-            "trial_id": final.get("trial_id") or frames._dir_trial_id(trial_dir), "status": status,
-            "error": None if final else error, **params, **final,
-            "checkpoint": frames._latest_checkpoint(trial_dir), "trial_dir": str(trial_dir)}
-
-
-def _as_list(paths) -> list[Path]:
-    return [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
-
-
-def load(paths: str | Path | Iterable[str | Path], fill_from_source: bool = True) -> pd.DataFrame:
-    """Return one row per trial of post-hoc experiments: settings, final report, status, checkpoint; the
-    config columns of trials that never reported are filled from their source trial where it is readable."""
-    frames_out = []
-    for path in _as_list(paths):
-        meta = _meta(path)
-        df = pd.DataFrame([_trial_row(d, meta) for d in frames._trial_dirs(path)])
-        if fill_from_source and not df.empty:
-            df = _fill_config(df, meta)
-        frames_out.append(df)
-    df = pd.concat(frames_out, ignore_index=True) if frames_out else pd.DataFrame()
-    return _integer_columns(df) if not df.empty else pd.DataFrame(columns=["experiment", "kind", "trial_id", "status"])
-
-
-def _integer_columns(df: pd.DataFrame) -> pd.DataFrame:
-    """Return `df` with the integer config columns (n_spurious, seeds …) as ints where none is missing."""
-    from spurious.config import FIELD_TYPES
-
-    for column in [c for c, t in FIELD_TYPES.items() if t == "int" and c in df]:
-        if df[column].notna().all():
-            df[column] = df[column].astype(int)
-    return df
-
-
-def _source_frame(meta: dict) -> pd.DataFrame | None:
-    source = meta.get("source")
-    if not source or "://" in str(source) or not Path(source).exists():
-        return None
-    return frames.load(source)
-
-
-def _fill_config(df: pd.DataFrame, meta: dict) -> pd.DataFrame:
-    id_column = ID_COLUMNS.get(meta.get("kind"))
-    sources = _source_frame(meta)
-    if sources is None or id_column not in df:
-        return df
-    config = sources.set_index("trial_id")[[c for c in frames.CONFIG_COLUMNS if c in sources]]
-    looked_up = config.reindex(df[id_column]).reset_index(drop=True)
-    for column in looked_up:
-        own = df[column] if column in df else pd.Series([None] * len(df))
-        df[column] = [a if pd.notna(a) else b for a, b in zip(own, looked_up[column])]
-    return df
-
-
-def _done(df: pd.DataFrame) -> pd.DataFrame:
-    return df[df["status"] == "TERMINATED"] if "status" in df else df
-
-
-def _mean_se(values: pd.Series) -> pd.Series:
-    values = values.dropna().astype(float)
-    se = values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else math.nan
-    return pd.Series({"mean": values.mean() if len(values) else math.nan, "se": se, "count": len(values)})
-
-
 def _summary(df: pd.DataFrame, keys: Sequence[str], columns: dict[str, str], name: str) -> pd.DataFrame:
     """Return mean ± se per cell of `keys` for each column, long: keys, `name` (the column's label), stats."""
-    parts = []
-    for column, label in columns.items():
-        if column not in df:
-            continue
-        stats = df.groupby(list(keys), dropna=False)[column].apply(_mean_se).unstack().reset_index()
-        parts.append(stats.assign(**{name: label}))
+    parts = [stats.mean_se(df, keys, column).assign(**{name: label}) for column, label in columns.items()
+             if column in df]
     out = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=[*keys, name, "mean", "se",
                                                                                   "count"])
     return out[[*keys, name, "mean", "se", "count"]]
+
+
+def _table(done: pd.DataFrame, rows: Sequence[str], columns: dict[str, str]) -> str:
+    """Return the plain-text table of 'mean ± se' cells: `rows` down, the labels of `columns` across."""
+    summary = _summary(done, rows, columns, "column")
+    summary["cell"] = [stats.cell(m, s) for m, s in zip(summary["mean"], summary["se"])]
+    table = summary.pivot_table(index=rows, columns="column", values="cell", aggfunc="first")
+    return table[[c for c in columns.values() if c in table]].to_string()
+
+
+def _finished(df: pd.DataFrame, kind: str, settings: Sequence[str]) -> pd.DataFrame:
+    """Return the finished rows of `kind` (all finished rows of a frame without kinds), settings as text."""
+    done = finished(df)
+    return _as_text(done[done["kind"] == kind] if "kind" in done else done, settings)
 
 
 def _keys(df: pd.DataFrame, base: Sequence[str]) -> list[str]:
@@ -160,34 +91,27 @@ def _as_text(df: pd.DataFrame, settings: Sequence[str]) -> pd.DataFrame:
 def deletion_summary(df: pd.DataFrame, metric: str = "spurious_score") -> pd.DataFrame:
     """Return mean ± se over seeds of `metric` for the original, deleted and oracle models, per method,
     varied setting, pattern and n_spurious (the paper's retrain figure, protocol §8.1)."""
-    done = _as_text(_done(df), DELETE_SETTINGS)
+    done = _finished(df, "delete", DELETE_SETTINGS)
     keys = _cells(done, "method", DELETE_SETTINGS, every_factor=True)
     return _summary(done, keys, {f"{metric}_{r}": r for r in ROLES}, "role")
-
-
-def _cell(mean: float, se: float, digits: int = 3) -> str:
-    return f"{mean:.{digits}f}" + (f" ± {se:.{digits}f}" if not math.isnan(se) else "")
 
 
 def deletion_table(df: pd.DataFrame, metrics: Sequence[str] = ("spurious_score", "test_acc")) -> str:
     """Return a plain-text table: one row per method × varied setting × pattern × n, columns metric before /
     after / oracle (mean ± s.e. over seeds) and the parameter distance to the oracle before / after."""
-    done = _as_text(_done(df), DELETE_SETTINGS)
+    done = _finished(df, "delete", DELETE_SETTINGS)
     if done.empty:
         return "(no finished deletion trials)"
     rows = _cells(done, "method", DELETE_SETTINGS, every_factor=False)
     columns = {f"{m}_{r}": f"{m} {r}" for m in metrics for r in ROLES}
     columns.update({f"distance_to_oracle_{r}": f"distance {r}" for r in ("before", "after")})
-    summary = _summary(done, rows, columns, "column")
-    summary["cell"] = [_cell(m, s) for m, s in zip(summary["mean"], summary["se"])]
-    table = summary.pivot_table(index=rows, columns="column", values="cell", aggfunc="first")
-    return table[[c for c in columns.values() if c in table]].to_string()
+    return _table(done, rows, columns)
 
 
 def mia_summary(df: pd.DataFrame, metrics: Sequence[str] = MIA_METRICS) -> pd.DataFrame:
     """Return mean ± se over targets (data seeds) of the attack metrics, per attack, varied setting and
     n_spurious (protocol §9.4)."""
-    done = _as_text(_done(df), MIA_SETTINGS)
+    done = _finished(df, "mia", MIA_SETTINGS)
     keys = _cells(done, "attack", MIA_SETTINGS, every_factor=True)
     return _summary(done, keys, {m: m for m in metrics}, "metric")
 
@@ -197,28 +121,11 @@ def mia_table(df: pd.DataFrame, metrics: Sequence[str] = ("auc", "attack_acc", "
                                                           "tpr_at_1pct_fpr")) -> str:
     """Return a plain-text table: rows attack × varied setting × n_spurious, columns the attack metrics
     (mean ± s.e.)."""
-    done = _as_text(_done(df), MIA_SETTINGS)
+    done = _finished(df, "mia", MIA_SETTINGS)
     if done.empty:
         return "(no finished attack trials)"
     rows = _cells(done, "attack", MIA_SETTINGS, every_factor=False)
-    summary = _summary(done, rows, {m: m for m in metrics}, "metric")
-    summary["cell"] = [_cell(m, s) for m, s in zip(summary["mean"], summary["se"])]
-    table = summary.pivot_table(index=rows, columns="metric", values="cell", aggfunc="first")
-    return table[[m for m in metrics if m in table]].to_string()
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _positions(values: Sequence) -> dict:
-    """Return evenly spaced x positions for the sorted distinct counts (they span decades, with 0)."""
-    return {v: i for i, v in enumerate(sorted(set(values)))}
+    return _table(done, rows, {m: m for m in metrics})
 
 
 def _panels(summary: pd.DataFrame, within: Sequence[str]) -> list[tuple[str, pd.DataFrame]]:
@@ -238,48 +145,43 @@ def _panels(summary: pd.DataFrame, within: Sequence[str]) -> list[tuple[str, pd.
 def retrain_figure(df: pd.DataFrame, metric: str = "spurious_score"):
     """Return the retrain figure: `metric` against n for the original, deleted and retrained models, one
     panel per method (and pattern), mean ± s.e. over seeds (protocol §8.1)."""
-    plt = _pyplot()
     summary = deletion_summary(df, metric)
     panels = _panels(summary, ("dataset", "model", "n_spurious", "role"))
-    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.2 * max(len(panels), 1), 3.4), squeeze=False)
-    for ax, (title, part) in zip(axes[0], panels):
-        pos = _positions(part["n_spurious"])
+    fig, axes = style.grid(len(panels), width=4.2, height=3.4)
+    for ax, (title, part) in zip(axes, panels):
         for role in ROLES:
             line = part[part["role"] == role].sort_values("n_spurious")
-            ax.errorbar([pos[n] for n in line["n_spurious"]], line["mean"], yerr=line["se"].fillna(0),
-                        marker="o", capsize=3, label=ROLE_LABELS[role])
-        ax.set_xticks(list(pos.values()), [str(n) for n in pos])
-        ax.set_xlabel("number of spurious examples n")
-        ax.set_title(title, fontsize=9)
-    axes[0][0].set_ylabel(metric.replace("_", " "))
+            ax.errorbar(line["n_spurious"], line["mean"], yerr=line["se"].fillna(0).to_numpy(), marker="o",
+                        capsize=3, label=ROLE_LABELS[role])
+        style.n_axis(ax, part["n_spurious"])
+        ax.set_title(title, fontsize=style.TITLE_SIZE)
+    axes[0].set_ylabel(style.label(metric))
     if panels:
-        axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
+        axes[0].legend(fontsize=style.LEGEND_SIZE)
     return fig
 
 
 def mia_figure(df: pd.DataFrame, groups: dict[str, str] = MIA_GROUPS):
     """Return the MIA figure: attack success on all examples, spurious members and other members against
-    n_spurious, one panel per attack, bars of mean ± s.e. over targets (protocol §9.4, the reference's bbox bars)."""
-    plt = _pyplot()
+    n_spurious, one panel per attack, bars of mean ± s.e. over targets (protocol §9.4, the reference's bbox
+    bars; the counts evenly spaced, as bars need)."""
     summary = mia_summary(df, tuple(groups))
     panels = _panels(summary, ("dataset", "model", "pattern", "n_spurious", "metric"))
-    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.5 * max(len(panels), 1), 3.4), squeeze=False)
+    fig, axes = style.grid(len(panels), width=4.5, height=3.4)
     width = 0.8 / len(groups)
-    for ax, (title, part) in zip(axes[0], panels):
-        pos = _positions(part["n_spurious"])
+    for ax, (title, part) in zip(axes, panels):
+        pos = {n: i for i, n in enumerate(sorted(set(part["n_spurious"])))}
         for k, (metric, label) in enumerate(groups.items()):
             bars = part[part["metric"] == metric].sort_values("n_spurious")
             ax.bar([pos[n] + (k - (len(groups) - 1) / 2) * width for n in bars["n_spurious"]], bars["mean"],
-                   width, yerr=bars["se"].fillna(0), capsize=2, label=label)
+                   width, yerr=bars["se"].fillna(0).to_numpy(), capsize=2, label=label)
         ax.axhline(0.5, color="grey", lw=0.8, ls=":")
         ax.set_xticks(list(pos.values()), [str(n) for n in pos])
-        ax.set_xlabel("number of spurious examples n")
-        ax.set_title(f"{title} attack", fontsize=9)
-    axes[0][0].set_ylabel("attack accuracy / TPR at its threshold")
+        ax.set_xlabel(style.label("n_spurious"))
+        ax.set_title(f"{title} attack", fontsize=style.TITLE_SIZE)
+    axes[0].set_ylabel("attack accuracy / TPR at its threshold")
     if panels:
-        axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
+        axes[0].legend(fontsize=style.LEGEND_SIZE)
     return fig
 
 
@@ -307,20 +209,19 @@ def roc_points(saved: dict[str, np.ndarray], group: str = "all") -> tuple[np.nda
 def roc_figure(df: pd.DataFrame, groups: Sequence[str] = ("all", "spurious")):
     """Return ROC curves on log-log axes (Carlini et al. 2022), one panel per attack, one curve per finished
     target trial and member group, labelled by n_spurious and data seed."""
-    plt = _pyplot()
-    done = _done(df)
+    done = _finished(df, "mia", ())
     done = done[done["checkpoint"].notna()] if "checkpoint" in done else done
     attacks = sorted(done["attack"].unique()) if not done.empty else []
-    fig, axes = plt.subplots(1, max(len(attacks), 1), figsize=(4.5 * max(len(attacks), 1), 4), squeeze=False)
-    for ax, attack in zip(axes[0], attacks):
+    fig, axes = style.grid(len(attacks), width=4.5, height=4)
+    for ax, attack in zip(axes, attacks):
         for row in done[done["attack"] == attack].sort_values(["n_spurious", "data_seed"]).itertuples():
             saved = scores(row.checkpoint)
             color = None
-            for group, style in zip(groups, ("-", "--", ":")):
+            for group, dashes in zip(groups, ("-", "--", ":")):
                 if group == "spurious" and not saved["spurious"].any():
                     continue
                 fpr, tpr = roc_points(saved, group)
-                line, = ax.plot(np.maximum(fpr, 1e-5), np.maximum(tpr, 1e-5), style, lw=1, color=color,
+                line, = ax.plot(np.maximum(fpr, 1e-5), np.maximum(tpr, 1e-5), dashes, lw=1, color=color,
                                 label=f"n={row.n_spurious} seed={row.data_seed} {group}")
                 color = line.get_color()
         ax.plot([1e-5, 1], [1e-5, 1], color="grey", lw=0.8, ls=":")
@@ -329,8 +230,7 @@ def roc_figure(df: pd.DataFrame, groups: Sequence[str] = ("all", "spurious")):
         ax.set_xlim(1e-4, 1)
         ax.set_ylim(1e-4, 1)
         ax.set_xlabel("false positive rate")
-        ax.set_title(f"{attack} attack")
+        ax.set_title(f"{attack} attack", fontsize=style.TITLE_SIZE)
         ax.legend(fontsize=6)
-    axes[0][0].set_ylabel("true positive rate")
-    fig.tight_layout()
+    axes[0].set_ylabel("true positive rate")
     return fig

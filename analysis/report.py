@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from analysis import figures, frames
+from analysis import figures, frames, style
 from spurious.errors import SpuriousError
 
 SUMMARY_METRICS = ("spurious_score", "test_acc")
@@ -98,7 +98,7 @@ def summary_markdown(df: pd.DataFrame, summaries: dict[str, pd.DataFrame]) -> st
              f"Trials: {len(df)} ({_counts(df)}).\n\nCells are mean ± s.e. over seeds; * marks a one-sided "
              f"Welch test against the n = 0 cell with p < {SIGNIFICANT} (protocol §4.3).\n"]
     for metric, summary in summaries.items():
-        parts.append(f"## {figures.label(metric)} (`{metric}`)\n")
+        parts.append(f"## {style.label(metric)} (`{metric}`)\n")
         if summary.empty:
             parts.append("No finished trials.\n")
             continue
@@ -112,11 +112,12 @@ def summary_markdown(df: pd.DataFrame, summaries: dict[str, pd.DataFrame]) -> st
 
 
 def weight_map_sets(df: pd.DataFrame) -> list[tuple[str, list[str]]]:
-    """Return (name, checkpoints) per dataset/model/optimizer/target/pattern: the first seed's checkpoint at
-    up to WEIGHT_MAP_PANELS values of n, without mitigation (the panels of protocol §4.5)."""
+    """Return (name, checkpoints) per dataset/model/optimizer/target/pattern of the training trials: the first
+    seed's checkpoint at up to WEIGHT_MAP_PANELS values of n, without mitigation (the panels of protocol §4.5)."""
     if "checkpoint" not in df:
         return []
-    done = df[(df["status"] == "TERMINATED") & df["checkpoint"].notna()]
+    done = frames.finished(df)
+    done = done[done["checkpoint"].notna() & (done["kind"] == "train" if "kind" in done else True)]
     for knob in figures.MITIGATIONS:
         done = done[done[knob] == 0] if knob in done else done
     if done.empty:
@@ -154,7 +155,7 @@ def index_html(dirs: Sequence[Path], df: pd.DataFrame, summaries: dict[str, pd.D
     body = [f"<h1>Report: {esc(', '.join(d.name for d in dirs))}</h1>",
             f"<p>{len(df)} trials ({esc(_counts(df))}) from {esc(', '.join(str(d) for d in dirs))}.</p>"]
     for metric, summary in summaries.items():
-        body.append(f"<h2>{esc(figures.label(metric))} <code>{esc(metric)}</code></h2>")
+        body.append(f"<h2>{esc(style.label(metric))} <code>{esc(metric)}</code></h2>")
         body.append("<p>No finished trials.</p>" if summary.empty else
                     frames.pivot_cells(_display(summary), mark_p=SIGNIFICANT).to_html(border=0))
     body.append(f"<p class=note>mean ± s.e. over seeds; * p &lt; {SIGNIFICANT}, one-sided Welch test "
@@ -168,8 +169,8 @@ def index_html(dirs: Sequence[Path], df: pd.DataFrame, summaries: dict[str, pd.D
     files = ["summary.md", *[f"summary_{m}.csv" for m in summaries], "trials.csv", "trials.parquet",
              "epochs.csv", "epochs.parquet"]
     body.append("<h2>Data</h2><ul>" + "".join(f'<li><a href="{f}">{f}</a></li>' for f in files) + "</ul>")
-    style = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse}td,th{padding:2px 10px;text-align:right}"
-             "tr:nth-child(even){background:#f4f4f4}img{max-width:100%}figure{margin:1em 0}.note{color:#555}")
+    css = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}"
+           "table{border-collapse:collapse}td,th{padding:2px 10px;text-align:right}"
+           "tr:nth-child(even){background:#f4f4f4}img{max-width:100%}figure{margin:1em 0}.note{color:#555}")
     return (f"<!doctype html><html><head><meta charset=utf-8><title>{esc(dirs[0].name)} report</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+            f"<style>{css}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -1,32 +1,27 @@
-"""Results of a mitigation-tuning study: the Pareto set, the recommended setting and the trade-off figure."""
+"""Results of a mitigation-tuning study (protocol §10.3): its search trials from `analysis.load`, the Pareto
+set, the recommended setting and the trade-off figure."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from analysis import frames
+from analysis import style
+from analysis.frames import load
 
 SETTING_KEYS = ("l2", "noise_sigma", "lr")
 VALUE_KEYS = ("spurious_score", "spurious_score_se", "test_acc", "test_acc_se")
+SEARCH_COLUMNS = ("trial_id", *SETTING_KEYS, *VALUE_KEYS, "epochs_done", "status")
 
 
-def load_search(root: str | Path) -> pd.DataFrame:
-    """Return one row per search trial: setting, seed-averaged final metrics (± s.e.), epochs, status."""
-    search = Path(root) / "search"
-    rows = []
-    for trial_dir in frames._trial_dirs(search) if search.exists() else []:
-        config = frames._full_config(json.loads((trial_dir / "params.json").read_text()))
-        epochs = frames._epochs(frames._read_results(trial_dir))
-        final = epochs[-1] if epochs else {}
-        done = bool(epochs) and final.get("epoch") == config["epochs"]
-        rows.append({"trial_id": final.get("trial_id", trial_dir.name), **{k: config[k] for k in SETTING_KEYS},
-                     **{k: final.get(k, math.nan) for k in VALUE_KEYS}, "epochs_done": final.get("epoch", 0),
-                     "status": "TERMINATED" if done else "STOPPED" if epochs else "INCOMPLETE"})
-    return pd.DataFrame(rows, columns=["trial_id", *SETTING_KEYS, *VALUE_KEYS, "epochs_done", "status"])
+def search_trials(df: pd.DataFrame) -> pd.DataFrame:
+    """Return the search trials of a tune-mitigation `load` frame, one row per setting: trial_id, setting
+    (l2, noise_sigma, lr), seed-averaged final metrics ± s.e. over seeds (NaN until reported), epochs_done,
+    status (a setting a scheduler stopped early is RUNNING: it never reported its last epoch)."""
+    search = df[df["phase"] == "search"] if "phase" in df else df.iloc[0:0]
+    return search.reindex(columns=list(SEARCH_COLUMNS)).reset_index(drop=True)
 
 
 def pareto_front(df: pd.DataFrame, minimize: str = "spurious_score", maximize: str = "test_acc") -> pd.DataFrame:
@@ -48,7 +43,7 @@ def recommend(df: pd.DataFrame, baseline_acc: float, max_acc_drop: float) -> dic
 def write_summary(root: str | Path, baseline: dict, max_acc_drop: float, objective: str) -> dict:
     """Write tuning.json, pareto.csv and tradeoff.png into the experiment directory; return the summary."""
     root = Path(root)
-    df = load_search(root)
+    df = search_trials(load(root))
     finished = df[df["status"] == "TERMINATED"]
     front = pareto_front(finished) if len(finished) else finished
     front.to_csv(root / "pareto.csv", index=False)
@@ -57,18 +52,14 @@ def write_summary(root: str | Path, baseline: dict, max_acc_drop: float, objecti
                "pareto": front.to_dict(orient="records"),
                "recommended": recommend(finished, baseline["test_acc"], max_acc_drop)}
     (root / "tuning.json").write_text(json.dumps(summary, indent=2, default=float))
-    tradeoff_figure(finished, front, baseline, root / "tradeoff.png")
+    style.save(tradeoff_figure(finished, front, baseline), root / "tradeoff.png")
     return summary
 
 
-def tradeoff_figure(df: pd.DataFrame, front: pd.DataFrame, baseline: dict, path: Path) -> Path:
-    """Scatter of spurious score vs clean accuracy per setting (colour = log10 l2, size = σ), front and baseline."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+def tradeoff_figure(df: pd.DataFrame, front: pd.DataFrame, baseline: dict):
+    """Return the scatter of spurious score vs clean accuracy per setting (colour = log10 l2, size = σ), with
+    the Pareto front and the unmitigated baseline."""
+    fig, (ax,) = style.grid(1, width=6.1, height=3.9)
     if len(df):
         points = ax.scatter(df["test_acc"], df["spurious_score"], c=np.log10(df["l2"].clip(lower=1e-12)),
                             s=30 + 120 * df["noise_sigma"], cmap="viridis", alpha=0.8, edgecolors="k")
@@ -76,14 +67,12 @@ def tradeoff_figure(df: pd.DataFrame, front: pd.DataFrame, baseline: dict, path:
         ax.plot(front["test_acc"], front["spurious_score"], "r--", lw=1, label="Pareto front")
     ax.scatter([baseline["test_acc"]], [baseline["spurious_score"]], marker="*", s=250, c="red",
                edgecolors="k", label="unmitigated baseline", zorder=5)
-    ax.set_xlabel("clean test accuracy (mean over seeds)")
-    ax.set_ylabel("spurious score (mean over seeds)")
-    ax.set_title("Mitigation trade-off")
-    ax.legend(loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    ax.set_xlabel(f"{style.label('test_acc')} (mean over seeds)")
+    ax.set_ylabel(f"{style.label('spurious_score')} (mean over seeds)")
+    ax.set_title("Mitigation trade-off", fontsize=style.TITLE_SIZE)
+    ax.legend(loc="best", fontsize=style.LEGEND_SIZE)
+    ax.grid(alpha=0.3)
+    return fig
 
 
 def _fmt(row: dict) -> str:
@@ -118,7 +107,7 @@ def write_report(root: str | Path, out_dir: str | Path | None = None) -> Path:
         raise SpuriousError(f"{str(root)!r} has no tuning.json yet: finish it with `study resume {root}`")
     out = Path(out_dir) if out_dir else root / "report"
     out.mkdir(parents=True, exist_ok=True)
-    load_search(root).to_csv(out / "trials.csv", index=False)
+    search_trials(load(root)).to_csv(out / "trials.csv", index=False)
     for name in ("pareto.csv", "tradeoff.png"):
         if (root / name).exists():
             shutil.copy(root / name, out / name)

@@ -80,6 +80,42 @@ def from_dict(values: Mapping[str, Any]) -> TrainConfig:
     return TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
 
 
+def flatten(config: Mapping[str, Any], on_clash: str = "raise") -> dict[str, Any]:
+    """Return a nested Tune config (e.g. a grid over optimiser variant dicts) as one flat dict.
+
+    A key set twice with different values by different nested dicts raises a SpuriousError
+    (`on_clash="raise"`, what the trainables need), or, with `on_clash="path"`, every key is kept by its
+    dotted path instead (`{"a": {"lr": 0.1}, "b": {"lr": 0.2}}` -> `{"a.lr": 0.1, "b.lr": 0.2}`), so
+    nothing is silently overwritten.
+    """
+    if on_clash not in ("raise", "path"):
+        raise SpuriousError(f"on_clash must be 'raise' or 'path', got {on_clash!r}")
+    try:
+        return _merged(config)
+    except SpuriousError:
+        if on_clash == "raise":
+            raise
+        return _dotted(config)
+
+
+def _merged(config: Mapping[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        for k, v in (_merged(value).items() if isinstance(value, Mapping) else [(key, value)]):
+            if k in flat and flat[k] != v:
+                raise SpuriousError(f"config key {k!r} is set twice with different values ({flat[k]!r}, {v!r})")
+            flat[k] = v
+    return flat
+
+
+def _dotted(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        out.update(_dotted(value, f"{name}.") if isinstance(value, Mapping) else {name: value})
+    return out
+
+
 def _check_types(cfg: TrainConfig) -> None:
     for key, type_name in FIELD_TYPES.items():
         value, want = getattr(cfg, key), _PY_TYPES[type_name]

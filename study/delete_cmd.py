@@ -8,7 +8,7 @@
         --filter pattern=r3
 
 Source trials: the TERMINATED trials with a checkpoint that pass every `--filter` (config columns of
-`analysis.frames.load`, e.g. `--filter n_spurious=[10,100]`); trials with nothing planted (n_spurious = 0,
+`analysis.load`, e.g. `--filter n_spurious=[10,100]`); trials with nothing planted (n_spurious = 0,
 shadow models) are skipped. Results go to `<storage>/<source>-delete-<method>` (or --name) with a
 study.json, so `study resume` continues them. `--set` takes the settings of trainables.delete.DeleteSettings
 (a list makes a grid axis). `--oracle`: `auto` loads the oracle models of `<storage>/<source>-delete-retrain`
@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from analysis import posthoc as posthoc_analysis
+from analysis import load
 from spurious import datasets as datasets_lib
 from spurious.errors import SpuriousError
 from study import posthoc, runner, space as space_lib
@@ -96,7 +96,7 @@ def oracle_checkpoints(oracle: str, source: str, storage: str) -> tuple[dict[str
     meta = runner.read_meta(path)
     if meta.get("kind") != "delete" or meta.get("method") != "retrain" or not _same_source(meta, source):
         raise SpuriousError(f"--oracle {str(path)!r} is not a retrain deletion study of {source!r}")
-    df = posthoc_analysis.load(path, fill_from_source=False)
+    df = load(path, fill_from_source=False)
     done = df[(df["status"] == "TERMINATED") & df["checkpoint"].notna()] if not df.empty else df
     table = {str(r.source_trial_id): str(Path(r.checkpoint).resolve()) for r in done.itertuples()}
     return table, [f"oracles: {len(table)} loaded from {path}; the others trained inside their trials"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from analysis import frames, load
 from spurious.registry import Registry
 from study import mitigation, posthoc, runner
 
@@ -34,13 +35,11 @@ class Kind:
 
 def finish_training(experiment_path: str) -> int:
     """Print the spurious-score table and the experiment path; exit 1 if any trial errored."""
-    from analysis import frames
-
     if "://" in str(experiment_path):
         print(f"\nexperiment: {experiment_path}\n(copy it to a local folder and run `study report` on it for "
               f"tables and figures)")
         return 0
-    df = frames.load(experiment_path)
+    df = load(experiment_path)
     print()
     print(frames.score_table(df))
     errored = frames.errored(df)

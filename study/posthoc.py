@@ -22,7 +22,7 @@ import yaml
 from ray import tune
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from analysis import frames, posthoc as posthoc_analysis
+from analysis import frames, load, posthoc as posthoc_analysis
 from spurious import checkpoint
 from spurious.errors import SpuriousError
 from study import cluster, runner, space as space_lib, wandb_setup
@@ -70,7 +70,7 @@ def source_name(source: str) -> str:
 
 def _mirror(uri: str, into: Path) -> None:
     """Copy the per-trial result files of a remote experiment into `into`, the files of its checkpoints as
-    empty placeholders, so `frames.load` can read it without downloading any model."""
+    empty placeholders, so `analysis.load` can read it without downloading any model."""
     import pyarrow.fs as pafs
 
     fs, root = pafs.FileSystem.from_uri(uri)
@@ -90,7 +90,7 @@ def _mirror(uri: str, into: Path) -> None:
 
 
 def _file_names(df: pd.DataFrame) -> list[str | None]:
-    """Return each row's checkpoint file name: `checkpoint_file` where frames.load gives it (a bundle member's
+    """Return each row's checkpoint file name: `checkpoint_file` where `load` gives it (a bundle member's
     `member_<k>.pt`), else the file of model 0 in `spurious.checkpoint`'s layout."""
     if "checkpoint_file" not in df:
         return [checkpoint.member_file(0) if isinstance(c, str) else None for c in df["checkpoint"]]
@@ -98,14 +98,14 @@ def _file_names(df: pd.DataFrame) -> list[str | None]:
 
 
 def source_trials(source: str | Path) -> pd.DataFrame:
-    """Return `frames.load` of the source experiment (a local path or a URI), with `checkpoint` set to each
+    """Return `analysis.load` of the source experiment (a local path or a URI), with `checkpoint` set to each
     trial's latest checkpoint directory as an absolute path or a URI that a trial on any node can read, and
     `file` to the model's file in it."""
     if not is_uri(source):
         path = Path(source).resolve()
         if not path.is_dir():
             raise SpuriousError(f"source experiment {str(source)!r} does not exist")
-        df = frames.load(path)
+        df = load(path)
         if df.empty:
             raise SpuriousError(f"source experiment {str(source)!r} holds no trials")
         df["file"] = _file_names(df)
@@ -113,7 +113,7 @@ def source_trials(source: str | Path) -> pd.DataFrame:
         return df
     with tempfile.TemporaryDirectory() as tmp:
         _mirror(str(source), Path(tmp))
-        df = frames.load(tmp)
+        df = load(tmp)
         df["file"] = _file_names(df) if not df.empty else []
         base = str(source).rstrip("/")
         df["checkpoint"] = [f"{base}/{Path(c).relative_to(tmp).as_posix()}" if isinstance(c, str) else None
@@ -238,7 +238,7 @@ def launch(plan: Plan, notes: list[str], options: runner.RunOptions, args) -> in
 
 def finish(experiment_path: str, kind: str) -> int:
     """Print the study's table, its errored trials and its path; return 1 if any trial errored."""
-    df = posthoc_analysis.load(experiment_path)
+    df = load(experiment_path)
     print()
     print(posthoc_analysis.deletion_table(df) if kind == "delete" else posthoc_analysis.mia_table(df))
     errored = df[df["status"] != "TERMINATED"] if not df.empty else df

@@ -39,20 +39,14 @@ def check_experiment(path: str) -> Path:
     return directory
 
 
-def _kind(directory: Path) -> str:
-    import json
-
-    meta = directory / "study.json"
-    return json.loads(meta.read_text()).get("kind", "train") if meta.exists() else "train"
-
-
 def cmd_report(args) -> int:
     from analysis import report
+    from analysis.frames import study_kind
     from study import wandb_setup
 
     dirs = [check_experiment(p) for p in args.experiments]
     mode = wandb_setup.resolve_mode(args.wandb)
-    tuning_dirs = [d for d in dirs if _kind(d) == "tune-mitigation"]
+    tuning_dirs = [d for d in dirs if study_kind(d) == "tune-mitigation"]
     if tuning_dirs:
         from analysis import tuning
 

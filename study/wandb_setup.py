@@ -110,26 +110,14 @@ def flat_config(config: Mapping[str, Any], trainable: str | None = None) -> dict
     """Return the trial config as W&B should see it: nested variant dicts flattened, training defaults
     filled in (so every run has pattern, n_spurious, l2, noise_sigma, …), plus the trainable's name."""
     from spurious import config as config_lib
-    from trainables.common import flatten_config
 
-    try:
-        flat = flatten_config(config)
-    except SpuriousError:
-        flat = _dotted(config)  # a key set twice by different variant dicts: keep both, by path
+    flat = config_lib.flatten(config, on_clash="path")  # a key set twice by variant dicts: kept by path
     try:
         flat = config_lib.from_dict(flat).to_dict()
     except SpuriousError:
         pass  # another trainable's config: log it as given
     out = {k: _plain(v) for k, v in flat.items()}
     return {**out, "trainable": trainable} if trainable else out
-
-
-def _dotted(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        out.update(_dotted(value, f"{name}.") if isinstance(value, Mapping) else {name: value})
-    return out
 
 
 def run_tags(config: Mapping[str, Any]) -> list[str]:

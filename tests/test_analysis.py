@@ -20,7 +20,8 @@ import pandas as pd
 import pytest
 import torch
 
-from analysis import figures, frames, report
+from analysis import figures, frames, load, report, tuning
+from analysis.frames import load_epochs
 from spurious.errors import SpuriousError
 
 GOLDEN = Path(__file__).parent / "golden" / "demo-smoke"
@@ -87,16 +88,16 @@ def test_load_has_one_row_per_trial_with_full_config_and_final_metrics(experimen
     assert row.trial_id.startswith("abcde_")
 
 
-def test_partly_finished_trials_are_incomplete_and_truncated_lines_ignored(tmp_path):
+def test_partly_finished_trials_are_running_or_pending_and_truncated_lines_ignored(tmp_path):
     exp = tmp_path / "exp"
     write_trial(exp, 0, {"n_spurious": 0}, [0.0, 0.1], epochs_total=5, tail='{"epoch": 3, "spurious_sc')
     write_trial(exp, 1, {"n_spurious": 3}, [0.2], epochs_total=5, error="RuntimeError: diverged")
     (exp / "train_classifier_abcde_00002_2_x").mkdir()
     (exp / "train_classifier_abcde_00002_2_x" / "params.json").write_text('{"n_spurious": 10}')
     df = frames.load(exp).set_index("n_spurious")
-    assert df.loc[0, "status"] == "INCOMPLETE" and df.loc[0, "epochs_done"] == 2
+    assert df.loc[0, "status"] == "RUNNING" and df.loc[0, "epochs_done"] == 2
     assert df.loc[3, "status"] == "ERROR" and df.loc[3, "error"] == "RuntimeError: diverged"
-    assert df.loc[10, "status"] == "INCOMPLETE" and np.isnan(df.loc[10, "spurious_score"])
+    assert df.loc[10, "status"] == "PENDING" and np.isnan(df.loc[10, "spurious_score"])
     assert df.loc[10, "trial_id"] == "abcde_00002"
     assert frames.errored(df.reset_index()) == [f"{df.loc[3, 'trial_id']}: RuntimeError: diverged"]
     epochs = frames.load_epochs(exp)
@@ -127,6 +128,43 @@ def test_several_experiments_at_once_and_join_on_source_trial(experiment, tmp_pa
     assert joined.loc[0, "data_seed_source"] == 2
     with pytest.raises(SpuriousError, match="source_trial_id"):
         frames.join_source(frames.load(experiment), df)
+
+
+def test_one_loader_and_one_status_rule_for_every_kind(tmp_path):
+    tuning_root = tmp_path / "tune"
+    (tuning_root / "study.json").parent.mkdir()
+    (tuning_root / "study.json").write_text(json.dumps({"kind": "tune-mitigation"}))
+    write_trial(tuning_root / "baseline", 0, {"l2": 0.0, "noise_sigma": 0.0}, [0.3, 0.2])
+    write_trial(tuning_root / "search", 1, {"l2": 0.01, "noise_sigma": 0.1}, [0.2, 0.1])
+    write_trial(tuning_root / "search", 2, {"l2": 0.1, "noise_sigma": 0.2}, [0.2], epochs_total=2)  # stopped
+    write_trial(tuning_root / "search", 3, {"l2": 0.1, "noise_sigma": 0.5}, [], epochs_total=2, error="E: x")
+    deletion = tmp_path / "deletion"
+    write_trial(deletion, 4, {"method": "retrain"}, [])
+    one_report = json.dumps({"trial_id": "abcde_00005", "method": "retrain", "spurious_score_after": 0.0})
+    write_trial(deletion, 5, {"method": "retrain"}, []).joinpath("result.json").write_text(one_report + "\n")
+    (deletion / "study.json").write_text(json.dumps({"kind": "delete", "source": str(tmp_path / "absent")}))
+    df = load([tuning_root, deletion]).set_index("trial_id")
+    assert load is frames.load
+    assert list(df["kind"]) == ["tune-mitigation"] * 4 + ["delete"] * 2 and set(df["experiment"]) == {"tune",
+                                                                                                   "deletion"}
+    assert list(df["phase"].iloc[:4]) == ["baseline", "search", "search", "search"]
+    assert list(df["status"]) == ["TERMINATED", "TERMINATED", "RUNNING", "ERROR", "PENDING", "TERMINATED"]
+    assert df.loc["abcde_00002", "spurious_score"] == 0.2 and df.loc["abcde_00003", "error"] == "E: x"
+    assert df.loc["abcde_00005", "spurious_score_after"] == 0.0
+    assert pd.isna(df.loc["abcde_00005", "pattern"])  # post-hoc settings get no training defaults
+    assert df.loc["abcde_00005", "source_experiment"] == str(tmp_path / "absent")
+    search = tuning.search_trials(load(tuning_root))
+    assert list(search["status"]) == ["TERMINATED", "RUNNING", "ERROR"] and list(search["l2"]) == [0.01, 0.1, 0.1]
+    assert len(load_epochs(tuning_root)) == 5
+
+
+def test_a_key_set_twice_by_variant_dicts_is_kept_by_path_not_overwritten(tmp_path):
+    exp = tmp_path / "exp"
+    write_trial(exp, 0, {"a": {"lr": 0.1}, "b": {"lr": 0.2}}, [], epochs_total=2,
+                error="SpuriousError: config key 'lr' is set twice with different values (0.1, 0.2)")
+    (row,) = frames.load(exp).to_dict(orient="records")
+    assert row["a.lr"] == 0.1 and row["b.lr"] == 0.2 and row["lr"] == 0.01  # the default, not either value
+    assert row["status"] == "ERROR" and "set twice" in row["error"]
 
 
 def test_missing_directory_and_bad_params_are_one_line_errors(tmp_path):

@@ -40,3 +40,12 @@ def test_bad_values_fail_with_one_line(key, value, msg):
     with pytest.raises(SpuriousError, match=msg) as err:
         config.from_dict({key: value})
     assert "\n" not in str(err.value)
+
+
+def test_flatten_merges_variant_dicts_and_never_overwrites_silently():
+    nested = {"optim": {"optimizer": "adam", "lr": 1e-3}, "pattern": "s3", "again": {"pattern": "s3"}}
+    assert config.flatten(nested) == {"optimizer": "adam", "lr": 1e-3, "pattern": "s3"}
+    clash = {"a": {"lr": 0.1}, "b": {"lr": 0.2}, "k": 1}
+    with pytest.raises(SpuriousError, match="'lr' is set twice"):
+        config.flatten(clash)
+    assert config.flatten(clash, on_clash="path") == {"a.lr": 0.1, "b.lr": 0.2, "k": 1}

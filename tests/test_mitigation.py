@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import tuning
+from analysis import load, tuning
 from spurious import train
 from spurious.config import TrainConfig
 from spurious.errors import SpuriousError
@@ -156,7 +156,7 @@ def test_smoke_tuning_run_then_kill_and_resume_keeps_trials_and_sampler_history(
     assert all(complete[n] == p for n, p in history.items()), "the sampler's history must be kept"
 
     summary = json.loads((root / "tuning.json").read_text())
-    df = tuning.load_search(root)
+    df = tuning.search_trials(load(root))
     finished = df[df.status == "TERMINATED"]
     assert len(finished) == 4 and summary["finished"] == 4
     front = {(r["l2"], r["noise_sigma"]) for r in summary["pareto"]}

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from analysis import posthoc as analysis
+from analysis import load, posthoc as analysis
 from spurious import checkpoint as ckpt, train
 from spurious.config import TrainConfig
 from spurious.errors import SpuriousError
@@ -329,7 +329,7 @@ def deletion_experiment(tmp_path: Path, fake_source: Path) -> Path:
 
 
 def test_deletion_frames_fill_errored_trials_from_the_source_and_summarise(tmp_path, fake_source):
-    df = analysis.load(deletion_experiment(tmp_path, fake_source))
+    df = load(deletion_experiment(tmp_path, fake_source))
     assert sorted(df["status"]) == ["ERROR", "TERMINATED", "TERMINATED"]
     errored = df[df["status"] == "ERROR"].iloc[0]
     assert errored["pattern"] == "r3" and errored["n_spurious"] == 10 and "cannot be read" in errored["error"]
@@ -374,7 +374,7 @@ def test_mia_frames_summaries_and_figures_from_saved_scores(tmp_path):
         write_trial(exp, f"mia_attack_mmmmm_0000{k}_{k}", {"attack": "loss", "target_trial_id": f"t{k}"}, result,
                     saved)
     (exp / "study.json").write_text(json.dumps({"kind": "mia", "source": str(tmp_path / "absent")}))
-    df = analysis.load(exp)
+    df = load(exp)
     summary = analysis.mia_summary(df)
     assert set(summary["n_spurious"]) == {1, 10} and set(summary["attack"]) == {"loss"}
     assert "spurious_attack_acc" in analysis.mia_table(df)
@@ -407,14 +407,14 @@ def test_deletion_studies_from_a_smoke_training_study(tmp_path):
     retrain = study("delete", "--from", str(tmp_path / "src"), "--method", "retrain", *run)
     assert_ok(retrain)
     assert "skipping 2 source trial(s) with nothing planted" in retrain.stdout
-    oracle = analysis.load(tmp_path / "src-delete-retrain")
+    oracle = load(tmp_path / "src-delete-retrain")
     assert len(oracle) == 2 and (oracle["status"] == "TERMINATED").all()
     assert (oracle["distance_to_oracle_after"] == 0).all() and (oracle["spurious_score_before"] > 0).all()
 
     incremental = study("delete", "--from", str(tmp_path / "src"), "--method", "incremental_retraining", "--set",
                         "retrain_epochs=1", "--set", "lr_policy=reset", *run)
     assert_ok(incremental)
-    inc = analysis.load(tmp_path / "src-delete-incremental_retraining").sort_values("source_trial_id")
+    inc = load(tmp_path / "src-delete-incremental_retraining").sort_values("source_trial_id")
     assert (inc["oracle_from"] == "loaded").all() and (inc["source_epoch"] == 2).all()
     assert list(inc["spurious_score_oracle"]) == pytest.approx(
         list(oracle.sort_values("source_trial_id")["spurious_score_after"]))
@@ -426,7 +426,7 @@ def test_deletion_studies_from_a_smoke_training_study(tmp_path):
                       "depth=50", "--set", "repeats=1", "--set", "per_example=false", "--max-failures", "0", *run)
     assert_ok(influence, 1)
     assert "errored:" in influence.stdout and "cannot be read" in influence.stdout
-    gi = analysis.load(tmp_path / "bad-delete-group_influence")
+    gi = load(tmp_path / "bad-delete-group_influence")
     assert sorted(gi["status"]) == ["ERROR", "TERMINATED"]
     done = gi[gi["status"] == "TERMINATED"].iloc[0]
     assert done["oracle_from"] == "trained" and done["lissa_depth"] == 50 and done["pattern"] == "s3"
@@ -448,7 +448,7 @@ def test_membership_inference_from_a_smoke_mia_train_study(tmp_path):
     proc = study("mia", "--from", str(tmp_path / "mia"), "--attack", "loss", "--attack", "lira", *run)
     assert_ok(proc)
     assert "shadows per target: 2" in proc.stdout
-    df = analysis.load(tmp_path / "mia-mia-loss-lira")
+    df = load(tmp_path / "mia-mia-loss-lira")
     assert sorted(df["attack"]) == ["lira", "loss"] and (df["status"] == "TERMINATED").all()
     assert list(df.sort_values("attack")["shadows_used"]) == [2, 0]
     assert (df["n_members"] == 17500).all() and (df["n_spurious_members"] == 10).all()
