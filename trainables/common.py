@@ -12,7 +12,6 @@ from ray import tune
 
 from spurious import checkpoint
 from spurious.config import flatten as flatten_config  # re-exported: the trainables' name for it
-from spurious.errors import SpuriousError
 
 FAULT_FILE_ENV = "SPURIOUS_FAULT_FILE"
 
