@@ -155,13 +155,14 @@ def load(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
 
 def _epoch_rows(trial_dir: Path) -> list[dict]:
     return [{"experiment": trial_dir.parent.name, "trial_id": unit["trial_id"], **unit["config"],
-             "epoch": r["epoch"], "lr": r.get("lr", math.nan), **{m: r.get(m, math.nan) for m in (*METRICS, *EXTRAS)}}
+             "epoch": r["epoch"], "epoch_lr": r.get("epoch_lr", r.get("lr", math.nan)), **{m: r.get(m, math.nan) for m in (*METRICS, *EXTRAS)}}
             for unit in _units(trial_dir) for r in unit["epochs"]]
 
 
 def load_epochs(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
-    """Return one row per (trial, epoch): the trial's config columns and that epoch's metrics (`lr` is the
-    epoch's scheduled learning rate)."""
+    """Return one row per (trial, epoch): the trial's config columns (`lr` is the configured base rate) and that
+    epoch's metrics (`epoch_lr` is the epoch's scheduled learning rate; records written before it was named so
+    carried it as `lr`)."""
     rows = [row for p in _as_list(paths) for d in _trial_dirs(p) for row in _epoch_rows(d)]
     if not rows:
         return pd.DataFrame(columns=["experiment", "trial_id", *CONFIG_COLUMNS, "epoch", *METRICS])

@@ -16,18 +16,6 @@ from spurious.errors import SpuriousError
 FAULT_FILE_ENV = "SPURIOUS_FAULT_FILE"
 
 
-def flatten_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge nested dicts (e.g. a grid over optimiser variants) into one flat config dict."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        items = flatten_config(value).items() if isinstance(value, Mapping) else [(key, value)]
-        for k, v in items:
-            if k in flat and flat[k] != v:
-                raise SpuriousError(f"config key {k!r} is set twice with different values ({flat[k]!r}, {v!r})")
-            flat[k] = v
-    return flat
-
-
 def dataset_for(datasets: Mapping[str, Any], name: str) -> Any:
     """Return the dataset the driver shipped for `name` (a dataset name or alias)."""
     from spurious.datasets import DATASETS
