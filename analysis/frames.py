@@ -274,13 +274,15 @@ def _experiment_name(path: Path) -> str:
 
 def _epoch_rows(trial_dir: Path, kind: str, experiment: str) -> list[dict]:
     return [{"experiment": experiment, "trial_id": unit["trial_id"], **unit["config"],
-             "epoch": r["epoch"], "lr": r.get("lr", math.nan), **{m: r.get(m, math.nan) for m in (*METRICS, *EXTRAS)}}
+             "epoch": r["epoch"], "epoch_lr": r.get("epoch_lr", r.get("lr", math.nan)),
+             **{m: r.get(m, math.nan) for m in (*METRICS, *EXTRAS)}}
             for unit in _units(trial_dir, kind) for r in unit["reports"] if "epoch" in r]
 
 
 def load_epochs(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
-    """Return one row per (model, epoch) of training trials: experiment, trial_id, the config columns and that
-    epoch's METRICS and EXTRAS (`lr` is the epoch's scheduled learning rate); post-hoc trials have none."""
+    """Return one row per (model, epoch) of training trials: experiment, trial_id, the config columns (`lr` is the
+    configured base rate) and that epoch's METRICS and EXTRAS (`epoch_lr` is the epoch's scheduled learning rate;
+    records written before it was named so carried it as `lr`); post-hoc trials have none."""
     rows = []
     for path in _as_list(paths):
         kind = study_kind(path)

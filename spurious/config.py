@@ -116,6 +116,35 @@ def _dotted(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def canonical(cfg: TrainConfig) -> TrainConfig:
+    """Return `cfg` with its names in canonical form: the registered dataset, pattern and model names (aliases
+    such as `v8` for `s3`, or `fashion_mnist`, resolved), and a reference model string such as
+    `aug01-ce-tor-altResNet20Norm02` split into its architecture and its augmentation (protocol §5.2).
+
+    Two configs that train the same model are then equal, and every record shows what was trained. Raises
+    SpuriousError for an unknown name, or a model string whose augmentation contradicts `augmentation`.
+    """
+    # imported here: the registries import torch, and this module stays light for the CLI's quick commands
+    from spurious import datasets, models, patterns
+
+    spec = models.parse_model_name(cfg.model)
+    augmentation = cfg.augmentation
+    if spec.augmentation is not None:
+        _require(spec.augmentation in AUGMENTATIONS, f"augmentation {spec.augmentation!r} in model name "
+                                                     f"{cfg.model!r} is not one of {', '.join(AUGMENTATIONS)}")
+        _require(augmentation in ("none", spec.augmentation),
+                 f"model {cfg.model!r} names augmentation {spec.augmentation!r} but augmentation is {augmentation!r}")
+        augmentation = spec.augmentation
+    return dataclasses.replace(cfg, dataset=datasets.DATASETS.canonical(cfg.dataset), model=spec.arch,
+                               pattern=patterns.canonical(cfg.pattern), augmentation=augmentation)
+
+
+def from_tune(nested: Mapping[str, Any]) -> TrainConfig:
+    """Return the canonical, validated config of a Tune trial's (possibly nested) config: flattened, checked
+    (unknown keys and wrong types raise) and canonical (see `canonical`)."""
+    return canonical(from_dict(flatten(nested)))
+
+
 def _check_types(cfg: TrainConfig) -> None:
     for key, type_name in FIELD_TYPES.items():
         value, want = getattr(cfg, key), _PY_TYPES[type_name]

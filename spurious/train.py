@@ -256,8 +256,9 @@ def step(engine) -> list[Optional[dict]]:
     `engine` is an Engine (K = 1) or a BundleEngine (K members): it has `cfgs`, `epoch`, `lrs`, `failed`,
     `histories`, `drop_diverged`, `train_members()` and `evaluate_members()`. A member whose training loss
     is not finite raises TrainingError, or, where `drop_diverged`, is recorded in `failed` and gets None rows
-    from then on; TrainingError is raised when no member is left. Rows hold "epoch", "lr", TRAIN_KEYS,
-    TEST_KEYS (`spurious.metrics`) and "epoch_time_s" (seconds, training and evaluation of all members).
+    from then on; TrainingError is raised when no member is left. Rows hold "epoch", "epoch_lr" (the
+    schedule's rate that epoch), TRAIN_KEYS, TEST_KEYS (`spurious.metrics`) and "epoch_time_s" (seconds,
+    training and evaluation of all members).
     """
     start, lrs = time.perf_counter(), engine.lrs
     losses, accs = engine.train_members()
@@ -273,7 +274,7 @@ def step(engine) -> list[Optional[dict]]:
     tests, seconds = engine.evaluate_members(), time.perf_counter() - start
     rows: list[Optional[dict]] = []
     for k, history in enumerate(engine.histories):
-        row = None if k in engine.failed else {"epoch": engine.epoch, "lr": lrs[k], "train_loss": losses[k],
+        row = None if k in engine.failed else {"epoch": engine.epoch, "epoch_lr": lrs[k], "train_loss": losses[k],
                                                "train_acc": accs[k], **tests[k], "epoch_time_s": seconds}
         if row is not None:
             history.append(row)

@@ -16,7 +16,6 @@ from spurious.errors import SpuriousError
 from study import cluster, space as space_lib, wandb_setup
 from study.catalog import StudySpec
 from study.options import RunOptions, expand_path
-from trainables.common import flatten_config
 from trainables.train_bundle import train_bundle
 from trainables.train_classifier import train_classifier
 
@@ -28,7 +27,7 @@ def validate(space: Mapping[str, Any], data: Mapping[str, datasets.Dataset]) -> 
     space_lib.check_domains(space)
     configs = []
     for point in space_lib.points(space):
-        cfg = config_lib.from_dict(flatten_config(point))
+        cfg = config_lib.from_tune(point)
         train.validate_names(cfg)
         dataset = data[datasets.DATASETS.canonical(cfg.dataset)]
         datasets.choose_spurious(dataset.y_train, cfg.target, cfg.n_spurious, cfg.data_seed)
@@ -38,7 +37,7 @@ def validate(space: Mapping[str, Any], data: Mapping[str, datasets.Dataset]) -> 
 
 def dataset_names(space: Mapping[str, Any]) -> list[str]:
     """Return the canonical dataset names used anywhere in `space`."""
-    names = {flatten_config(p).get("dataset", config_lib.TrainConfig.dataset) for p in space_lib.points(space)}
+    names = {config_lib.flatten(p).get("dataset", config_lib.TrainConfig.dataset) for p in space_lib.points(space)}
     return sorted({datasets.DATASETS.canonical(n) for n in names})
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 from urllib.parse import urlsplit
 
+from spurious import config as config_lib
 from spurious.errors import SpuriousError
 
 MODES = ("auto", "off", "offline", "online")
@@ -109,8 +110,6 @@ def _plain(value: Any) -> Any:
 def flat_config(config: Mapping[str, Any], trainable: str | None = None) -> dict[str, Any]:
     """Return the trial config as W&B should see it: nested variant dicts flattened, training defaults
     filled in (so every run has pattern, n_spurious, l2, noise_sigma, …), plus the trainable's name."""
-    from spurious import config as config_lib
-
     flat = config_lib.flatten(config, on_clash="path")  # a key set twice by variant dicts: kept by path
     try:
         flat = config_lib.from_dict(flat).to_dict()
@@ -283,7 +282,9 @@ def callbacks(mode: str, project: str | None, entity: str | None, experiment_dir
     init = {"mode": mode, "dir": str(directory), "settings": dict(SETTINGS), "job_type": "train"}
     if entity:
         init["entity"] = entity
-    return [callback_class()(project=project or DEFAULT_PROJECT, group=group, **init)]
+    # the run's config holds the trial's config; its history leaves out the copy every result row carries
+    return [callback_class()(project=project or DEFAULT_PROJECT, group=group, excludes=config_lib.field_names(),
+                             **init)]
 
 
 def offline_runs(directory: str | Path) -> list[Path]:

@@ -114,7 +114,7 @@ def test_resumed_trial_keeps_the_last_report_of_each_epoch(tmp_path):
     epochs = frames.load_epochs(exp)
     assert list(epochs["epoch"]) == [1, 2, 3, 4]
     assert list(epochs["spurious_score"]) == [0.1, 0.25, 0.35, 0.4]
-    assert list(epochs["lr"]) == pytest.approx([0.01, 0.005, 0.01 / 3, 0.0025])
+    assert list(epochs["epoch_lr"]) == pytest.approx([0.01, 0.005, 0.01 / 3, 0.0025])
 
 
 def test_several_experiments_at_once_and_join_on_source_trial(experiment, tmp_path):

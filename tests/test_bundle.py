@@ -47,7 +47,7 @@ def assert_close(bundled, separated, atol=ATOL, param_atol=PARAM_ATOL):
     for b, s in zip(bundled, separated):
         assert len(b.history) == len(s.history)
         for rb, rs in zip(b.history, s.history):
-            assert set(rb) == METRIC_KEYS and rb["epoch"] == rs["epoch"] and rb["lr"] == rs["lr"]
+            assert set(rb) == METRIC_KEYS and rb["epoch"] == rs["epoch"] and rb["epoch_lr"] == rs["epoch_lr"]
             for key in METRIC_KEYS - {"epoch_time_s"}:
                 assert rb[key] == pytest.approx(rs[key], abs=atol), key
         for name, value in s.model.state_dict().items():

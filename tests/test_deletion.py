@@ -26,19 +26,19 @@ def trained(tiny_data):
 
 def test_inherit_keeps_the_decayed_rate_for_exactly_the_asked_epochs(trained):
     c, data, result = trained
-    assert result.history[-1]["lr"] == pytest.approx(0.005)
+    assert result.history[-1]["epoch_lr"] == pytest.approx(0.005)
     rows = []
     retrained = deletion.incremental_retrain(result.state, data, epochs=3, lr_policy="inherit",
                                              on_epoch=lambda m, snap: rows.append(m))
     assert [r["epoch"] for r in rows] == [17, 18, 19]
-    assert [r["lr"] for r in rows] == pytest.approx([0.005] * 3)
+    assert [r["epoch_lr"] for r in rows] == pytest.approx([0.005] * 3)
     assert retrained.state["epoch"] == 19 and len(retrained.state["spurious_idx"]) == 0
 
 
 def test_reset_restarts_the_base_rate_with_the_milestone_schedule(trained):
     _, data, result = trained
     retrained = deletion.incremental_retrain(result.state, data, epochs=16, lr_policy="reset")
-    lrs = [r["lr"] for r in retrained.history]
+    lrs = [r["epoch_lr"] for r in retrained.history]
     assert lrs[:15] == pytest.approx([0.05] * 15) and lrs[15] == pytest.approx(0.005)
     assert retrained.history[0]["epoch"] == 17
 

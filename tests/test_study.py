@@ -17,7 +17,7 @@ def test_every_catalog_study_resolves_and_documents_itself(name):
     smoke = spec.trial_count(smoke=True)
     assert 1 <= smoke <= 6, "smoke variants must stay tiny"
     for point in space_lib.points(spec.resolved(smoke=True)):
-        runner.config_lib.from_dict(runner.flatten_config(point))
+        runner.config_lib.from_tune(point)
 
 
 def test_trial_counts_match_the_paper_grids():

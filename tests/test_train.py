@@ -9,7 +9,7 @@ from spurious.errors import SpuriousError
 from spurious.planted import plant
 from tests.conftest import requires_fashion
 
-METRIC_KEYS = {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "spurious_score",
+METRIC_KEYS = {"epoch", "epoch_lr", "train_loss", "train_acc", "test_loss", "test_acc", "spurious_score",
                "spurious_score_nontarget", "patterned_acc", "patterned_target_rate", "epoch_time_s"}
 
 
@@ -115,7 +115,7 @@ def test_lr_at_is_multisteplr_exactly(epochs):
 
 def test_lr_schedule_decays_at_milestones(tiny_data):
     _, rows = fit(tiny_data, cfg(epochs=17, lr=0.01))
-    lrs = [r["lr"] for r in rows]
+    lrs = [r["epoch_lr"] for r in rows]
     assert lrs[14] == pytest.approx(0.01) and lrs[15] == pytest.approx(0.001)
 
 
@@ -191,5 +191,5 @@ def test_a_checkpoint_with_the_old_scheduler_state_resumes_the_same(tiny_data):
            "optimizer": {**state["optimizer"], "param_groups": [{**g, "initial_lr": 0.01}
                                                                 for g in state["optimizer"]["param_groups"]]}}
     resumed = train.train(c, data, resume=old)
-    assert [r["lr"] for r in resumed.history[15:]] == [pytest.approx(0.001, rel=1e-12)] * 2
+    assert [r["epoch_lr"] for r in resumed.history[15:]] == [pytest.approx(0.001, rel=1e-12)] * 2
     assert strip_time(resumed.history) == strip_time(train.train(c, data).history)

@@ -12,7 +12,7 @@ import numpy as np
 
 from spurious import bundle, config as config_lib, train
 from spurious.datasets import Dataset
-from trainables.common import (checkpoint_due, dataset_for, flatten_config, maybe_inject_fault, report_states,
+from trainables.common import (checkpoint_due, dataset_for, maybe_inject_fault, report_states,
                                restored_states, use_trial_threads)
 
 
@@ -28,7 +28,7 @@ def summary(rows: list[dict | None], failed: dict[int, str]) -> dict:
 
 def train_bundle(config: Mapping, datasets: Mapping[str, Dataset], checkpoint_every: int = 5) -> None:
     """Train the member configs listed in `config["bundle"]` together; report and checkpoint per member."""
-    cfgs = [config_lib.from_dict(flatten_config(member)) for member in config["bundle"]]
+    cfgs = [config_lib.from_tune(member) for member in config["bundle"]]
     use_trial_threads()
     engine = bundle.BundleEngine(cfgs, bundle.plant_members(cfgs, dataset_for(datasets, cfgs[0].dataset)))
     states = restored_states(len(cfgs))
@@ -39,8 +39,8 @@ def train_bundle(config: Mapping, datasets: Mapping[str, Dataset], checkpoint_ev
         maybe_inject_fault(engine.epoch)
         due = checkpoint_due(engine.epoch, cfgs[0].epochs, checkpoint_every)
         for k, row in enumerate(rows):
-            if row is not None:
-                row["n_planted"] = len(engine.members[k].planted_idx)
+            if row is not None:  # each member's row carries its full canonical config
+                row.update(n_planted=len(engine.members[k].planted_idx), **cfgs[k].to_dict())
         report_states(summary(rows, engine.failed), snapshot() if due else None)
 
     train.fit(engine, on_epoch)

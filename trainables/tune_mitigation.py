@@ -15,7 +15,7 @@ import numpy as np
 from spurious import bundle, config as config_lib, train
 from spurious.datasets import Dataset
 from spurious.metrics import TEST_KEYS, TRAIN_KEYS
-from trainables.common import (checkpoint_due, dataset_for, flatten_config, maybe_inject_fault, report_states,
+from trainables.common import (checkpoint_due, dataset_for, maybe_inject_fault, report_states,
                                restored_states, use_trial_threads)
 
 AVERAGED = TRAIN_KEYS + TEST_KEYS
@@ -23,7 +23,7 @@ AVERAGED = TRAIN_KEYS + TEST_KEYS
 
 def seed_average(rows: list[dict]) -> dict:
     """Return the mean of each metric over seeds, with `<metric>_se` standard errors and per-seed scores."""
-    out: dict = {"epoch": rows[0]["epoch"], "lr": rows[0]["lr"], "n_seeds": len(rows)}
+    out: dict = {"epoch": rows[0]["epoch"], "epoch_lr": rows[0]["epoch_lr"], "n_seeds": len(rows)}
     for key in AVERAGED:
         values = np.array([r[key] for r in rows], dtype=float)
         out[key] = float(values.mean())
@@ -44,7 +44,7 @@ def constrained_objective(metrics: dict, min_acc: float | None) -> dict:
 def tune_mitigation(config: Mapping, datasets: Mapping[str, Dataset], seeds: int = 3, checkpoint_every: int = 5,
                     min_acc: float | None = None) -> None:
     """Train `seeds` models (data seeds data_seed … data_seed+seeds−1) of one setting; report seed means."""
-    base = config_lib.from_dict(flatten_config(config))
+    base = config_lib.from_tune(config)
     use_trial_threads()
     cfgs = [base.replace(data_seed=base.data_seed + k) for k in range(seeds)]
     engine = bundle.lockstep(cfgs, dataset_for(datasets, base.dataset))
@@ -56,6 +56,7 @@ def tune_mitigation(config: Mapping, datasets: Mapping[str, Dataset], seeds: int
     def on_epoch(rows: list[dict], snapshot) -> None:
         metrics = seed_average(rows)
         metrics.update(constrained_objective(metrics, min_acc))
+        metrics.update(base.to_dict(), seeds=seeds)  # the setting's canonical config (data_seed: the first seed)
         maybe_inject_fault(metrics["epoch"])
         report_states(metrics, snapshot() if checkpoint_due(metrics["epoch"], base.epochs, checkpoint_every) else None)
 
