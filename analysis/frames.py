@@ -24,8 +24,11 @@ import pandas as pd
 
 from analysis import stats
 from spurious import checkpoint
+from spurious.config import field_names
 from spurious.errors import SpuriousError
 
+# Every training-config key: a trainable records them all, canonical, in each report (spurious.config).
+TRAIN_FIELDS = tuple(field_names())
 CONFIG_COLUMNS = ("dataset", "model", "pattern", "n_spurious", "target", "data_seed", "seed", "split", "optimizer",
                   "lr", "momentum", "l2", "grad_clip", "noise_sigma", "augmentation", "epochs", "batch_size",
                   "tau")
@@ -162,7 +165,8 @@ def _units(trial_dir: Path, kind: str) -> list[dict]:
     trial_id = next((r["trial_id"] for r in reversed(results) if r.get("trial_id")), None) or _dir_trial_id(trial_dir)
     latest = _latest_checkpoint(trial_dir)
     if "bundle" not in params:
-        return [{"trial_id": trial_id, "config": _config(params, kind), "reports": _reports(results),
+        reports = _reports(results)
+        return [{"trial_id": trial_id, "config": _recorded(_config(params, kind), reports), "reports": reports,
                  "error": _error_line(trial_dir), "checkpoint": latest,
                  "checkpoint_file": _model_file(latest, 0)}]
     units = []
@@ -170,10 +174,21 @@ def _units(trial_dir: Path, kind: str) -> list[dict]:
         reports = [r["members"][str(k)] for r in results if str(k) in r.get("members", {})]
         member_error = next((m["error"] for m in reversed(reports) if "error" in m), None)
         rows = [{**r, **r["members"][str(k)]} for r in results if "epoch" in r.get("members", {}).get(str(k), {})]
-        units.append({"trial_id": f"{trial_id}-m{k}", "config": _config(member, kind), "reports": _reports(rows),
+        units.append({"trial_id": f"{trial_id}-m{k}", "config": _recorded(_config(member, kind), _reports(rows)),
+                      "reports": _reports(rows),
                       "error": member_error or _error_line(trial_dir), "checkpoint": latest,
                       "checkpoint_file": _model_file(latest, k)})
     return units
+
+
+def _recorded(config: dict, reports: list[dict]) -> dict:
+    """Return a model's config as its last report records it — canonical names (`v8` reported as
+    `corner_square_5`, a reference model string as architecture + augmentation; `config.canonical`) — where
+    the trainable recorded one; trials whose reports carry no config keep params.json's, as typed."""
+    last = reports[-1] if reports else {}
+    if all(key in last for key in TRAIN_FIELDS):
+        return {**config, **{key: last[key] for key in TRAIN_FIELDS}}
+    return config
 
 
 def _model_file(directory: str | None, k: int) -> str | None:

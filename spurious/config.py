@@ -125,7 +125,7 @@ def canonical(cfg: TrainConfig) -> TrainConfig:
     SpuriousError for an unknown name, or a model string whose augmentation contradicts `augmentation`.
     """
     # imported here: the registries import torch, and this module stays light for the CLI's quick commands
-    from spurious import datasets, models, patterns
+    from spurious import models
 
     spec = models.parse_model_name(cfg.model)
     augmentation = cfg.augmentation
@@ -135,8 +135,26 @@ def canonical(cfg: TrainConfig) -> TrainConfig:
         _require(augmentation in ("none", spec.augmentation),
                  f"model {cfg.model!r} names augmentation {spec.augmentation!r} but augmentation is {augmentation!r}")
         augmentation = spec.augmentation
-    return dataclasses.replace(cfg, dataset=datasets.DATASETS.canonical(cfg.dataset), model=spec.arch,
-                               pattern=patterns.canonical(cfg.pattern), augmentation=augmentation)
+    return dataclasses.replace(cfg, dataset=canonical_name("dataset", cfg.dataset), model=spec.arch,
+                               pattern=canonical_name("pattern", cfg.pattern), augmentation=augmentation)
+
+
+NAMED_KEYS = ("dataset", "model", "pattern")
+
+
+def canonical_name(key: str, value: Any) -> Any:
+    """Return the canonical form of a dataset, model or pattern name (`v8` -> `corner_square_5`, a reference
+    model string -> its architecture); any other key's value as it is. Raises SpuriousError for an unknown
+    name."""
+    from spurious import datasets, models, patterns  # see `canonical`
+
+    if key == "dataset":
+        return datasets.DATASETS.canonical(value)
+    if key == "model":
+        return models.parse_model_name(value).arch
+    if key == "pattern":
+        return patterns.canonical(value)
+    return value
 
 
 def from_tune(nested: Mapping[str, Any]) -> TrainConfig:

@@ -23,7 +23,7 @@ from ray import tune
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from analysis import frames, load, posthoc as posthoc_analysis
-from spurious import checkpoint
+from spurious import checkpoint, config as config_lib
 from spurious.errors import SpuriousError
 from study import cluster, runner, space as space_lib, wandb_setup
 from study.options import confirm
@@ -139,6 +139,9 @@ def parse_pairs(items: Sequence[str], flag: str = "--filter") -> dict[str, Any]:
 
 def _matches(column: pd.Series, value: Any) -> pd.Series:
     values = value if isinstance(value, list) else [value]
+    if column.name in config_lib.NAMED_KEYS:  # `--filter pattern=v8` selects s3 trials, as typed or canonical
+        column = column.map(lambda v: _canonical_or_same(column.name, v))
+        values = [_canonical_or_same(column.name, v) for v in values]
     numeric = pd.to_numeric(column, errors="coerce")
     hit = pd.Series(False, index=column.index)
     for v in values:
@@ -147,6 +150,13 @@ def _matches(column: pd.Series, value: Any) -> pd.Series:
         else:
             hit |= column.astype(str) == str(v)
     return hit
+
+
+def _canonical_or_same(key: str, value: Any) -> Any:
+    try:
+        return config_lib.canonical_name(key, value)
+    except SpuriousError:
+        return value
 
 
 def apply_filters(df: pd.DataFrame, filters: Mapping[str, Any]) -> pd.DataFrame:

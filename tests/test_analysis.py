@@ -345,3 +345,23 @@ def test_study_report_command(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert cli.main(["report", str(tmp_path / "empty")]) == 2
     assert "not an experiment directory" in capsys.readouterr().err
+
+
+def test_rows_take_the_canonical_config_their_reports_record(tmp_path):
+    """A study run with `v8` and one with `s3` trained the same pattern: reports record the canonical config,
+    so both land in one cell (before, two rows both shown as "S3"); a reference model string's augmentation
+    shows in the row."""
+    from spurious import config as config_lib
+
+    exp = tmp_path / "exp"
+    for i, (alias, seed) in enumerate((("v8", 0), ("s3", 1))):
+        d = write_trial(exp, i, {"pattern": alias, "n_spurious": 10, "data_seed": seed}, [0.1, 0.2 + seed])
+        record = config_lib.from_tune({"pattern": alias, "n_spurious": 10, "data_seed": seed, "epochs": 2,
+                                       "model": "aug01-ce-tor-LargeMLP"}).to_dict()
+        rows = [{**json.loads(line), **record} for line in (d / "result.json").read_text().splitlines()]
+        (d / "result.json").write_text("\n".join(map(json.dumps, rows)) + "\n")
+    df = frames.load(exp)
+    assert list(df["pattern"]) == ["corner_square_5"] * 2 and list(df["augmentation"]) == ["aug01"] * 2
+    assert list(df["model"]) == ["large_mlp"] * 2
+    summary = frames.summarize(df)
+    assert len(summary) == 1 and summary["count"].iloc[0] == 2

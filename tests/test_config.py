@@ -49,3 +49,23 @@ def test_flatten_merges_variant_dicts_and_never_overwrites_silently():
     with pytest.raises(SpuriousError, match="'lr' is set twice"):
         config.flatten(clash)
     assert config.flatten(clash, on_clash="path") == {"a.lr": 0.1, "b.lr": 0.2, "k": 1}
+
+
+def test_from_tune_canonicalises_aliases_and_reference_model_strings():
+    """Two configs that train the same model are equal once canonical: `v8` is S3, `fashion_mnist` is
+    `fashion`, and `aug01-ce-tor-altResNet20Norm02` is an architecture trained with aug01 (protocol §5.2)."""
+    s3 = config.from_tune({"pattern": "s3", "dataset": "fashion"})
+    v8 = config.from_tune({"optim": {"optimizer": "sgd"}, "pattern": "v8", "dataset": "fashion_mnist"})
+    assert s3 == v8 and s3.pattern == "corner_square_5" and s3.dataset == "fashion"
+    ref = config.from_tune({"dataset": "cifar10", "model": "aug01-ce-tor-altResNet20Norm02"})
+    plain = config.from_tune({"dataset": "cifar10", "model": ref.model, "augmentation": "aug01"})
+    assert ref == plain and ref.augmentation == "aug01" and "tor" not in ref.model
+    assert config.from_tune({"model": "ce-tor-LargeMLP"}).model == "large_mlp"
+    # "none" is the default, so a model string's augmentation applies; an unknown one is refused
+    assert config.from_tune({"model": "aug01-ce-tor-LargeMLP", "augmentation": "none"}).augmentation == "aug01"
+    with pytest.raises(SpuriousError, match="augmentation 'aug02' in model name"):
+        config.from_tune({"model": "aug02-ce-tor-LargeMLP"})
+    with pytest.raises(SpuriousError, match="unknown pattern 'v99'"):
+        config.from_tune({"pattern": "v99"})
+    with pytest.raises(SpuriousError, match="set twice"):
+        config.from_tune({"a": {"lr": 0.1}, "b": {"lr": 0.2}})

@@ -61,6 +61,11 @@ def test_smoke_study_completes_with_all_metrics_in_the_result_grid(tmp_path):
     assert sorted(tidy["spurious_score"]) == pytest.approx(sorted(df["spurious_score"]))
     assert all(Path(c).exists() for c in tidy["checkpoint"])
     assert json.loads((tmp_path / "smoke" / "study.json").read_text())["study"] == "demo"
+    from spurious import config as config_lib
+
+    for result in (tmp_path / "smoke").glob("*/result.json"):  # every row carries the full canonical config
+        for row in map(json.loads, result.read_text().splitlines()):
+            assert set(config_lib.field_names()) <= set(row) and row["pattern"] == "corner_square_5"
 
 
 def test_killed_driver_then_resume_finishes_without_rerunning_finished_trials(tmp_path):
