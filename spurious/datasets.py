@@ -1,10 +1,9 @@
-"""Datasets (protocol §1): finding, checking and decoding MNIST, Fashion-MNIST and CIFAR-10 files,
-choosing the spurious examples (protocol §3.1), parsing the reference's dataset names (protocol §1.3)
-and the membership split (protocol §3.3).
+"""Datasets (protocol §1): finding, checking and decoding MNIST, Fashion-MNIST and CIFAR-10 files. Choosing the
+spurious examples and the membership split live with planting (spurious/planted.py), the reference's dataset
+names with the other reference names (spurious/reference_names.py).
 
     from spurious import datasets
     data = datasets.load("fashion")          # or load("mnist", root="/data"), SPURIOUS_DATA=/data
-    idx = datasets.choose_spurious(data.y_train, target=0, n=3, seed=0)
 
 Where `load` looks, in order: the `root` argument (the CLI's --data-dir), $SPURIOUS_DATA, the system
 folder (/usr/share/datasets/...), the cache ($SPURIOUS_CACHE or ~/.cache/rare-spurious-study, then
@@ -18,7 +17,6 @@ import gzip
 import hashlib
 import os
 import pickle
-import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -376,125 +374,3 @@ def load(name: str, root: str | os.PathLike | None = None, verify: bool = True, 
 
 
 # ---------------------------------------------------------------- spurious examples (protocol §3.1)
-
-def _as_numpy_labels(y: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Return labels as a 1-D numpy array."""
-    arr = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
-    if arr.ndim != 1:
-        raise SpuriousError(f"labels must be 1-D, got shape {arr.shape}")
-    return arr
-
-
-def _check_int(label: str, value: int, low: int, high: int) -> int:
-    """Return `value` as an int if it is an integer in [low, high], else raise a SpuriousError."""
-    try:
-        number = int(value.__index__())
-    except (AttributeError, TypeError):
-        raise SpuriousError(f"{label} must be an integer in {low}..{high}, got {value!r}") from None
-    if not low <= number <= high:
-        raise SpuriousError(f"{label} must be in {low}..{high}, got {number}")
-    return number
-
-
-def _class_indices(y: np.ndarray, target: int, n: int) -> np.ndarray:
-    """Return the indices of class `target`, after checking `target` and `n` against the labels."""
-    num_classes = int(y.max()) + 1 if len(y) else 0
-    _check_int("target class", target, 0, num_classes - 1)
-    pool = np.where(y == target)[0]
-    _check_int(f"n (spurious examples of class {target})", n, 0, len(pool))
-    return pool
-
-
-def choose_spurious(y: np.ndarray | torch.Tensor, target: int, n: int, seed: int) -> np.ndarray:
-    """Return int64 indices of `n` training examples of class `target`, chosen as the reference does (protocol §3.1)."""
-    y = _as_numpy_labels(y)
-    seed = _check_int("data seed", seed, 0, 2**32 - 1)
-    pool = _class_indices(y, target, n)
-    if n == 0:
-        return np.empty(0, dtype=np.int64)
-    return np.random.RandomState(seed).choice(pool, size=n, replace=False).astype(np.int64)
-
-
-def choose_spurious_two_class(y: np.ndarray | torch.Tensor, c1: int, c2: int, n: int,
-                              seed: int) -> np.ndarray:
-    """Return 2n indices: n of class c1 then n of class c2, drawn in turn from one RandomState (protocol §3.2)."""
-    y = _as_numpy_labels(y)
-    seed = _check_int("data seed", seed, 0, 2**32 - 1)
-    pools = [_class_indices(y, c1, n), _class_indices(y, c2, n)]
-    if c1 == c2:
-        raise SpuriousError(f"the two classes must differ, got {c1} twice")
-    if n == 0:
-        return np.empty(0, dtype=np.int64)
-    rng = np.random.RandomState(seed)
-    return np.concatenate([rng.choice(pool, size=n, replace=False) for pool in pools]).astype(np.int64)
-
-
-# ---------------------------------------------------------------- reference dataset names (protocol §1.3)
-
-@dataclass(frozen=True)
-class LegacyName:
-    """A reference dataset name, taken apart: e.g. `fashionv8-3-0-0` is S3 on 3 T-shirts, seed 0."""
-
-    dataset: str
-    pattern: str | None
-    n_spurious: int
-    targets: tuple[int, ...]
-    data_seed: int
-    membership: bool
-
-
-_DS = r"(?P<ds>mnist|fashion|cifar10)"
-_V = r"(?P<v>v[0-9a-z]+)"
-_NCS = r"-(?P<n>[0-9]+)-(?P<c>[0-9])-(?P<s>[0-9]+)"
-_LEGACY_FORMS = {
-    "clean": re.compile(rf"(?P<mem>mem)?{_DS}"),
-    "one class": re.compile(rf"{_DS}{_V}?{_NCS}"),
-    "two classes": re.compile(rf"twoclassmnist{_V}?-(?P<n>[0-9]+)-(?P<c>[0-9])-(?P<c2>[0-9])-(?P<s>[0-9]+)"),
-    "membership": re.compile(rf"(?P<mem>mem){_DS}{_V}{_NCS}"),
-}
-_ACCEPTED = ("mnist | fashion | cifar10, {ds}{v}-{n}-{c}-{s} (e.g. fashionv8-3-0-0; v optional except for "
-             "cifar10), twoclassmnist{v}-{n}-{c1}-{c2}-{s}, mem{ds}, mem{ds}{v}-{n}-{c}-{s} "
-             "(e.g. memfashionv20-3-0-1); c is one digit")
-
-
-def _legacy_from_match(m: re.Match) -> LegacyName:
-    """Return the LegacyName for a match of one of the `_LEGACY_FORMS`."""
-    groups = m.groupdict()
-    dataset = groups.get("ds") or "mnist"
-    if groups.get("n") is None:
-        return LegacyName(dataset, None, 0, (), 0, bool(groups.get("mem")))
-    version = groups.get("v")
-    if version is None and dataset == "cifar10":
-        raise SpuriousError(f"dataset name {m.string!r}: cifar10 needs a pattern version, "
-                            "e.g. cifar10v8-3-0-0")
-    targets = tuple(int(groups[k]) for k in ("c", "c2") if groups.get(k) is not None)
-    return LegacyName(dataset, version or "v1", int(groups["n"]), targets, int(groups["s"]),
-                      bool(groups.get("mem")))
-
-
-def parse_legacy_name(s: str) -> LegacyName:
-    """Return the parts of a reference dataset name such as `mnistv20-100-1-2` (protocol §1.3)."""
-    for pattern in _LEGACY_FORMS.values():
-        m = pattern.fullmatch(s) if isinstance(s, str) else None
-        if m:
-            return _legacy_from_match(m)
-    raise SpuriousError(f"cannot parse dataset name {s!r}; accepted forms: {_ACCEPTED}")
-
-
-# ---------------------------------------------------------------- membership inference split (protocol §3.3)
-
-MEMBERSHIP_PARTS = ("target_train", "target_test", "shadow_train", "shadow_test")
-
-
-def membership_split(n_total: int, seed: int) -> dict[str, np.ndarray]:
-    """Return four disjoint, covering, sorted int64 index sets over the pooled train+test set (protocol §3.3).
-
-    The reference's mem* split code is missing; this is our definition: a RandomState(seed) permutation
-    of range(n_total) cut into quarters (70,000 -> 4 x 17,500; 60,000 -> 4 x 15,000), in the order of
-    MEMBERSHIP_PARTS. Pooled index i < len(train) is training image i; the rest are test images.
-    """
-    n_total = _check_int("n_total", n_total, 0, 2**62)
-    seed = _check_int("membership seed", seed, 0, 2**32 - 1)
-    perm = np.random.RandomState(seed).permutation(n_total)
-    parts = np.array_split(perm, len(MEMBERSHIP_PARTS))
-    return {key: np.sort(part).astype(np.int64) for key, part in zip(MEMBERSHIP_PARTS, parts)}

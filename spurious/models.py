@@ -9,7 +9,6 @@ or normalising outside the model.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spurious import reference_names
 from spurious.errors import SpuriousError
 from spurious.registry import Registry
 
@@ -29,12 +29,6 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 LOSSES = ("ce",)
 
-# protocol §5.2: [augmentation "-"] loss "-tor-" arch ["-hyper"]
-_REFERENCE_NAME = re.compile(
-    r"(?:(?P<aug>[A-Za-z0-9_]+)-)?(?P<loss>[A-Za-z0-9_]+)-tor-(?P<arch>[A-Za-z0-9_]+)(?:-hyper)?"
-)
-
-
 @dataclass(frozen=True)
 class ModelSpec:
     """A parsed model name: canonical architecture, training augmentation and loss token."""
@@ -46,17 +40,17 @@ class ModelSpec:
 
 def parse_model_name(name: str) -> ModelSpec:
     """Return the spec of a model name, alias or reference string like `aug01-ce-tor-altResNet20Norm02`."""
-    match = _REFERENCE_NAME.fullmatch(name)
-    if match is None:
+    parts = reference_names.parse_model_string(name)
+    if parts is None:
         return ModelSpec(arch=MODELS.canonical(name))
-    if match["loss"] not in LOSSES:
+    if parts.loss not in LOSSES:
         allowed = ", ".join(LOSSES)
-        raise SpuriousError(f"unsupported loss {match['loss']!r} in model name {name!r}; allowed: {allowed}")
+        raise SpuriousError(f"unsupported loss {parts.loss!r} in model name {name!r}; allowed: {allowed}")
     try:
-        arch = MODELS.canonical(match["arch"])
+        arch = MODELS.canonical(parts.arch)
     except SpuriousError as err:
         raise SpuriousError(f"in model name {name!r}: {err}") from None
-    return ModelSpec(arch=arch, augmentation=match["aug"], loss=match["loss"])
+    return ModelSpec(arch=arch, augmentation=parts.augmentation, loss=parts.loss)
 
 
 def build(name: str, input_shape: Shape, num_classes: int = 10) -> nn.Module:

@@ -52,7 +52,7 @@ def split_arrays(data: datasets.Dataset, split: str, seed: int):
         return data.x_train, data.y_train, data.x_test, data.y_test
     x_all = torch.cat([data.x_train, data.x_test])
     y_all = torch.cat([data.y_train, data.y_test])
-    parts = datasets.membership_split(len(y_all), seed)
+    parts = membership_split(len(y_all), seed)
     role = {"mia_target": "target", "mia_shadow": "shadow"}.get(split)
     if role is None:
         raise SpuriousError(f"split {split!r} is not one of full, mia_target, mia_shadow")
@@ -120,7 +120,7 @@ def plant_rows(data: datasets.Dataset, pattern: str, n_spurious: int, target: in
     patterns.get(pattern)
     x_train, y_train, x_test, y_test = arrays if arrays is not None else split_arrays(data, split, data_seed)
     n = 0 if split == "mia_shadow" else n_spurious
-    idx = datasets.choose_spurious(y_train, target, n, data_seed)
+    idx = choose_spurious(y_train, target, n, data_seed)
     rows = x_train[torch.from_numpy(idx)]
     planted_x = patterns.apply(pattern, rows, data_seed) if len(idx) else rows
     return PlantedRows(x_train, y_train, np.empty(0, np.int64), idx, planted_x, x_test, y_test,
@@ -132,3 +132,76 @@ def plant(data: datasets.Dataset, pattern: str, n_spurious: int, target: int, da
     """Return `data` with `pattern` planted into `n_spurious` training images of class `target` (protocol §2.3, §3.1):
     `plant_rows(...)` with the planted rows written into a copy of the training set."""
     return plant_rows(data, pattern, n_spurious, target, data_seed, split).materialize()
+
+
+# ---------------------------------------------------------------- choosing the planted examples (protocol §3.1, §3.2)
+
+def _as_numpy_labels(y: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Return labels as a 1-D numpy array."""
+    arr = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+    if arr.ndim != 1:
+        raise SpuriousError(f"labels must be 1-D, got shape {arr.shape}")
+    return arr
+
+
+def _check_int(label: str, value: int, low: int, high: int) -> int:
+    """Return `value` as an int if it is an integer in [low, high], else raise a SpuriousError."""
+    try:
+        number = int(value.__index__())
+    except (AttributeError, TypeError):
+        raise SpuriousError(f"{label} must be an integer in {low}..{high}, got {value!r}") from None
+    if not low <= number <= high:
+        raise SpuriousError(f"{label} must be in {low}..{high}, got {number}")
+    return number
+
+
+def _class_indices(y: np.ndarray, target: int, n: int) -> np.ndarray:
+    """Return the indices of class `target`, after checking `target` and `n` against the labels."""
+    num_classes = int(y.max()) + 1 if len(y) else 0
+    _check_int("target class", target, 0, num_classes - 1)
+    pool = np.where(y == target)[0]
+    _check_int(f"n (spurious examples of class {target})", n, 0, len(pool))
+    return pool
+
+
+def choose_spurious(y: np.ndarray | torch.Tensor, target: int, n: int, seed: int) -> np.ndarray:
+    """Return int64 indices of `n` training examples of class `target`, chosen as the reference does (protocol §3.1)."""
+    y = _as_numpy_labels(y)
+    seed = _check_int("data seed", seed, 0, 2**32 - 1)
+    pool = _class_indices(y, target, n)
+    if n == 0:
+        return np.empty(0, dtype=np.int64)
+    return np.random.RandomState(seed).choice(pool, size=n, replace=False).astype(np.int64)
+
+
+def choose_spurious_two_class(y: np.ndarray | torch.Tensor, c1: int, c2: int, n: int,
+                              seed: int) -> np.ndarray:
+    """Return 2n indices: n of class c1 then n of class c2, drawn in turn from one RandomState (protocol §3.2)."""
+    y = _as_numpy_labels(y)
+    seed = _check_int("data seed", seed, 0, 2**32 - 1)
+    pools = [_class_indices(y, c1, n), _class_indices(y, c2, n)]
+    if c1 == c2:
+        raise SpuriousError(f"the two classes must differ, got {c1} twice")
+    if n == 0:
+        return np.empty(0, dtype=np.int64)
+    rng = np.random.RandomState(seed)
+    return np.concatenate([rng.choice(pool, size=n, replace=False) for pool in pools]).astype(np.int64)
+
+
+# ---------------------------------------------------------------- membership split (protocol §3.3)
+
+MEMBERSHIP_PARTS = ("target_train", "target_test", "shadow_train", "shadow_test")
+
+
+def membership_split(n_total: int, seed: int) -> dict[str, np.ndarray]:
+    """Return four disjoint, covering, sorted int64 index sets over the pooled train+test set (protocol §3.3).
+
+    The reference's mem* split code is missing; this is our definition: a RandomState(seed) permutation
+    of range(n_total) cut into quarters (70,000 -> 4 x 17,500; 60,000 -> 4 x 15,000), in the order of
+    MEMBERSHIP_PARTS. Pooled index i < len(train) is training image i; the rest are test images.
+    """
+    n_total = _check_int("n_total", n_total, 0, 2**62)
+    seed = _check_int("membership seed", seed, 0, 2**32 - 1)
+    perm = np.random.RandomState(seed).permutation(n_total)
+    parts = np.array_split(perm, len(MEMBERSHIP_PARTS))
+    return {key: np.sort(part).astype(np.int64) for key, part in zip(MEMBERSHIP_PARTS, parts)}

@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping
 import ray
 from ray import tune
 
-from spurious import bundle, config as config_lib, datasets, train
+from spurious import bundle, config as config_lib, datasets, planted, train
 from spurious.errors import SpuriousError
 from study import cluster, space as space_lib, wandb_setup
 from study.catalog import StudySpec
@@ -30,7 +30,7 @@ def validate(space: Mapping[str, Any], data: Mapping[str, datasets.Dataset]) -> 
         cfg = config_lib.from_tune(point)
         train.validate_names(cfg)
         dataset = data[datasets.DATASETS.canonical(cfg.dataset)]
-        datasets.choose_spurious(dataset.y_train, cfg.target, cfg.n_spurious, cfg.data_seed)
+        planted.choose_spurious(dataset.y_train, cfg.target, cfg.n_spurious, cfg.data_seed)
         configs.append(cfg)
     return configs
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from spurious import datasets
+from spurious import datasets, planted, reference_names
 from spurious.errors import SpuriousError
 
 FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -256,16 +256,16 @@ LABELS = np.random.RandomState(7).randint(0, 10, 500)
                          [(0, 1, 0), (0, 3, 0), (1, 5, 2), (9, 20, 123), (4, 40, 2**32 - 1)])
 def test_choose_spurious_matches_reference(target, n, seed):
     reference = np.random.RandomState(seed).choice(np.where(LABELS == target)[0], size=n, replace=False)
-    chosen = datasets.choose_spurious(torch.from_numpy(LABELS), target, n, seed)
+    chosen = planted.choose_spurious(torch.from_numpy(LABELS), target, n, seed)
     assert chosen.dtype == np.int64 and np.array_equal(chosen, reference)
-    assert np.array_equal(datasets.choose_spurious(LABELS, target, n, seed), chosen)
+    assert np.array_equal(planted.choose_spurious(LABELS, target, n, seed), chosen)
     assert (LABELS[chosen] == target).all() and len(set(chosen.tolist())) == n
 
 
 def test_choose_spurious_whole_class_and_zero():
     class_size = int((LABELS == 3).sum())
-    assert sorted(datasets.choose_spurious(LABELS, 3, class_size, 0)) == np.where(LABELS == 3)[0].tolist()
-    empty = datasets.choose_spurious(LABELS, 3, 0, 0)
+    assert sorted(planted.choose_spurious(LABELS, 3, class_size, 0)) == np.where(LABELS == 3)[0].tolist()
+    empty = planted.choose_spurious(LABELS, 3, 0, 0)
     assert empty.dtype == np.int64 and empty.shape == (0,)
 
 
@@ -279,73 +279,73 @@ def test_choose_spurious_whole_class_and_zero():
 ])
 def test_choose_spurious_errors(target, n, seed, message):
     with pytest.raises(SpuriousError, match=message):
-        datasets.choose_spurious(LABELS, target, n, seed)
+        planted.choose_spurious(LABELS, target, n, seed)
 
 
 def test_choose_spurious_two_class_matches_reference():
     rng = np.random.RandomState(4)
     first = rng.choice(np.where(LABELS == 0)[0], size=3, replace=False)
     second = rng.choice(np.where(LABELS == 1)[0], size=3, replace=False)
-    chosen = datasets.choose_spurious_two_class(LABELS, 0, 1, 3, 4)
+    chosen = planted.choose_spurious_two_class(LABELS, 0, 1, 3, 4)
     assert chosen.dtype == np.int64 and np.array_equal(chosen, np.concatenate([first, second]))
-    assert datasets.choose_spurious_two_class(LABELS, 0, 1, 0, 4).shape == (0,)
+    assert planted.choose_spurious_two_class(LABELS, 0, 1, 0, 4).shape == (0,)
     with pytest.raises(SpuriousError, match="differ"):
-        datasets.choose_spurious_two_class(LABELS, 2, 2, 1, 0)
+        planted.choose_spurious_two_class(LABELS, 2, 2, 1, 0)
 
 
 # ---------------------------------------------------------------- reference names (protocol §1.3)
 
 @pytest.mark.parametrize("name, expected", [
-    ("fashionv8-3-0-0", datasets.LegacyName("fashion", "v8", 3, (0,), 0, False)),
-    ("mnistv20-100-1-2", datasets.LegacyName("mnist", "v20", 100, (1,), 2, False)),
-    ("cifar10v1-5-0-0", datasets.LegacyName("cifar10", "v1", 5, (0,), 0, False)),
-    ("twoclassmnistv8-3-0-1-0", datasets.LegacyName("mnist", "v8", 3, (0, 1), 0, False)),
-    ("memfashionv20-3-0-1", datasets.LegacyName("fashion", "v20", 3, (0,), 1, True)),
-    ("mnist", datasets.LegacyName("mnist", None, 0, (), 0, False)),
-    ("fashion", datasets.LegacyName("fashion", None, 0, (), 0, False)),
-    ("cifar10", datasets.LegacyName("cifar10", None, 0, (), 0, False)),
-    ("memcifar10", datasets.LegacyName("cifar10", None, 0, (), 0, True)),
-    ("mnist-3-0-0", datasets.LegacyName("mnist", "v1", 3, (0,), 0, False)),
-    ("twoclassmnist-5-0-1-7", datasets.LegacyName("mnist", "v1", 5, (0, 1), 7, False)),
-    ("fashionv30-5000-9-10", datasets.LegacyName("fashion", "v30", 5000, (9,), 10, False)),
+    ("fashionv8-3-0-0", reference_names.LegacyName("fashion", "v8", 3, (0,), 0, False)),
+    ("mnistv20-100-1-2", reference_names.LegacyName("mnist", "v20", 100, (1,), 2, False)),
+    ("cifar10v1-5-0-0", reference_names.LegacyName("cifar10", "v1", 5, (0,), 0, False)),
+    ("twoclassmnistv8-3-0-1-0", reference_names.LegacyName("mnist", "v8", 3, (0, 1), 0, False)),
+    ("memfashionv20-3-0-1", reference_names.LegacyName("fashion", "v20", 3, (0,), 1, True)),
+    ("mnist", reference_names.LegacyName("mnist", None, 0, (), 0, False)),
+    ("fashion", reference_names.LegacyName("fashion", None, 0, (), 0, False)),
+    ("cifar10", reference_names.LegacyName("cifar10", None, 0, (), 0, False)),
+    ("memcifar10", reference_names.LegacyName("cifar10", None, 0, (), 0, True)),
+    ("mnist-3-0-0", reference_names.LegacyName("mnist", "v1", 3, (0,), 0, False)),
+    ("twoclassmnist-5-0-1-7", reference_names.LegacyName("mnist", "v1", 5, (0, 1), 7, False)),
+    ("fashionv30-5000-9-10", reference_names.LegacyName("fashion", "v30", 5000, (9,), 10, False)),
 ])
 def test_parse_legacy_name(name, expected):
-    assert datasets.parse_legacy_name(name) == expected
+    assert reference_names.parse_legacy_name(name) == expected
 
 
 @pytest.mark.parametrize("name", ["cifar100", "mnistv8-3-10-0", "fashionv8-3-0", "", "MNIST",
                                   "mnist v8-3-0-0", "fashionV8-3-0-0", "memfashion-3-0-1", "mnistv8-3-0-0-"])
 def test_parse_legacy_name_rejects(name):
     with pytest.raises(SpuriousError, match="accepted forms") as info:
-        datasets.parse_legacy_name(name)
+        reference_names.parse_legacy_name(name)
     assert repr(name) in str(info.value)
 
 
 def test_parse_legacy_name_cifar_needs_a_version():
     with pytest.raises(SpuriousError, match="'cifar10-3-0-0'.*needs a pattern version"):
-        datasets.parse_legacy_name("cifar10-3-0-0")
+        reference_names.parse_legacy_name("cifar10-3-0-0")
 
 
 # ---------------------------------------------------------------- membership split (protocol §3.3)
 
 @pytest.mark.parametrize("n_total, quarter", [(70000, 17500), (60000, 15000)])
 def test_membership_split_quarters(n_total, quarter):
-    parts = datasets.membership_split(n_total, 3)
+    parts = planted.membership_split(n_total, 3)
     assert list(parts) == ["target_train", "target_test", "shadow_train", "shadow_test"]
     assert all(len(p) == quarter and p.dtype == np.int64 for p in parts.values())
     assert np.array_equal(np.sort(np.concatenate(list(parts.values()))), np.arange(n_total))
 
 
 def test_membership_split_is_deterministic_and_seeded():
-    a, b, c = (datasets.membership_split(1000, s) for s in (0, 0, 1))
+    a, b, c = (planted.membership_split(1000, s) for s in (0, 0, 1))
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert not np.array_equal(a["target_train"], c["target_train"])
     assert np.array_equal(a["target_train"], np.sort(np.random.RandomState(0).permutation(1000)[:250]))
 
 
 def test_membership_split_uneven_total_still_covers():
-    parts = datasets.membership_split(10, 0)
+    parts = planted.membership_split(10, 0)
     assert sorted(len(p) for p in parts.values()) == [2, 2, 3, 3]
     assert sorted(np.concatenate(list(parts.values())).tolist()) == list(range(10))
     with pytest.raises(SpuriousError, match="membership seed"):
-        datasets.membership_split(10, -2)
+        planted.membership_split(10, -2)
