@@ -182,6 +182,9 @@ def test_main_job_killed_then_resumed_in_a_fresh_shell_keeps_one_wandb_run_per_t
         history = [row["epoch"] for row in read_run(run)["history"] if "epoch" in row]
         assert history == [1, 2, 3], f"{run.name}: the resumed run holds every epoch once, got {history}"
     assert f"wandb sync {exp}/wandb/offline-run-*" in done.stdout
+    sync = subprocess.run([str(Path(sys.executable).parent / "wandb"), "sync", "--dry-run", str(exp / "wandb")],
+                          cwd=shell.cwd, env=shell.env, capture_output=True, text=True, timeout=120)
+    assert "Would sync 2 run(s)" in sync.stdout + sync.stderr, sync.stdout + sync.stderr
     print("resume:", last_line(done))
 
 
@@ -199,7 +202,7 @@ def test_resume_of_a_finished_study_is_a_no_op(shell):
 def test_yaml_study_file(shell):
     (shell.cwd / "my_study.yaml").write_text(yaml_example())
     done = shell.run("study run my_study.yaml --max-concurrent 2")
-    assert "study rarity-r3: 2 trials" in done.stdout
+    assert "study rarity-r3: 4 trials" in done.stdout  # smoke n ∈ {0, 10} × the base study's 2 data seeds
 
 
 def test_doctor_and_bench(shell):
