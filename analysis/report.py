@@ -36,12 +36,35 @@ def write_report(experiment_dirs: str | Path | Iterable[str | Path],
     out.mkdir(parents=True, exist_ok=True)
     write_frame(df, out / "trials")
     write_frame(frames.load_epochs(dirs), out / "epochs")
-    summaries = {m: frames.summarize(df, metric=m) for m in SUMMARY_METRICS}
+    training = df[df["kind"] == "train"] if "kind" in df else df
+    summaries = {m: frames.summarize(training, metric=m) for m in SUMMARY_METRICS} if not training.empty else {}
     for metric, summary in summaries.items():
         summary.to_csv(out / f"summary_{metric}.csv", index=False)
-    (out / "summary.md").write_text(summary_markdown(df, summaries))
-    pngs = write_figures(df, out / "figures")
-    (out / "index.html").write_text(index_html(dirs, df, summaries, [p.relative_to(out) for p in pngs]))
+    studies = posthoc_sections(df)
+    (out / "summary.md").write_text(summary_markdown(df, summaries)
+                                    + "".join(f"\n## {title}\n\n```\n{table}\n```\n" for title, table, _ in studies))
+    pngs = write_figures(training, out / "figures")
+    pngs += [style.save(fig, out / "figures" / f"{name}.png") for _, _, made in studies for name, fig in made]
+    (out / "index.html").write_text(index_html(dirs, df, summaries, [p.relative_to(out) for p in pngs], studies))
+    return out
+
+
+def posthoc_sections(df: pd.DataFrame) -> list[tuple[str, str, list[tuple[str, object]]]]:
+    """Return (title, plain-text table, [(figure name, figure)]) for the deletion and attack trials in `df`:
+    the deletion table and retrain figure (protocol §8.1), the attack table, MIA figure and ROC curves
+    (protocol §9.4)."""
+    from analysis import posthoc
+
+    out = []
+    kinds = set(df["kind"]) if "kind" in df else set()
+    if "delete" in kinds:
+        part = df[df["kind"] == "delete"]
+        out.append(("Deletion: original, deleted and retrained (oracle) models", posthoc.deletion_table(part),
+                    [("deletion_retrain", posthoc.retrain_figure(part))]))
+    if "mia" in kinds:
+        part = df[df["kind"] == "mia"]
+        out.append(("Membership inference", posthoc.mia_table(part),
+                    [("mia_attack_success", posthoc.mia_figure(part)), ("mia_roc", posthoc.roc_figure(part))]))
     return out
 
 
@@ -149,7 +172,7 @@ def _safe(name: str) -> str:
 
 
 def index_html(dirs: Sequence[Path], df: pd.DataFrame, summaries: dict[str, pd.DataFrame],
-               pngs: Sequence[Path]) -> str:
+               pngs: Sequence[Path], studies: Sequence[tuple[str, str, list]] = ()) -> str:
     """Return a self-contained HTML page showing the summary tables, figures and links to the data files."""
     esc = html.escape
     body = [f"<h1>Report: {esc(', '.join(d.name for d in dirs))}</h1>",
@@ -158,8 +181,11 @@ def index_html(dirs: Sequence[Path], df: pd.DataFrame, summaries: dict[str, pd.D
         body.append(f"<h2>{esc(style.label(metric))} <code>{esc(metric)}</code></h2>")
         body.append("<p>No finished trials.</p>" if summary.empty else
                     frames.pivot_cells(_display(summary), mark_p=SIGNIFICANT).to_html(border=0))
-    body.append(f"<p class=note>mean ± s.e. over seeds; * p &lt; {SIGNIFICANT}, one-sided Welch test "
-                "vs n = 0.</p>")
+    if summaries:
+        body.append(f"<p class=note>mean ± s.e. over seeds; * p &lt; {SIGNIFICANT}, one-sided Welch test "
+                    "vs n = 0.</p>")
+    for title, table, _ in studies:
+        body.append(f"<h2>{esc(title)}</h2><pre>{esc(table)}</pre>")
     errors = frames.errored(df)
     if errors:
         body.append("<h2>Errored trials</h2><ul>" + "".join(f"<li>{esc(e)}</li>" for e in errors) + "</ul>")

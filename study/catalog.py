@@ -200,6 +200,12 @@ YAML_KEYS = {"name", "description", "space", "smoke", "kind", "num_samples", "ch
              "base", "tuning"}
 
 
+def _inherited_smoke(base: StudySpec | None, own_space: dict) -> dict:
+    """Return the base study's smoke settings minus the keys the file's own `space:` sets: `--smoke` makes a
+    file's study smaller, it never swaps its pattern or counts for the base study's."""
+    return {k: v for k, v in (base.smoke if base else {}).items() if k not in own_space}
+
+
 def load_yaml(path: str | Path) -> StudySpec:
     """Load a YAML study file (fields as StudySpec; `base:` names a catalog study to start from)."""
     try:
@@ -222,7 +228,7 @@ def load_yaml(path: str | Path) -> StudySpec:
     if kind not in KINDS:
         raise SpuriousError(f"study kind {kind!r} is not one of {', '.join(KINDS)}")
     return StudySpec(name=str(raw.get("name", Path(path).stem)), description=str(raw.get("description", "")),
-                     space=space, smoke=raw.get("smoke") or (base.smoke if base else {}), kind=kind,
+                     space=space, smoke=raw.get("smoke") or _inherited_smoke(base, raw.get("space") or {}), kind=kind,
                      num_samples=int(raw.get("num_samples", 1)),
                      checkpoint_every=int(raw.get("checkpoint_every", base.checkpoint_every if base else 5)),
                      expected_time=str(raw.get("expected_time", "")),

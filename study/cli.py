@@ -67,12 +67,19 @@ def _resolve(target: str):
     return getattr(importlib.import_module(module), name)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the bad value and what is allowed, exit 2 (`study CMD --help` for more)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser(argv: Sequence[str] | None = None, full: bool = False) -> argparse.ArgumentParser:
     """Return the `study` argument parser: every subcommand listed, the arguments of the one named in
     `argv` (or of all with `full`) added."""
-    parser = argparse.ArgumentParser(prog="study", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Examples:\n" + __doc__.split("::\n")[1])
+    parser = Parser(prog="study", description=__doc__.split("\n\n")[0],
+                    formatter_class=argparse.RawDescriptionHelpFormatter,
+                    epilog="Examples:\n" + __doc__.split("::\n")[1])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     words = set(argv or ())
     for command in COMMANDS:
@@ -140,7 +147,7 @@ def cmd_show(args) -> int:
     print(spec.description or spec.name)
     print(yaml.safe_dump(space, sort_keys=False, width=110))
     print(f"trials: {spec.trial_count(args.smoke, overrides)}  checkpoint every {spec.checkpoint_every} epochs"
-          f"{'  expected: ' + spec.expected_time if spec.expected_time else ''}")
+          f"{'  expected: ' + spec.expected_time if spec.expected_time and not args.smoke else ''}")
     return 0
 
 

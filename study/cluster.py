@@ -102,17 +102,26 @@ def _shortfall(cpus: float, gpus: float, nodes: list[dict]) -> str:
             f"--cpus-per-trial {cpus:g} is more than any node's CPUs ({max((n['cpus'] for n in nodes), default=0):g})")
 
 
+def local_node() -> dict:
+    """Return this machine's CPUs and GPUs as embedded Ray will see them (checked before Ray starts)."""
+    import torch
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return {"cpus": cpus, "gpus": torch.cuda.device_count()}
+
+
 def plan_resources(cpus: float, gpus: float | None, address: str | None, static: bool = False,
-                   say: Callable[[str], None] = print) -> dict[str, float]:
+                   say: Callable[[str], None] = print, nodes: list[dict] | None = None) -> dict[str, float]:
     """Return per-trial resources {"cpu", "gpu"}; refuse (SpuriousError) only what can never be satisfied.
 
     GPUs default to a quarter GPU when a node, or a node type of the autoscaler, has GPUs, else none. When
     no alive node fits one trial: embedded Ray (no `address`) and `static` clusters are refused, with the
     shortfall; on a cluster whose autoscaler publishes its node types, a trial no node type fits is
     refused; otherwise `say` gets one line that trials wait for workers, and Ray's autoscaler acts
-    (cluster.yaml's head advertises no CPUs and its GPU workers start at 0).
+    (cluster.yaml's head advertises no CPUs and its GPU workers start at 0). `nodes` replaces the alive nodes
+    (e.g. `[local_node()]`, to refuse before embedded Ray starts).
     """
-    nodes = alive_nodes()
+    nodes = alive_nodes() if nodes is None else nodes
     types = node_types() if address else None
     if gpus is None:
         some_gpu = any(n["gpus"] for n in nodes) or any(t["resources"].get("GPU", 0) for t in types or [])

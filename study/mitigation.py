@@ -31,7 +31,7 @@ import search_spaces as ss
 from analysis import tuning as tuning_analysis
 from spurious import config as config_lib
 from spurious.errors import SpuriousError
-from study import cluster, runner, space as space_lib, wandb_setup
+from study import runner, space as space_lib, wandb_setup
 from study.catalog import StudySpec
 from trainables.tune_mitigation import tune_mitigation
 
@@ -187,9 +187,7 @@ def run(spec: StudySpec, options: runner.RunOptions, tuning: TuningOptions,
     if "://" in str(options.storage_uri()):
         raise SpuriousError("tune-mitigation keeps its Optuna journal next to the results: use a local or "
                             "shared-file-system --storage-path, not a URI")
-    runner.start_ray(options)
-    resources = runner.trial_resources(options)
-    cluster.check_storage(options.storage_uri())
+    resources = runner.begin(options)
     runner.write_meta(root, runner.session_meta("tune-mitigation", spec.name, options, logging, resources,
                                                 sorted(prepared.data)[:1], tuning.trials + 1, base=base,
                                                 tuning=asdict(tuning), checkpoint_every=spec.checkpoint_every))

@@ -138,11 +138,31 @@ def check_resources(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-failures must be >= 0, got {args.max_failures}")
 
 
+def check_paths(args: argparse.Namespace) -> None:
+    """Raise UsageError for an experiment name that is not one folder name, a --data-dir that does not exist, or
+    a local --storage-path that cannot hold experiment folders (nothing is created here)."""
+    name = getattr(args, "name", None)
+    if name is not None and (not name or name in (".", "..") or "/" in name or "\\" in name):
+        raise UsageError(f"--name {name!r} must be one folder name (no '/', not '.' or '..')")
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        raise UsageError(f"--data-dir {args.data_dir!r} is not a directory")
+    storage = args.storage_path
+    if "://" in storage:
+        return
+    existing = Path(storage).resolve()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not a directory" if not existing.is_dir() else "is not writable"
+        raise UsageError(f"--storage-path {storage!r} cannot hold experiments: {str(existing)!r} {what}")
+
+
 def run_options(args: argparse.Namespace, overrides: dict | None = None) -> RunOptions:
     """Return RunOptions from the shared run flags (checked first; an unreachable --address fails here)."""
     from study import cluster
 
     check_resources(args)
+    check_paths(args)
     cluster.check_address(args.address)
     return RunOptions(storage_path=args.storage_path, name=args.name, address=args.address,
                       cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,

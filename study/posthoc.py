@@ -235,6 +235,7 @@ def run(plan: Plan, options: runner.RunOptions, logging: wandb_setup.Logging | N
 
 def launch(plan: Plan, notes: list[str], options: runner.RunOptions, args) -> int:
     """Print the notes, confirm a large study, run it (with W&B per `--wandb`) and print its table."""
+    runner.check_new(options, plan.name)  # before anything is printed as if it would run
     for note in notes:
         print(note)
     confirm(plan.trials, args.yes)

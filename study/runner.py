@@ -148,8 +148,23 @@ def session_meta(kind: str, study: str, options: RunOptions, logging: wandb_setu
 
 
 def write_meta(path: str | Path, meta: Mapping[str, Any]) -> None:
-    """Write study.json into an experiment directory (a local path or a URI)."""
-    write_text(join(path, META_FILE), json.dumps(meta, indent=2, default=str))
+    """Write study.json into an experiment directory (a local path or a URI); SpuriousError (one line) when the
+    storage refuses."""
+    try:
+        write_text(join(path, META_FILE), json.dumps(meta, indent=2, default=str))
+    except OSError as err:
+        raise SpuriousError(f"cannot write experiment {str(path)!r}: {err.strerror or err}") from None
+
+
+def begin(options: RunOptions) -> dict[str, float]:
+    """Start a launch: refuse on embedded Ray what this machine lacks (before Ray starts), join or start Ray,
+    plan per-trial resources and check the storage is shared; return the resources."""
+    if not options.address:
+        cluster.plan_resources(options.cpus_per_trial, options.gpus_per_trial, None, nodes=[cluster.local_node()])
+    start_ray(options)
+    resources = trial_resources(options)
+    cluster.check_storage(options.storage_uri())
+    return resources
 
 
 def join(base: str | Path, name: str) -> str | Path:
@@ -237,9 +252,7 @@ def launch(plan: Launch, options: RunOptions, trainable_of: Callable[[dict, dict
     """
     logging = logging or wandb_setup.Logging()
     check_new(options, plan.name)
-    start_ray(options)
-    resources = trial_resources(options)
-    cluster.check_storage(options.storage_uri())
+    resources = begin(options)
     if preflight:
         preflight(plan)
     _fresh_experiment_state(plan.trials)

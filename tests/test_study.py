@@ -123,3 +123,40 @@ def test_console_script_exit_code_and_no_traceback():
                           capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "unknown pattern 'v99'" in proc.stderr
+
+
+def test_smoke_of_a_yaml_study_keeps_the_files_own_space(tmp_path):
+    """`--smoke` shrinks a file's study (the base's smoke settings for keys the file leaves alone); it never
+    swaps the file's pattern or counts for the base study's."""
+    path = tmp_path / "r3.yaml"
+    path.write_text("name: r3\nbase: demo\nspace:\n  pattern: r3\n  n_spurious: [0, 1, 3]\n")
+    space = catalog.get(str(path)).resolved(smoke=True)
+    assert space["pattern"] == "r3" and space["n_spurious"] == {"grid_search": [0, 1, 3]}
+    assert space["epochs"] == 1 and space["data_seed"] == 0  # from demo's smoke variant
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["run", "demo", "--name", "../escape"], "--name '../escape' must be one folder name"),
+    (["run", "demo", "--name", "a/b"], "--name 'a/b' must be one folder name"),
+    (["run", "demo", "--data-dir", "/nonexistent/data"], "--data-dir '/nonexistent/data' is not a directory"),
+    (["run", "demo", "--storage-path", "{file}"], "cannot hold experiments"),
+    (["delete", "--from", "{tmp}", "--method", "nosuch"], "invalid choice: 'nosuch'"),
+    (["bench", "--only", "nosuch"], "invalid choice: 'nosuch'"),
+    pytest.param(["run", "demo", "--cpus-per-trial", "4096"], "--cpus-per-trial 4096 is more than any node's CPUs",
+                 marks=requires_fashion),
+])
+def test_bad_paths_names_choices_and_resources_are_one_line_before_ray_starts(capsys, tmp_path, argv, message):
+    import ray
+
+    file = tmp_path / "a-file"
+    file.write_text("not a directory")
+    argv = [a.format(file=file, tmp=tmp_path) for a in argv]
+    extra = ["--storage-path", str(tmp_path / "results")] if argv[0] == "run" and "--storage-path" not in argv else []
+    try:
+        code = cli.main([*argv, *extra])
+    except SystemExit as done:  # argparse's own checks (choices) exit from the parser
+        code = done.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"], "nothing written"
+    assert not ray.is_initialized(), "nothing started"
