@@ -26,16 +26,17 @@ from analysis import stats
 from spurious import checkpoint
 from spurious.config import field_names
 from spurious.errors import SpuriousError
+from spurious.metrics import TEST_KEYS, TRAIN_KEYS
 
 # Every training-config key: a trainable records them all, canonical, in each report (spurious.config).
 TRAIN_FIELDS = tuple(field_names())
 CONFIG_COLUMNS = ("dataset", "model", "pattern", "n_spurious", "target", "data_seed", "seed", "split", "optimizer",
                   "lr", "momentum", "l2", "grad_clip", "noise_sigma", "augmentation", "epochs", "batch_size",
                   "tau")
-METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "spurious_score", "spurious_score_nontarget",
-           "patterned_acc", "patterned_target_rate")
-# Reported values kept in the frames but not summarised (`lr` per epoch is the scheduled rate, so
-# `load` keeps the config's `lr` and only `load_epochs` has the epoch's).
+# The per-epoch metrics every training trial reports: the one key list of spurious.metrics.
+METRICS = (*TRAIN_KEYS, *TEST_KEYS)
+# Reported values kept in the frames but not summarised (`load_epochs` also has `epoch_lr`, the epoch's
+# scheduled rate; `lr` is the configured base rate).
 EXTRAS = ("epoch_time_s", "n_planted")
 SUMMARY_COLUMNS = ("mean", "se", "count", "p_vs_baseline")
 # Keys that identify a cell of a study; seeds are replicates, not cells.
