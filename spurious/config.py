@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import typing
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from spurious.errors import SpuriousError
+from spurious.errors import SpuriousError, check
 
 OPTIMIZERS = ("sgd", "adam")
 AUGMENTATIONS = ("none", "aug01")
@@ -39,7 +41,7 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        check_types(self, "config key")
         _check_values(self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -52,7 +54,6 @@ class TrainConfig:
 
 
 FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}
-_PY_TYPES = {"str": str, "int": int, "float": float}
 
 
 def field_names() -> list[str]:
@@ -60,24 +61,62 @@ def field_names() -> list[str]:
     return list(FIELD_TYPES)
 
 
-def _coerce(key: str, value: Any) -> Any:
-    want = _PY_TYPES[FIELD_TYPES[key]]
-    if want is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if want is int and isinstance(value, float) and value.is_integer():
-        return int(value)
+@functools.lru_cache(maxsize=None)
+def _field_types(cls: type) -> dict[str, tuple[tuple[type, ...], bool]]:
+    """Return {field: (types, optional)} of a settings dataclass from its type hints (`int | None` ->
+    ((int,), True))."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = typing.get_args(hint) or (hint,)
+        out[name] = tuple(a for a in args if a is not type(None)), type(None) in args
+    return out
+
+
+def _coerce(value: Any, types: tuple[type, ...]) -> Any:
+    """Return `value` converted where the meaning is unchanged: an int for a float field, an integral float for
+    an int field, a numpy scalar's Python value, a numeric string ('1e-4') for a numeric field."""
     if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        return _coerce(key, value.item())
+        value = value.item()
+    if float in types and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if int in types and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and str not in types:
+        for kind in (int, float):
+            if kind in types:
+                try:
+                    return kind(value)
+                except ValueError:
+                    pass
     return value
+
+
+def check_types(settings: Any, noun: str) -> None:
+    """Raise a one-line SpuriousError naming the first field of the settings dataclass instance `settings`
+    whose value has the wrong type (`noun` names a field in the message, e.g. "config key")."""
+    for key, (types, optional) in _field_types(type(settings)).items():
+        value = getattr(settings, key)
+        if value is None and optional:
+            continue
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            wanted = " or ".join([t.__name__ for t in types] + (["None"] if optional else []))
+            raise SpuriousError(f"{noun} {key!r} must be {wanted}, got {value!r} ({type(value).__name__})")
+
+
+def from_values(cls: type, values: Mapping[str, Any], noun: str):
+    """Return `cls(**values)` for a frozen settings dataclass (TrainConfig, DeleteSettings, MiaSettings,
+    TuningOptions): unknown keys and wrong types raise one-line SpuriousErrors, values are coerced as
+    `_coerce` says, and the dataclass's `__post_init__` checks the values (`errors.check`)."""
+    types = _field_types(cls)
+    unknown = sorted(set(values) - set(types))
+    if unknown:
+        raise SpuriousError(f"unknown {noun}(s) {', '.join(map(repr, unknown))}; allowed keys: {', '.join(types)}")
+    return cls(**{k: _coerce(v, types[k][0]) for k, v in values.items()})
 
 
 def from_dict(values: Mapping[str, Any]) -> TrainConfig:
     """Build a validated config; unknown keys and wrong types raise a one-line SpuriousError."""
-    unknown = sorted(set(values) - set(FIELD_TYPES))
-    if unknown:
-        raise SpuriousError(f"unknown config key(s) {', '.join(map(repr, unknown))}; "
-                            f"allowed keys: {', '.join(FIELD_TYPES)}")
-    return TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    return from_values(TrainConfig, values, "config key")
 
 
 def flatten(config: Mapping[str, Any], on_clash: str = "raise") -> dict[str, Any]:
@@ -130,10 +169,10 @@ def canonical(cfg: TrainConfig) -> TrainConfig:
     spec = models.parse_model_name(cfg.model)
     augmentation = cfg.augmentation
     if spec.augmentation is not None:
-        _require(spec.augmentation in AUGMENTATIONS, f"augmentation {spec.augmentation!r} in model name "
-                                                     f"{cfg.model!r} is not one of {', '.join(AUGMENTATIONS)}")
-        _require(augmentation in ("none", spec.augmentation),
-                 f"model {cfg.model!r} names augmentation {spec.augmentation!r} but augmentation is {augmentation!r}")
+        check([(spec.augmentation in AUGMENTATIONS, f"augmentation {spec.augmentation!r} in model name "
+                                                    f"{cfg.model!r} is not one of {', '.join(AUGMENTATIONS)}"),
+               (augmentation in ("none", spec.augmentation), f"model {cfg.model!r} names augmentation "
+                                                             f"{spec.augmentation!r} but augmentation is {augmentation!r}")])
         augmentation = spec.augmentation
     return dataclasses.replace(cfg, dataset=canonical_name("dataset", cfg.dataset), model=spec.arch,
                                pattern=canonical_name("pattern", cfg.pattern), augmentation=augmentation)
@@ -163,35 +202,24 @@ def from_tune(nested: Mapping[str, Any]) -> TrainConfig:
     return canonical(from_dict(flatten(nested)))
 
 
-def _check_types(cfg: TrainConfig) -> None:
-    for key, type_name in FIELD_TYPES.items():
-        value, want = getattr(cfg, key), _PY_TYPES[type_name]
-        if isinstance(value, bool) or not isinstance(value, want):
-            raise SpuriousError(f"config key {key!r} must be {type_name}, got {value!r} "
-                                f"({type(value).__name__})")
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise SpuriousError(message)
-
-
 def _check_values(cfg: TrainConfig) -> None:
-    _require(cfg.optimizer in OPTIMIZERS, f"optimizer {cfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-    _require(cfg.augmentation in AUGMENTATIONS,
-             f"augmentation {cfg.augmentation!r} is not one of {', '.join(AUGMENTATIONS)}")
-    _require(cfg.split in SPLITS, f"split {cfg.split!r} is not one of {', '.join(SPLITS)}")
-    for key in ("lr", "l2", "noise_sigma", "grad_clip", "momentum", "tau"):
-        _require(math.isfinite(getattr(cfg, key)), f"{key} must be finite, got {getattr(cfg, key)!r}")
-    _require(cfg.lr > 0, f"lr must be > 0, got {cfg.lr!r}")
-    _require(cfg.l2 >= 0, f"l2 must be >= 0, got {cfg.l2!r}")
-    _require(cfg.noise_sigma >= 0, f"noise_sigma must be >= 0, got {cfg.noise_sigma!r}")
-    _require(cfg.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {cfg.grad_clip!r}")
-    _require(0 <= cfg.momentum < 1, f"momentum must be in [0, 1), got {cfg.momentum!r}")
-    _require(0 < cfg.tau < 1, f"tau must be in (0, 1), got {cfg.tau!r}")
-    for key in ("epochs", "batch_size", "eval_batch_size"):
-        _require(getattr(cfg, key) >= 1, f"{key} must be >= 1, got {getattr(cfg, key)!r}")
-    for key in ("n_spurious", "data_seed", "seed", "target"):
-        _require(getattr(cfg, key) >= 0, f"{key} must be >= 0, got {getattr(cfg, key)!r}")
-    _require(cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"),
-             f"device {cfg.device!r} is not one of auto, cpu, cuda[:N], mps")
+    finite = ("lr", "l2", "noise_sigma", "grad_clip", "momentum", "tau")
+    check([
+        (cfg.optimizer in OPTIMIZERS, f"optimizer {cfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}"),
+        (cfg.augmentation in AUGMENTATIONS,
+         f"augmentation {cfg.augmentation!r} is not one of {', '.join(AUGMENTATIONS)}"),
+        (cfg.split in SPLITS, f"split {cfg.split!r} is not one of {', '.join(SPLITS)}"),
+        *[(math.isfinite(getattr(cfg, key)), f"{key} must be finite, got {getattr(cfg, key)!r}") for key in finite],
+        (cfg.lr > 0, f"lr must be > 0, got {cfg.lr!r}"),
+        (cfg.l2 >= 0, f"l2 must be >= 0, got {cfg.l2!r}"),
+        (cfg.noise_sigma >= 0, f"noise_sigma must be >= 0, got {cfg.noise_sigma!r}"),
+        (cfg.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {cfg.grad_clip!r}"),
+        (0 <= cfg.momentum < 1, f"momentum must be in [0, 1), got {cfg.momentum!r}"),
+        (0 < cfg.tau < 1, f"tau must be in (0, 1), got {cfg.tau!r}"),
+        *[(getattr(cfg, key) >= 1, f"{key} must be >= 1, got {getattr(cfg, key)!r}")
+          for key in ("epochs", "batch_size", "eval_batch_size")],
+        *[(getattr(cfg, key) >= 0, f"{key} must be >= 0, got {getattr(cfg, key)!r}")
+          for key in ("n_spurious", "data_seed", "seed", "target")],
+        (cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"),
+         f"device {cfg.device!r} is not one of auto, cpu, cuda[:N], mps"),
+    ])

@@ -30,7 +30,7 @@ from ray.tune.search.optuna import OptunaSearch
 import search_spaces as ss
 from analysis import tuning as tuning_analysis
 from spurious import config as config_lib
-from spurious.errors import SpuriousError
+from spurious.errors import SpuriousError, check
 from study import runner, space as space_lib, wandb_setup
 from study.catalog import StudySpec
 from trainables.tune_mitigation import tune_mitigation
@@ -56,6 +56,7 @@ class TuningOptions:
     sampler_seed: int = 0
 
     def __post_init__(self) -> None:
+        config_lib.check_types(self, "tuning option")
         checks = [
             (self.objective in OBJECTIVES, f"objective {self.objective!r} is not one of {', '.join(OBJECTIVES)}"),
             (self.sampler in SAMPLERS, f"sampler {self.sampler!r} is not one of {', '.join(SAMPLERS)}"),
@@ -67,9 +68,7 @@ class TuningOptions:
             (self.sigma_max >= 0 and math.isfinite(self.sigma_max),
              f"--sigma-max must be a finite number >= 0, got {self.sigma_max}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise SpuriousError(message)
+        check(checks)
 
     def space(self, base_lr: float) -> dict:
         """Return the Tune search space (converted to Optuna distributions by OptunaSearch)."""

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
 
+from spurious import config as config_lib
 from spurious.errors import SpuriousError
 from study.options import add_run_options, expand_path, parse_set, run_options
 
@@ -40,12 +40,7 @@ def tuning_options(spec, smoke: bool, args: argparse.Namespace | None = None):
         if args.l2_range:
             cli_values.update(l2_low=args.l2_range[0], l2_high=args.l2_range[1])
         values.update({k: v for k, v in cli_values.items() if v is not None})
-    allowed = {f.name for f in fields(TuningOptions)}
-    unknown = set(values) - allowed
-    if unknown:
-        raise SpuriousError(f"unknown tuning option(s) {', '.join(sorted(unknown))}; "
-                            f"allowed: {', '.join(sorted(allowed))}")
-    return TuningOptions(**values)
+    return config_lib.from_values(TuningOptions, values, "tuning option")
 
 
 def run_spec(spec, options, args: argparse.Namespace) -> int:

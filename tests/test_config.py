@@ -69,3 +69,24 @@ def test_from_tune_canonicalises_aliases_and_reference_model_strings():
         config.from_tune({"pattern": "v99"})
     with pytest.raises(SpuriousError, match="set twice"):
         config.from_tune({"a": {"lr": 0.1}, "b": {"lr": 0.2}})
+
+
+def test_every_settings_dataclass_is_built_and_checked_one_way():
+    """TrainConfig, the deletion and attack settings and the tuning options share one builder (unknown keys,
+    coercion, types) and one value check; every message names the bad value."""
+    from study.mitigation import TuningOptions
+    from trainables.delete import DeleteSettings
+    from trainables.mia import MiaSettings
+
+    assert config.from_values(DeleteSettings, {"depth": "50", "scale": 10}, "deletion setting").scale == 10.0
+    with pytest.raises(SpuriousError, match=r"deletion setting 'depth' must be int or None, got 'x' \(str\)"):
+        config.from_values(DeleteSettings, {"depth": "x"}, "deletion setting")
+    with pytest.raises(SpuriousError, match="depth must be >= 1, got -5"):
+        DeleteSettings(depth=-5)
+    with pytest.raises(SpuriousError, match=r"unknown membership-inference setting\(s\) 'depth'; allowed keys: attack"):
+        config.from_values(MiaSettings, {"depth": 5}, "membership-inference setting")
+    with pytest.raises(SpuriousError, match="tuning option 'trials' must be int, got 'many'"):
+        TuningOptions(trials="many")
+    with pytest.raises(SpuriousError, match="config key 'lr' must be float, got '0.1x'"):
+        config.TrainConfig(lr="0.1x")
+    assert config.from_dict({"lr": "1e-3"}).lr == 1e-3  # YAML 1.1 reads 1e-3 as text

@@ -39,13 +39,13 @@ import numpy as np
 import torch
 from torch.nn.utils import parameters_to_vector
 
-from spurious import checkpoint, deletion, influence, train
+from spurious import checkpoint, config as config_lib, deletion, influence, train
 from spurious.config import TrainConfig
-from spurious.errors import SpuriousError
+from spurious.errors import SpuriousError, check
 from spurious.planted import PlantedData
 from spurious.train import TrainingError
 from trainables.common import report, use_trial_threads
-from trainables.sources import (planted_data, read_checkpoint, read_source, settings_from_dict,
+from trainables.sources import (planted_data, read_checkpoint, read_source,
                                 source_columns)
 
 METHODS = ("group_influence", "incremental_retraining", "retrain")
@@ -71,21 +71,20 @@ class DeleteSettings:
     lr_policy: str = "inherit"
 
     def __post_init__(self) -> None:
-        checks = [
+        config_lib.check_types(self, "deletion setting")
+        check([
             (self.method in METHODS, f"method {self.method!r} is not one of {', '.join(METHODS)}"),
             (self.lr_policy in deletion.LR_POLICIES,
              f"lr_policy {self.lr_policy!r} is not one of {', '.join(deletion.LR_POLICIES)}"),
-            (self.retrain_epochs is None or self.retrain_epochs >= 1, "retrain_epochs must be >= 1"),
-            (self.depth is None or self.depth >= 1, "depth must be >= 1"),
-            (self.repeats is None or self.repeats >= 1, "repeats must be >= 1"),
-            (self.scale is None or self.scale > 0, "scale must be > 0"),
-            (self.damping is None or self.damping >= 0, "damping must be >= 0"),
-            (self.lissa_batch_size >= 1, "lissa_batch_size must be >= 1"),
-            (self.max_norm_ratio > 0, "max_norm_ratio must be > 0"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise SpuriousError(message)
+            (self.retrain_epochs is None or self.retrain_epochs >= 1,
+             f"retrain_epochs must be >= 1, got {self.retrain_epochs!r}"),
+            (self.depth is None or self.depth >= 1, f"depth must be >= 1, got {self.depth!r}"),
+            (self.repeats is None or self.repeats >= 1, f"repeats must be >= 1, got {self.repeats!r}"),
+            (self.scale is None or self.scale > 0, f"scale must be > 0, got {self.scale!r}"),
+            (self.damping is None or self.damping >= 0, f"damping must be >= 0, got {self.damping!r}"),
+            (self.lissa_batch_size >= 1, f"lissa_batch_size must be >= 1, got {self.lissa_batch_size!r}"),
+            (self.max_norm_ratio > 0, f"max_norm_ratio must be > 0, got {self.max_norm_ratio!r}"),
+        ])
 
     def lissa(self, dataset: str, n: int) -> dict[str, Any]:
         """Return depth/scale/damping/repeats: the reference's defaults for (dataset, n) where unset (protocol §8.2)."""
@@ -96,7 +95,7 @@ class DeleteSettings:
 
 def settings(config: Mapping[str, Any]) -> DeleteSettings:
     """Return the validated settings of a deletion trial's config (unknown keys raise)."""
-    return settings_from_dict(DeleteSettings, dict(config), "deletion")
+    return config_lib.from_values(DeleteSettings, dict(config), "deletion setting")
 
 
 def _group_influence(s: DeleteSettings, state: dict, cfg: TrainConfig, data: PlantedData, before):

@@ -18,11 +18,11 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from spurious import checkpoint, mia, train
-from spurious.errors import SpuriousError
+from spurious import checkpoint, config as config_lib, mia, train
+from spurious.errors import SpuriousError, check
 from spurious.planted import PlantedData
 from trainables.common import report, use_trial_threads
-from trainables.sources import planted_data, read_source, settings_from_dict, source_columns
+from trainables.sources import planted_data, read_source, source_columns
 
 SCORES_FORMAT = "mia-scores-1"
 NEEDS_SHADOWS = ("shadow", "lira")
@@ -39,19 +39,17 @@ class MiaSettings:
     eval_batch_size: int = 2000
 
     def __post_init__(self) -> None:
-        checks = [(self.attack in mia.ATTACKS, f"attack {self.attack!r} is not one of {', '.join(mia.ATTACKS)}"),
-                  (self.lira_variance in mia.LIRA_VARIANCES,
-                   f"lira_variance {self.lira_variance!r} is not one of {', '.join(mia.LIRA_VARIANCES)}"),
-                  (self.shadows >= 0, "shadows must be >= 0 (0 = all)"),
-                  (self.eval_batch_size >= 1, "eval_batch_size must be >= 1")]
-        for ok, message in checks:
-            if not ok:
-                raise SpuriousError(message)
+        config_lib.check_types(self, "membership-inference setting")
+        check([(self.attack in mia.ATTACKS, f"attack {self.attack!r} is not one of {', '.join(mia.ATTACKS)}"),
+               (self.lira_variance in mia.LIRA_VARIANCES,
+                f"lira_variance {self.lira_variance!r} is not one of {', '.join(mia.LIRA_VARIANCES)}"),
+               (self.shadows >= 0, f"shadows must be >= 0 (0 = all), got {self.shadows!r}"),
+               (self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size!r}")])
 
 
 def settings(config: Mapping[str, Any]) -> MiaSettings:
     """Return the validated settings of an attack trial's config (unknown keys raise)."""
-    return settings_from_dict(MiaSettings, dict(config), "membership-inference")
+    return config_lib.from_values(MiaSettings, dict(config), "membership-inference setting")
 
 
 def _model(state: dict, data: PlantedData, device: torch.device) -> torch.nn.Module:
