@@ -29,7 +29,7 @@ def validate(space: Mapping[str, Any], data: Mapping[str, datasets.Dataset]) -> 
     for point in space_lib.points(space):
         cfg = config_lib.from_tune(point)
         train.validate_names(cfg)
-        dataset = data[datasets.DATASETS.canonical(cfg.dataset)]
+        dataset = data[cfg.dataset]  # canonical (config.from_tune)
         planted.choose_spurious(dataset.y_train, cfg.target, cfg.n_spurious, cfg.data_seed)
         configs.append(cfg)
     return configs
@@ -82,7 +82,7 @@ def bundle_space(configs: list[config_lib.TrainConfig], size: int, data: Mapping
         groups.setdefault(bundle.compatible_key(cfg), []).append(cfg)
     chunks = [members[i:i + size] for members in groups.values() for i in range(0, len(members), size)]
     for members in chunks:
-        dataset = data[datasets.DATASETS.canonical(members[0].dataset)]
+        dataset = data[members[0].dataset]
         bundle.check_bundlable(members[0], dataset.input_shape, dataset.num_classes)
     return {"bundle": space_lib.grid([[c.to_dict() for c in members] for members in chunks])}
 
