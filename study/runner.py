@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -52,11 +53,14 @@ def start_ray(options: RunOptions) -> None:
         return
     cluster.check_address(options.address)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray's own start-up notes (INFO) only at -v 2: a refused launch stays one line
+    quiet = {"log_to_driver": options.verbose > 1,
+             "logging_level": logging.INFO if options.verbose > 1 else logging.WARNING}
     try:
         if options.address:
-            ray.init(address=options.address, log_to_driver=options.verbose > 1)
+            ray.init(address=options.address, **quiet)
         else:
-            ray.init(include_dashboard=False, log_to_driver=options.verbose > 1)
+            ray.init(include_dashboard=False, **quiet)
     except ConnectionError as err:
         raise SpuriousError(f"cannot connect to Ray at {options.address!r}: {err}") from None
 
