@@ -60,7 +60,8 @@ def start_ray(options: RunOptions) -> None:
         if options.address:
             ray.init(address=options.address, **quiet)
         else:
-            ray.init(include_dashboard=False, **quiet)
+            # "local": a new Ray instance here, never one a `ray start` or $RAY_ADDRESS left running
+            ray.init(address="local", include_dashboard=False, **quiet)
     except ConnectionError as err:
         raise SpuriousError(f"cannot connect to Ray at {options.address!r}: {err}") from None
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from analysis import load, posthoc as analysis
-from spurious import checkpoint as ckpt, train
+from spurious import checkpoint as ckpt, config as config_lib, train
 from spurious.config import TrainConfig
 from spurious.errors import SpuriousError
 from spurious.planted import plant
@@ -429,7 +429,7 @@ def test_deletion_studies_from_a_smoke_training_study(tmp_path):
     gi = load(tmp_path / "bad-delete-group_influence")
     assert sorted(gi["status"]) == ["ERROR", "TERMINATED"]
     done = gi[gi["status"] == "TERMINATED"].iloc[0]
-    assert done["oracle_from"] == "trained" and done["lissa_depth"] == 50 and done["pattern"] == "s3"
+    assert done["oracle_from"] == "trained" and done["lissa_depth"] == 50 and done["pattern"] == config_lib.canonical_name("pattern", "s3")
     assert gi[gi["status"] == "ERROR"].iloc[0]["n_spurious"] == 100  # filled from the source
 
     resumed = study("resume", str(tmp_path / "bad-delete-group_influence"))

@@ -40,7 +40,7 @@ WALK: dict[str, list[str]] = {
     "study list": [],
     "study show demo --smoke": [],
     "study run demo --smoke": [],
-    "study run demo --name demo": ["--smoke", "--set", "epochs=3"],
+    "study run demo --name demo": ["--smoke", "--set", "epochs=6"],
     "study report results/demo": [],
     "study resume results/demo": [],
     "study run my_study.yaml --max-concurrent 2": ["--smoke"],
@@ -170,17 +170,17 @@ def test_main_job_killed_then_resumed_in_a_fresh_shell_keeps_one_wandb_run_per_t
     proc = shell.start("study run demo --name demo", tmp_path / "run.log")
     # demo checkpoints every 2 epochs: interrupt once a trial is past its epoch-2 checkpoint
     kill_when(proc, lambda: any(2 in e for e in reported_epochs(exp).values()))
-    assert not all(e[-1:] == [3] for e in reported_epochs(exp).values()), "interrupted before the end"
+    assert not all(e[-1:] == [6] for e in reported_epochs(exp).values()), "interrupted before the end"
 
     done = shell.run("study resume results/demo")
     assert "spurious_score (mean ± s.e. over seeds)" in done.stdout
     epochs = reported_epochs(exp)
-    assert len(epochs) == 2 and all(e[-1] == 3 for e in epochs.values())
+    assert len(epochs) == 2 and all(e[-1] == 6 for e in epochs.values())
     runs = wandb_runs(exp)
     assert len(runs) == 2, "one W&B run per trial after the resume"
     for run in runs.values():
         history = [row["epoch"] for row in read_run(run)["history"] if "epoch" in row]
-        assert history == [1, 2, 3], f"{run.name}: the resumed run holds every epoch once, got {history}"
+        assert history == [1, 2, 3, 4, 5, 6], f"{run.name}: the resumed run holds every epoch once, got {history}"
     assert f"wandb sync {exp}/wandb/offline-run-*" in done.stdout
     sync = subprocess.run([str(Path(sys.executable).parent / "wandb"), "sync", "--dry-run", str(exp / "wandb")],
                           cwd=shell.cwd, env=shell.env, capture_output=True, text=True, timeout=120)
