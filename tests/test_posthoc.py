@@ -429,7 +429,8 @@ def test_deletion_studies_from_a_smoke_training_study(tmp_path):
     gi = load(tmp_path / "bad-delete-group_influence")
     assert sorted(gi["status"]) == ["ERROR", "TERMINATED"]
     done = gi[gi["status"] == "TERMINATED"].iloc[0]
-    assert done["oracle_from"] == "trained" and done["lissa_depth"] == 50 and done["pattern"] == config_lib.canonical_name("pattern", "s3")
+    assert done["oracle_from"] == "trained" and done["lissa_depth"] == 50
+    assert done["pattern"] == config_lib.canonical_name("pattern", "s3")
     assert gi[gi["status"] == "ERROR"].iloc[0]["n_spurious"] == 100  # filled from the source
 
     resumed = study("resume", str(tmp_path / "bad-delete-group_influence"))
