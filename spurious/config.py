@@ -169,10 +169,11 @@ def canonical(cfg: TrainConfig) -> TrainConfig:
     spec = models.parse_model_name(cfg.model)
     augmentation = cfg.augmentation
     if spec.augmentation is not None:
-        check([(spec.augmentation in AUGMENTATIONS, f"augmentation {spec.augmentation!r} in model name "
-                                                    f"{cfg.model!r} is not one of {', '.join(AUGMENTATIONS)}"),
-               (augmentation in ("none", spec.augmentation), f"model {cfg.model!r} names augmentation "
-                                                             f"{spec.augmentation!r} but augmentation is {augmentation!r}")])
+        check([(spec.augmentation in AUGMENTATIONS,
+                f"augmentation {spec.augmentation!r} in model name {cfg.model!r} is not one of "
+                f"{', '.join(AUGMENTATIONS)}"),
+               (augmentation in ("none", spec.augmentation),
+                f"model {cfg.model!r} names augmentation {spec.augmentation!r} but augmentation is {augmentation!r}")])
         augmentation = spec.augmentation
     return dataclasses.replace(cfg, dataset=canonical_name("dataset", cfg.dataset), model=spec.arch,
                                pattern=canonical_name("pattern", cfg.pattern), augmentation=augmentation)

@@ -66,4 +66,5 @@ def test_citations_outside_the_readme_say_protocol():
     unlabelled = [f"{name}:{i}: {line.strip()}" for name, text in text_files().items() if name not in BARE_SIGN_OK
                   for i, line in enumerate(text.splitlines(), 1)
                   if SECTION_SIGN in line and f"protocol {SECTION_SIGN}" not in line.lower()]
-    assert unlabelled == [], "write 'protocol \u00a7N' so a reader knows which document is meant:\n" + "\n".join(unlabelled)
+    hint = "write 'protocol \u00a7N' so a reader knows which document is meant:\n"
+    assert unlabelled == [], hint + "\n".join(unlabelled)
