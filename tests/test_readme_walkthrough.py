@@ -101,6 +101,7 @@ class Shell:
                               capture_output=True, text=True, timeout=timeout)
         assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         assert "Traceback" not in done.stderr, done.stderr[-3000:]
+        print(f"\n$ {command}  [+ {' '.join(WALK[command])}]\n  -> {last_line(done)}")  # the transcript (pytest -s)
         return done
 
     def start(self, command: str, log: Path) -> subprocess.Popen:
