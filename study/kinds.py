@@ -6,7 +6,7 @@ interrupted one, in any shell). A kind adds only what is its own:
 
 | kind              | trainable (from study.json)                       | end-of-run print                       |
 |-------------------|---------------------------------------------------|----------------------------------------|
-| `train`           | train_classifier, or train_bundle when bundle > 1 | spurious-score table (study/cli.py)    |
+| `train`           | train_classifier, or train_bundle when bundle > 1 | spurious-score table (finish_training) |
 | `delete`, `mia`   | the post-hoc trainable with its source table      | deletion / attack table (posthoc.py)   |
 | `tune-mitigation` | two Tune experiments (baseline, Optuna search)    | Pareto set and recommendation          |
 
