@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from analysis import frames, load
+from spurious.patterns import short_name
 from spurious.registry import Registry
 from study import mitigation, posthoc, runner
 
@@ -41,7 +42,8 @@ def finish_training(experiment_path: str) -> int:
         return 0
     df = load(experiment_path)
     print()
-    print(frames.score_table(df))
+    # rows by the paper's pattern labels (S3, R3, …; canonical names are in the records): protocol §2.1
+    print(frames.score_table(df.assign(pattern=df["pattern"].map(short_name)) if "pattern" in df else df))
     errored = frames.errored(df)
     for line in errored:
         print(f"errored: {line}")
