@@ -197,7 +197,7 @@ def run(spec: StudySpec, options: runner.RunOptions, tuning: TuningOptions,
 
 def _execute(root: Path, base: dict, tuning: TuningOptions, data, resources: dict, checkpoint_every: int,
              options: runner.RunOptions, logging: wandb_setup.Logging, retry_errored: bool = False) -> Path:
-    runner._fresh_experiment_state(tuning.trials + 1)
+    runner.save_state_often(tuning.trials + 1)
     baseline = run_baseline(root, base, tuning, data, resources, checkpoint_every, options, logging)
     run_search(root, base, tuning, data, resources, checkpoint_every, options, baseline, logging, retry_errored)
     summary = tuning_analysis.write_summary(root, baseline, tuning.max_acc_drop, tuning.objective)

@@ -260,7 +260,7 @@ def launch(plan: Launch, options: RunOptions, trainable_of: Callable[[dict, dict
     resources = begin(options)
     if preflight:
         preflight(plan)
-    _fresh_experiment_state(plan.trials)
+    save_state_often(plan.trials)
     exp_path = join(options.storage_uri(), plan.name)
     meta = session_meta(plan.kind, plan.study, options, logging, resources, list(plan.data), plan.trials,
                         **plan.meta)
@@ -286,7 +286,7 @@ def train_trainable(meta: Mapping[str, Any], data: Mapping[str, datasets.Dataset
     return build_trainable(data, meta["checkpoint_every"], resources, meta.get("bundle", 1) > 1)
 
 
-def _fresh_experiment_state(trials: int) -> None:
+def save_state_often(trials: int) -> None:
     """Save Tune's experiment state every 2 s for studies of up to 1,000 trials (Tune's default is every
     10 s or more), so a killed driver loses at most 2 s of trial bookkeeping; larger studies keep Tune's
     adaptive period because saving their state costs more."""
@@ -331,7 +331,7 @@ def reopen(path: str | Path, address: str | None = None, verbose: int = 1) -> Re
     logging.reactivate(path)
     data = load_datasets(meta["datasets"], options.data_dir)
     start_ray(options)
-    _fresh_experiment_state(int(meta.get("trials", 0)))
+    save_state_often(int(meta.get("trials", 0)))
     return Reopened(path, meta, options, trial_resources(options), data, logging)
 
 

@@ -11,7 +11,6 @@ import torch
 from ray import tune
 
 from spurious import checkpoint
-from spurious.config import flatten as flatten_config  # re-exported: the trainables' name for it
 
 FAULT_FILE_ENV = "SPURIOUS_FAULT_FILE"
 
