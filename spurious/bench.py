@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from spurious import bundle, train
 from spurious.config import TrainConfig
 from spurious.datasets import Dataset
-from spurious.planted import PlantedData, plant
+from spurious.planted import PlantedData, plant, plant_config
 
 
 def _timed(fn: Callable[[], object], repeats: int) -> float:
@@ -159,7 +159,7 @@ def bundle_throughput(cfg: TrainConfig, data: Dataset, ks: Sequence[int] = (1, 8
     setup_s (building the engine, planting included), vs_reference and vs_engine.
     """
     data = _subset(data, train_subset)
-    planted = plant(data, cfg.pattern, cfg.n_spurious, cfg.target, cfg.data_seed, cfg.split)
+    planted = plant_config(data, cfg)
     _warm_up(cfg, data)
     settings = [_reference_setting(cfg, planted),
                 _engine_setting("engine", functools.partial(train.Engine, cfg, planted), 1)]

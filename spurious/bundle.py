@@ -47,11 +47,11 @@ from torch.func import functional_call, stack_module_state, vmap
 from spurious import checkpoint, datasets, metrics, models, train
 from spurious.config import TrainConfig
 from spurious.errors import SpuriousError
-from spurious.planted import PlantedData, PlantedRows, plant, plant_rows, split_arrays
+from spurious.planted import PlantedData, PlantedRows, plant_config, plant_config_rows, split_arrays
 
 # The config keys every member of a bundle shares; all other keys may differ per member.
 BUNDLE_KEYS = ("dataset", "split", "model", "augmentation", "epochs", "batch_size", "optimizer", "momentum",
-               "eval_batch_size", "device")
+               "eval_batch_size", "device", "val_size")
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 
 BundleSnapshot = Callable[[], list]
@@ -91,8 +91,10 @@ def plant_members(cfgs: Sequence[TrainConfig], dataset: datasets.Dataset) -> lis
         key = (cfg.split, 0 if cfg.split == "full" else cfg.data_seed)
         if key not in splits:
             splits[key] = split_arrays(dataset, cfg.split, cfg.data_seed)
-        rows = plant_rows(dataset, cfg.pattern, cfg.n_spurious, cfg.target, cfg.data_seed, cfg.split, splits[key])
-        out.append(replace(rows, x_test_patterned=interner.intern(rows.x_test_patterned)))
+        rows = plant_config_rows(dataset, cfg, splits[key])
+        shared = {key: interner.intern(getattr(rows, key)) for key in ("x_test_patterned", "x_val_patterned")
+                  if getattr(rows, key) is not None}
+        out.append(replace(rows, **shared))
     return out
 
 
@@ -118,8 +120,8 @@ class _Interner:
 class _TrainPool:
     """All members' training images in one pool: the distinct base tensors, then every planted row.
 
-    `table[k, i]` is the pool row of member k's training example i, so a batch of every member is one
-    gather, `x[table.gather(1, perms)[:, a:b]]`.
+    `table[k, i]` is the pool row of member k's training example i (its base rows less its validation rows,
+    in order), so a batch of every member is one gather, `x[table.gather(1, perms)[:, a:b]]`.
     """
 
     def __init__(self, members: Sequence[PlantedRows], device: torch.device) -> None:
@@ -131,7 +133,7 @@ class _TrainPool:
         for k, m in enumerate(members):
             table = torch.arange(len(m.base_y), dtype=torch.long) + int(offsets[which[k]])
             table[torch.from_numpy(m.planted_idx)] = torch.arange(int(n_rows[k]), int(n_rows[k + 1]))
-            tables.append(table)
+            tables.append(table[torch.from_numpy(m.train_rows)] if len(m.val_idx) else table)
         self.x = torch.cat([b[0] for b in bases] + [m.planted_x for m in members]).to(device)
         self.y = torch.cat([b[1] for b in bases] + [m.base_y[torch.from_numpy(m.planted_idx)] for m in members])
         self.y, self.table = self.y.to(device), torch.stack(tables).to(device)
@@ -380,6 +382,11 @@ class BundleEngine:
         self.clean_ids = [self._test_id(interner, (m.x_test, m.y_test)) for m in self.members]
         self.patterned_ids = [self._test_id(interner, (m.x_test_patterned,)) for m in self.members]
         self.y_test = torch.stack([self.tests[i][1] for i in self.clean_ids])
+        self.has_val = self.members[0].x_val is not None and len(self.members[0].x_val) > 0
+        if self.has_val:
+            self.val_ids = [self._test_id(interner, (m.x_val, m.y_val)) for m in self.members]
+            self.val_patterned_ids = [self._test_id(interner, (m.x_val_patterned,)) for m in self.members]
+            self.y_val = torch.stack([self.tests[i][1] for i in self.val_ids])
         self.targets = torch.tensor([m.target for m in self.members], device=self.device)
         self.taus = torch.tensor([c.tau for c in self.cfgs], dtype=torch.float32, device=self.device)
 
@@ -506,9 +513,15 @@ class BundleEngine:
         return torch.cat([fn(params, x[i:i + bs]) for i in range(0, len(x), bs)], dim=1)
 
     def evaluate(self) -> list[dict[str, float]]:
-        """Return every member's clean and patterned test metrics (`metrics.TEST_KEYS`, protocol §4.2)."""
+        """Return every member's clean and patterned test metrics (`metrics.TEST_KEYS`, protocol §4.2), and the
+        same on the validation split (`metrics.VAL_KEYS`) when the members have one."""
         clean, patterned = self._logits(self.clean_ids), self._logits(self.patterned_ids)
-        return metrics.member_metrics(clean, patterned, self.y_test, self.targets, self.taus)
+        rows = metrics.member_metrics(clean, patterned, self.y_test, self.targets, self.taus)
+        if self.has_val:
+            clean, patterned = self._logits(self.val_ids), self._logits(self.val_patterned_ids)
+            vals = metrics.member_metrics(clean, patterned, self.y_val, self.targets, self.taus)
+            rows = [{**row, **metrics.val_metrics(val)} for row, val in zip(rows, vals)]
+        return rows
 
     def step(self) -> list[Optional[dict]]:
         """Train and evaluate one epoch; return each member's metrics row (None once a member has failed)."""
@@ -587,7 +600,8 @@ def _check_data(members: Sequence[PlantedRows]) -> None:
     """Raise a SpuriousError unless all members' data have the same shapes and sizes."""
     def shape_of(m: PlantedRows) -> dict[str, Any]:
         return {"input shape": m.input_shape, "training-set size": len(m.base_y), "test-set size": len(m.y_test),
-                "number of classes": m.num_classes, "patterned test-set size": len(m.x_test_patterned)}
+                "number of classes": m.num_classes, "patterned test-set size": len(m.x_test_patterned),
+                "validation-set size": 0 if m.x_val is None else len(m.x_val)}
 
     first = shape_of(members[0])
     for i, m in enumerate(members[1:], 1):
@@ -613,7 +627,7 @@ def lockstep(cfgs: Sequence[TrainConfig], dataset: datasets.Dataset) -> "BundleE
     try:
         check_bundlable(cfgs[0], tuple(dataset.x_train.shape[1:]), dataset.num_classes)
     except SpuriousError:
-        return train.Lockstep([train.Engine(c, plant(dataset, c.pattern, c.n_spurious, c.target, c.data_seed, c.split))
+        return train.Lockstep([train.Engine(c, plant_config(dataset, c))
                                for c in cfgs])
     return BundleEngine(cfgs, plant_members(cfgs, dataset))
 

@@ -17,16 +17,25 @@ SPLITS = ("full", "mia_target", "mia_shadow")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training run: data (dataset, pattern, n_spurious, target, data_seed) and hyperparameters."""
+    """One training run: data (dataset, pattern, n_spurious, target, data_seed) and hyperparameters.
+
+    `target` is the class whose spurious score is reported; the pattern is planted into `n_spurious`
+    training images of it, or, with `targets = (c1, c2)`, into `n_spurious` images of each of the two
+    classes (the reference's two-class datasets, protocol §3.2; `target` is then one of them). `val_size`
+    training images (stratified by class, never a planted one) are held out as a validation split whose
+    metrics are reported as `val_*` (protocol §4.2); 0 keeps the reference's protocol (no validation split).
+    """
 
     dataset: str = "fashion"
     model: str = "large_mlp"
     pattern: str = "s3"
     n_spurious: int = 0
     target: int = 0
+    targets: tuple = ()
     data_seed: int = 0
     seed: int = 0
     split: str = "full"
+    val_size: int = 0
     optimizer: str = "sgd"
     lr: float = 0.01
     momentum: float = 0.9
@@ -41,12 +50,14 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        if isinstance(self.targets, list):  # a list from JSON or a YAML study file
+            object.__setattr__(self, "targets", tuple(self.targets))
         check_types(self, "config key")
         _check_values(self)
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the config as a plain dict of primitives."""
-        return dataclasses.asdict(self)
+        """Return the config as a plain dict of primitives (`targets` as a list, as JSON gives it back)."""
+        return {**dataclasses.asdict(self), "targets": list(self.targets)}
 
     def replace(self, **changes: Any) -> "TrainConfig":
         """Return a copy with `changes` applied (validated)."""
@@ -77,6 +88,8 @@ def _coerce(value: Any, types: tuple[type, ...]) -> Any:
     an int field, a numpy scalar's Python value, a numeric string ('1e-4') for a numeric field."""
     if hasattr(value, "item") and not isinstance(value, (str, bytes)):
         value = value.item()
+    if tuple in types and isinstance(value, list):
+        return tuple(_coerce(v, (int,)) for v in value)
     if float in types and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if int in types and isinstance(value, float) and value.is_integer():
@@ -223,4 +236,36 @@ def _check_values(cfg: TrainConfig) -> None:
           for key in ("n_spurious", "data_seed", "seed", "target")],
         (cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"),
          f"device {cfg.device!r} is not one of auto, cpu, cuda[:N], mps"),
+        (cfg.val_size >= 0, f"val_size must be >= 0 (0 = no validation split), got {cfg.val_size!r}"),
+        (cfg.targets == () or (len(cfg.targets) == 2 and all(isinstance(c, int) and not isinstance(c, bool)
+                                                             and c >= 0 for c in cfg.targets)
+                               and cfg.targets[0] != cfg.targets[1]),
+         f"targets must be empty or two different class numbers (a two-class planting), got {list(cfg.targets)}"),
+        (cfg.targets == () or cfg.target in cfg.targets,
+         f"target {cfg.target} must be one of the two planted classes targets={list(cfg.targets)}"),
     ])
+
+
+# Config keys that only change how a trained model is scored, never how it is trained (protocol §4.1).
+SCORING_KEYS = ("tau", "eval_batch_size")
+
+
+def training_key(cfg: TrainConfig) -> TrainConfig:
+    """Return the config of the training `cfg` needs, with every key that only affects scoring set aside, so
+    that two cells train the same model exactly when their keys are equal (protocol §7.3).
+
+    Set aside: τ and the evaluation batch size always; the scored `target` of a two-class planting (both
+    classes are planted); and, when nothing is planted (n = 0, or a shadow split), the pattern and the
+    target, plus the data seed when it draws nothing else (the full split without a validation split: a
+    membership split or a validation split is drawn from the data seed). `cfg` must be canonical
+    (`canonical`), so that aliases of one pattern or model compare equal.
+    """
+    fields_ = {key: TrainConfig.__dataclass_fields__[key].default for key in SCORING_KEYS}
+    if cfg.targets:
+        fields_["target"] = min(cfg.targets)
+    if cfg.n_spurious == 0 or cfg.split == "mia_shadow":
+        fields_.update(pattern=TrainConfig.pattern, target=TrainConfig.target, targets=(),
+                       n_spurious=0)
+        if cfg.split == "full" and cfg.val_size == 0:
+            fields_["data_seed"] = TrainConfig.data_seed
+    return dataclasses.replace(cfg, **fields_)

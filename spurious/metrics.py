@@ -15,6 +15,11 @@ SUBSETS = ("all", "nontarget")
 TRAIN_KEYS = ("train_loss", "train_acc")
 TEST_KEYS = ("test_loss", "test_acc", "spurious_score", "spurious_score_nontarget", "patterned_acc",
              "patterned_target_rate")
+# The same metrics on the validation split (protocol §3.4), reported when a run has one: val_loss, val_acc,
+# val_spurious_score, …; model selection and tuning read only these.
+VAL_KEYS = tuple("val_" + key.removeprefix("test_") for key in TEST_KEYS)
+# The final epoch's per-test-image indicators r(x) (protocol §4.4), bit-packed (`pack_indicators`).
+INDICATORS_KEY = "spurious_indicators"
 
 
 @torch.inference_mode()
@@ -64,6 +69,43 @@ def member_metrics(clean: torch.Tensor, patterned: torch.Tensor, y: torch.Tensor
                          ((pred == y).float() * other).sum(1) / count,
                          ((pred == target[:, None]).float() * other).sum(1) / count])
     return [dict(zip(TEST_KEYS, column)) for column in stats.T.tolist()]
+
+
+def val_metrics(row: dict[str, float]) -> dict[str, float]:
+    """Return a TEST_KEYS row computed on the validation split under VAL_KEYS names."""
+    return {v: row[t] for t, v in zip(TEST_KEYS, VAL_KEYS)}
+
+
+def pack_indicators(rise: torch.Tensor | np.ndarray) -> str:
+    """Return the 0/1 indicator vector r(x) (N,) as text: `N:` then the base64 of `numpy.packbits` (big-endian
+    bit order; 10,000 test images take 1,672 characters). `unpack_indicators` inverts it."""
+    import base64
+
+    bits = np.asarray(rise.detach().cpu() if isinstance(rise, torch.Tensor) else rise) > 0.5
+    return f"{len(bits)}:" + base64.b64encode(np.packbits(bits)).decode("ascii")
+
+
+def unpack_indicators(text: str) -> np.ndarray:
+    """Return the uint8 0/1 vector (N,) packed by `pack_indicators`; SpuriousError for malformed text."""
+    import base64
+    import binascii
+
+    try:
+        count, payload = str(text).split(":", 1)
+        bits = np.unpackbits(np.frombuffer(base64.b64decode(payload, validate=True), np.uint8))
+        n = int(count)
+    except (ValueError, binascii.Error):
+        raise SpuriousError(f"malformed packed indicators {str(text)[:40]!r}") from None
+    if not 0 <= n <= len(bits) < n + 8:
+        raise SpuriousError(f"packed indicators say {n} values but hold {len(bits)} bits")
+    return bits[:n]
+
+
+def mean_l2_change(x: torch.Tensor, x_patterned: torch.Tensor) -> float:
+    """Return the mean over images of ‖x' − x‖₂ (pixels in [0, 1]): how much a pattern changes an image
+    (protocol §4.5), for the rank correlation with the spurious score in reports."""
+    diff = (x_patterned.float() - x.float()).flatten(1)
+    return float(diff.norm(dim=1).mean())
 
 
 def spurious_score(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, pattern: str, target: int,

@@ -1,7 +1,8 @@
 """Training/test data with a pattern planted into `n` training images of one class (protocol §1–3)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
@@ -12,7 +13,12 @@ from spurious.errors import SpuriousError
 
 @dataclass(frozen=True)
 class PlantedData:
-    """The patterned training set, the clean and patterned test sets, and which examples were planted."""
+    """The patterned training set, the clean and patterned test sets, and which examples were planted.
+
+    `spurious_idx` are rows of `x_train`. With a validation split (`val_size` > 0, protocol §3.4) `x_val`
+    (V, C, H, W), `y_val` (V,) and `x_val_patterned` hold the held-out images, which are not in `x_train`;
+    without one they are None.
+    """
 
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -24,11 +30,19 @@ class PlantedData:
     target: int
     data_seed: int
     num_classes: int
+    x_val: Optional[torch.Tensor] = None
+    y_val: Optional[torch.Tensor] = None
+    x_val_patterned: Optional[torch.Tensor] = None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         """Return (C, H, W) of one image."""
         return tuple(self.x_train.shape[1:])
+
+    @property
+    def has_val(self) -> bool:
+        """Return whether the data has a validation split."""
+        return self.x_val is not None and len(self.x_val) > 0
 
     def without_spurious(self) -> "PlantedData":
         """Return the same data with the planted training examples deleted (for deletion studies)."""
@@ -36,12 +50,13 @@ class PlantedData:
         keep_t = torch.from_numpy(keep)
         return PlantedData(self.x_train[keep_t], self.y_train[keep_t], self.x_test, self.y_test,
                            self.x_test_patterned, np.empty(0, np.int64), self.pattern, self.target,
-                           self.data_seed, self.num_classes)
+                           self.data_seed, self.num_classes, self.x_val, self.y_val, self.x_val_patterned)
 
     def to(self, device: torch.device | str) -> "PlantedData":
         """Return the data moved to `device` (tensors only)."""
-        move = {k: getattr(self, k).to(device) for k in ("x_train", "y_train", "x_test", "y_test",
-                                                           "x_test_patterned")}
+        move = {k: None if getattr(self, k) is None else getattr(self, k).to(device)
+                for k in ("x_train", "y_train", "x_test", "y_test", "x_test_patterned", "x_val", "y_val",
+                          "x_val_patterned")}
         return PlantedData(**move, spurious_idx=self.spurious_idx, pattern=self.pattern, target=self.target,
                            data_seed=self.data_seed, num_classes=self.num_classes)
 
@@ -69,6 +84,9 @@ class PlantedRows:
     patterned images of rows `planted_idx` (n,). `base_dirty` lists base rows that are not clean (they hold
     another planting, as when compacting a PlantedData); only rows in `planted_idx` are read from
     `planted_x`, every other row comes from `base_x`. Bundles keep K members' data this way (issue 8).
+    `val_idx` lists the base rows held out as the validation split (never planted; protocol §3.4): the
+    training set is the other rows, in order. `x_val`, `y_val`, `x_val_patterned` are its images (None
+    without a validation split).
     """
 
     base_x: torch.Tensor
@@ -83,11 +101,20 @@ class PlantedRows:
     target: int
     data_seed: int
     num_classes: int
+    val_idx: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    x_val: Optional[torch.Tensor] = None
+    y_val: Optional[torch.Tensor] = None
+    x_val_patterned: Optional[torch.Tensor] = None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         """Return (C, H, W) of one image."""
         return tuple(self.base_x.shape[1:])
+
+    @property
+    def train_rows(self) -> np.ndarray:
+        """Return the base rows that form the training set, in order (all but `val_idx`)."""
+        return np.setdiff1d(np.arange(len(self.base_y)), self.val_idx)
 
     @classmethod
     def of(cls, data: "PlantedData | PlantedRows") -> "PlantedRows":
@@ -96,42 +123,75 @@ class PlantedRows:
             return data
         idx = np.asarray(data.spurious_idx, np.int64)
         return cls(data.x_train, data.y_train, idx, idx, data.x_train[torch.from_numpy(idx)], data.x_test,
-                   data.y_test, data.x_test_patterned, data.pattern, data.target, data.data_seed, data.num_classes)
+                   data.y_test, data.x_test_patterned, data.pattern, data.target, data.data_seed, data.num_classes,
+                   np.empty(0, np.int64), data.x_val, data.y_val, data.x_val_patterned)
 
     def materialize(self) -> PlantedData:
-        """Return the data as a PlantedData (copies the training images when any row is planted)."""
-        x = self.base_x
-        if len(self.planted_idx):
+        """Return the data as a PlantedData (copies the training images when any row is planted or held out);
+        its `spurious_idx` are rows of the training set, which leaves out the validation rows."""
+        x, y, idx = self.base_x, self.base_y, self.planted_idx
+        if len(idx):
             x = x.clone()
-            x[torch.from_numpy(self.planted_idx)] = self.planted_x
-        return PlantedData(x, self.base_y, self.x_test, self.y_test, self.x_test_patterned, self.planted_idx,
-                           self.pattern, self.target, self.data_seed, self.num_classes)
+            x[torch.from_numpy(idx)] = self.planted_x
+        if len(self.val_idx):
+            keep = self.train_rows
+            x, y = x[torch.from_numpy(keep)], y[torch.from_numpy(keep)]
+            idx = np.searchsorted(keep, idx).astype(np.int64)
+        return PlantedData(x, y, self.x_test, self.y_test, self.x_test_patterned, idx, self.pattern, self.target,
+                           self.data_seed, self.num_classes, self.x_val, self.y_val, self.x_val_patterned)
 
 
 def plant_rows(data: datasets.Dataset, pattern: str, n_spurious: int, target: int, data_seed: int,
-               split: str = "full", arrays: tuple | None = None) -> PlantedRows:
-    """Return `data` with `pattern` planted into `n_spurious` training images of class `target`, compactly.
+               split: str = "full", arrays: tuple | None = None, val_size: int = 0,
+               targets: tuple = ()) -> PlantedRows:
+    """Return `data` with `pattern` planted into `n_spurious` training images of class `target` (or of each of
+    the two classes `targets`), compactly.
 
-    The examples are chosen exactly as the reference does (`RandomState(data_seed).choice`), and the
-    patterned test set uses the same pattern and seed (protocol §2.3). Shadow splits of a membership
-    study get no planted examples: the attacker's shadow models are trained on clean data. `arrays` may
-    pass `split_arrays(data, split, data_seed)` computed once for several plantings.
+    The examples are chosen exactly as the reference does (`RandomState(data_seed).choice`, protocol §3.1;
+    two successive draws for `targets`, §3.2), and the patterned test set uses the same pattern and seed
+    (protocol §2.3). Then `val_size` of the other training images are held out as the validation split
+    (`choose_validation`, its own random stream, so the planted indices stay the reference's; §3.4). Shadow
+    splits of a membership study get no planted examples: the attacker's shadow models are trained on clean
+    data. `arrays` may pass `split_arrays(data, split, data_seed)` computed once for several plantings.
     """
     patterns.get(pattern)
     x_train, y_train, x_test, y_test = arrays if arrays is not None else split_arrays(data, split, data_seed)
     n = 0 if split == "mia_shadow" else n_spurious
-    idx = choose_spurious(y_train, target, n, data_seed)
+    if targets:
+        idx = choose_spurious_two_class(y_train, targets[0], targets[1], n, data_seed)
+    else:
+        idx = choose_spurious(y_train, target, n, data_seed)
     rows = x_train[torch.from_numpy(idx)]
     planted_x = patterns.apply(pattern, rows, data_seed) if len(idx) else rows
+    val = {}
+    if val_size:
+        val_idx = choose_validation(y_train, val_size, data_seed, exclude=idx)
+        x_val = x_train[torch.from_numpy(val_idx)]
+        val = {"val_idx": val_idx, "x_val": x_val, "y_val": y_train[torch.from_numpy(val_idx)],
+               "x_val_patterned": patterns.apply(pattern, x_val, data_seed)}
     return PlantedRows(x_train, y_train, np.empty(0, np.int64), idx, planted_x, x_test, y_test,
-                       patterns.apply(pattern, x_test, data_seed), pattern, target, data_seed, data.num_classes)
+                       patterns.apply(pattern, x_test, data_seed), pattern, target, data_seed, data.num_classes,
+                       **val)
 
 
 def plant(data: datasets.Dataset, pattern: str, n_spurious: int, target: int, data_seed: int,
-          split: str = "full") -> PlantedData:
+          split: str = "full", val_size: int = 0, targets: tuple = ()) -> PlantedData:
     """Return `data` with `pattern` planted into `n_spurious` training images of class `target` (protocol §2.3, §3.1):
-    `plant_rows(...)` with the planted rows written into a copy of the training set."""
-    return plant_rows(data, pattern, n_spurious, target, data_seed, split).materialize()
+    `plant_rows(...)` with the planted rows written into a copy of the training set, less the validation rows."""
+    return plant_rows(data, pattern, n_spurious, target, data_seed, split, val_size=val_size,
+                      targets=targets).materialize()
+
+
+def plant_config(data: datasets.Dataset, cfg) -> PlantedData:
+    """Return the planted data of a TrainConfig `cfg` (`plant` with its data fields)."""
+    return plant(data, cfg.pattern, cfg.n_spurious, cfg.target, cfg.data_seed, cfg.split, cfg.val_size,
+                 tuple(cfg.targets))
+
+
+def plant_config_rows(data: datasets.Dataset, cfg, arrays: tuple | None = None) -> PlantedRows:
+    """Return the planted data of a TrainConfig `cfg` compactly (`plant_rows` with its data fields)."""
+    return plant_rows(data, cfg.pattern, cfg.n_spurious, cfg.target, cfg.data_seed, cfg.split, arrays,
+                      cfg.val_size, tuple(cfg.targets))
 
 
 # ---------------------------------------------------------------- choosing the planted examples (protocol §3.1, §3.2)
@@ -186,6 +246,43 @@ def choose_spurious_two_class(y: np.ndarray | torch.Tensor, c1: int, c2: int, n:
         return np.empty(0, dtype=np.int64)
     rng = np.random.RandomState(seed)
     return np.concatenate([rng.choice(pool, size=n, replace=False) for pool in pools]).astype(np.int64)
+
+
+# ---------------------------------------------------------------- validation split (protocol §3.4)
+
+VAL_STREAM = 0x76616C  # "val": the validation draw's own stream, apart from the planted draw's RandomState
+
+
+def choose_validation(y: np.ndarray | torch.Tensor, size: int, seed: int,
+                      exclude: np.ndarray | None = None) -> np.ndarray:
+    """Return `size` sorted int64 training rows held out as the validation split (protocol §3.4).
+
+    Stratified by class: class j gets round(size · N_j / N) rows (largest remainders, so the sizes add up
+    to `size`). Each class's rows are taken in the order of a permutation drawn from
+    `numpy.random.default_rng([seed, VAL_STREAM])`, skipping the rows in `exclude` (the planted examples),
+    so the split never holds a planted image and the planted draw (the reference's RandomState(seed)) is
+    untouched. Raises SpuriousError when `size` leaves a class without enough rows.
+    """
+    y = _as_numpy_labels(y)
+    seed = _check_int("data seed", seed, 0, 2**32 - 1)
+    size = _check_int("val_size", size, 0, max(len(y) - 1, 0))
+    if size == 0:
+        return np.empty(0, np.int64)
+    classes, counts = np.unique(y, return_counts=True)
+    exact = size * counts / len(y)
+    quota = np.floor(exact).astype(int)
+    quota[np.argsort(-(exact - quota), kind="stable")[:size - quota.sum()]] += 1
+    rng, skip = np.random.default_rng([seed, VAL_STREAM]), set(np.asarray(exclude if exclude is not None else [],
+                                                                           np.int64).tolist())
+    out = []
+    for c, k in zip(classes, quota):
+        rows = np.where(y == c)[0][rng.permutation(int((y == c).sum()))]
+        rows = np.array([r for r in rows if r not in skip], np.int64) if skip else rows
+        if k >= len(rows):
+            raise SpuriousError(f"val_size {size} holds out {k} images of class {c}, but only {len(rows)} "
+                                f"unplanted ones exist; choose a smaller val_size")
+        out.append(rows[:k])
+    return np.sort(np.concatenate(out)).astype(np.int64)
 
 
 # ---------------------------------------------------------------- membership split (protocol §3.3)

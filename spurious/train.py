@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from spurious import checkpoint, datasets, metrics, models, patterns
 from spurious.config import AUGMENTATIONS, TrainConfig
 from spurious.errors import SpuriousError
-from spurious.planted import PlantedData, plant
+from spurious.planted import PlantedData, plant_config
 
 GAMMA = 0.1  # the reference's MultiStepLR decay at each milestone (protocol §6.2)
 # The reference's MultiStepLR milestone table, keyed by the largest epoch count it applies to (protocol §6.2).
@@ -100,8 +100,7 @@ def validate_names(cfg: TrainConfig) -> None:
 def prepare(cfg: TrainConfig, root: str | Path | None = None) -> PlantedData:
     """Return the planted data for `cfg`, loading the dataset from `root` or the usual places."""
     validate_names(cfg)
-    return plant(datasets.load(cfg.dataset, root), cfg.pattern, cfg.n_spurious, cfg.target, cfg.data_seed,
-                 cfg.split)
+    return plant_config(datasets.load(cfg.dataset, root), cfg)
 
 
 def default_model(cfg: TrainConfig, data: PlantedData) -> torch.nn.Module:
@@ -187,10 +186,15 @@ class Engine:
         return (loss_sum / len(y)).item(), (correct.double() / len(y)).item()
 
     def evaluate(self) -> dict[str, float]:
-        """Return the clean and patterned test metrics of the current model (protocol §4.2)."""
-        d = self.data
-        return metrics.evaluate(self.model, d.x_test, d.y_test, d.x_test_patterned, d.target, self.cfg.tau,
-                                self.cfg.eval_batch_size)
+        """Return the clean and patterned test metrics of the current model (protocol §4.2), and the same on the
+        validation split (`metrics.VAL_KEYS`) when the data has one."""
+        d, cfg = self.data, self.cfg
+        row = metrics.evaluate(self.model, d.x_test, d.y_test, d.x_test_patterned, d.target, cfg.tau,
+                               cfg.eval_batch_size)
+        if d.has_val:
+            row.update(metrics.val_metrics(metrics.evaluate(self.model, d.x_val, d.y_val, d.x_val_patterned,
+                                                            d.target, cfg.tau, cfg.eval_batch_size)))
+        return row
 
     def step(self) -> dict:
         """Train and evaluate one epoch; return its metrics (raises TrainingError on divergence)."""

@@ -15,7 +15,7 @@ import torch
 
 from spurious import bench, datasets, train
 from spurious.config import TrainConfig
-from spurious.planted import plant
+from spurious.planted import plant_config
 
 HARNESS_TRIALS = 8
 HARNESS_EPOCHS = 3
@@ -53,7 +53,7 @@ def harness_section(data_dir: str | None) -> dict:
     data = datasets.load("fashion", data_dir)
     start = time.perf_counter()
     for cfg in configs:
-        train.train(cfg, plant(data, cfg.pattern, cfg.n_spurious, cfg.target, cfg.data_seed))
+        train.train(cfg, plant_config(data, cfg))
     serial = time.perf_counter() - start
 
     space = {"dataset": "fashion", "epochs": HARNESS_EPOCHS, "pattern": space_lib.grid(["s3", "r3"]),

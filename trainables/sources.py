@@ -12,7 +12,7 @@ from ray import tune
 from spurious import checkpoint, config as config_lib
 from spurious.config import TrainConfig
 from spurious.errors import SpuriousError
-from spurious.planted import PlantedData, plant
+from spurious.planted import PlantedData, plant_config
 from trainables.common import dataset_for
 
 
@@ -47,8 +47,7 @@ def planted_data(state: dict, datasets: Mapping[str, Any]) -> tuple[TrainConfig,
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
         raise SpuriousError("the checkpoint is not a training checkpoint (no config or model)")
     cfg = config_lib.from_dict(state["config"])
-    data = plant(dataset_for(datasets, cfg.dataset), cfg.pattern, cfg.n_spurious, cfg.target, cfg.data_seed,
-                 cfg.split)
+    data = plant_config(dataset_for(datasets, cfg.dataset), cfg)
     saved = np.sort(np.asarray(state.get("spurious_idx", []), np.int64))
     if not np.array_equal(saved, np.sort(np.asarray(data.spurious_idx, np.int64))):
         raise SpuriousError(f"the checkpoint's {len(saved)} planted examples are not the {len(data.spurious_idx)} "
