@@ -26,18 +26,18 @@ from analysis import stats
 from spurious import checkpoint
 from spurious.config import field_names
 from spurious.errors import SpuriousError
-from spurious.metrics import TEST_KEYS, TRAIN_KEYS
+from spurious.metrics import TEST_KEYS, TRAIN_KEYS, VAL_KEYS
 
 # Every training-config key: a trainable records them all, canonical, in each report (spurious.config).
 TRAIN_FIELDS = tuple(field_names())
-CONFIG_COLUMNS = ("dataset", "model", "pattern", "n_spurious", "target", "data_seed", "seed", "split", "optimizer",
-                  "lr", "momentum", "l2", "grad_clip", "noise_sigma", "augmentation", "epochs", "batch_size",
-                  "tau")
+CONFIG_COLUMNS = ("dataset", "model", "pattern", "n_spurious", "target", "targets", "data_seed", "seed", "split",
+                  "val_size", "optimizer", "lr", "momentum", "l2", "grad_clip", "noise_sigma", "augmentation",
+                  "epochs", "batch_size", "tau")
 # The per-epoch metrics every training trial reports: the one key list of spurious.metrics.
 METRICS = (*TRAIN_KEYS, *TEST_KEYS)
 # Reported values kept in the frames but not summarised (`load_epochs` also has `epoch_lr`, the epoch's
 # scheduled rate; `lr` is the configured base rate).
-EXTRAS = ("epoch_time_s", "n_planted")
+EXTRAS = ("epoch_time_s", "n_planted", "pattern_l2", *VAL_KEYS)
 SUMMARY_COLUMNS = ("mean", "se", "count", "p_vs_baseline")
 # Keys that identify a cell of a study; seeds are replicates, not cells.
 REPLICATE_KEYS = ("data_seed", "seed")
@@ -49,7 +49,7 @@ TUNING_PHASES = ("baseline", "search")  # the Tune experiments inside a tune-mit
 TUNE_KEYS = ("config", "done", "timestamp", "date", "pid", "node_ip", "checkpoint_dir_name", "should_checkpoint",
              "training_iteration", "time_this_iter_s", "time_since_restore", "iterations_since_restore",
              "experiment_tag", "members", "epoch")
-ROW_KEYS = ("experiment", "kind", "phase", "source_experiment", "trial_id", "status", "error", "epochs_done",
+ROW_KEYS = ("experiment", "kind", "phase", "source_experiment", "trial_id", "training_id", "status", "error", "epochs_done",
             "time_total_s", "hostname", "node_id", "checkpoint", "checkpoint_file", "trial_dir")
 
 
@@ -160,9 +160,11 @@ def _dir_trial_id(trial_dir: Path) -> str:
 
 
 def _units(trial_dir: Path, kind: str) -> list[dict]:
-    """Return the models of a trial directory: one for an ordinary trial, one per member of a bundle
-    (`--bundle K`), each with its id, flat config, counted reports, error and checkpoint file."""
+    """Return the rows of a trial directory: one for a trial of one model, one per cell of a trial of several
+    cells (a bundle, `--bundle K`, or one model scored as several cells: protocol §7.3), each with its id, flat
+    config, counted reports, error and checkpoint file (its model's)."""
     params, results = _read_params(trial_dir), _read_results(trial_dir)
+    params = params["run"] if set(params) == {"run"} else params  # grid studies wrap each trial's entry
     trial_id = next((r["trial_id"] for r in reversed(results) if r.get("trial_id")), None) or _dir_trial_id(trial_dir)
     latest = _latest_checkpoint(trial_dir)
     if "bundle" not in params:
@@ -170,7 +172,7 @@ def _units(trial_dir: Path, kind: str) -> list[dict]:
         return [{"trial_id": trial_id, "config": _recorded(_config(params, kind), reports), "reports": reports,
                  "error": _error_line(trial_dir), "checkpoint": latest,
                  "checkpoint_file": _model_file(latest, 0)}]
-    units = []
+    units, models = [], params.get("models") or list(range(len(params["bundle"])))
     for k, member in enumerate(params["bundle"]):
         reports = [r["members"][str(k)] for r in results if str(k) in r.get("members", {})]
         member_error = next((m["error"] for m in reversed(reports) if "error" in m), None)
@@ -178,7 +180,8 @@ def _units(trial_dir: Path, kind: str) -> list[dict]:
         units.append({"trial_id": f"{trial_id}-m{k}", "config": _recorded(_config(member, kind), _reports(rows)),
                       "reports": _reports(rows),
                       "error": member_error or _error_line(trial_dir), "checkpoint": latest,
-                      "checkpoint_file": _model_file(latest, k)})
+                      "checkpoint_file": _model_file(latest, int(models[k])),
+                      "training_id": f"{trial_id}-t{int(models[k])}"})
     return units
 
 
@@ -204,7 +207,8 @@ def _unit_row(trial_dir: Path, unit: dict, where: dict) -> dict:
     state = status(reports, config, unit["error"])
     expected = {} if where["kind"] in SOURCE_ID_COLUMNS else {m: math.nan for m in (*METRICS, *EXTRAS)}
     reported = {k: v for k, v in final.items() if k not in config and k not in TUNE_KEYS and k not in ROW_KEYS}
-    return {**where, "trial_id": unit["trial_id"], "status": state,
+    return {**where, "trial_id": unit["trial_id"], "training_id": unit.get("training_id", unit["trial_id"]),
+            "status": state,
             "error": unit["error"] if state != "TERMINATED" else None,
             "epochs_done": final.get("epoch", math.nan if final else 0), **config, **expected, **reported,
             "time_total_s": final.get("time_total_s", math.nan), "hostname": final.get("hostname"),
@@ -257,7 +261,14 @@ def load(paths: str | Path | Iterable[str | Path], fill_from_source: bool = True
             parts.append(_fill_config(pd.DataFrame(rows), meta) if fill_from_source else pd.DataFrame(rows))
     if not parts:
         return pd.DataFrame(columns=["experiment", "kind", "trial_id", "status", *CONFIG_COLUMNS, *METRICS])
-    return _integer_columns(pd.concat(parts, ignore_index=True))
+    return _targets_column(_integer_columns(pd.concat(parts, ignore_index=True)))
+
+
+def _targets_column(df: pd.DataFrame) -> pd.DataFrame:
+    """Return `df` with `targets` (the two classes of a two-class planting) as hashable tuples, () for none."""
+    if "targets" in df:
+        df["targets"] = [tuple(v) if isinstance(v, (list, tuple)) else () for v in df["targets"]]
+    return df
 
 
 def _integer_columns(df: pd.DataFrame) -> pd.DataFrame:

@@ -250,6 +250,20 @@ def _check_values(cfg: TrainConfig) -> None:
 SCORING_KEYS = ("tau", "eval_batch_size")
 
 
+def group_by_training(cfgs: list[TrainConfig]) -> list[list[int]]:
+    """Return the indices of `cfgs` grouped by training (`training_key`), groups and members in order of first
+    appearance; `cfgs` should be canonical (`canonical`), or aliases of one name count as different."""
+    groups: dict[TrainConfig, list[int]] = {}
+    for i, cfg in enumerate(cfgs):
+        groups.setdefault(training_key(cfg), []).append(i)
+    return list(groups.values())
+
+
+def count_trainings(cfgs: list[TrainConfig]) -> int:
+    """Return how many distinct models the cells `cfgs` need (protocol §7.3)."""
+    return len(group_by_training(cfgs))
+
+
 def training_key(cfg: TrainConfig) -> TrainConfig:
     """Return the config of the training `cfg` needs, with every key that only affects scoring set aside, so
     that two cells train the same model exactly when their keys are equal (protocol §7.3).

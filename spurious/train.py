@@ -338,6 +338,10 @@ class Lockstep:
         """Return every member's test metrics."""
         return [e.evaluate() for e in self.engines]
 
+    def member_model(self, k: int) -> torch.nn.Module:
+        """Return member k's model (the engine's own: do not train it)."""
+        return self.engines[k].model
+
     def snapshot(self) -> list[dict]:
         """Return one checkpoint per member."""
         return [e.snapshot() for e in self.engines]

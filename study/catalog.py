@@ -5,7 +5,7 @@ Each study is a param space for one trainable plus a smoke variant that runs in 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +17,10 @@ from spurious.registry import Registry
 from study import space as space_lib
 
 KINDS = ("train", "tune-mitigation")
+# How replicates get their training seed (protocol §6.4): `replicate` sets it to the replicate's data seed (unless
+# the study sets `seed`), so replicates differ in planted examples and initialisation; `reference` leaves it at
+# the config's (0 unless set), as the paper's grids did.
+SEED_POLICIES = ("replicate", "reference")
 
 
 @dataclass(frozen=True)
@@ -32,10 +36,41 @@ class StudySpec:
     checkpoint_every: int = 5
     expected_time: str = ""
     tuning: dict = field(default_factory=dict)
+    seed_policy: str = "replicate"
 
     def __post_init__(self) -> None:
         # search_spaces/ writes grids in the YAML vocabulary ({"grid": [...]}); keep the resolved form
         object.__setattr__(self, "space", space_lib.normalise(self.space))
+        if self.seed_policy not in SEED_POLICIES:
+            raise SpuriousError(f"seed_policy {self.seed_policy!r} is not one of {', '.join(SEED_POLICIES)}")
+
+    def with_seed_policy(self, policy: str | None) -> "StudySpec":
+        """Return the study with its seed policy replaced (None: unchanged); SpuriousError for an unknown one."""
+        return self if policy is None else replace(self, seed_policy=policy)
+
+    def cells(self, smoke: bool = False, overrides: dict | None = None, canonical: bool = True) -> list:
+        """Return the TrainConfig of every cell of a grid study (num_samples = 1), with the seed policy applied:
+        under `replicate` a cell whose point does not set `seed` gets seed = data_seed. Names are made canonical
+        unless `canonical` is False (that needs the model registry, hence torch). Raises SpuriousError (one
+        line) for a bad config."""
+        from spurious import config as config_lib
+
+        out = []
+        for point in space_lib.points(self.resolved(smoke, overrides)):
+            flat = config_lib.flatten(point)
+            if self.seed_policy == "replicate" and "seed" not in flat:
+                flat["seed"] = flat.get("data_seed", config_lib.TrainConfig.data_seed)
+            cfg = config_lib.from_dict(flat)
+            out.append(config_lib.canonical(cfg) if canonical else cfg)
+        return out
+
+    def sampled_space(self, smoke: bool = False, overrides: dict | None = None) -> dict:
+        """Return the param space of a sampled study (num_samples > 1): under `replicate`, a space that does not
+        set `seed` samples one per trial, so samples are independent replicates."""
+        space = self.resolved(smoke, overrides)
+        if self.seed_policy == "replicate" and "seed" not in space:
+            space["seed"] = {"randint": [0, 2**31 - 1]}
+        return space
 
     def resolved(self, smoke: bool = False, overrides: dict | None = None) -> dict:
         """Return the param space with the smoke variant and `--set` overrides applied."""
@@ -94,7 +129,7 @@ def paper_mlp() -> StudySpec:
     smoke = {"dataset": "fashion", "model": "large_mlp", "optim": [ss.G1_OPTIMIZERS[0]], "pattern": "s3",
              "n_spurious": [0, 100], "target": 0, "data_seed": 0, "epochs": 1}
     return StudySpec("paper-mlp", _doc(paper_mlp), ss.g1_space(), smoke=smoke, checkpoint_every=10,
-                     expected_time="~13k trials; hours on a GPU cluster")
+                     expected_time="~13k trials; hours on a GPU cluster", seed_policy="reference")
 
 
 @study("paper-cifar10")
@@ -108,7 +143,7 @@ def paper_cifar10() -> StudySpec:
     smoke = {"optim": [ss.G3_OPTIMIZERS[0]], "pattern": "s3", "n_spurious": [0, 100], "target": 0,
              "data_seed": 0, "epochs": 1}
     return StudySpec("paper-cifar10", _doc(paper_cifar10), ss.g3_space(), smoke=smoke, checkpoint_every=10,
-                     expected_time="~2k trials; a day on one GPU")
+                     expected_time="~2k trials; a day on one GPU", seed_policy="reference")
 
 
 @study("regularization")
@@ -197,7 +232,7 @@ def _dedupe(items: list) -> list:
 
 
 YAML_KEYS = {"name", "description", "space", "smoke", "kind", "num_samples", "checkpoint_every", "expected_time",
-             "base", "tuning"}
+             "base", "tuning", "seed_policy"}
 
 
 def _inherited_smoke(base: StudySpec | None, own_space: dict) -> dict:
@@ -232,4 +267,5 @@ def load_yaml(path: str | Path) -> StudySpec:
                      num_samples=int(raw.get("num_samples", 1)),
                      checkpoint_every=int(raw.get("checkpoint_every", base.checkpoint_every if base else 5)),
                      expected_time=str(raw.get("expected_time", "")),
-                     tuning=dict(raw.get("tuning") or (base.tuning if base else {})))
+                     tuning=dict(raw.get("tuning") or (base.tuning if base else {})),
+                     seed_policy=str(raw.get("seed_policy", base.seed_policy if base else "replicate")))

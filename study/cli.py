@@ -98,12 +98,20 @@ def show_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("study", type=expand_path, help="catalog name or YAML file")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_seed_policy(p)
+
+
+def add_seed_policy(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed-policy", choices=["replicate", "reference"],
+                   help="training seed of each replicate: replicate = its data seed (replicates differ in planted "
+                        "examples and initialisation), reference = seed 0 as the paper did (default: the study's)")
 
 
 def run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("study", type=expand_path, help="catalog name or YAML file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key; a list makes a grid axis (repeatable)")
+    add_seed_policy(p)
     add_run_options(p, smoke_help="run the study's tiny smoke variant")
 
 
@@ -140,22 +148,36 @@ def cmd_list(args) -> int:
 def cmd_show(args) -> int:
     from study import catalog, space as space_lib
 
-    spec = catalog.get(args.study)
+    spec = catalog.get(args.study).with_seed_policy(args.seed_policy)
     overrides = parse_set(args.set)
     space = spec.resolved(args.smoke, overrides)
     space_lib.check_domains(space)
     print(spec.description or spec.name)
     print(yaml.safe_dump(space, sort_keys=False, width=110))
-    print(f"trials: {spec.trial_count(args.smoke, overrides)}  checkpoint every {spec.checkpoint_every} epochs"
-          f"{'  expected: ' + spec.expected_time if spec.expected_time and not args.smoke else ''}")
+    expected = f"  expected: {spec.expected_time}" if spec.expected_time and not args.smoke else ""
+    if spec.kind == "train" and spec.num_samples == 1 and not any(map(space_lib.is_sampled, space.values())):
+        from spurious.config import count_trainings
+
+        configs = spec.cells(args.smoke, overrides, canonical=False)  # quick: no torch (names as typed)
+        print(f"{len(configs)} cells, {count_trainings(configs)} trainings (each distinct model is trained "
+              f"once and scored under every cell that needs it)")
+    else:
+        print(f"trials: {spec.trial_count(args.smoke, overrides)}")
+    print(f"seed policy: {spec.seed_policy} ({SEED_POLICY_TEXT[spec.seed_policy]})")
+    print(f"checkpoint every {spec.checkpoint_every} epochs{expected}")
     return 0
 
 
+SEED_POLICY_TEXT = {"replicate": "each replicate's training seed is its data seed",
+                    "reference": "training seed 0 for every replicate, as the paper did; n = 0 replicates are "
+                                 "one model"}
+
+
 def cmd_run(args) -> int:
-    from study import catalog, kinds, runner, space as space_lib, wandb_setup
+    from study import catalog, kinds, runner, wandb_setup
 
     options = run_options(args, parse_set(args.set))
-    spec = catalog.get(args.study)
+    spec = catalog.get(args.study).with_seed_policy(args.seed_policy)
     logging = wandb_setup.Logging.from_flags(args.wandb, args.wandb_project, args.wandb_entity)
     confirm(spec.trial_count(options.smoke, options.overrides), args.yes)
     if spec.kind == "tune-mitigation":
@@ -164,9 +186,8 @@ def cmd_run(args) -> int:
         return mitigation_cmd.run_spec(spec, options, args)
     prepared = runner.prepare(spec, options)
     experiment_dir = runner.join(options.storage_uri(), prepared.name)
-    bundles = f" in {space_lib.count(prepared.space)} bundle trials" if options.bundle > 1 else ""
-    print(f"study {spec.name}: {len(prepared.configs) * spec.num_samples} trials{bundles} -> {experiment_dir}",
-          flush=True)
+    print(f"study {spec.name}: {prepared.cells} cells, {prepared.trainings} trainings in {prepared.trials} trials "
+          f"(seed policy {spec.seed_policy}) -> {experiment_dir}", flush=True)
     results = runner.launch(runner.train_launch(prepared, options), options, runner.train_trainable, logging)
     code = kinds.finish_training(results.experiment_path)
     logging.print_sync_hint(experiment_dir)

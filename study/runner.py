@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping
 import ray
 from ray import tune
 
-from spurious import bundle, config as config_lib, datasets, planted, train
+from spurious import bundle, cells, config as config_lib, datasets, planted, train
 from spurious.errors import SpuriousError
 from study import cluster, space as space_lib, wandb_setup
 from study.catalog import StudySpec
@@ -26,13 +26,21 @@ META_FILE = "study.json"
 def validate(space: Mapping[str, Any], data: Mapping[str, datasets.Dataset]) -> list[config_lib.TrainConfig]:
     """Return the validated config of every grid point; raise on the first bad one (before any trial)."""
     space_lib.check_domains(space)
-    configs = []
-    for point in space_lib.points(space):
-        cfg = config_lib.from_tune(point)
+    return check_configs([config_lib.from_tune(point) for point in space_lib.points(space)], data)
+
+
+def check_configs(configs: list[config_lib.TrainConfig],
+                  data: Mapping[str, datasets.Dataset]) -> list[config_lib.TrainConfig]:
+    """Return `configs` after checking that every name exists and that each planting and validation split can
+    be drawn from its dataset (raise a one-line SpuriousError on the first bad one, before any trial)."""
+    for cfg in configs:
         train.validate_names(cfg)
-        dataset = data[cfg.dataset]  # canonical (config.from_tune)
-        planted.choose_spurious(dataset.y_train, cfg.target, cfg.n_spurious, cfg.data_seed)
-        configs.append(cfg)
+        y = data[cfg.dataset].y_train  # canonical (config.from_tune)
+        if cfg.targets:
+            idx = planted.choose_spurious_two_class(y, cfg.targets[0], cfg.targets[1], cfg.n_spurious, cfg.data_seed)
+        else:
+            idx = planted.choose_spurious(y, cfg.target, cfg.n_spurious, cfg.data_seed)
+        planted.choose_validation(y, cfg.val_size, cfg.data_seed, exclude=idx)
     return configs
 
 
@@ -74,26 +82,44 @@ def trial_resources(options: RunOptions) -> dict[str, float]:
 
 def build_trainable(data: Mapping[str, datasets.Dataset], checkpoint_every: int, resources: dict,
                     bundled: bool = False):
-    """Return the Tune trainable: data through the object store, resources per trial (per bundle)."""
+    """Return the Tune trainable: data through the object store, resources per trial. `train_classifier` runs
+    every trial layout (one model, or cells and models: trainables/train_bundle.py); `bundled` picks
+    `train_bundle`, which studies bundled before cells existed were recorded with."""
     fn = train_bundle if bundled else train_classifier
     trainable = tune.with_parameters(fn, datasets=dict(data), checkpoint_every=checkpoint_every)
     return tune.with_resources(trainable, resources)
 
 
-def bundle_space(configs: list[config_lib.TrainConfig], size: int, data: Mapping[str, datasets.Dataset]) -> dict:
-    """Return a param space with one grid point per bundle: compatible configs in chunks of `size`."""
-    groups: dict[tuple, list] = {}
-    for cfg in configs:
-        groups.setdefault(bundle.compatible_key(cfg), []).append(cfg)
-    chunks = [members[i:i + size] for members in groups.values() for i in range(0, len(members), size)]
-    for members in chunks:
-        dataset = data[members[0].dataset]
-        bundle.check_bundlable(members[0], dataset.input_shape, dataset.num_classes)
-    return {"bundle": space_lib.grid([[c.to_dict() for c in members] for members in chunks])}
+def cells_space(configs: list[config_lib.TrainConfig], size: int, data: Mapping[str, datasets.Dataset]) -> dict:
+    """Return a param space with one grid point per trial of `cells.plan(configs, size)` under the key "run":
+    a trial that trains one model for one cell holds that cell's config; any other holds {"bundle": cell
+    configs, "models": the model index of each cell}. Each distinct model is trained once (protocol §7.3)."""
+    entries = []
+    for members, models in cells.plan(configs, size):
+        if len(members) == 1:
+            entries.append(members[0].to_dict())
+            continue
+        if max(models) > 0:  # several models in lock-step: a bundle
+            dataset = data[members[0].dataset]
+            bundle.check_bundlable(members[0], dataset.input_shape, dataset.num_classes)
+        entries.append({"bundle": [c.to_dict() for c in members], "models": models})
+    return {"run": space_lib.grid(entries)}
+
+
+def trial_dirname(trial) -> str:
+    """Return a short trial directory name: `train_<id>_<pattern>_n<n>_c<class>_d<data seed>_s<seed>` for one
+    cell, `cells_<id>` for one model scored as several cells, `bundle_<id>` for several models."""
+    spec = trial.config.get("run", trial.config)
+    if "bundle" in spec:
+        return f"{'bundle' if max(spec.get('models') or [1]) > 0 else 'cells'}_{trial.trial_id}"
+    flat = config_lib.flatten(spec, on_clash="path")
+    label = "_".join(f"{k}{flat[key]}" for k, key in (("", "pattern"), ("n", "n_spurious"), ("c", "target"),
+                                                       ("d", "data_seed"), ("s", "seed")) if key in flat)
+    return f"train_{trial.trial_id}" + (f"_{label}" if label else "")
 
 
 def bundle_dirname(trial) -> str:
-    """Return a short trial directory name for a bundle (its config is a long list of members)."""
+    """Return a short trial directory name for a bundle (kept: studies bundled before cells record it)."""
     return f"bundle_{trial.trial_id}"
 
 
@@ -125,20 +151,42 @@ class Prepared:
     configs: list
     data: dict
     name: str
+    trials: int = 0
+    trainings: int = 0
+
+    @property
+    def cells(self) -> int:
+        """Return the number of analysed cells (one analysis row each)."""
+        return len(self.configs) * self.spec.num_samples
+
+
+def is_grid_study(spec: StudySpec, space: Mapping[str, Any]) -> bool:
+    """Return whether a study's cells are known before it runs: num_samples = 1 and no sampled axis."""
+    return spec.num_samples == 1 and not any(space_lib.is_sampled(v) for v in space.values())
 
 
 def prepare(spec: StudySpec, options: RunOptions) -> Prepared:
-    """Resolve the study and validate every trial config and the data; raise SpuriousError on bad input."""
+    """Resolve the study and validate every trial config and the data; raise SpuriousError on bad input.
+
+    A grid study becomes one Tune trial per distinct training (`cells_space`), the seed policy applied
+    (`StudySpec.cells`); a sampled study keeps its param space (one trial per sample, nothing shared).
+    """
     name = options.name or default_name(spec, options.smoke)
     check_new(options, name)
     space = spec.resolved(options.smoke, options.overrides)
     data = load_datasets(dataset_names(space), options.data_dir)
-    configs = validate(space, data)
+    if is_grid_study(spec, space):
+        space_lib.check_domains(space)
+        configs = check_configs(spec.cells(options.smoke, options.overrides), data)
+        space = cells_space(configs, options.bundle, data)
+        return Prepared(spec, space, configs, data, name, space_lib.count(space), cells.count_trainings(configs))
     if options.bundle > 1:
-        if spec.num_samples != 1:
-            raise SpuriousError("--bundle needs a grid study (num_samples = 1): sampled configs cannot be grouped")
-        space = bundle_space(configs, options.bundle, data)
-    return Prepared(spec, space, configs, data, name)
+        raise SpuriousError("--bundle needs a grid study (num_samples = 1, no sampled axis): sampled configs "
+                            "cannot be grouped")
+    space = spec.sampled_space(options.smoke, options.overrides)
+    configs = validate(space, data)
+    count = space_lib.count(space, spec.num_samples)
+    return Prepared(spec, space, configs, data, name, count, count)
 
 
 def session_meta(kind: str, study: str, options: RunOptions, logging: wandb_setup.Logging, resources: dict,
@@ -274,16 +322,18 @@ def launch(plan: Launch, options: RunOptions, trainable_of: Callable[[dict, dict
 
 def train_launch(prepared: Prepared, options: RunOptions) -> Launch:
     """Return the Launch of a prepared training study (bundled when --bundle > 1)."""
-    return Launch("train", prepared.spec.name, prepared.name, prepared.space, prepared.data,
-                  len(prepared.configs) * prepared.spec.num_samples,
-                  meta={"checkpoint_every": prepared.spec.checkpoint_every},
-                  tune={"reuse_actors": True, "trial_dirname_creator": bundle_dirname if options.bundle > 1 else None},
+    return Launch("train", prepared.spec.name, prepared.name, prepared.space, prepared.data, prepared.trials,
+                  meta={"checkpoint_every": prepared.spec.checkpoint_every, "seed_policy": prepared.spec.seed_policy,
+                        "cells": prepared.cells, "trainings": prepared.trainings},
+                  tune={"reuse_actors": True, "trial_dirname_creator": trial_dirname if "run" in prepared.space
+                        else None},
                   num_samples=prepared.spec.num_samples)
 
 
 def train_trainable(meta: Mapping[str, Any], data: Mapping[str, datasets.Dataset], resources: dict):
     """Return a training study's trainable as its study.json describes it."""
-    return build_trainable(data, meta["checkpoint_every"], resources, meta.get("bundle", 1) > 1)
+    # studies bundled before cells existed recorded no "cells" and run train_bundle's layout
+    return build_trainable(data, meta["checkpoint_every"], resources, meta.get("bundle", 1) > 1 and "cells" not in meta)
 
 
 def save_state_often(trials: int) -> None:

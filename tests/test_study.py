@@ -115,7 +115,18 @@ def test_malformed_yaml_through_the_cli(capsys, tmp_path):
 
 def test_show_prints_resolved_space_and_count(capsys):
     code, out, _ = run_cli(capsys, "show", "demo", "--smoke", "--set", "n_spurious=[0,3,10]")
-    assert code == 0 and "trials: 3" in out and "n_spurious" in out
+    assert code == 0 and "3 cells, 3 trainings" in out and "n_spurious" in out and "seed policy: replicate" in out
+
+
+def test_show_counts_cells_and_trainings_under_each_seed_policy(capsys):
+    """demo: 2 patterns × n ∈ {0, 3, 10, 100} × 2 data seeds. Its four n = 0 cells train one model per training
+    seed: 2 under `replicate` (seed = data seed), 1 under `reference` (seed 0 everywhere)."""
+    code, out, _ = run_cli(capsys, "show", "demo")
+    assert code == 0 and "16 cells, 14 trainings" in out
+    code, out, _ = run_cli(capsys, "show", "demo", "--seed-policy", "reference")
+    assert code == 0 and "16 cells, 13 trainings" in out and "seed policy: reference" in out
+    code, out, _ = run_cli(capsys, "show", "paper-mlp")  # the paper's grids keep its seed 0
+    assert code == 0 and "seed policy: reference" in out and "13440 cells, 11784 trainings" in out
 
 
 def test_console_script_exit_code_and_no_traceback():
