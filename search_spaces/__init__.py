@@ -85,6 +85,31 @@ G3_OPTIMIZERS = (
 )
 
 
+# The two optimisers of the reference's Fashion-MNIST runs with LargeMLP (protocol §7.1).
+FASHION_OPTIMIZERS = (
+    {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9},
+    {"optimizer": "adam", "lr": 0.01},
+)
+
+
+def paper_fashion_space(patterns: Sequence[str] = PAPER_PATTERNS, counts: Sequence[int] = MNIST_COUNTS,
+                        targets: Sequence[int] = (0, 1), data_seeds: Sequence[int] = SEEDS,
+                        optimizers: Sequence[dict] = FASHION_OPTIMIZERS, epochs: int = 70) -> dict:
+    """Return the reference protocol on Fashion-MNIST (protocol §7.2): LargeMLP, batch 128, no weight decay,
+    the given optimisers × patterns × counts × classes × data seeds."""
+    return merge({"dataset": "fashion", "model": "large_mlp", "epochs": epochs, "batch_size": 128, "l2": 0.0},
+                 rarity_grid(patterns, counts, targets, data_seeds), optimizer_space(optimizers))
+
+
+def two_class_grid(patterns: Sequence[str], n_spurious: Sequence[int], classes: tuple[int, int] = (0, 1),
+                   data_seeds: Sequence[int] = SEEDS) -> dict:
+    """Return the two-class design (protocol §3.2): the pattern planted into n images of each of `classes`, one
+    RandomState, two successive draws; each model is scored once per class (`target` a grid axis over the
+    two classes, sharing one training)."""
+    return {"targets": list(classes), "target": grid(classes), "pattern": grid(patterns),
+            "n_spurious": grid(n_spurious), "data_seed": grid(data_seeds)}
+
+
 def g1_space() -> dict:
     """Return grid G1: {mnist, fashion} × 7 patterns × n × c × seeds × {LargeMLP, CNN002} × 6 optimisers."""
     return merge({"dataset": grid(["mnist", "fashion"]), "model": grid(["large_mlp", "cnn002"]),

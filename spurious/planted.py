@@ -148,11 +148,12 @@ def plant_rows(data: datasets.Dataset, pattern: str, n_spurious: int, target: in
     the two classes `targets`), compactly.
 
     The examples are chosen exactly as the reference does (`RandomState(data_seed).choice`, protocol §3.1;
-    two successive draws for `targets`, §3.2), and the patterned test set uses the same pattern and seed
-    (protocol §2.3). Then `val_size` of the other training images are held out as the validation split
-    (`choose_validation`, its own random stream, so the planted indices stay the reference's; §3.4). Shadow
-    splits of a membership study get no planted examples: the attacker's shadow models are trained on clean
-    data. `arrays` may pass `split_arrays(data, split, data_seed)` computed once for several plantings.
+    two successive draws for `targets`, protocol §3.2), and the patterned test set uses the same pattern
+    and seed (protocol §2.3). Then `val_size` of the other training images are held out as the validation
+    split (`choose_validation`, its own random stream, so the planted indices stay the reference's;
+    protocol §3.4). Shadow splits of a membership study get no planted examples: the attacker's shadow
+    models are trained on clean data. `arrays` may pass `split_arrays(data, split, data_seed)` computed
+    once for several plantings.
     """
     patterns.get(pattern)
     x_train, y_train, x_test, y_test = arrays if arrays is not None else split_arrays(data, split, data_seed)

@@ -132,6 +132,56 @@ def paper_mlp() -> StudySpec:
                      expected_time="~13k trials; hours on a GPU cluster", seed_policy="reference")
 
 
+@study("paper-fashion")
+def paper_fashion() -> StudySpec:
+    """The reference protocol on Fashion-MNIST (protocol §7.2): LargeMLP, SGD and Adam, classes 0 and 1.
+
+    Command: `study run paper-fashion --address auto --gpus-per-trial 0.25 --bundle 8` — 1,120 cells
+    (2 optimisers × 7 patterns × n ∈ {0, 3, 5, 10, 20, 100, 2000, 5000} × 2 classes × 5 data seeds) and
+    982 trainings of 70 epochs (seed policy `reference`: training seed 0, so each optimiser's n = 0 cells
+    are one model). For a GPU or a cluster. Smoke: SGD, S3, n ∈ {0, 100}, 1 epoch.
+    """
+    smoke = {"optim": [ss.FASHION_OPTIMIZERS[0]], "pattern": "s3", "n_spurious": [0, 100], "target": 0,
+             "data_seed": 0, "epochs": 1}
+    return StudySpec("paper-fashion", _doc(paper_fashion), ss.paper_fashion_space(), smoke=smoke,
+                     checkpoint_every=10, expected_time="~1k trainings of 70 epochs; hours on one GPU",
+                     seed_policy="reference")
+
+
+@study("paper-fashion-short")
+def paper_fashion_short() -> StudySpec:
+    """The reference protocol on Fashion-MNIST, shortened to run on 2 CPU cores (protocol §7.2).
+
+    Command: `study run paper-fashion-short --bundle 8` — 147 cells (7 patterns × n ∈ {0, 3, 5, 10, 20,
+    100, 2000} × 3 data seeds), class 0, SGD (lr 0.01, momentum 0.9), LargeMLP, 8 epochs instead of 70,
+    seed policy `reference`: 127 trainings, under an hour on 2 CPU cores. Its report is in
+    docs/results/paper-fashion-short/. Smoke: S3, n ∈ {0, 100}, 1 epoch.
+    """
+    space = ss.paper_fashion_space(counts=(0, 3, 5, 10, 20, 100, 2000), targets=(0,), data_seeds=(0, 1, 2),
+                                   optimizers=ss.FASHION_OPTIMIZERS[:1], epochs=8)
+    smoke = {"pattern": "s3", "n_spurious": [0, 100], "data_seed": 0, "epochs": 1}
+    return StudySpec("paper-fashion-short", _doc(paper_fashion_short), space, smoke=smoke, checkpoint_every=4,
+                     expected_time="~40 min on 2 CPUs with --bundle 8", seed_policy="reference")
+
+
+@study("two-class")
+def two_class() -> StudySpec:
+    """Two-class plantings (protocol §3.2): S3 and R3 planted into n images of class 0 AND n of class 1.
+
+    Command: `study run two-class` — 48 cells (2 patterns × n ∈ {0, 3, 10, 100} × 3 data seeds × scored for
+    class 0 and class 1) and 21 trainings (each model is scored once per class), Fashion-MNIST, LargeMLP,
+    SGD, 6 epochs; about 5 minutes on 2 CPUs. The reference's two-class datasets used MNIST, 70 epochs and
+    training seed 0: `--set dataset=mnist --set epochs=70 --seed-policy reference`. Smoke: S3, n ∈ {0, 100},
+    data seed 0, 1 epoch.
+    """
+    space = ss.merge({"dataset": "fashion", "model": "large_mlp", "optimizer": "sgd", "lr": 0.01, "momentum": 0.9,
+                      "epochs": 6, "batch_size": 128}, ss.two_class_grid(["s3", "r3"], [0, 3, 10, 100],
+                                                                          data_seeds=[0, 1, 2]))
+    smoke = {"epochs": 1, "n_spurious": [0, 100], "pattern": "s3", "data_seed": 0}
+    return StudySpec("two-class", _doc(two_class), space, smoke=smoke, checkpoint_every=2,
+                     expected_time="~5 min on 2 CPUs")
+
+
 @study("paper-cifar10")
 def paper_cifar10() -> StudySpec:
     """Grid G3 of the paper (protocol §7.1): CIFAR-10, aug01 ResNet20, 4 optimisers, wd 1e-4.
@@ -219,7 +269,7 @@ def apply_overrides(space: dict, overrides: dict) -> dict:
             if space_lib.is_grid(spec) and all(isinstance(v, dict) for v in space_lib.grid_values(spec)):
                 out[axis] = space_lib.grid(_dedupe([{k: v for k, v in variant.items() if k != key}
                                                     for variant in space_lib.grid_values(spec)]))
-        out[key] = space_lib.from_yaml(value)
+        out[key] = space_lib.from_yaml(value, key)
     return out
 
 

@@ -141,7 +141,8 @@ def cmd_list(args) -> int:
 
     for name in catalog.names():
         spec = catalog.get(name)
-        print(f"{name:16s} {spec.trial_count():>6d} trials  {spec.description.splitlines()[0]}")
+        print(f"{name:20s} {spec.trial_count():>6d} {'settings' if spec.kind != 'train' else 'cells   '}  "
+              f"{spec.description.splitlines()[0]}")
     return 0
 
 

@@ -182,7 +182,7 @@ def finished(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
 
 def settings_grid(overrides: Mapping[str, Any]) -> tuple[dict, list[dict]]:
     """Return the Tune space of `--set` overrides (a list is a grid axis) and every combination of them."""
-    space = {k: space_lib.from_yaml(v) for k, v in overrides.items()}
+    space = {k: space_lib.from_yaml(v, k) for k, v in overrides.items()}
     return space, space_lib.points(space)
 
 

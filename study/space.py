@@ -24,6 +24,9 @@ from spurious.errors import SpuriousError
 GRID = "grid_search"
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
 NONNEGATIVE_KEYS = ("l2", "noise_sigma", "grad_clip")
+# Keys whose value is itself a list (`targets: [0, 1]`, a two-class planting): a list of numbers is the value,
+# a list of lists a grid over values.
+LIST_KEYS = ("targets",)
 
 
 def grid(values: Iterable[Any]) -> dict:
@@ -49,12 +52,15 @@ def is_sampled(value: Any) -> bool:
     return isinstance(value, dict) and len(value) == 1 and next(iter(value)) in DISTRIBUTIONS
 
 
-def from_yaml(value: Any) -> Any:
-    """Return the space value for a YAML / `--set` value: a list → grid, `{grid: […]}` → grid, a distribution
-    checked (`loguniform`/`uniform`/`randint` need [low, high], `choice` a non-empty list), anything else as is.
+def from_yaml(value: Any, key: str | None = None) -> Any:
+    """Return the space value for a YAML / `--set` value of config key `key`: a list → grid (for a LIST_KEYS key,
+    a list of lists → grid and any other list is the value), `{grid: […]}` → grid, a distribution checked
+    (`loguniform`/`uniform`/`randint` need [low, high], `choice` a non-empty list), anything else as is.
 
     Raises SpuriousError on a malformed axis.
     """
+    if isinstance(value, list) and key in LIST_KEYS and not any(isinstance(v, list) for v in value):
+        return value
     if isinstance(value, list):
         return grid(value)
     if isinstance(value, dict) and len(value) == 1:

@@ -282,9 +282,12 @@ def callbacks(mode: str, project: str | None, entity: str | None, experiment_dir
     init = {"mode": mode, "dir": str(directory), "settings": dict(SETTINGS), "job_type": "train"}
     if entity:
         init["entity"] = entity
-    # the run's config holds the trial's config; its history leaves out the copy every result row carries
-    return [callback_class()(project=project or DEFAULT_PROJECT, group=group, excludes=config_lib.field_names(),
-                             **init)]
+    # the run's config holds the trial's config; its history leaves out the copy every result row carries, and
+    # the packed per-image indicators (a 1.7 kB string for analysis, not a curve)
+    from spurious.metrics import INDICATORS_KEY  # here: the quick commands import no torch
+
+    excludes = [*config_lib.field_names(), INDICATORS_KEY]
+    return [callback_class()(project=project or DEFAULT_PROJECT, group=group, excludes=excludes, **init)]
 
 
 def offline_runs(directory: str | Path) -> list[Path]:

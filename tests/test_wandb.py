@@ -178,9 +178,11 @@ def test_offline_study_without_key_or_network_never_blocks_and_logs_config_and_m
     for run in runs:
         logged = read_run(run)
         trial_id = run.name.split("-")[-1]
-        assert logged["group"] == "wb" and "pattern:s3" in logged["tags"] and "dataset:fashion" in logged["tags"]
+        # runs carry the canonical config the trial trained (S3 is `corner_square_5`, protocol §2.1)
+        assert logged["group"] == "wb" and "pattern:corner_square_5" in logged["tags"]
+        assert "dataset:fashion" in logged["tags"]
         config = logged["config"]
-        assert config["pattern"] == "s3" and config["n_spurious"] in (0, 100) and config["l2"] == 0.0
+        assert config["pattern"] == "corner_square_5" and config["n_spurious"] in (0, 100) and config["l2"] == 0.0
         assert config["noise_sigma"] == 0.0 and config["trainable"] == "train_classifier"
         history = [row for row in logged["history"] if "spurious_score" in row]
         assert history[-1]["spurious_score"] == pytest.approx(scores[trial_id])
