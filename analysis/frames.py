@@ -466,9 +466,8 @@ def mark_legend(summary: pd.DataFrame, mark_p: float = 0.05, test: str = stats.R
     """Return the note under a `pivot_cells` table: which test its '*' marks (Holm-adjusted over how many
     cells) and, per reason, which cells' marks are suppressed ('†'; protocol §4.3)."""
     family = int(summary[f"p_{test}"].notna().sum())
-    images = summary["n_test_images"].dropna() if "n_test_images" in summary else pd.Series(dtype=float)
-    name = stats.describe_test(test, int(images.iloc[0]) if images.nunique() == 1 else None)
-    lines = [f"{SIGNIFICANT_MARK} p < {mark_p}: {name}, Holm-adjusted over the {family} cells of this table."]
+    lines = [f"{SIGNIFICANT_MARK} p < {mark_p}: {test_label(summary, test)}, Holm-adjusted over the {family} "
+             "cells of this table."]
     reason = _reason_column(test)
     keyed = summary[(summary[reason] != "") & (summary.get("n_spurious", 1) != 0)]
     for why, rows in keyed.groupby(reason, sort=True):
@@ -476,6 +475,13 @@ def mark_legend(summary: pd.DataFrame, mark_p: float = 0.05, test: str = stats.R
         cells = ", ".join(_cell_name(r) for r in keys.itertuples(index=False))
         lines.append(f"{SUPPRESSED_MARK} mark suppressed ({why}): {cells}.")
     return "\n".join(lines)
+
+
+def test_label(summary: pd.DataFrame, test: str) -> str:
+    """Return the plain-words name of `test` in a summary (`stats.describe_test`), with its number of
+    per-test-image indicators when every cell tested has the same."""
+    images = summary["n_test_images"].dropna() if "n_test_images" in summary else pd.Series(dtype=float)
+    return stats.describe_test(test, int(images.iloc[0]) if images.nunique() == 1 else None)
 
 
 def _cell_name(row) -> str:

@@ -121,12 +121,12 @@ def _counts(df: pd.DataFrame) -> str:
 
 
 def marked_tables(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame, str]]:
-    """Return (test key, pattern × n table, legend) per test of a summary that has p-values: the replicate
-    test, then the reference's per-example test when indicators were recorded (protocol §4.3, §4.4)."""
+    """Return (test name, pattern × n table, legend) per test of a summary: the replicate test, then the
+    reference's per-example test when indicators were recorded (protocol §4.3, §4.4)."""
     shown = _display(summary)
     tests = [t for t in stats.TESTS if t == stats.REPLICATE_TEST or shown[f"p_{t}"].notna().any()]
-    return [(t, frames.pivot_cells(shown, mark_p=SIGNIFICANT, test=t), frames.mark_legend(shown, SIGNIFICANT, t))
-            for t in tests]
+    return [(frames.test_label(shown, t), frames.pivot_cells(shown, mark_p=SIGNIFICANT, test=t),
+             frames.mark_legend(shown, SIGNIFICANT, t)) for t in tests]
 
 
 def summary_markdown(df: pd.DataFrame, summaries: dict[str, pd.DataFrame],
@@ -142,8 +142,8 @@ def summary_markdown(df: pd.DataFrame, summaries: dict[str, pd.DataFrame],
         if summary.empty:
             parts.append("No finished trials.\n")
             continue
-        for test, table, legend in marked_tables(summary):
-            parts.append(f"### {stats.describe_test(test)}\n\n{markdown_table(table)}\n\n"
+        for name, table, legend in marked_tables(summary):
+            parts.append(f"### {name}\n\n{markdown_table(table)}\n\n"
                          + "".join(f"{line}  \n" for line in _md_legend(legend)))
         parts.append(f"<details><summary>all cells</summary>\n\n{markdown_table(summary, index=False)}\n\n"
                      "</details>\n")
@@ -208,8 +208,8 @@ def index_html(dirs: Sequence[Path], df: pd.DataFrame, summaries: dict[str, pd.D
         body.append(f"<h2>{esc(style.label(metric))} <code>{esc(metric)}</code></h2>")
         if summary.empty:
             body.append("<p>No finished trials.</p>")
-        for test, table, legend in [] if summary.empty else marked_tables(summary):
-            body.append(f"<h3>{esc(stats.describe_test(test))}</h3>" + table.to_html(border=0)
+        for name, table, legend in [] if summary.empty else marked_tables(summary):
+            body.append(f"<h3>{esc(name)}</h3>" + table.to_html(border=0)
                         + "<p class=note>mean ± s.e. over seeds<br>" + "<br>".join(map(esc, legend.splitlines()))
                         + "</p>")
     if found is not None:
