@@ -26,7 +26,7 @@ from analysis import stats
 from spurious import checkpoint
 from spurious.config import field_names
 from spurious.errors import SpuriousError
-from spurious.metrics import TEST_KEYS, TRAIN_KEYS, VAL_KEYS
+from spurious.metrics import INDICATORS_KEY, TEST_KEYS, TRAIN_KEYS, VAL_KEYS, unpack_indicators
 
 # Every training-config key: a trainable records them all, canonical, in each report (spurious.config).
 TRAIN_FIELDS = tuple(field_names())
@@ -38,7 +38,9 @@ METRICS = (*TRAIN_KEYS, *TEST_KEYS)
 # Reported values kept in the frames but not summarised (`load_epochs` also has `epoch_lr`, the epoch's
 # scheduled rate; `lr` is the configured base rate).
 EXTRAS = ("epoch_time_s", "n_planted", "pattern_l2", *VAL_KEYS)
-SUMMARY_COLUMNS = ("mean", "se", "count", "p_vs_baseline")
+# The columns `summarize` adds to the cell keys (protocol §4.3): p_<test> and p_<test>_holm per stats.TESTS.
+SUMMARY_COLUMNS = ("mean", "se", "count", "p_welch_replicates", "p_welch_replicates_holm", "mark_suppressed",
+                   "p_welch_per_example", "p_welch_per_example_holm", "n_test_images", "mark_suppressed_per_example")
 # Keys that identify a cell of a study; seeds are replicates, not cells.
 REPLICATE_KEYS = ("data_seed", "seed")
 # Post-hoc kinds: their params.json holds the post-hoc settings and their one report the source model's config;
@@ -49,8 +51,9 @@ TUNING_PHASES = ("baseline", "search")  # the Tune experiments inside a tune-mit
 TUNE_KEYS = ("config", "done", "timestamp", "date", "pid", "node_ip", "checkpoint_dir_name", "should_checkpoint",
              "training_iteration", "time_this_iter_s", "time_since_restore", "iterations_since_restore",
              "experiment_tag", "members", "epoch")
-ROW_KEYS = ("experiment", "kind", "phase", "source_experiment", "trial_id", "training_id", "status", "error", "epochs_done",
-            "time_total_s", "hostname", "node_id", "checkpoint", "checkpoint_file", "trial_dir")
+SIGNIFICANT_MARK, SUPPRESSED_MARK = "*", "†"  # in tables: Holm-adjusted p < α; mark suppressed (protocol §4.3)
+ROW_KEYS = ("experiment", "kind", "phase", "source_experiment", "trial_id", "training_id", "status", "error",
+            "epochs_done", "time_total_s", "hostname", "node_id", "checkpoint", "checkpoint_file", "trial_dir")
 
 
 def study_meta(path: str | Path) -> dict:
@@ -351,19 +354,37 @@ def finished(df: pd.DataFrame) -> pd.DataFrame:
 
 def summarize(df: pd.DataFrame, by: Sequence[str] = ("pattern", "n_spurious"),
               metric: str = "spurious_score") -> pd.DataFrame:
-    """Return mean, standard error and count of `metric` per cell, and the one-sided Welch p-value of
-    each cell against its n = 0 baseline cell (same other keys; protocol §4.3)."""
+    """Return one row per cell of `metric`'s finished values: the cell keys, then SUMMARY_COLUMNS (protocol §4.3).
+
+    mean, se, count: over the cell's replicates (final-epoch values). For cells with n > 0, against the n = 0
+    cell with every other key equal:
+    p_welch_replicates: one-sided Welch t-test over the per-replicate values (`stats.welch_greater_p`);
+    p_welch_per_example: the reference's test (protocol §4.4, `stats.welch_per_example_p`) between the
+    per-test-image indicators r(x) of the cell's lowest-data_seed model and of the n = 0 model with the same
+    data_seed (else the lowest); only for `spurious_score`, NaN without recorded indicators; n_test_images: the
+    length of those vectors; p_*_holm: each adjusted by Holm over the non-NaN cells of this summary
+    (`stats.holm`); mark_suppressed / mark_suppressed_per_example: why that test's mark may not be shown, ""
+    when it may (`stats.mark_suppression`, `stats.per_example_suppression`). NaN p-values for n = 0 cells,
+    and for every cell when `by` has no n_spurious.
+    """
     done = finished(df)
     done = done[done[metric].notna()] if metric in done else done.iloc[0:0]  # e.g. post-hoc rows only
     keys = cell_keys(done, list(by))
     if done.empty:
         return pd.DataFrame(columns=[*keys, *SUMMARY_COLUMNS])
     out = stats.mean_se(done, keys, metric)
-    grouped = done.groupby(keys, dropna=False, sort=True)[metric]
-    samples = {_hashable(k): v.to_numpy(dtype=float) for k, v in grouped}
-    cells = out[keys].itertuples(index=False, name=None)
-    out["p_vs_baseline"] = [_p_value(samples, key, keys) for key in cells]
-    return out
+    groups = {_hashable(k): g for k, g in done.groupby(keys, dropna=False, sort=True)}
+    pairs = [(groups[_hashable(k)], _baseline(groups, k, keys)) for k in out[keys].itertuples(index=False, name=None)]
+    replicate = [_replicate_test(cell, base, metric) for cell, base in pairs]
+    out["p_welch_replicates"], out["mark_suppressed"] = [p for p, _ in replicate], [r for _, r in replicate]
+    per_example = [_per_example_test(cell, base) if metric == "spurious_score" else (math.nan, math.nan, "")
+                   for cell, base in pairs]
+    out["p_welch_per_example"] = [p for p, _, _ in per_example]
+    out["n_test_images"] = [n for _, n, _ in per_example]
+    out["mark_suppressed_per_example"] = [r for _, _, r in per_example]
+    for test in stats.TESTS:
+        out[f"p_{test}_holm"] = stats.holm(out[f"p_{test}"].to_numpy(dtype=float))
+    return out[[*keys, *SUMMARY_COLUMNS]]
 
 
 def _hashable(key) -> tuple:
@@ -372,33 +393,132 @@ def _hashable(key) -> tuple:
     return tuple(None if isinstance(v, float) and math.isnan(v) else v for v in key)
 
 
-def _p_value(samples: dict, key: tuple, keys: list[str]) -> float:
+def _baseline(groups: dict, key: tuple, keys: list[str]) -> pd.DataFrame | None:
+    """Return the rows of a cell's n = 0 cell (every other key equal); None for n = 0 cells and without n."""
     if "n_spurious" not in keys or key[keys.index("n_spurious")] == 0:
-        return math.nan
-    baseline = samples.get(_hashable(_baseline_key(key, keys)), np.array([]))
-    return stats.welch_greater_p(samples[_hashable(key)], baseline)
+        return None
+    base = tuple(0 if k == "n_spurious" else v for k, v in zip(keys, key))
+    return groups.get(_hashable(base), pd.DataFrame(columns=[]))
 
 
-def _baseline_key(key: tuple, keys: list[str]) -> tuple:
-    return tuple(0 if k == "n_spurious" else v for k, v in zip(keys, key))
+def _replicate_test(cell: pd.DataFrame, base: pd.DataFrame | None, metric: str) -> tuple[float, str]:
+    """Return (p_welch_replicates, mark_suppressed) of a cell against its n = 0 rows (protocol §4.3)."""
+    if base is None:
+        return math.nan, ""
+    if base.empty:
+        return math.nan, "no n = 0 cell"
+    sample, baseline = cell[metric].to_numpy(dtype=float), base[metric].to_numpy(dtype=float)
+    models = [rows["training_id"].tolist() if "training_id" in rows else None for rows in (cell, base)]
+    return stats.welch_greater_p(sample, baseline), stats.mark_suppression(sample, baseline, *models)
 
 
-def score_table(df: pd.DataFrame, metric: str = "spurious_score") -> str:
+def _lowest_seed(rows: pd.DataFrame, data_seed=None) -> pd.Series | None:
+    """Return the row with recorded indicators and `data_seed` (any, when None) of lowest data_seed, seed."""
+    rows = rows[rows[INDICATORS_KEY].map(lambda v: isinstance(v, str))] if INDICATORS_KEY in rows else rows.iloc[0:0]
+    if data_seed is not None and "data_seed" in rows:
+        rows = rows[rows["data_seed"] == data_seed]
+    order = [k for k in REPLICATE_KEYS if k in rows]
+    return None if rows.empty else (rows.sort_values(order) if order else rows).iloc[0]
+
+
+def _per_example_test(cell: pd.DataFrame, base: pd.DataFrame | None) -> tuple[float, float, str]:
+    """Return (p_welch_per_example, n_test_images, mark_suppressed_per_example) of a cell (protocol §4.4)."""
+    planted = None if base is None else _lowest_seed(cell)
+    if planted is None or base.empty:
+        return math.nan, math.nan, ""
+    clean = _lowest_seed(base, planted.get("data_seed")) if "data_seed" in planted else None
+    clean = clean if clean is not None else _lowest_seed(base)
+    if clean is None:
+        return math.nan, math.nan, ""
+    a, b = unpack_indicators(planted[INDICATORS_KEY]), unpack_indicators(clean[INDICATORS_KEY])
+    if len(a) != len(b):
+        return math.nan, math.nan, f"indicator vectors differ in length ({len(a)} vs {len(b)})"
+    return stats.welch_per_example_p(a, b), float(len(a)), stats.per_example_suppression(a, b)
+
+
+def score_table(df: pd.DataFrame, metric: str = "spurious_score", mark_p: float | None = 0.05) -> str:
     """Return a plain-text table of `metric` (mean ± s.e. over seeds): rows pattern (and other varying
-    factors), columns n_spurious."""
+    factors), columns n_spurious; with `mark_p`, the replicate test's marks and their legend (`mark_legend`)."""
     summary = summarize(df, metric=metric)
     if summary.empty:
         return f"(no finished trials to summarise {metric})"
-    return f"{metric} (mean ± s.e. over seeds)\n" + pivot_cells(summary).to_string()
+    legend = "\n" + mark_legend(summary, mark_p) if mark_p is not None else ""
+    return f"{metric} (mean ± s.e. over seeds)\n" + pivot_cells(summary, mark_p=mark_p).to_string() + legend
 
 
-def pivot_cells(summary: pd.DataFrame, digits: int = 3, mark_p: float | None = None) -> pd.DataFrame:
+def _mark(p: float, reason: str, n: int, mark_p: float | None) -> str:
+    """Return a cell's mark: '†' when its test's mark is suppressed, '*' when Holm-adjusted p < mark_p."""
+    if mark_p is None or n == 0:
+        return ""
+    return SUPPRESSED_MARK if reason else SIGNIFICANT_MARK if p < mark_p else ""
+
+
+def pivot_cells(summary: pd.DataFrame, digits: int = 3, mark_p: float | None = None,
+                test: str = stats.REPLICATE_TEST) -> pd.DataFrame:
     """Return a `summarize` frame as text cells 'mean ± se': rows pattern (and other varying factors),
-    columns n=…; with `mark_p`, cells whose p-value vs n = 0 is below it get a '*'."""
+    columns n=…; with `mark_p`, cells whose Holm-adjusted p-value of `test` (a key of stats.TESTS) is below
+    it get '*' and cells whose mark of that test is suppressed get '†' (`mark_legend` says which test and why)."""
     summary = summary.copy()
-    summary["cell"] = [stats.cell(m, s, digits) + ("*" if mark_p is not None and p < mark_p else "")
-                       for m, s, p in zip(summary["mean"], summary["se"], summary["p_vs_baseline"])]
+    reason = _reason_column(test)
+    ns = summary["n_spurious"] if "n_spurious" in summary else pd.Series(0, index=summary.index)
+    summary["cell"] = [stats.cell(m, s, digits) + _mark(p, r, n, mark_p) for m, s, p, r, n in
+                       zip(summary["mean"], summary["se"], summary[f"p_{test}_holm"], summary[reason], ns)]
     rows = [k for k in cell_keys(summary, ["pattern"]) if k != "n_spurious"]
     table = summary.pivot_table(index=rows, columns="n_spurious", values="cell", aggfunc="first")
     table.columns = [f"n={c}" for c in table.columns]
     return table
+
+
+def _reason_column(test: str) -> str:
+    return "mark_suppressed" if test == stats.REPLICATE_TEST else f"mark_suppressed_{test.removeprefix('welch_')}"
+
+
+def mark_legend(summary: pd.DataFrame, mark_p: float = 0.05, test: str = stats.REPLICATE_TEST) -> str:
+    """Return the note under a `pivot_cells` table: which test its '*' marks (Holm-adjusted over how many
+    cells) and, per reason, which cells' marks are suppressed ('†'; protocol §4.3)."""
+    family = int(summary[f"p_{test}"].notna().sum())
+    lines = [f"{SIGNIFICANT_MARK} p < {mark_p}: {test_label(summary, test)}, Holm-adjusted over the {family} "
+             "cells of this table."]
+    reason = _reason_column(test)
+    keyed = summary[(summary[reason] != "") & (summary.get("n_spurious", 1) != 0)]
+    for why, rows in keyed.groupby(reason, sort=True):
+        keys = rows.drop(columns=[c for c in SUMMARY_COLUMNS if c in rows])
+        cells = ", ".join(_cell_name(r) for r in keys.itertuples(index=False))
+        lines.append(f"{SUPPRESSED_MARK} mark suppressed ({why}): {cells}.")
+    return "\n".join(lines)
+
+
+def test_label(summary: pd.DataFrame, test: str) -> str:
+    """Return the plain-words name of `test` in a summary (`stats.describe_test`), with its number of
+    per-test-image indicators when every cell tested has the same."""
+    images = summary["n_test_images"].dropna() if "n_test_images" in summary else pd.Series(dtype=float)
+    return stats.describe_test(test, int(images.iloc[0]) if images.nunique() == 1 else None)
+
+
+def _cell_name(row) -> str:
+    return " ".join(f"{k}={v}" for k, v in row._asdict().items())
+
+
+def smallest_significant_n(summary: pd.DataFrame, test: str = stats.REPLICATE_TEST,
+                           alpha: float = 0.05) -> pd.DataFrame:
+    """Return per pattern (and other varying factors) the smallest n > 0 whose Holm-adjusted p of `test` is
+    below `alpha` and whose mark is not suppressed: the paper's headline quantity (protocol §4.3).
+
+    Columns: the row keys, test, smallest_significant_n (Int64, <NA> when no n qualifies), p_holm (at that n),
+    n_tested (the cells with n > 0 and a p-value)."""
+    rows = [k for k in summary.columns if k not in SUMMARY_COLUMNS and k != "n_spurious"]
+    columns = [*rows, "test", "smallest_significant_n", "p_holm", "n_tested"]
+    if summary.empty or "n_spurious" not in summary:
+        return pd.DataFrame(columns=columns)
+    planted = summary[summary["n_spurious"] != 0]
+    out = []
+    for key, cells in planted.groupby(rows, dropna=False, sort=True):
+        p = cells[f"p_{test}_holm"]
+        hits = cells[(p < alpha) & (cells[_reason_column(test)] == "")].sort_values("n_spurious")
+        first = hits.iloc[0] if len(hits) else None
+        out.append([*(key if isinstance(key, tuple) else (key,)), test,
+                    pd.NA if first is None else int(first["n_spurious"]),
+                    math.nan if first is None else float(first[f"p_{test}_holm"]), int(p.notna().sum())])
+    result = pd.DataFrame(out, columns=columns)
+    result["smallest_significant_n"] = result["smallest_significant_n"].astype("Int64")
+    return result

@@ -1,7 +1,8 @@
 """`write_report`: tidy frames, summary tables, figures and an index.html for one or more experiments.
 
 Command: `study report results/demo-20261128-120000` writes results/demo-20261128-120000/report/:
-trials.csv/.parquet, epochs.csv/.parquet, summary_<metric>.csv, summary.md, figures/*.png, index.html.
+trials.csv/.parquet, epochs.csv/.parquet, summary_<metric>.csv, claims.txt, summary.md, figures/*.png,
+index.html.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from analysis import figures, frames, style
+from analysis import claims, figures, frames, stats, style
 from spurious.errors import SpuriousError
 
 SUMMARY_METRICS = ("spurious_score", "test_acc")
@@ -41,11 +42,15 @@ def write_report(experiment_dirs: str | Path | Iterable[str | Path],
     for metric, summary in summaries.items():
         summary.to_csv(out / f"summary_{metric}.csv", index=False)
     studies = posthoc_sections(df)
-    (out / "summary.md").write_text(summary_markdown(df, summaries)
+    found = {k: _display(v) for k, v in claims.claims(training, SIGNIFICANT).items()} if summaries else None
+    if found is not None:
+        (out / "claims.txt").write_text(claims.format_claims(found, SIGNIFICANT) + "\n")
+    (out / "summary.md").write_text(summary_markdown(df, summaries, found)
                                     + "".join(f"\n## {title}\n\n```\n{table}\n```\n" for title, table, _ in studies))
     pngs = write_figures(training, out / "figures")
     pngs += [style.save(fig, out / "figures" / f"{name}.png") for _, _, made in studies for name, fig in made]
-    (out / "index.html").write_text(index_html(dirs, df, summaries, [p.relative_to(out) for p in pngs], studies))
+    (out / "index.html").write_text(index_html(dirs, df, summaries, [p.relative_to(out) for p in pngs], studies,
+                                                  found))
     return out
 
 
@@ -115,23 +120,44 @@ def _counts(df: pd.DataFrame) -> str:
     return ", ".join(f"{n} {status.lower()}" for status, n in counts.items())
 
 
-def summary_markdown(df: pd.DataFrame, summaries: dict[str, pd.DataFrame]) -> str:
-    """Return the Markdown summary: per metric, a pattern × n table of mean ± s.e. and the long table."""
+def marked_tables(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame, str]]:
+    """Return (test name, pattern × n table, legend) per test of a summary: the replicate test, then the
+    reference's per-example test when indicators were recorded (protocol §4.3, §4.4)."""
+    shown = _display(summary)
+    tests = [t for t in stats.TESTS if t == stats.REPLICATE_TEST or shown[f"p_{t}"].notna().any()]
+    return [(frames.test_label(shown, t), frames.pivot_cells(shown, mark_p=SIGNIFICANT, test=t),
+             frames.mark_legend(shown, SIGNIFICANT, t)) for t in tests]
+
+
+def summary_markdown(df: pd.DataFrame, summaries: dict[str, pd.DataFrame],
+                     found: dict[str, pd.DataFrame] | None = None) -> str:
+    """Return the Markdown summary: per metric and test, a pattern × n table of mean ± s.e. with that test's
+    marks and legend, the long table, and the Claims section (`claims.claims`)."""
     parts = [f"# Summary\n\nExperiments: {', '.join(sorted(df['experiment'].astype(str).unique()))}. "
-             f"Trials: {len(df)} ({_counts(df)}).\n\nCells are mean ± s.e. over seeds; * marks a one-sided "
-             f"Welch test against the n = 0 cell with p < {SIGNIFICANT} (protocol §4.3).\n"]
+             f"Trials: {len(df)} ({_counts(df)}).\n\nCells are mean ± s.e. over seeds. Under each table: which "
+             f"test its {frames.SIGNIFICANT_MARK} marks (p < {SIGNIFICANT} after Holm's adjustment over that "
+             f"table's cells) and where {frames.SUPPRESSED_MARK} replaces a mark, and why (protocol §4.3).\n"]
     for metric, summary in summaries.items():
         parts.append(f"## {style.label(metric)} (`{metric}`)\n")
         if summary.empty:
             parts.append("No finished trials.\n")
             continue
-        parts.append(markdown_table(frames.pivot_cells(_display(summary), mark_p=SIGNIFICANT)) + "\n")
+        for name, table, legend in marked_tables(summary):
+            parts.append(f"### {name}\n\n{markdown_table(table)}\n\n"
+                         + "".join(f"{line}  \n" for line in _md_legend(legend)))
         parts.append(f"<details><summary>all cells</summary>\n\n{markdown_table(summary, index=False)}\n\n"
                      "</details>\n")
+    if found is not None:
+        parts.append(f"## Claims\n\n```\n{claims.format_claims(found, SIGNIFICANT)}\n```\n")
     errors = frames.errored(df)
     if errors:
         parts.append("## Errored trials\n\n" + "\n".join(f"- {e}" for e in errors) + "\n")
     return "\n".join(parts)
+
+
+def _md_legend(legend: str) -> list[str]:
+    """Return a legend's lines with Markdown's emphasis characters escaped."""
+    return [line.replace("*", "\\*") for line in legend.splitlines()]
 
 
 def weight_map_sets(df: pd.DataFrame) -> list[tuple[str, list[str]]]:
@@ -172,18 +198,22 @@ def _safe(name: str) -> str:
 
 
 def index_html(dirs: Sequence[Path], df: pd.DataFrame, summaries: dict[str, pd.DataFrame],
-               pngs: Sequence[Path], studies: Sequence[tuple[str, str, list]] = ()) -> str:
+               pngs: Sequence[Path], studies: Sequence[tuple[str, str, list]] = (),
+               found: dict[str, pd.DataFrame] | None = None) -> str:
     """Return a self-contained HTML page showing the summary tables, figures and links to the data files."""
     esc = html.escape
     body = [f"<h1>Report: {esc(', '.join(d.name for d in dirs))}</h1>",
             f"<p>{len(df)} trials ({esc(_counts(df))}) from {esc(', '.join(str(d) for d in dirs))}.</p>"]
     for metric, summary in summaries.items():
         body.append(f"<h2>{esc(style.label(metric))} <code>{esc(metric)}</code></h2>")
-        body.append("<p>No finished trials.</p>" if summary.empty else
-                    frames.pivot_cells(_display(summary), mark_p=SIGNIFICANT).to_html(border=0))
-    if summaries:
-        body.append(f"<p class=note>mean ± s.e. over seeds; * p &lt; {SIGNIFICANT}, one-sided Welch test "
-                    "vs n = 0.</p>")
+        if summary.empty:
+            body.append("<p>No finished trials.</p>")
+        for name, table, legend in [] if summary.empty else marked_tables(summary):
+            body.append(f"<h3>{esc(name)}</h3>" + table.to_html(border=0)
+                        + "<p class=note>mean ± s.e. over seeds<br>" + "<br>".join(map(esc, legend.splitlines()))
+                        + "</p>")
+    if found is not None:
+        body.append(f"<h2>Claims</h2><pre>{esc(claims.format_claims(found, SIGNIFICANT))}</pre>")
     for title, table, _ in studies:
         body.append(f"<h2>{esc(title)}</h2><pre>{esc(table)}</pre>")
     errors = frames.errored(df)
@@ -192,8 +222,8 @@ def index_html(dirs: Sequence[Path], df: pd.DataFrame, summaries: dict[str, pd.D
     body.append("<h2>Figures</h2>")
     body += [f'<figure><img src="{esc(p.as_posix())}" alt="{esc(p.stem)}"><figcaption>{esc(p.stem)}'
              f"</figcaption></figure>" for p in pngs]
-    files = ["summary.md", *[f"summary_{m}.csv" for m in summaries], "trials.csv", "trials.parquet",
-             "epochs.csv", "epochs.parquet"]
+    files = ["summary.md", *[f"summary_{m}.csv" for m in summaries], *(["claims.txt"] if found else []),
+             "trials.csv", "trials.parquet", "epochs.csv", "epochs.parquet"]
     body.append("<h2>Data</h2><ul>" + "".join(f'<li><a href="{f}">{f}</a></li>' for f in files) + "</ul>")
     css = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}"
            "table{border-collapse:collapse}td,th{padding:2px 10px;text-align:right}"

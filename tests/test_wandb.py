@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from analysis.frames import SUMMARY_COLUMNS
 from spurious.errors import SpuriousError
 from study import wandb_setup
 from tests.conftest import requires_fashion
@@ -150,7 +151,7 @@ def test_api_key_never_reaches_callbacks_metadata_report_or_wandb_files(no_crede
     table = logged["history"][0]["summary/spurious_score"]
     assert table["_type"] == "table-file" and table["nrows"] == 4
     content = json.loads((report_run / "files" / table["path"]).read_text())
-    assert content["columns"] == ["pattern", "n_spurious", "mean", "se", "count", "p_vs_baseline"]
+    assert content["columns"] == ["pattern", "n_spurious", *SUMMARY_COLUMNS]
     assert logged["history"][0]["figures/spurious_score_vs_n"]["_type"] == "image-file"
     assert files_containing(tmp_path, FAKE_KEY.encode()) == []
 
