@@ -57,6 +57,8 @@ def cmd_report(args) -> int:
         print(f"tables: {out / 'summary.md'}, {out / 'trials.csv'}, {out / 'pareto.csv'}")
         return 0
     out = report.write_report(dirs, args.out)
+    if (out / "claims.txt").exists():
+        print((out / "claims.txt").read_text().rstrip() + "\n")
     print(f"report: {out / 'index.html'}")
     print(f"tables: {out / 'summary.md'}, {out / 'trials.csv'}, {out / 'epochs.csv'} (+ .parquet)")
     folder = wandb_setup.log_report(out, dirs, mode, args.wandb_project, args.wandb_entity)
