@@ -78,7 +78,7 @@ def val_metrics(row: dict[str, float]) -> dict[str, float]:
 
 def pack_indicators(rise: torch.Tensor | np.ndarray) -> str:
     """Return the 0/1 indicator vector r(x) (N,) as text: `N:` then the base64 of `numpy.packbits` (big-endian
-    bit order; 10,000 test images take 1,672 characters). `unpack_indicators` inverts it."""
+    bit order; 10,000 test images take 1,674 characters). `unpack_indicators` inverts it."""
     import base64
 
     bits = np.asarray(rise.detach().cpu() if isinstance(rise, torch.Tensor) else rise) > 0.5

@@ -187,7 +187,8 @@ def cmd_run(args) -> int:
         return mitigation_cmd.run_spec(spec, options, args)
     prepared = runner.prepare(spec, options)
     experiment_dir = runner.join(options.storage_uri(), prepared.name)
-    print(f"study {spec.name}: {prepared.cells} cells, {prepared.trainings} trainings in {prepared.trials} trials "
+    print(f"study {spec.name}: {prepared.cells} cells, {prepared.trainings} trainings in {prepared.trials} "
+          f"trial{'s' if prepared.trials != 1 else ''} "
           f"(seed policy {spec.seed_policy}) -> {experiment_dir}", flush=True)
     results = runner.launch(runner.train_launch(prepared, options), options, runner.train_trainable, logging)
     code = kinds.finish_training(results.experiment_path)

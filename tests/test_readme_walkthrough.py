@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from analysis import load
 from study import wandb_setup
 from tests.conftest import requires_fashion
 from tests.wandb_records import read_run
@@ -46,6 +47,10 @@ WALK: dict[str, list[str]] = {
     "study run my_study.yaml --max-concurrent 2": ["--smoke"],
     "study doctor": [],
     "study bench": ["--only", "cli", "--repeats", "1"],
+    "study show paper-fashion-short": [],
+    "study run paper-fashion-short --bundle 8 --name paper-fashion-short": ["--smoke"],
+    "study report results/paper-fashion-short": [],
+    "study run two-class --name two-class": ["--smoke"],
     "study run demo --set pattern=r3 --set n_spurious=[0,10,100] --name rare": ["--set", "epochs=1"],
     "study delete --from results/rare --method retrain": ["--smoke"],
     "study delete --from results/rare --method incremental_retraining --set lr_policy=reset": ["--smoke"],
@@ -156,7 +161,8 @@ def test_every_readme_command_is_walked():
 
 def test_list_and_show(shell):
     assert "demo" in shell.run("study list").stdout
-    assert "trials: 2" in shell.run("study show demo --smoke").stdout
+    shown = shell.run("study show demo --smoke").stdout
+    assert "2 cells, 2 trainings" in shown and "seed policy: replicate" in shown
 
 
 def test_first_smoke_run_uses_offline_wandb_by_default(shell):
@@ -203,13 +209,29 @@ def test_resume_of_a_finished_study_is_a_no_op(shell):
 def test_yaml_study_file(shell):
     (shell.cwd / "my_study.yaml").write_text(yaml_example())
     done = shell.run("study run my_study.yaml --max-concurrent 2")
-    assert "study rarity-r3: 4 trials" in done.stdout  # smoke n ∈ {0, 10} × the base study's 2 data seeds
+    # smoke n ∈ {0, 10} × the base study's 2 data seeds; a sampled l2 makes each cell its own training
+    assert "study rarity-r3: 4 cells, 4 trainings in 4 trials" in done.stdout
 
 
 def test_doctor_and_bench(shell):
     assert "verdict: ready to launch" in shell.run("study doctor").stdout
     bench = shell.run("study bench").stdout
     assert "CLI start-up" in bench and "study list" in bench
+
+
+def test_paper_reproduction_and_two_class(shell):
+    shown = shell.run("study show paper-fashion-short").stdout
+    assert "147 cells, 127 trainings" in shown and "seed policy: reference" in shown
+    done = shell.run("study run paper-fashion-short --bundle 8 --name paper-fashion-short")
+    assert "2 cells, 2 trainings in 1 trial (seed policy reference)" in done.stdout  # smoke: n ∈ {0, 100}
+    report = shell.run("study report results/paper-fashion-short").stdout
+    assert "Smallest significant n" in report and "Holm" in report
+    assert (shell.cwd / "results" / "paper-fashion-short" / "report" / "claims.txt").exists()
+    done = shell.run("study run two-class --name two-class")
+    assert "4 cells, 2 trainings" in done.stdout  # smoke: n ∈ {0, 100}, each model scored for classes 0 and 1
+    rows = load(shell.cwd / "results" / "two-class")
+    assert sorted(rows["target"]) == [0, 0, 1, 1] and set(rows["n_planted"]) == {0, 200}
+    assert rows.groupby("n_spurious")["training_id"].nunique().tolist() == [1, 1]
 
 
 def test_deletion_studies(shell):
