@@ -294,8 +294,13 @@ def _fill_config(df: pd.DataFrame, meta: dict) -> pd.DataFrame:
     looked_up = config.reindex(df[id_column]).reset_index(drop=True)
     for column in looked_up:
         own = df[column] if column in df else pd.Series([None] * len(df))
-        df[column] = [a if pd.notna(a) else b for a, b in zip(own, looked_up[column])]
+        df[column] = [b if _missing(a) else a for a, b in zip(own, looked_up[column])]
     return df
+
+
+def _missing(value) -> bool:
+    """Return whether a config value is missing (None or NaN); a list value (`targets`) never is."""
+    return not isinstance(value, (list, tuple)) and bool(pd.isna(value))
 
 
 def _experiment_name(path: Path) -> str:

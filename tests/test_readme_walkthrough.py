@@ -48,7 +48,7 @@ WALK: dict[str, list[str]] = {
     "study doctor": [],
     "study bench": ["--only", "cli", "--repeats", "1"],
     "study show paper-fashion-short": [],
-    "study run paper-fashion-short --bundle 8 --name paper-fashion-short": ["--smoke"],
+    "study run paper-fashion-short --bundle 8 --yes --name paper-fashion-short": ["--smoke"],
     "study report results/paper-fashion-short": [],
     "study run two-class --name two-class": ["--smoke"],
     "study run demo --set pattern=r3 --set n_spurious=[0,10,100] --name rare": ["--set", "epochs=1"],
@@ -222,7 +222,7 @@ def test_doctor_and_bench(shell):
 def test_paper_reproduction_and_two_class(shell):
     shown = shell.run("study show paper-fashion-short").stdout
     assert "147 cells, 127 trainings" in shown and "seed policy: reference" in shown
-    done = shell.run("study run paper-fashion-short --bundle 8 --name paper-fashion-short")
+    done = shell.run("study run paper-fashion-short --bundle 8 --yes --name paper-fashion-short")
     assert "2 cells, 2 trainings in 1 trial (seed policy reference)" in done.stdout  # smoke: n ∈ {0, 100}
     report = shell.run("study report results/paper-fashion-short").stdout
     assert "Smallest significant n" in report and "Holm" in report
