@@ -482,8 +482,8 @@ def mark_legend(summary: pd.DataFrame, mark_p: float = 0.05, test: str = stats.R
     """Return the note under a `pivot_cells` table: which test its '*' marks (Holm-adjusted over how many
     cells) and, per reason, which cells' marks are suppressed ('†'; protocol §4.3)."""
     family = int(summary[f"p_{test}"].notna().sum())
-    lines = [f"{SIGNIFICANT_MARK} p < {mark_p}: {test_label(summary, test)}, Holm-adjusted over the {family} "
-             "cells of this table."]
+    over = f"the {family} cells of this table" if family else "the cells of this table (none could be tested)"
+    lines = [f"{SIGNIFICANT_MARK} p < {mark_p}: {test_label(summary, test)}, Holm-adjusted over {over}."]
     reason = _reason_column(test)
     keyed = summary[(summary[reason] != "") & (summary.get("n_spurious", 1) != 0)]
     for why, rows in keyed.groupby(reason, sort=True):
