@@ -420,7 +420,7 @@ def test_deletion_studies_from_a_smoke_training_study(tmp_path):
         list(oracle.sort_values("source_trial_id")["spurious_score_after"]))
 
     shutil.copytree(tmp_path / "src", tmp_path / "bad")
-    corrupt = next((tmp_path / "bad").glob("*data_seed=0,n_spurious=100*/checkpoint_*"))
+    corrupt = next((tmp_path / "bad").glob("*_n100_c0_d0_*/checkpoint_*"))  # protocol §7.3 names
     (corrupt / ckpt.member_file(0)).write_bytes(b"corrupted on disk")
     influence = study("delete", "--from", str(tmp_path / "bad"), "--method", "group_influence", "--set",
                       "depth=50", "--set", "repeats=1", "--set", "per_example=false", "--max-failures", "0", *run)

@@ -121,3 +121,19 @@ def test_diverging_trial_errors_with_one_line_and_the_study_goes_on(tmp_path):
     assert sorted(df["status"]) == ["ERROR", "TERMINATED"]
     (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("errored:")]
     assert "training loss became" in line
+
+
+def test_replicate_clean_models_give_a_real_standard_error_and_are_each_trained_once(tmp_path):
+    """Under the default seed policy the n = 0 replicates are independently trained clean models, so n = 0 has
+    a standard error above zero; the two patterns' n = 0 cells of one data seed share that seed's model
+    (protocol §6.4, §7.3). Default W&B mode: this is what `make demo` shows."""
+    proc = study("run", "demo", "--set", "n_spurious=0", "--set", "epochs=1", "--storage-path", str(tmp_path),
+                 "--name", "clean")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "study demo: 4 cells, 2 trainings in 2 trials (seed policy replicate)" in proc.stdout
+    df = frames.load(tmp_path / "clean")
+    assert len(df) == 4 and (df["status"] == "TERMINATED").all() and df["training_id"].nunique() == 2
+    assert sorted(set(zip(df["data_seed"], df["seed"]))) == [(0, 0), (1, 1)]
+    assert (df.groupby("training_id")["test_acc"].nunique() == 1).all(), "one model per training"
+    summary = frames.summarize(df, metric="test_acc")  # (a 1-epoch S3 score can be 0 for both models)
+    assert (summary["count"] == 2).all() and (summary["se"] > 0).all(), summary
