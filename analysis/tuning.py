@@ -205,7 +205,8 @@ def format_summary(summary: dict) -> str:
     rule = f"lowest validation score with validation accuracy >= baseline - {summary['max_acc_drop']}"
     lines.append(f"recommended ({rule}): {_fmt(rec) if rec else 'none of the settings qualifies'}")
     seeds = sel["confirm_data_seeds"]
-    lines.append(f"confirmed on test (mean ± s.e. over the {len(seeds)} fresh seeds, {_seed_range(seeds)}):")
+    lines.append(f"confirmed on test (mean ± s.e. over {len(seeds)} fresh seed{'s' if len(seeds) > 1 else ''}, "
+                 f"{_seed_range(seeds)}):")
     lines += [f"  {_fmt_confirm(r)}" for r in summary["confirmation"]]
     return "\n".join(lines)
 

@@ -139,6 +139,36 @@ def test_confirm_settings_are_the_baseline_the_recommendation_and_optionally_the
     assert options.search_seeds(5) == [5, 6, 7] and options.confirm_seeds_from(5) == [8, 9]
 
 
+def test_the_summary_shows_validation_selection_and_test_confirmation_over_fresh_seeds():
+    settings = [{"roles": ["baseline"], "l2": 0.0, "noise_sigma": 0.0, "lr": 0.01},
+                {"roles": ["recommended"], "l2": 0.01, "noise_sigma": 0.1, "lr": 0.01}]
+    frame = pd.DataFrame([
+        {"phase": "confirm", "trial_id": "a", "l2": 0.0, "noise_sigma": 0.0, "lr": 0.01, "data_seed": 3, "seeds": 2,
+         "spurious_score": 0.30, "spurious_score_se": 0.03, "test_acc": 0.85, "test_acc_se": 0.004,
+         "status": "TERMINATED", "epochs_done": 5},
+        {"phase": "confirm", "trial_id": "b", "l2": 0.01, "noise_sigma": 0.1, "lr": 0.01, "data_seed": 3,
+         "seeds": 2, "spurious_score": 0.10, "spurious_score_se": 0.04, "test_acc": 0.83, "test_acc_se": 0.003,
+         "status": "TERMINATED", "epochs_done": 5},
+        {"phase": "search", "trial_id": "c", "l2": 0.01, "noise_sigma": 0.1, "lr": 0.01, "spurious_score": 0.9,
+         "status": "TERMINATED"}])
+    base, rec = tuning.confirmation(frame, settings)
+    assert (base["d_spurious_score"], base["d_test_acc"]) == (0.0, 0.0)
+    assert rec["d_spurious_score"] == pytest.approx(-0.2) and rec["d_spurious_score_se"] == pytest.approx(0.05)
+    assert rec["d_test_acc"] == pytest.approx(-0.02) and rec["status"] == "TERMINATED"
+    val = {"l2": 0.01, "noise_sigma": 0.1, "lr": 0.01, "val_spurious_score": 0.05, "val_spurious_score_se": 0.01,
+           "val_acc": 0.84, "val_acc_se": 0.002}
+    summary = {"objective": "pareto", "max_acc_drop": 0.02, "finished": 1, "pareto": [val], "recommended": val,
+               "baseline": {"val_spurious_score": 0.2, "val_spurious_score_se": 0.02, "val_acc": 0.85,
+                            "val_acc_se": 0.003},
+               "selection": {"note": tuning.provenance(5000, [0, 1], [2, 3]), "confirm_data_seeds": [2, 3]},
+               "confirmation": [base, rec]}
+    text = tuning.format_summary(summary)
+    assert text.startswith("selected on validation (5000 images held out of training), confirmed on test with "
+                           "data seeds 2–3 (the search used data seeds 0–1; training seed = data seed)")
+    assert "val score=0.050 ± 0.010  val acc=0.8400 ± 0.0020" in text
+    assert "test score=0.100 ± 0.040  test acc=0.8300 ± 0.0030  vs baseline: score -0.200 ± 0.050" in text
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"objective": "fastest"}, "objective 'fastest'"), ({"max_acc_drop": 1.5}, "[0, 1]"),
     ({"max_acc_drop": -0.1}, "[0, 1]"), ({"l2_low": -1.0}, "0 < low < high"), ({"sigma_max": -1.0}, "sigma-max"),
@@ -360,7 +390,7 @@ def test_a_study_killed_in_its_confirmation_resumes_there(tmp_path):
     resumed = subprocess.run([sys.executable, "-m", "study.cli", "resume", str(root)],
                              capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "confirmed on test (mean ± s.e. over the 2 fresh seeds, data seeds 1–2)" in resumed.stdout
+    assert "confirmed on test (mean ± s.e. over 2 fresh seeds, data seeds 1–2)" in resumed.stdout
     assert {p: (p / "result.json").read_text() for p in search} == search, "the search was not run again"
     confirm = tuning.confirm_trials(load(root))
     assert len(confirm) == 2 and (confirm["status"] == "TERMINATED").all() and set(confirm["data_seed"]) == {1}
