@@ -46,7 +46,7 @@ REPLICATE_KEYS = ("data_seed", "seed")
 # Post-hoc kinds: their params.json holds the post-hoc settings and their one report the source model's config;
 # the column naming the source trial fills the config of trials that errored before reporting.
 SOURCE_ID_COLUMNS = {"delete": "source_trial_id", "mia": "target_trial_id"}
-TUNING_PHASES = ("baseline", "search")  # the Tune experiments inside a tune-mitigation directory
+TUNING_PHASES = ("baseline", "search", "confirm")  # the Tune experiments inside a tune-mitigation directory
 # Tune's bookkeeping in result.json, left out of the rows (the columns below carry what is kept of it).
 TUNE_KEYS = ("config", "done", "timestamp", "date", "pid", "node_ip", "checkpoint_dir_name", "should_checkpoint",
              "training_iteration", "time_this_iter_s", "time_since_restore", "iterations_since_restore",

@@ -1,8 +1,15 @@
 """Results of a mitigation-tuning study (protocol §10.3): its search trials from `analysis.load`, the Pareto
-set, the recommended setting and the trade-off figure."""
+set and the recommended setting (both from validation metrics only), the confirmation of the chosen settings
+on test with fresh seeds, and the trade-off figure (validation values).
+
+Selection never reads a test metric: `search_trials` keeps only the validation columns of the search, and
+`pareto_front`, `recommend` and `select` work on those. Test metrics enter only through `confirm_trials`,
+the confirmation phase's trials, which are trained after the selection is fixed.
+"""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -12,111 +19,227 @@ from analysis import style
 from analysis.frames import load
 
 SETTING_KEYS = ("l2", "noise_sigma", "lr")
-VALUE_KEYS = ("spurious_score", "spurious_score_se", "test_acc", "test_acc_se")
-SEARCH_COLUMNS = ("trial_id", *SETTING_KEYS, *VALUE_KEYS, "epochs_done", "status")
+# Seed means ± s.e. over seeds that selection reads (validation split) and that confirmation reports (test).
+SELECTION_KEYS = ("val_spurious_score", "val_spurious_score_se", "val_acc", "val_acc_se")
+TEST_VALUE_KEYS = ("spurious_score", "spurious_score_se", "test_acc", "test_acc_se")
+SEARCH_COLUMNS = ("trial_id", *SETTING_KEYS, *SELECTION_KEYS, "epochs_done", "status")
+CONFIRM_COLUMNS = ("trial_id", *SETTING_KEYS, "data_seed", "seeds", *TEST_VALUE_KEYS, "epochs_done", "status")
+SCORE, ACC = "val_spurious_score", "val_acc"
+
+
+def _phase(df: pd.DataFrame, phase: str) -> pd.DataFrame:
+    return df[df["phase"] == phase] if "phase" in df else df.iloc[0:0]
 
 
 def search_trials(df: pd.DataFrame) -> pd.DataFrame:
     """Return the search trials of a tune-mitigation `load` frame, one row per setting: trial_id, setting
-    (l2, noise_sigma, lr), seed-averaged final metrics ± s.e. over seeds (NaN until reported), epochs_done,
-    status (a setting a scheduler stopped early is RUNNING: it never reported its last epoch)."""
-    search = df[df["phase"] == "search"] if "phase" in df else df.iloc[0:0]
-    return search.reindex(columns=list(SEARCH_COLUMNS)).reset_index(drop=True)
+    (l2, noise_sigma, lr), seed-averaged final VALIDATION metrics ± s.e. over seeds (NaN until reported; the
+    test metrics the trials also report are left out: selection must not see them), epochs_done, status (a
+    setting a scheduler stopped early is RUNNING: it never reported its last epoch)."""
+    return _phase(df, "search").reindex(columns=list(SEARCH_COLUMNS)).reset_index(drop=True)
 
 
-def pareto_front(df: pd.DataFrame, minimize: str = "spurious_score", maximize: str = "test_acc") -> pd.DataFrame:
-    """Return the rows no other row dominates (≤ on `minimize`, ≥ on `maximize`, strictly better on one)."""
+def confirm_trials(df: pd.DataFrame) -> pd.DataFrame:
+    """Return the confirmation trials of a tune-mitigation `load` frame, one row per confirmed setting: trial_id,
+    setting, data_seed (the first fresh seed), seeds, seed-averaged final TEST metrics ± s.e., epochs_done,
+    status."""
+    return _phase(df, "confirm").reindex(columns=list(CONFIRM_COLUMNS)).reset_index(drop=True)
+
+
+def pareto_front(df: pd.DataFrame, minimize: str = SCORE, maximize: str = ACC) -> pd.DataFrame:
+    """Return the rows no other row dominates (≤ on `minimize`, ≥ on `maximize`, strictly better on one);
+    by default on the validation score and validation accuracy."""
     a, b = df[minimize].to_numpy(float), df[maximize].to_numpy(float)
     keep = [not np.any((a <= a[i]) & (b >= b[i]) & ((a < a[i]) | (b > b[i]))) for i in range(len(df))]
     return df[np.array(keep, dtype=bool)].sort_values(minimize)
 
 
 def recommend(df: pd.DataFrame, baseline_acc: float, max_acc_drop: float) -> dict | None:
-    """Return the lowest-score finished setting with accuracy ≥ baseline − D (ties: higher accuracy)."""
-    feasible = df[df["test_acc"] >= baseline_acc - max_acc_drop]
+    """Return the lowest-validation-score setting with validation accuracy ≥ `baseline_acc` (the baseline's
+    validation accuracy) − D (ties: higher validation accuracy); None when no setting qualifies."""
+    feasible = df[df[ACC] >= baseline_acc - max_acc_drop]
     if feasible.empty:
         return None
-    best = feasible.sort_values(["spurious_score", "test_acc"], ascending=[True, False]).iloc[0]
+    best = feasible.sort_values([SCORE, ACC], ascending=[True, False]).iloc[0]
     return {k: (float(v) if isinstance(v, (int, float, np.floating)) else v) for k, v in best.items()}
 
 
-def write_summary(root: str | Path, baseline: dict, max_acc_drop: float, objective: str) -> dict:
-    """Write tuning.json, pareto.csv and tradeoff.png into the experiment directory; return the summary."""
-    root = Path(root)
+def select(root: str | Path, baseline: dict, max_acc_drop: float) -> dict:
+    """Return the selection of a study from its search trials' validation metrics: `trials` (search_trials),
+    `finished` (TERMINATED), `front` (their Pareto set) and `recommended` (or None); `baseline` holds the
+    baseline's validation metrics (SELECTION_KEYS)."""
     df = search_trials(load(root))
     finished = df[df["status"] == "TERMINATED"]
     front = pareto_front(finished) if len(finished) else finished
+    return {"trials": df, "finished": finished, "front": front,
+            "recommended": recommend(finished, baseline[ACC], max_acc_drop)}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(math.isclose(float(a[k]), float(b[k]), rel_tol=1e-9, abs_tol=0.0) for k in SETTING_KEYS)
+
+
+def confirm_settings(selection: dict, base_lr: float, pareto: bool = False) -> list[dict]:
+    """Return the settings to confirm, each {"roles": [...], l2, noise_sigma, lr}: the baseline (l2 = 0, σ = 0,
+    `base_lr`), the recommended setting (if any) and with `pareto` every Pareto setting; a setting with two
+    roles (the recommended one is on the Pareto front) is listed once."""
+    out = [{"roles": ["baseline"], "l2": 0.0, "noise_sigma": 0.0, "lr": float(base_lr)}]
+    chosen = [("recommended", selection["recommended"])] if selection["recommended"] else []
+    if pareto:
+        chosen += [("pareto", row) for row in selection["front"].to_dict(orient="records")]
+    for role, row in chosen:
+        setting = {k: float(row[k]) for k in SETTING_KEYS}
+        match = next((s for s in out if _same(s, setting)), None)
+        if match is None:
+            out.append({"roles": [role], **setting})
+        elif role not in match["roles"]:
+            match["roles"].append(role)
+    return out
+
+
+def confirmation(df: pd.DataFrame, settings: list[dict]) -> list[dict]:
+    """Return one record per confirmed setting: roles, setting, status, the test score and test accuracy
+    (seed means ± s.e. over the fresh seeds, NaN until finished) and their differences from the confirmed
+    baseline (`d_spurious_score`, `d_test_acc`, ± the s.e. √(se² + se_baseline²))."""
+    trials = confirm_trials(df)
+    records = []
+    for setting in settings:
+        rows = [r for r in trials.to_dict(orient="records") if _same(r, setting)]
+        row = max(rows, key=lambda r: r["status"] == "TERMINATED", default={})  # a finished one first
+        finished = row.get("status") == "TERMINATED"
+        values = {k: (float(row[k]) if finished else math.nan) for k in TEST_VALUE_KEYS}
+        records.append({**setting, "status": row.get("status", "PENDING"), **values})
+    base = records[0]
+    for rec in records:
+        for key in ("spurious_score", "test_acc"):
+            rec[f"d_{key}"] = rec[key] - base[key]
+            rec[f"d_{key}_se"] = math.hypot(rec[f"{key}_se"], base[f"{key}_se"]) if rec is not base else 0.0
+    return records
+
+
+def _seed_range(seeds: list[int]) -> str:
+    """Return "data seed 3" or "data seeds 3–5"."""
+    return f"data seed {seeds[0]}" if len(seeds) == 1 else f"data seeds {seeds[0]}–{seeds[-1]}"
+
+
+def provenance(val_size: int, search_seeds: list[int], confirm_seeds: list[int]) -> str:
+    """Return the sentence saying where the numbers come from."""
+    return (f"selected on validation ({val_size} images held out of training), confirmed on test with "
+            f"{_seed_range(confirm_seeds)} (the search used {_seed_range(search_seeds)}; training seed = data seed)")
+
+
+def write_summary(root: str | Path, baseline: dict, max_acc_drop: float, objective: str, *, val_size: int,
+                  search_seeds: list[int], confirm_seeds: list[int], settings: list[dict]) -> dict:
+    """Write tuning.json, pareto.csv and tradeoff.png into the experiment directory; return the summary.
+
+    `baseline` is the search baseline's validation metrics; `settings` the confirmed settings
+    (`confirm_settings`). The Pareto set and the recommendation hold validation values (accuracies and scores
+    are fractions in [0, 1]); `confirmation` holds the test values of the confirmation phase."""
+    root = Path(root)
+    selection = select(root, baseline, max_acc_drop)
+    front = selection["front"]
     front.to_csv(root / "pareto.csv", index=False)
-    summary = {"objective": objective, "max_acc_drop": max_acc_drop, "baseline": baseline,
-               "trials": int(len(df)), "finished": int(len(finished)),
+    summary = {"objective": objective, "max_acc_drop": max_acc_drop,
+               "selection": {"split": "validation", "val_size": val_size, "search_data_seeds": search_seeds,
+                             "confirm_data_seeds": confirm_seeds,
+                             "note": provenance(val_size, search_seeds, confirm_seeds)},
+               "baseline": baseline,
+               "trials": int(len(selection["trials"])), "finished": int(len(selection["finished"])),
                "pareto": front.to_dict(orient="records"),
-               "recommended": recommend(finished, baseline["test_acc"], max_acc_drop)}
+               "recommended": selection["recommended"],
+               "confirmation": confirmation(load(root), settings)}
     (root / "tuning.json").write_text(json.dumps(summary, indent=2, default=float))
-    style.save(tradeoff_figure(finished, front, baseline), root / "tradeoff.png")
+    style.save(tradeoff_figure(selection["finished"], front, baseline), root / "tradeoff.png")
     return summary
 
 
 def tradeoff_figure(df: pd.DataFrame, front: pd.DataFrame, baseline: dict):
-    """Return the scatter of spurious score vs clean accuracy per setting (colour = log10 l2, size = σ), with
-    the Pareto front and the unmitigated baseline."""
+    """Return the scatter of validation spurious score vs validation accuracy per setting (colour = log10 l2,
+    size = σ), with the Pareto front and the unmitigated baseline."""
     fig, (ax,) = style.grid(1, width=6.1, height=3.9)
     if len(df):
-        points = ax.scatter(df["test_acc"], df["spurious_score"], c=np.log10(df["l2"].clip(lower=1e-12)),
+        points = ax.scatter(df[ACC], df[SCORE], c=np.log10(df["l2"].clip(lower=1e-12)),
                             s=30 + 120 * df["noise_sigma"], cmap="viridis", alpha=0.8, edgecolors="k")
         fig.colorbar(points, ax=ax, label="log10 L2 weight (marker size: noise σ)")
-        ax.plot(front["test_acc"], front["spurious_score"], "r--", lw=1, label="Pareto front")
-    ax.scatter([baseline["test_acc"]], [baseline["spurious_score"]], marker="*", s=250, c="red",
+        ax.plot(front[ACC], front[SCORE], "r--", lw=1, label="Pareto front")
+    ax.scatter([baseline[ACC]], [baseline[SCORE]], marker="*", s=250, c="red",
                edgecolors="k", label="unmitigated baseline", zorder=5)
-    ax.set_xlabel(f"{style.label('test_acc')} (mean over seeds)")
-    ax.set_ylabel(f"{style.label('spurious_score')} (mean over seeds)")
-    ax.set_title("Mitigation trade-off", fontsize=style.TITLE_SIZE)
+    ax.set_xlabel("validation clean accuracy (mean over seeds)")
+    ax.set_ylabel("validation spurious score (mean over seeds)")
+    ax.set_title("Mitigation trade-off (validation split)", fontsize=style.TITLE_SIZE)
     ax.legend(loc="best", fontsize=style.LEGEND_SIZE)
     ax.grid(alpha=0.3)
     return fig
 
 
+def _setting(row: dict) -> str:
+    return f"l2={row['l2']:.3g}  σ={row['noise_sigma']:.3g}  lr={row['lr']:.3g}"
+
+
 def _fmt(row: dict) -> str:
-    return (f"l2={row['l2']:.3g}  σ={row['noise_sigma']:.3g}  lr={row['lr']:.3g}  "
-            f"score={row['spurious_score']:.3f} ± {row['spurious_score_se']:.3f}  "
-            f"acc={row['test_acc']:.4f} ± {row['test_acc_se']:.4f}")
+    return (f"{_setting(row)}  val score={row[SCORE]:.3f} ± {row[SCORE + '_se']:.3f}  "
+            f"val acc={row[ACC]:.4f} ± {row[ACC + '_se']:.4f}")
+
+
+def _fmt_confirm(rec: dict) -> str:
+    roles = "+".join(rec["roles"])
+    if rec["status"] != "TERMINATED":
+        return f"{roles:<21} {_setting(rec)}  {rec['status'].lower()}"
+    diff = ("" if rec["roles"][0] == "baseline" else
+            f"  vs baseline: score {rec['d_spurious_score']:+.3f} ± {rec['d_spurious_score_se']:.3f}, "
+            f"acc {rec['d_test_acc']:+.4f} ± {rec['d_test_acc_se']:.4f}")
+    return (f"{roles:<21} {_setting(rec)}  test score={rec['spurious_score']:.3f} ± {rec['spurious_score_se']:.3f}  "
+            f"test acc={rec['test_acc']:.4f} ± {rec['test_acc_se']:.4f}{diff}")
 
 
 def format_summary(summary: dict) -> str:
-    """Return the Pareto table, the baseline and the recommendation as text."""
-    b = summary["baseline"]
-    lines = [f"unmitigated baseline (l2=0, σ=0): score={b['spurious_score']:.3f} ± {b['spurious_score_se']:.3f}  "
-             f"acc={b['test_acc']:.4f} ± {b['test_acc_se']:.4f}",
-             f"Pareto set ({len(summary['pareto'])} of {summary['finished']} finished settings):"]
+    """Return the provenance line, the baseline, the Pareto set and recommendation (validation values) and the
+    confirmation table (test values over the fresh seeds) as text."""
+    b, sel = summary["baseline"], summary["selection"]
+    lines = [sel["note"] + ".",
+             f"unmitigated baseline (l2=0, σ=0), validation: score={b[SCORE]:.3f} ± {b[SCORE + '_se']:.3f}  "
+             f"acc={b[ACC]:.4f} ± {b[ACC + '_se']:.4f}",
+             f"Pareto set on validation ({len(summary['pareto'])} of {summary['finished']} finished settings):"]
     lines += [f"  {_fmt(row)}" for row in summary["pareto"]]
     rec = summary["recommended"]
-    rule = f"lowest score with accuracy >= baseline - {summary['max_acc_drop']}"
+    rule = f"lowest validation score with validation accuracy >= baseline - {summary['max_acc_drop']}"
     lines.append(f"recommended ({rule}): {_fmt(rec) if rec else 'none of the settings qualifies'}")
+    seeds = sel["confirm_data_seeds"]
+    lines.append(f"confirmed on test (mean ± s.e. over {len(seeds)} fresh seed{'s' if len(seeds) > 1 else ''}, "
+                 f"{_seed_range(seeds)}):")
+    lines += [f"  {_fmt_confirm(r)}" for r in summary["confirmation"]]
     return "\n".join(lines)
 
 
 def write_report(root: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Write a tuning study's report (summary.md, trials.csv, pareto.csv, tradeoff.png, index.html); return it."""
+    """Write a tuning study's report (summary.md, trials.csv, confirm.csv, pareto.csv, tradeoff.png,
+    index.html); return its folder. trials.csv holds the search's validation values, confirm.csv the
+    confirmation's test values."""
     import html
     import shutil
 
     root = Path(root)
     summary = json.loads((root / "tuning.json").read_text()) if (root / "tuning.json").exists() else None
-    if summary is None:
+    if summary is None or "selection" not in summary:
         from spurious.errors import SpuriousError
 
-        raise SpuriousError(f"{str(root)!r} has no tuning.json yet: finish it with `study resume {root}`")
+        raise SpuriousError(f"{str(root)!r} has no tuning.json with a confirmation yet: finish it with "
+                            f"`study resume {root}`")
     out = Path(out_dir) if out_dir else root / "report"
     out.mkdir(parents=True, exist_ok=True)
-    search_trials(load(root)).to_csv(out / "trials.csv", index=False)
+    df = load(root)
+    search_trials(df).to_csv(out / "trials.csv", index=False)
+    confirm_trials(df).to_csv(out / "confirm.csv", index=False)
     for name in ("pareto.csv", "tradeoff.png"):
         if (root / name).exists():
             shutil.copy(root / name, out / name)
     text = format_summary(summary)
-    (out / "summary.md").write_text(f"# Mitigation tuning: {root.name}\n\nObjective: {summary['objective']}\n\n"
-                                    f"```\n{text}\n```\n")
+    (out / "summary.md").write_text(f"# Mitigation tuning: {root.name}\n\nObjective: {summary['objective']}; "
+                                    f"{summary['selection']['note']}.\n\n```\n{text}\n```\n")
     (out / "index.html").write_text(
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(root.name)}</title></head><body>"
         f"<h1>Mitigation tuning: {html.escape(root.name)}</h1><pre>{html.escape(text)}</pre>"
-        f"<img src='tradeoff.png' alt='trade-off'><p><a href='trials.csv'>trials.csv</a> · "
+        f"<img src='tradeoff.png' alt='trade-off (validation)'><p><a href='trials.csv'>trials.csv</a> "
+        f"(validation) · <a href='confirm.csv'>confirm.csv</a> (test) · "
         f"<a href='pareto.csv'>pareto.csv</a></p></body></html>")
     return out

@@ -8,7 +8,7 @@ interrupted one, in any shell). A kind adds only what is its own:
 |-------------------|---------------------------------------------------|----------------------------------------|
 | `train`           | train_classifier, or train_bundle when bundle > 1 | spurious-score table (finish_training) |
 | `delete`, `mia`   | the post-hoc trainable with its source table      | deletion / attack table (posthoc.py)   |
-| `tune-mitigation` | two Tune experiments (baseline, Optuna search)    | Pareto set and recommendation          |
+| `tune-mitigation` | Tune experiments baseline, search, confirm        | Pareto set, recommendation, test check |
 
 A new kind (a detection study, say) registers here with the same three parts.
 """

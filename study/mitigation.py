@@ -6,18 +6,26 @@ Layout of an experiment directory `<storage>/<name>/`:
 - `study.json`        what `study resume` needs (kind `tune-mitigation`, the base config, the tuning options);
 - `baseline/`         a Tune experiment with one trial: the unmitigated setting (l2 = 0, σ = 0), run first;
 - `search/`           the Tune experiment of the search (one trial per proposed setting);
+- `confirm/`          a Tune experiment run last: the baseline and the recommended setting (with
+                      `--confirm-pareto` every Pareto setting) retrained on fresh seeds and scored on test;
 - `optuna.journal`    the Optuna study (journal file storage: survives restarts, safe with concurrent
                       writers; `optuna-dashboard optuna.journal` opens it);
 - `tuning.json`, `pareto.csv`, `tradeoff.png`: the result.
 
-Objectives: `pareto` minimises the spurious score and maximises clean accuracy (multi-objective TPE or
-NSGA-II) and reports the Pareto set; `constrained` minimises the spurious score subject to clean accuracy
-≥ baseline − D (Optuna constraints), and an ASHA scheduler stops settings whose penalised objective
-lags at the same epoch. Both recommend the lowest-score setting whose accuracy is within D of the baseline.
+Selection reads only the validation split (protocol §10.3): every training holds out `val_size` training
+images (`--val-size`, ≥ 1), and the objectives, the constraint, ASHA, the Pareto set and the recommendation
+read the `val_*` metrics. `pareto` minimises the validation spurious score and maximises validation accuracy
+(multi-objective TPE or NSGA-II) and reports the Pareto set; `constrained` minimises the validation score
+subject to validation accuracy ≥ baseline − D (Optuna constraints), and an ASHA scheduler stops settings
+whose penalised objective lags at the same epoch. Both recommend the lowest-validation-score setting whose
+validation accuracy is within D of the baseline's. The search's trials use data seeds data_seed …
+data_seed+K−1; the confirmation retrains with the next `--confirm-seeds` data seeds, which the search never
+saw, and only its test metrics are the result (training seed = data seed throughout).
 """
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,6 +41,7 @@ from spurious import config as config_lib
 from spurious.errors import SpuriousError, check
 from study import runner, space as space_lib, wandb_setup
 from study.catalog import StudySpec
+from trainables import tune_mitigation as trainable_lib
 from trainables.tune_mitigation import tune_mitigation
 
 OBJECTIVES = ("pareto", "constrained")
@@ -42,7 +51,10 @@ JOURNAL = "optuna.journal"
 
 @dataclass(frozen=True)
 class TuningOptions:
-    """What to search and how: trials, objective, accuracy budget D, seeds per trial, sampler, bounds."""
+    """What to search and how: trials, objective, accuracy budget D (a fraction of the images), seeds per
+    trial, sampler, bounds, the validation split (`val_size` training images held out of every training) and
+    the confirmation (`confirm_seeds` fresh seeds per confirmed setting; `confirm_pareto`: every Pareto
+    setting, not only the recommended one)."""
 
     trials: int = 20
     objective: str = "pareto"
@@ -54,6 +66,9 @@ class TuningOptions:
     sigma_max: float = ss.NOISE_SIGMA_MAX
     tune_lr: bool = False
     sampler_seed: int = 0
+    val_size: int = 5000
+    confirm_seeds: int = 3
+    confirm_pareto: bool = False
 
     def __post_init__(self) -> None:
         config_lib.check_types(self, "tuning option")
@@ -63,12 +78,23 @@ class TuningOptions:
             (0 <= self.max_acc_drop <= 1, f"--max-acc-drop must be in [0, 1], got {self.max_acc_drop}"),
             (self.trials >= 1, f"--trials must be >= 1, got {self.trials}"),
             (self.seeds >= 1, f"--seeds must be >= 1, got {self.seeds}"),
+            (self.val_size >= 1, f"--val-size must be >= 1 (tuning selects on a validation split held out of "
+                                 f"training), got {self.val_size}"),
+            (self.confirm_seeds >= 1, f"--confirm-seeds must be >= 1, got {self.confirm_seeds}"),
             (0 < self.l2_low < self.l2_high, f"l2 bounds must satisfy 0 < low < high, got "
                                              f"[{self.l2_low}, {self.l2_high}]"),
             (self.sigma_max >= 0 and math.isfinite(self.sigma_max),
              f"--sigma-max must be a finite number >= 0, got {self.sigma_max}"),
         ]
         check(checks)
+
+    def search_seeds(self, data_seed: int) -> list[int]:
+        """Return the data seeds (= training seeds) of every search and baseline trial."""
+        return list(range(data_seed, data_seed + self.seeds))
+
+    def confirm_seeds_from(self, data_seed: int) -> list[int]:
+        """Return the fresh data seeds (= training seeds) of the confirmation: the next ones after the search's."""
+        return list(range(data_seed + self.seeds, data_seed + self.seeds + self.confirm_seeds))
 
     def space(self, base_lr: float) -> dict:
         """Return the Tune search space (converted to Optuna distributions by OptunaSearch)."""
@@ -79,12 +105,12 @@ class TuningOptions:
 
 
 def constraint_of(trial) -> list[float]:
-    """Optuna constraints function: the reported accuracy shortfall (≤ 0 is feasible)."""
+    """Optuna constraints function: the reported validation-accuracy shortfall (≤ 0 is feasible)."""
     return [float(trial.user_attrs.get("constraint", 0.0))]
 
 
 def make_searcher(options: TuningOptions, journal: Path, study_name: str):
-    """Return the OptunaSearch for the objective, with a journal-file Optuna storage."""
+    """Return the OptunaSearch for the objective (validation metrics only), with a journal-file Optuna storage."""
     constrained = options.objective == "constrained"
     sampler_kwargs = {"seed": options.sampler_seed, "constraints_func": constraint_of if constrained else None}
     if options.sampler == "nsga2":
@@ -94,7 +120,8 @@ def make_searcher(options: TuningOptions, journal: Path, study_name: str):
         sampler = optuna.samplers.TPESampler(n_startup_trials=max(3, min(10, options.trials // 3)),
                                              **sampler_kwargs)
     storage = JournalStorage(JournalFileBackend(str(journal)))
-    metric, mode = (("spurious_score", "min") if constrained else (["spurious_score", "test_acc"], ["min", "max"]))
+    score, acc = trainable_lib.SELECTION_SCORE, trainable_lib.SELECTION_ACC
+    metric, mode = ((score, "min") if constrained else ([score, acc], ["min", "max"]))
     return ConstrainedOptunaSearch(metric=metric, mode=mode, sampler=sampler, storage=storage,
                                    study_name=study_name)
 
@@ -108,8 +135,9 @@ class ConstrainedOptunaSearch(OptunaSearch):
         super().on_trial_complete(trial_id, result, error)
 
 
-def base_config(spec: StudySpec, smoke: bool, overrides: dict) -> dict:
-    """Return the fixed training settings of the tuning study; grid axes are not allowed here."""
+def base_config(spec: StudySpec, smoke: bool, overrides: dict, val_size: int = 0) -> dict:
+    """Return the fixed training settings of the tuning study, with `val_size` held-out training images when
+    it is ≥ 1; grid axes are not allowed here, nor a `val_size` of the study that differs from `val_size`."""
     space = spec.resolved(smoke, overrides)
     for key, value in space.items():
         if isinstance(value, dict):
@@ -117,6 +145,11 @@ def base_config(spec: StudySpec, smoke: bool, overrides: dict) -> dict:
                                 f"set it with --set {key}=VALUE")
     for key in ("l2", "noise_sigma"):
         space.pop(key, None)
+    if val_size:
+        if space.get("val_size", val_size) not in (0, val_size):
+            raise SpuriousError(f"tune-mitigation sets val_size with --val-size ({val_size}); "
+                                f"drop val_size={space['val_size']!r} from the study or --set")
+        space["val_size"] = val_size
     return config_lib.from_dict(space).to_dict()
 
 
@@ -137,7 +170,8 @@ def _scheduler(options: TuningOptions, epochs: int):
 
 def run_baseline(root: Path, base: dict, tuning: TuningOptions, data, resources: dict, checkpoint_every: int,
                  options: runner.RunOptions, logging: wandb_setup.Logging) -> dict:
-    """Run (or finish) the unmitigated baseline and return its seed-averaged final metrics."""
+    """Run (or finish) the unmitigated baseline on the search's seeds and return its seed-averaged final
+    validation metrics (val_spurious_score, val_acc and their s.e.): selection compares with these."""
     path = root / "baseline"
     trainable = _trainable(data, tuning.seeds, checkpoint_every, resources, None)
     if tune.Tuner.can_restore(str(path)):
@@ -150,15 +184,17 @@ def run_baseline(root: Path, base: dict, tuning: TuningOptions, data, resources:
     result = grid[0]
     if result.error or not result.metrics or result.metrics.get("epoch") != base["epochs"]:
         raise SpuriousError(f"the unmitigated baseline did not finish: {result.error}")
-    return {k: result.metrics[k] for k in ("spurious_score", "spurious_score_se", "test_acc", "test_acc_se")}
+    return {k: result.metrics[k] for k in tuning_analysis.SELECTION_KEYS}
 
 
 def run_search(root: Path, base: dict, tuning: TuningOptions, data, resources: dict, checkpoint_every: int,
                options: runner.RunOptions, baseline: dict, logging: wandb_setup.Logging,
                retry_errored: bool = False) -> tune.ResultGrid:
-    """Run (or continue) the Optuna search over mitigation settings."""
+    """Run (or continue) the Optuna search over mitigation settings (the constraint: validation accuracy ≥ the
+    baseline's validation accuracy − D)."""
     path = root / "search"
-    min_acc = baseline["test_acc"] - tuning.max_acc_drop if tuning.objective == "constrained" else None
+    min_acc = (baseline[trainable_lib.SELECTION_ACC] - tuning.max_acc_drop if tuning.objective == "constrained"
+               else None)
     trainable = _trainable(data, tuning.seeds, checkpoint_every, resources, min_acc)
     if tune.Tuner.can_restore(str(path)):
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
@@ -173,14 +209,46 @@ def run_search(root: Path, base: dict, tuning: TuningOptions, data, resources: d
     return tuner.fit()
 
 
+def run_confirm(root: Path, base: dict, tuning: TuningOptions, settings: list[dict], data, resources: dict,
+                checkpoint_every: int, options: runner.RunOptions, logging: wandb_setup.Logging,
+                retry_errored: bool = False) -> tune.ResultGrid:
+    """Run (or continue) the confirmation: one trial per setting of `settings` (dicts of l2, noise_sigma, lr, as
+    `analysis.tuning.confirm_settings` returns them; other keys are dropped), a plain grid, each trial training
+    `confirm_seeds` replicates on the fresh data seeds `TuningOptions.confirm_seeds_from` (training seed = data
+    seed). Its test metrics are the study's result; nothing selects on them."""
+    path = root / "confirm"
+    trainable = _trainable(data, tuning.confirm_seeds, checkpoint_every, resources, None)
+    if tune.Tuner.can_restore(str(path)):
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=retry_errored)
+        return tuner.fit()
+    if path.exists():  # killed before Tune first saved its state: nothing there can be restored
+        shutil.rmtree(path)
+    fixed = {k: v for k, v in base.items() if k not in tuning_analysis.SETTING_KEYS}
+    grid = space_lib.grid([{k: setting[k] for k in tuning_analysis.SETTING_KEYS} for setting in settings])
+    param_space = {**fixed, "data_seed": tuning.confirm_seeds_from(base["data_seed"])[0], "setting": grid}
+    tuner = tune.Tuner(trainable, param_space=param_space,
+                       tune_config=tune.TuneConfig(max_concurrent_trials=options.max_concurrent),
+                       run_config=runner.run_config(options, "confirm", logging.callbacks(root, root.name),
+                                                    storage_path=str(root)))
+    return tuner.fit()
+
+
+def trial_budget(tuning: TuningOptions) -> int:
+    """Return the most trials the three phases run: the baseline, the search, and the confirmation (the
+    baseline and the recommended setting, or with `confirm_pareto` at most every search setting)."""
+    return 1 + tuning.trials + 1 + (tuning.trials if tuning.confirm_pareto else 1)
+
+
 def run(spec: StudySpec, options: runner.RunOptions, tuning: TuningOptions,
         logging: wandb_setup.Logging | None = None) -> Path:
-    """Validate, run the baseline, then the search (W&B per `logging`); write and print the result.
+    """Validate, run the baseline, the search, then the confirmation (W&B per `logging`); write and print the
+    result.
 
     Returns the experiment directory.
     """
     logging = logging or wandb_setup.Logging()
-    base = base_config(spec, options.smoke, options.overrides)
+    base = base_config(spec, options.smoke, options.overrides, tuning.val_size)
     prepared = runner.prepare(StudySpec(spec.name, spec.description, base), options)
     root = Path(options.storage_uri()) / prepared.name
     if "://" in str(options.storage_uri()):
@@ -188,19 +256,29 @@ def run(spec: StudySpec, options: runner.RunOptions, tuning: TuningOptions,
                             "shared-file-system --storage-path, not a URI")
     resources = runner.begin(options)
     runner.write_meta(root, runner.session_meta("tune-mitigation", spec.name, options, logging, resources,
-                                                sorted(prepared.data)[:1], tuning.trials + 1, base=base,
+                                                sorted(prepared.data)[:1], trial_budget(tuning), base=base,
                                                 tuning=asdict(tuning), checkpoint_every=spec.checkpoint_every))
-    print(f"tune-mitigation {spec.name}: baseline + {tuning.trials} settings × {tuning.seeds} seeds -> {root}",
+    print(f"tune-mitigation {spec.name}: baseline + {tuning.trials} settings × {tuning.seeds} seeds, selected on "
+          f"{tuning.val_size} validation images, confirmed on test with {tuning.confirm_seeds} fresh seeds -> {root}",
           flush=True)
     return _execute(root, base, tuning, prepared.data, resources, spec.checkpoint_every, options, logging)
 
 
 def _execute(root: Path, base: dict, tuning: TuningOptions, data, resources: dict, checkpoint_every: int,
              options: runner.RunOptions, logging: wandb_setup.Logging, retry_errored: bool = False) -> Path:
-    runner.save_state_often(tuning.trials + 1)
+    if base.get("val_size", 0) != tuning.val_size:
+        raise SpuriousError(f"{str(root)!r} trains with val_size={base.get('val_size', 0)} but its tuning options say "
+                            f"{tuning.val_size}: it predates validation-based selection; start the study again")
+    runner.save_state_often(trial_budget(tuning))
     baseline = run_baseline(root, base, tuning, data, resources, checkpoint_every, options, logging)
     run_search(root, base, tuning, data, resources, checkpoint_every, options, baseline, logging, retry_errored)
-    summary = tuning_analysis.write_summary(root, baseline, tuning.max_acc_drop, tuning.objective)
+    selection = tuning_analysis.select(root, baseline, tuning.max_acc_drop)
+    settings = tuning_analysis.confirm_settings(selection, base["lr"], tuning.confirm_pareto)
+    run_confirm(root, base, tuning, settings, data, resources, checkpoint_every, options, logging, retry_errored)
+    summary = tuning_analysis.write_summary(
+        root, baseline, tuning.max_acc_drop, tuning.objective, val_size=tuning.val_size,
+        search_seeds=tuning.search_seeds(base["data_seed"]), confirm_seeds=tuning.confirm_seeds_from(base["data_seed"]),
+        settings=settings)
     print()
     print(tuning_analysis.format_summary(summary))
     print(f"\nOptuna study: optuna-dashboard {root / JOURNAL}")
@@ -209,8 +287,8 @@ def _execute(root: Path, base: dict, tuning: TuningOptions, data, resources: dic
 
 
 def resume(again: "runner.Reopened", retry_errored: bool) -> Path:
-    """Continue a tune-mitigation study: finish the baseline if needed, then the search with its history;
-    phases not started yet get the study's W&B callbacks."""
+    """Continue a tune-mitigation study killed in any phase: finish the baseline if needed, then the search with
+    its history, then the confirmation; phases not started yet get the study's W&B callbacks."""
     meta = again.meta
     return _execute(Path(again.path), meta["base"], TuningOptions(**meta["tuning"]), again.data, again.resources,
                     meta["checkpoint_every"], again.options, again.logging, retry_errored)

@@ -15,14 +15,15 @@ from analysis import load, tuning
 from spurious import train
 from spurious.config import TrainConfig
 from spurious.errors import SpuriousError
-from spurious.planted import plant
+from spurious.metrics import TEST_KEYS, VAL_KEYS
+from spurious.planted import plant_config
 from study import cli
 from study.mitigation import TuningOptions
-from tests.conftest import requires_fashion, synthetic_dataset
+from tests.conftest import FASHION_DIR, requires_fashion, synthetic_dataset
 from trainables import tune_mitigation as trainable
 
 
-def run_trainable(monkeypatch, config, seeds, restored=None):
+def run_trainable(monkeypatch, config, seeds, restored=None, min_acc=0.5):
     """Run the tune_mitigation trainable outside Tune; return its reports as (metrics, member states)."""
     reports = []
     monkeypatch.setattr(trainable, "report_states",  # Tune writes the states to files at once: copy them
@@ -30,23 +31,25 @@ def run_trainable(monkeypatch, config, seeds, restored=None):
     monkeypatch.setattr(trainable, "restored_states", lambda count: restored)
     monkeypatch.setattr(trainable, "use_trial_threads", lambda: None)
     trainable.tune_mitigation(config, {"fashion": synthetic_dataset(n_train=300, n_test=100)}, seeds=seeds,
-                              checkpoint_every=2, min_acc=0.5)
+                              checkpoint_every=2, min_acc=min_acc)
     return reports
 
 
 def averaged(metrics):
-    return {k: metrics[k] for k in trainable.AVERAGED + ("spurious_score_per_seed",)}
+    return {k: metrics[k] for k in metrics if k.endswith("_per_seed") or k.removesuffix("_se") in trainable.AVERAGED}
 
 
 @pytest.mark.parametrize("model", ["large_mlp", "cnn002"])  # a bundle, and Engines in lock-step (dropout)
 def test_mitigation_trial_reports_the_seed_mean_of_engines_in_lock_step_and_resumes(monkeypatch, model):
     config = dict(dataset="fashion", model=model, pattern="s3", n_spurious=15, target=0, epochs=3, lr=0.05,
-                  batch_size=64, device="cpu", l2=1e-3, noise_sigma=0.1)
+                  batch_size=64, device="cpu", l2=1e-3, noise_sigma=0.1, val_size=40)
     reports = run_trainable(monkeypatch, config, seeds=2)
     data = synthetic_dataset(n_train=300, n_test=100)
-    cfgs = [TrainConfig(**{**config, "data_seed": seed}) for seed in (0, 1)]
-    engines = [train.Engine(c, plant(data, "s3", 15, 0, c.data_seed)) for c in cfgs]  # the pre-issue-12 trial
+    # replicates: data seed = training seed = 0, 1 (the pre-issue-12 trial, one Engine per seed)
+    cfgs = [TrainConfig(**{**config, "data_seed": seed, "seed": seed}) for seed in (0, 1)]
+    engines = [train.Engine(c, plant_config(data, c)) for c in cfgs]
     assert [m["epoch"] for m, _ in reports] == [1, 2, 3]
+    assert all(f"{k}_se" in reports[0][0] for k in VAL_KEYS) and reports[0][0]["seed"] == 0
     for epoch, (metrics, states) in enumerate(reports):
         assert averaged(metrics) == averaged(trainable.seed_average([e.step() for e in engines]))
         assert "constraint" in metrics and (states is not None) == (epoch + 1 in (2, 3)), "every 2 and the last"
@@ -61,28 +64,117 @@ def test_a_diverging_seed_fails_the_mitigation_trial(monkeypatch):
         run_trainable(monkeypatch, config, seeds=2)
 
 
+def test_the_trial_reports_validation_means_and_its_constraint_reads_validation_accuracy(monkeypatch):
+    config = dict(dataset="fashion", model="large_mlp", pattern="s3", n_spurious=15, target=0, epochs=1, lr=0.05,
+                  batch_size=64, device="cpu", val_size=40)
+    (metrics, _), = run_trainable(monkeypatch, config, seeds=3, min_acc=0.6)
+    for key in (*VAL_KEYS, *TEST_KEYS):
+        assert np.isfinite(metrics[key]) and np.isfinite(metrics[f"{key}_se"]), key
+    assert len(metrics["val_spurious_score_per_seed"]) == 3
+    assert metrics["constraint"] == pytest.approx(0.6 - metrics["val_acc"])
+    penalty = max(0.0, 0.6 - metrics["val_acc"])
+    assert metrics["objective"] == pytest.approx(metrics["val_spurious_score"] + (1 + penalty if penalty else 0))
+
+
+def test_objectives_and_constraint_use_validation_values_only():
+    metrics = {"val_acc": 0.80, "val_spurious_score": 0.10, "test_acc": 0.99, "spurious_score": 0.0}
+    assert trainable.constrained_objective(metrics, min_acc=0.85) == {
+        "constraint": pytest.approx(0.05), "objective": pytest.approx(0.10 + 1.05)}
+    assert trainable.constrained_objective({**metrics, "test_acc": 0.0, "spurious_score": 9.0}, 0.75) == {
+        "constraint": pytest.approx(-0.05), "objective": pytest.approx(0.10)}
+    assert trainable.replicate_configs(TrainConfig(data_seed=4), 3) == [
+        TrainConfig(data_seed=s, seed=s) for s in (4, 5, 6)]
+
+
+@pytest.mark.parametrize("objective,metric,mode", [
+    ("pareto", ["val_spurious_score", "val_acc"], ["min", "max"]), ("constrained", "val_spurious_score", "min")])
+def test_optuna_searcher_optimises_validation_metrics(tmp_path, objective, metric, mode):
+    from study import mitigation
+
+    searcher = mitigation.make_searcher(TuningOptions(objective=objective), tmp_path / "j.journal", "s")
+    assert (searcher._metric, searcher._mode) == (metric, mode)
+    assert mitigation._scheduler(TuningOptions(objective="constrained"), 6).metric == "objective"
+
+
 def test_pareto_front_is_exactly_the_non_dominated_set():
     rng = np.random.default_rng(0)
-    df = pd.DataFrame({"spurious_score": rng.random(200).round(2), "test_acc": rng.random(200).round(2)})
+    df = pd.DataFrame({"val_spurious_score": rng.random(200).round(2), "val_acc": rng.random(200).round(2)})
     front = tuning.pareto_front(df)
     for i, row in df.iterrows():
-        dominated = ((df.spurious_score <= row.spurious_score) & (df.test_acc >= row.test_acc)
-                     & ((df.spurious_score < row.spurious_score) | (df.test_acc > row.test_acc))).any()
+        dominated = ((df.val_spurious_score <= row.val_spurious_score) & (df.val_acc >= row.val_acc)
+                     & ((df.val_spurious_score < row.val_spurious_score) | (df.val_acc > row.val_acc))).any()
         assert (i in front.index) == (not dominated)
 
 
 def test_recommend_picks_lowest_score_within_the_accuracy_budget():
     df = pd.DataFrame({"l2": [0.1, 0.01, 0.001], "noise_sigma": [0.0, 0.1, 0.2], "lr": [0.01] * 3,
-                       "spurious_score": [0.0, 0.02, 0.05], "test_acc": [0.70, 0.84, 0.86]})
+                       "val_spurious_score": [0.0, 0.02, 0.05], "val_acc": [0.70, 0.84, 0.86]})
     assert tuning.recommend(df, baseline_acc=0.86, max_acc_drop=0.02)["l2"] == 0.01
     assert tuning.recommend(df, baseline_acc=0.86, max_acc_drop=0.2)["l2"] == 0.1
     assert tuning.recommend(df, baseline_acc=0.95, max_acc_drop=0.0) is None
+
+
+def test_pareto_front_and_recommend_ignore_test_columns():
+    df = pd.DataFrame({"l2": [0.1, 0.01, 0.001], "noise_sigma": [0.0, 0.1, 0.2], "lr": [0.01] * 3,
+                       "val_spurious_score": [0.0, 0.02, 0.05], "val_acc": [0.70, 0.84, 0.86]})
+    noisy = df.assign(spurious_score=[0.9, 0.0, 0.5], test_acc=[0.99, 0.1, 0.5])  # would pick another setting
+    assert tuning.recommend(noisy, 0.86, 0.02) == {**tuning.recommend(df, 0.86, 0.02), "spurious_score": 0.0,
+                                                   "test_acc": 0.1}
+    assert tuning.pareto_front(noisy)["l2"].tolist() == tuning.pareto_front(df)["l2"].tolist() == [0.1, 0.01, 0.001]
+    frame = pd.DataFrame([{"phase": "search", "trial_id": "a", **df.iloc[0].to_dict(), "spurious_score": 0.3,
+                           "test_acc": 0.5, "status": "TERMINATED", "epochs_done": 1}])
+    assert not {"spurious_score", "test_acc"} & set(tuning.search_trials(frame).columns)
+
+
+def test_confirm_settings_are_the_baseline_the_recommendation_and_optionally_the_pareto_set():
+    front = pd.DataFrame({"l2": [0.1, 0.01], "noise_sigma": [0.0, 0.1], "lr": [0.01, 0.01]})
+    selection = {"front": front, "recommended": front.iloc[1].to_dict()}
+    assert tuning.confirm_settings(selection, 0.01) == [
+        {"roles": ["baseline"], "l2": 0.0, "noise_sigma": 0.0, "lr": 0.01},
+        {"roles": ["recommended"], "l2": 0.01, "noise_sigma": 0.1, "lr": 0.01}]
+    assert [s["roles"] for s in tuning.confirm_settings(selection, 0.01, pareto=True)] == [
+        ["baseline"], ["recommended", "pareto"], ["pareto"]]
+    assert len(tuning.confirm_settings({"front": front, "recommended": None}, 0.01)) == 1
+    options = TuningOptions(seeds=3, confirm_seeds=2)
+    assert options.search_seeds(5) == [5, 6, 7] and options.confirm_seeds_from(5) == [8, 9]
+
+
+def test_the_summary_shows_validation_selection_and_test_confirmation_over_fresh_seeds():
+    settings = [{"roles": ["baseline"], "l2": 0.0, "noise_sigma": 0.0, "lr": 0.01},
+                {"roles": ["recommended"], "l2": 0.01, "noise_sigma": 0.1, "lr": 0.01}]
+    frame = pd.DataFrame([
+        {"phase": "confirm", "trial_id": "a", "l2": 0.0, "noise_sigma": 0.0, "lr": 0.01, "data_seed": 3, "seeds": 2,
+         "spurious_score": 0.30, "spurious_score_se": 0.03, "test_acc": 0.85, "test_acc_se": 0.004,
+         "status": "TERMINATED", "epochs_done": 5},
+        {"phase": "confirm", "trial_id": "b", "l2": 0.01, "noise_sigma": 0.1, "lr": 0.01, "data_seed": 3,
+         "seeds": 2, "spurious_score": 0.10, "spurious_score_se": 0.04, "test_acc": 0.83, "test_acc_se": 0.003,
+         "status": "TERMINATED", "epochs_done": 5},
+        {"phase": "search", "trial_id": "c", "l2": 0.01, "noise_sigma": 0.1, "lr": 0.01, "spurious_score": 0.9,
+         "status": "TERMINATED"}])
+    base, rec = tuning.confirmation(frame, settings)
+    assert (base["d_spurious_score"], base["d_test_acc"]) == (0.0, 0.0)
+    assert rec["d_spurious_score"] == pytest.approx(-0.2) and rec["d_spurious_score_se"] == pytest.approx(0.05)
+    assert rec["d_test_acc"] == pytest.approx(-0.02) and rec["status"] == "TERMINATED"
+    val = {"l2": 0.01, "noise_sigma": 0.1, "lr": 0.01, "val_spurious_score": 0.05, "val_spurious_score_se": 0.01,
+           "val_acc": 0.84, "val_acc_se": 0.002}
+    summary = {"objective": "pareto", "max_acc_drop": 0.02, "finished": 1, "pareto": [val], "recommended": val,
+               "baseline": {"val_spurious_score": 0.2, "val_spurious_score_se": 0.02, "val_acc": 0.85,
+                            "val_acc_se": 0.003},
+               "selection": {"note": tuning.provenance(5000, [0, 1], [2, 3]), "confirm_data_seeds": [2, 3]},
+               "confirmation": [base, rec]}
+    text = tuning.format_summary(summary)
+    assert text.startswith("selected on validation (5000 images held out of training), confirmed on test with "
+                           "data seeds 2–3 (the search used data seeds 0–1; training seed = data seed)")
+    assert "val score=0.050 ± 0.010  val acc=0.8400 ± 0.0020" in text
+    assert "test score=0.100 ± 0.040  test acc=0.8300 ± 0.0030  vs baseline: score -0.200 ± 0.050" in text
 
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"objective": "fastest"}, "objective 'fastest'"), ({"max_acc_drop": 1.5}, "[0, 1]"),
     ({"max_acc_drop": -0.1}, "[0, 1]"), ({"l2_low": -1.0}, "0 < low < high"), ({"sigma_max": -1.0}, "sigma-max"),
     ({"seeds": 0}, "--seeds"), ({"sampler": "cmaes"}, "sampler 'cmaes'"), ({"trials": 0}, "--trials"),
+    ({"val_size": 0}, "--val-size must be >= 1"), ({"val_size": -5}, "--val-size"),
+    ({"confirm_seeds": 0}, "--confirm-seeds"),
 ])
 def test_bad_tuning_options(kwargs, message):
     with pytest.raises(SpuriousError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -95,11 +187,16 @@ def test_bad_tuning_options(kwargs, message):
     (["--l2-range", "-1", "1"], "l2 bounds must satisfy 0 < low < high"),
     (["--study", "demo"], "not a tune-mitigation study"),
     (["--set", "n_spurious=[0,3]"], "needs one value for 'n_spurious'"),
+    (["--val-size", "0"], "--val-size must be >= 1"),
+    (["--val-size", "-3"], "--val-size must be >= 1"),
+    (["--confirm-seeds", "0"], "--confirm-seeds must be >= 1"),
+    (["--set", "val_size=100"], "tune-mitigation sets val_size with --val-size (5000)"),
 ])
 def test_cli_rejects_bad_tuning_input_with_one_line(capsys, tmp_path, argv, message):
-    code = cli.main(["tune-mitigation", *argv, "--storage-path", str(tmp_path)])
+    code = cli.main(["tune-mitigation", *argv, "--storage-path", str(tmp_path / "results")])
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir()), "nothing is created"
 
 
 def journal_trials(root, name):
@@ -161,8 +258,142 @@ def test_smoke_tuning_run_then_kill_and_resume_keeps_trials_and_sampler_history(
     assert len(finished) == 4 and summary["finished"] == 4
     front = {(r["l2"], r["noise_sigma"]) for r in summary["pareto"]}
     assert front == set(zip(*[tuning.pareto_front(finished)[k] for k in ("l2", "noise_sigma")]))
-    assert summary["baseline"]["test_acc"] > 0.7
+    assert summary["baseline"]["val_acc"] > 0.7 and summary["selection"]["val_size"] == 5000
+    confirmed = summary["confirmation"]
+    assert [c["roles"][0] for c in confirmed] == ["baseline"] + (["recommended"] if summary["recommended"] else [])
+    assert all(c["status"] == "TERMINATED" and c["test_acc"] > 0.7 for c in confirmed)
+    assert set(tuning.confirm_trials(load(root))["data_seed"]) == {2}, "fresh seeds 2, 3 after the search's 0, 1"
     assert (root / "tradeoff.png").stat().st_size > 10_000
     assert cli.main(["report", str(root)]) == 0
     assert "Pareto set" in (root / "report" / "summary.md").read_text()
+    assert "confirmed on test" in (root / "report" / "summary.md").read_text()
+    assert (root / "report" / "confirm.csv").exists()
     assert (root / "report" / "tradeoff.png").exists() and (root / "report" / "index.html").exists()
+
+
+# The shuffled test labels cannot match the md5 of the real file, which `datasets.load` checks by default (a file
+# that fails the check is skipped for the next place, the real system folder). This wrapper runs the CLI with
+# the check off, so the --data-dir with the shuffled labels is the one read.
+UNVERIFIED_CLI = ("import functools, sys\n"
+                  "from spurious import datasets\n"
+                  "datasets.load = functools.partial(datasets.load, verify=False)\n"
+                  "from study import cli\n"
+                  "sys.exit(cli.main(sys.argv[1:]))\n")
+
+
+def shuffled_test_labels_dir(tmp_path):
+    """Return a data folder with the real Fashion-MNIST files, except test labels permuted (IDX, gzipped)."""
+    import gzip
+    import struct
+
+    out = tmp_path / "data-shuffled-test-labels"
+    out.mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz"):
+        (out / name).symlink_to(FASHION_DIR / name)
+    payload = gzip.decompress((FASHION_DIR / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    magic, count = struct.unpack(">II", payload[:8])
+    labels = np.frombuffer(payload, np.uint8, offset=8).copy()
+    assert magic == 2049 and count == len(labels) == 10_000
+    shuffled = np.random.default_rng(0).permutation(labels)
+    (out / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(struct.pack(">II", magic, count)
+                                                                  + shuffled.tobytes()))
+    return out, labels, shuffled
+
+
+def proposals(root):
+    """Return the search's proposals in Optuna's order: (l2, noise_sigma) of each trial."""
+    trials = sorted(journal_trials(root, root.name), key=lambda t: t.number)
+    return [(t.params["l2"], t.params["noise_sigma"]) for t in trials]
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@requires_fashion
+def test_selection_never_reads_the_test_split(tmp_path):
+    """The same tiny tuning study on the real data and on a copy whose test labels are shuffled: the search's
+    proposals, its validation values and the recommendation are the same; only the confirmed test numbers
+    (trained after the selection) differ. W&B is off: it is not this test's subject, and two offline W&B
+    runs per trial would only slow it down."""
+    data_dir, labels, shuffled = shuffled_test_labels_dir(tmp_path)
+    assert (labels != shuffled).mean() > 0.8
+    common = ["tune-mitigation", "--smoke", "--trials", "3", "--seeds", "1", "--confirm-seeds", "1",
+              "--val-size", "500", "--max-acc-drop", "1", "--set", "epochs=1", "--set", "n_spurious=100",
+              "--storage-path", str(tmp_path / "results"), "--wandb", "off"]
+    runs = {"real": [sys.executable, "-m", "study.cli", *common, "--name", "real", "--data-dir", str(FASHION_DIR)],
+            "shuffled": [sys.executable, "-c", UNVERIFIED_CLI, *common, "--name", "shuffled",
+                         "--data-dir", str(data_dir)]}
+    summaries, searches = {}, {}
+    for name, argv in runs.items():
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "selected on validation (500 images held out of training), confirmed on test with data seed 1" \
+            in done.stdout
+        root = tmp_path / "results" / name
+        assert json.loads((root / "study.json").read_text())["tuning"]["val_size"] == 500
+        summaries[name] = json.loads((root / "tuning.json").read_text())
+        values = {(r["l2"], r["noise_sigma"]): [r[k] for k in tuning.SELECTION_KEYS]
+                  for r in tuning.search_trials(load(root)).to_dict(orient="records")}
+        searches[name] = (proposals(root), values)
+
+    real, mixed = summaries["real"], summaries["shuffled"]
+    assert len(searches["real"][0]) == 3 and searches["real"][0] == searches["shuffled"][0]
+    assert set(searches["real"][1]) == set(searches["real"][0])
+    for setting, values in searches["real"][1].items():
+        assert values == pytest.approx(searches["shuffled"][1][setting], rel=1e-6), setting
+    assert real["baseline"] == pytest.approx(mixed["baseline"], rel=1e-6)
+    assert real["recommended"] is not None
+    assert {k: real["recommended"][k] for k in tuning.SETTING_KEYS} == \
+        {k: mixed["recommended"][k] for k in tuning.SETTING_KEYS}
+    assert [r["l2"] for r in real["pareto"]] == [r["l2"] for r in mixed["pareto"]]
+
+    assert [r["roles"] for r in real["confirmation"]] == [["baseline"], ["recommended"]]
+    for confirmed, other in zip(real["confirmation"], mixed["confirmation"]):
+        assert confirmed["status"] == other["status"] == "TERMINATED"
+        assert confirmed["test_acc"] > 0.6 and other["test_acc"] < 0.3, "the shuffled run read shuffled labels"
+    assert real["selection"]["confirm_data_seeds"] == [1] and real["selection"]["search_data_seeds"] == [0]
+    confirm = tuning.confirm_trials(load(tmp_path / "results" / "real"))
+    assert sorted(confirm["data_seed"]) == [1, 1] and (confirm["status"] == "TERMINATED").all()
+
+
+def reported_rows(experiment):
+    """Return {trial dir: result rows} of a Tune experiment directory."""
+    out = {}
+    for path in experiment.glob("*/result.json"):
+        out[path.parent] = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip().endswith("}")]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@requires_fashion
+def test_a_study_killed_in_its_confirmation_resumes_there(tmp_path):
+    """Killed once the confirmation has reported, `study resume` keeps the baseline and the search as they are
+    and finishes the confirmation (W&B off: the phases are this test's subject; the README walk-through
+    resumes a tuning run with default W&B)."""
+    root = tmp_path / "tune"
+    args = [sys.executable, "-m", "study.cli", "tune-mitigation", "--smoke", "--trials", "2", "--seeds", "1",
+            "--confirm-seeds", "2", "--val-size", "500", "--max-acc-drop", "1", "--set", "epochs=3",
+            "--set", "n_spurious=100", "--max-concurrent", "1", "--storage-path", str(tmp_path), "--name", "tune",
+            "--wandb", "off"]
+    proc = subprocess.Popen(args, stdout=(tmp_path / "run.log").open("w"), stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and not any(reported_rows(root / "confirm").values()) and proc.poll() is None:
+        time.sleep(0.5)
+    time.sleep(2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (root / "tuning.json").exists(), "killed too late: " + (tmp_path / "run.log").read_text()[-2000:]
+    search = {p: (p / "result.json").read_text() for p in reported_rows(root / "search")}
+    assert len(search) == 2
+
+    resumed = subprocess.run([sys.executable, "-m", "study.cli", "resume", str(root)],
+                             capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "confirmed on test (mean ± s.e. over 2 fresh seeds, data seeds 1–2)" in resumed.stdout
+    assert {p: (p / "result.json").read_text() for p in search} == search, "the search was not run again"
+    confirm = tuning.confirm_trials(load(root))
+    assert len(confirm) == 2 and (confirm["status"] == "TERMINATED").all() and set(confirm["data_seed"]) == {1}
+    summary = json.loads((root / "tuning.json").read_text())
+    assert [c["roles"] for c in summary["confirmation"]] == [["baseline"], ["recommended"]]
+    assert all(c["status"] == "TERMINATED" for c in summary["confirmation"])

@@ -278,8 +278,11 @@ def test_tuning_with_default_flags_killed_and_resumed_then_constrained(shell, tm
     assert not (root / "tuning.json").exists()
     done = shell.run("study resume results/tune-s3")
     assert "Pareto set" in done.stdout and "recommended" in done.stdout
+    assert "confirmed on test" in done.stdout
+    confirmed = json.loads((root / "tuning.json").read_text())["confirmation"]
     runs = wandb_runs(root)
-    assert len(runs) == 1 + 2, "one W&B run for the baseline and per search trial, the resumed phase included"
+    assert len(runs) == 1 + 2 + len(confirmed), ("one W&B run for the baseline, per search trial and per "
+                                                 "confirmed setting, the resumed phases included")
     constrained = shell.run("study tune-mitigation --objective constrained --max-acc-drop 0.01 --tune-lr")
     assert "experiment:" in constrained.stdout
     print("tune-mitigation constrained:", last_line(constrained))
