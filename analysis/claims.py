@@ -107,26 +107,26 @@ def _format_smallest(table: pd.DataFrame, alpha: float) -> str:
     return "\n".join(lines) if len(table) else lines[0] + " no cells with n > 0."
 
 
-def _format_size(table: pd.DataFrame) -> str:
-    head = "Spearman rank correlation over patterns, mean pattern_l2 (‖x' − x‖₂) vs mean spurious score:"
+def _format_rows(table: pd.DataFrame, head: str, empty: str, value, skip: tuple[str, ...]) -> str:
+    """Return `head` then one line per row of `table`: its keys (all but `skip`) and `value(row)`."""
     if table.empty:
-        return head + " not computed (no pattern_l2 recorded)."
-    lines = [head]
-    for row in table.to_dict("records"):
-        label = _row_label(row, ("n_patterns", "spearman_rho", "spearman_p"))
-        value = (f"rho = {row['spearman_rho']:.3f} (p = {row['spearman_p']:.3g})" if not pd.isna(row["spearman_rho"])
-                 else f"not computed (needs ≥ {MIN_PATTERNS} patterns with varying values)")
-        lines.append(f"  {label}: {value} over {row['n_patterns']} patterns")
-    return "\n".join(lines)
+        return f"{head} {empty}"
+    return "\n".join([head] + [f"  {_row_label(row, skip)}: {value(row)}" for row in table.to_dict("records")])
+
+
+def _format_size(table: pd.DataFrame) -> str:
+    def value(row: dict) -> str:
+        rho = (f"rho = {row['spearman_rho']:.3f} (p = {row['spearman_p']:.3g})" if not pd.isna(row["spearman_rho"])
+               else f"not computed (needs ≥ {MIN_PATTERNS} patterns with varying values)")
+        return f"{rho} over {row['n_patterns']} patterns"
+
+    return _format_rows(table, "Spearman rank correlation over patterns, mean pattern_l2 (‖x' − x‖₂) vs mean "
+                        "spurious score:", "not computed (no pattern_l2 recorded).", value,
+                        ("n_patterns", "spearman_rho", "spearman_p"))
 
 
 def _format_cost(table: pd.DataFrame) -> str:
-    head = "Accuracy cost: mean test_acc change vs n = 0 (± s.e. of the difference):"
-    if table.empty:
-        return head + " no cells with n > 0 and n = 0."
-    lines = [head]
-    for row in table.to_dict("records"):
-        label = _row_label(row, ("test_acc", "test_acc_n0", "test_acc_change", "test_acc_change_se", "count",
-                                 "count_n0"))
-        lines.append(f"  {label}: {stats.cell(row['test_acc_change'], row['test_acc_change_se'], 4)}")
-    return "\n".join(lines)
+    return _format_rows(table, "Accuracy cost: mean test_acc change vs n = 0 (± s.e. of the difference):",
+                        "no cells with n > 0 and n = 0.",
+                        lambda row: stats.cell(row["test_acc_change"], row["test_acc_change_se"], 4),
+                        ("test_acc", "test_acc_n0", "test_acc_change", "test_acc_change_se", "count", "count_n0"))
