@@ -221,9 +221,11 @@ def finished_search_trials(root, epochs):
 @pytest.mark.slow
 @pytest.mark.ray
 @requires_fashion
-def test_smoke_tuning_run_then_kill_and_resume_keeps_trials_and_sampler_history(tmp_path):
-    """A tuning run on embedded Ray, killed during its search and resumed with `study resume` (W&B off: this is
-    about the search's history; the README walk-through kills and resumes a tuning run with default W&B)."""
+def test_smoke_tuning_killed_in_its_search_and_in_its_confirmation_resumes_each_phase(tmp_path):
+    """A tuning run on embedded Ray, killed during its search, resumed with `study resume` and killed again once
+    its confirmation has reported, then resumed to the end: finished trials are never run again, the sampler
+    keeps its history, and the confirmation finishes where it stopped (W&B off: this is about the phases; the
+    README walk-through kills and resumes a tuning run with default W&B)."""
     root = tmp_path / "tune"
     args = [sys.executable, "-m", "study.cli", "tune-mitigation", "--smoke", "--trials", "4", "--seeds", "2",
             "--set", "epochs=2", "--set", "n_spurious=100", "--max-concurrent", "1", "--storage-path",
@@ -241,12 +243,27 @@ def test_smoke_tuning_run_then_kill_and_resume_keeps_trials_and_sampler_history(
     history = {t.number: t.params for t in journal_trials(root, "tune") if t.state.name == "COMPLETE"}
     assert len(history) >= 2
 
+    again = subprocess.Popen([sys.executable, "-m", "study.cli", "resume", str(root)],
+                             stdout=(tmp_path / "resume.log").open("w"), stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and not any(reported_rows(root / "confirm").values()) and again.poll() is None:
+        time.sleep(0.5)
+    time.sleep(1)
+    again.send_signal(signal.SIGKILL)
+    again.wait(timeout=30)
+    assert not (root / "tuning.json").exists(), "killed too late: " + (tmp_path / "resume.log").read_text()[-2000:]
+    search = {p: (p / "result.json").read_text() for p in reported_rows(root / "search")}
+    assert len(search) == 4, "the resume finished the search before confirming"
+
     resumed = subprocess.run([sys.executable, "-m", "study.cli", "resume", str(root)],
                              capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "unmitigated baseline" in resumed.stdout and "recommended" in resumed.stdout
+    assert "confirmed on test (mean ± s.e. over 2 fresh seeds, data seeds 2–3)" in resumed.stdout
     for path, text in before.items():
         assert path.read_text() == text, "a finished trial was run again"
+    assert {p: (p / "result.json").read_text() for p in search} == search, "the search was not run again"
     trials = journal_trials(root, "tune")
     complete = {t.number: t.params for t in trials if t.state.name == "COMPLETE"}
     assert len(complete) == 4, "the search must finish its 4 settings"
@@ -361,39 +378,3 @@ def reported_rows(experiment):
     for path in experiment.glob("*/result.json"):
         out[path.parent] = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip().endswith("}")]
     return out
-
-
-@pytest.mark.slow
-@pytest.mark.ray
-@requires_fashion
-def test_a_study_killed_in_its_confirmation_resumes_there(tmp_path):
-    """Killed once the confirmation has reported, `study resume` keeps the baseline and the search as they are
-    and finishes the confirmation (W&B off: the phases are this test's subject; the README walk-through
-    resumes a tuning run with default W&B)."""
-    root = tmp_path / "tune"
-    args = [sys.executable, "-m", "study.cli", "tune-mitigation", "--smoke", "--trials", "2", "--seeds", "1",
-            "--confirm-seeds", "2", "--val-size", "500", "--max-acc-drop", "1", "--set", "epochs=3",
-            "--set", "n_spurious=100", "--max-concurrent", "1", "--storage-path", str(tmp_path), "--name", "tune",
-            "--wandb", "off"]
-    proc = subprocess.Popen(args, stdout=(tmp_path / "run.log").open("w"), stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while time.time() < deadline and not any(reported_rows(root / "confirm").values()) and proc.poll() is None:
-        time.sleep(0.5)
-    time.sleep(2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert not (root / "tuning.json").exists(), "killed too late: " + (tmp_path / "run.log").read_text()[-2000:]
-    search = {p: (p / "result.json").read_text() for p in reported_rows(root / "search")}
-    assert len(search) == 2
-
-    resumed = subprocess.run([sys.executable, "-m", "study.cli", "resume", str(root)],
-                             capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "confirmed on test (mean ± s.e. over 2 fresh seeds, data seeds 1–2)" in resumed.stdout
-    assert {p: (p / "result.json").read_text() for p in search} == search, "the search was not run again"
-    confirm = tuning.confirm_trials(load(root))
-    assert len(confirm) == 2 and (confirm["status"] == "TERMINATED").all() and set(confirm["data_seed"]) == {1}
-    summary = json.loads((root / "tuning.json").read_text())
-    assert [c["roles"] for c in summary["confirmation"]] == [["baseline"], ["recommended"]]
-    assert all(c["status"] == "TERMINATED" for c in summary["confirmation"])
