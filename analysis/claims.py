@@ -95,15 +95,19 @@ def _format_smallest(table: pd.DataFrame, alpha: float) -> str:
     lines = [f"Smallest significant n of the spurious score (p < {alpha} after Holm's adjustment over the cells of "
              f"the spurious_score summary, mark not suppressed), per test:"]
     for test, rows in table.groupby("test", sort=False):
-        lines.append(f"  {stats.describe_test(test)}:")
+        lines.append(f"  {rows['test_name'].iloc[0] if 'test_name' in rows else stats.describe_test(test)}:")
         if rows["n_tested"].sum() == 0:
             lines.append("    not computed (no p-values: no n = 0 baseline, or no per-test-image indicators recorded)")
             continue
         for row in rows.to_dict("records"):
             n = row["smallest_significant_n"]
             found = "none" if pd.isna(n) else f"n = {n} (p_holm = {row['p_holm']:.3g})"
-            label = _row_label(row, ("test", "smallest_significant_n", "p_holm", "n_tested"))
-            lines.append(f"    {label}: {found} (cells with n > 0 tested: {row['n_tested']})")
+            label = _row_label(row, ("test", "smallest_significant_n", "p_holm", "n_tested", "n_suppressed",
+                                     "suppressed_because", "test_name"))
+            tested = f"cells with n > 0 tested: {row['n_tested']}"
+            if row["n_suppressed"]:
+                tested += f", marks suppressed: {row['n_suppressed']} ({row['suppressed_because']})"
+            lines.append(f"    {label}: {found} ({tested})")
     return "\n".join(lines) if len(table) else lines[0] + " no cells with n > 0."
 
 

@@ -485,10 +485,12 @@ def mark_legend(summary: pd.DataFrame, mark_p: float = 0.05, test: str = stats.R
     over = f"the {family} cells of this table" if family else "the cells of this table (none could be tested)"
     lines = [f"{SIGNIFICANT_MARK} p < {mark_p}: {test_label(summary, test)}, Holm-adjusted over {over}."]
     reason = _reason_column(test)
-    keyed = summary[(summary[reason] != "") & (summary.get("n_spurious", 1) != 0)]
+    planted = summary[summary.get("n_spurious", 1) != 0]
+    keyed = planted[planted[reason] != ""]
     for why, rows in keyed.groupby(reason, sort=True):
         keys = rows.drop(columns=[c for c in SUMMARY_COLUMNS if c in rows])
-        cells = ", ".join(_cell_name(r) for r in keys.itertuples(index=False))
+        cells = (f"all {len(rows)} cells with n > 0" if len(rows) == len(planted) > 1 else
+                 ", ".join(_cell_name(r) for r in keys.itertuples(index=False)))
         lines.append(f"{SUPPRESSED_MARK} mark suppressed ({why}): {cells}.")
     return "\n".join(lines)
 
@@ -510,20 +512,24 @@ def smallest_significant_n(summary: pd.DataFrame, test: str = stats.REPLICATE_TE
     below `alpha` and whose mark is not suppressed: the paper's headline quantity (protocol §4.3).
 
     Columns: the row keys, test, smallest_significant_n (Int64, <NA> when no n qualifies), p_holm (at that n),
-    n_tested (the cells with n > 0 and a p-value)."""
+    n_tested (the cells with n > 0 and a p-value), n_suppressed (those whose mark is suppressed),
+    suppressed_because (their reasons, "; "-joined) and test_name (`test_label`)."""
     rows = [k for k in summary.columns if k not in SUMMARY_COLUMNS and k != "n_spurious"]
-    columns = [*rows, "test", "smallest_significant_n", "p_holm", "n_tested"]
+    columns = [*rows, "test", "smallest_significant_n", "p_holm", "n_tested", "n_suppressed", "suppressed_because"]
     if summary.empty or "n_spurious" not in summary:
-        return pd.DataFrame(columns=columns)
+        return pd.DataFrame(columns=[*columns, "test_name"])
     planted = summary[summary["n_spurious"] != 0]
     out = []
     for key, cells in planted.groupby(rows, dropna=False, sort=True):
-        p = cells[f"p_{test}_holm"]
-        hits = cells[(p < alpha) & (cells[_reason_column(test)] == "")].sort_values("n_spurious")
+        p, reasons = cells[f"p_{test}_holm"], cells[_reason_column(test)]
+        hits = cells[(p < alpha) & (reasons == "")].sort_values("n_spurious")
         first = hits.iloc[0] if len(hits) else None
+        suppressed = reasons[p.notna() & (reasons != "")]
         out.append([*(key if isinstance(key, tuple) else (key,)), test,
                     pd.NA if first is None else int(first["n_spurious"]),
-                    math.nan if first is None else float(first[f"p_{test}_holm"]), int(p.notna().sum())])
+                    math.nan if first is None else float(first[f"p_{test}_holm"]), int(p.notna().sum()),
+                    len(suppressed), "; ".join(dict.fromkeys(suppressed))])
     result = pd.DataFrame(out, columns=columns)
     result["smallest_significant_n"] = result["smallest_significant_n"].astype("Int64")
+    result["test_name"] = test_label(summary, test)
     return result

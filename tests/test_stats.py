@@ -157,11 +157,14 @@ def test_smallest_significant_n_per_pattern():
                       + rows("s1", 0, [0.01, 0.01, 0.01, 0.01]) + rows("s1", 10, [0.5, 0.52, 0.53, 0.51]))
     summary = frames.summarize(df)
     found = frames.smallest_significant_n(summary).set_index("pattern")
-    assert list(found.columns) == ["test", "smallest_significant_n", "p_holm", "n_tested"]
+    assert list(found.columns) == ["test", "smallest_significant_n", "p_holm", "n_tested", "n_suppressed",
+                                   "suppressed_because", "test_name"]
     assert found.loc["s3", "smallest_significant_n"] == 10 and found.loc["s3", "n_tested"] == 3
-    assert found.loc["s3", "p_holm"] < 0.05
+    assert found.loc["s3", "p_holm"] < 0.05 and found.loc["s3", "n_suppressed"] == 0
     assert pd.isna(found.loc["r3", "smallest_significant_n"])
     assert pd.isna(found.loc["s1", "smallest_significant_n"])  # significant p, but a constant baseline
+    assert found.loc["s1", "n_suppressed"] == 1 and "zero variance" in found.loc["s1", "suppressed_because"]
+    assert found.loc["s1", "test_name"].startswith("one-sided Welch t-test over per-replicate values")
     strict = frames.smallest_significant_n(summary, alpha=1e-12).set_index("pattern")
     assert strict["smallest_significant_n"].isna().all()
     per_example = frames.smallest_significant_n(summary, test=stats.PER_EXAMPLE_TEST)
