@@ -1,6 +1,6 @@
 """Honest numbers, the library side: the validation split, two-class plantings, the training key that decides which
 cells share a model, the trial plan, the seed policy, and scoring one model as several cells (protocol §3.2,
-§3.4, §6.4, §7.3)."""
+protocol §3.4, protocol §6.4, protocol §7.3)."""
 import numpy as np
 import pytest
 import torch
