@@ -154,14 +154,14 @@ def paper_fashion_short() -> StudySpec:
 
     Command: `study run paper-fashion-short --bundle 8` — 147 cells (7 patterns × n ∈ {0, 3, 5, 10, 20,
     100, 2000} × 3 data seeds), class 0, SGD (lr 0.01, momentum 0.9), LargeMLP, 8 epochs instead of 70,
-    seed policy `reference`: 127 trainings, under an hour on 2 CPU cores. Its report is in
+    seed policy `reference`: 127 trainings, about 20 minutes on 2 CPU cores. Its report is in
     docs/results/paper-fashion-short/. Smoke: S3, n ∈ {0, 100}, 1 epoch.
     """
     space = ss.paper_fashion_space(counts=(0, 3, 5, 10, 20, 100, 2000), targets=(0,), data_seeds=(0, 1, 2),
                                    optimizers=ss.FASHION_OPTIMIZERS[:1], epochs=8)
     smoke = {"pattern": "s3", "n_spurious": [0, 100], "data_seed": 0, "epochs": 1}
     return StudySpec("paper-fashion-short", _doc(paper_fashion_short), space, smoke=smoke, checkpoint_every=4,
-                     expected_time="~40 min on 2 CPUs with --bundle 8", seed_policy="reference")
+                     expected_time="~20 min on 2 CPUs with --bundle 8", seed_policy="reference")
 
 
 @study("two-class")
