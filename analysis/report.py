@@ -129,12 +129,22 @@ def marked_tables(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame, str]]:
              frames.mark_legend(shown, SIGNIFICANT, t)) for t in tests]
 
 
+def _models(df: pd.DataFrame) -> str:
+    """Return ', from N trained models' when a training study's cells share models (protocol §7.3), else ''."""
+    training = df[df["kind"] == "train"] if "kind" in df else df
+    if "training_id" not in training or training.empty:
+        return ""
+    models = training["training_id"].nunique()
+    return f"; {len(training)} training cells from {models} trained models" if models < len(training) else ""
+
+
 def summary_markdown(df: pd.DataFrame, summaries: dict[str, pd.DataFrame],
                      found: dict[str, pd.DataFrame] | None = None) -> str:
     """Return the Markdown summary: per metric and test, a pattern × n table of mean ± s.e. with that test's
     marks and legend, the long table, and the Claims section (`claims.claims`)."""
     parts = [f"# Summary\n\nExperiments: {', '.join(sorted(df['experiment'].astype(str).unique()))}. "
-             f"Trials: {len(df)} ({_counts(df)}).\n\nCells are mean ± s.e. over seeds. Under each table: which "
+             f"Rows: {len(df)} ({_counts(df)}){_models(df)}.\n\nCells are mean ± s.e. over seeds. Under each table: "
+             "which "
              f"test its {frames.SIGNIFICANT_MARK} marks (p < {SIGNIFICANT} after Holm's adjustment over that "
              f"table's cells) and where {frames.SUPPRESSED_MARK} replaces a mark, and why (protocol §4.3).\n"]
     for metric, summary in summaries.items():
@@ -203,7 +213,7 @@ def index_html(dirs: Sequence[Path], df: pd.DataFrame, summaries: dict[str, pd.D
     """Return a self-contained HTML page showing the summary tables, figures and links to the data files."""
     esc = html.escape
     body = [f"<h1>Report: {esc(', '.join(d.name for d in dirs))}</h1>",
-            f"<p>{len(df)} trials ({esc(_counts(df))}) from {esc(', '.join(str(d) for d in dirs))}.</p>"]
+            f"<p>{len(df)} rows ({esc(_counts(df))}{esc(_models(df))}) from {esc(', '.join(str(d) for d in dirs))}.</p>"]
     for metric, summary in summaries.items():
         body.append(f"<h2>{esc(style.label(metric))} <code>{esc(metric)}</code></h2>")
         if summary.empty:

@@ -33,8 +33,14 @@ def welch_greater_p(sample: Sequence[float] | np.ndarray, baseline: Sequence[flo
 
 
 def cell(mean: float, se: float, digits: int = 3) -> str:
-    """Return a table cell 'mean ± se' with `digits` decimals ('mean' alone when se is NaN)."""
-    return f"{mean:.{digits}f}" + (f" ± {se:.{digits}f}" if not math.isnan(se) else "")
+    """Return a table cell 'mean ± se' with `digits` decimals ('mean' alone when se is NaN). A standard error
+    that is not zero but would round to zero is shown to one significant digit ('0.012 ± 0.0002'), so that
+    '± 0.000' always means replicates without variance."""
+    if math.isnan(se):
+        return f"{mean:.{digits}f}"
+    if 0 < se < 0.5 * 10 ** -digits:
+        return f"{mean:.{digits}f} ± {se:.1g}" if se >= 1e-4 else f"{mean:.{digits}f} ± {se:.0e}"
+    return f"{mean:.{digits}f} ± {se:.{digits}f}"
 
 # The significance tests of the summary tables (protocol §4.3), by the key that names their columns:
 # `p_<key>` (raw) and `p_<key>_holm` (Holm-adjusted over the table's cells).

@@ -249,7 +249,7 @@ def test_deletion_studies(shell):
     assert (report / "index.html").exists() and (report / "figures" / "deletion_retrain.png").exists()
     summary = (report / "summary.md").read_text()
     assert "Deletion: original, deleted and retrained (oracle) models" in summary and "retrain" in summary
-    assert re.search(r"Trials: (\d+) \(\1 terminated\)", summary), "every source and deletion trial finished"
+    assert re.search(r"Rows: (\d+) \(\1 terminated\)", summary), "every source and deletion trial finished"
     resumed = subprocess.run([sys.executable, "-m", "study.cli", "resume", "results/rare-delete-retrain"],
                              cwd=shell.cwd, env=shell.env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                              timeout=300)  # a post-hoc study resumes in a fresh shell too (not a README line)
