@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import style
+from analysis import stats, style
 from analysis.frames import load
 
 SETTING_KEYS = ("l2", "noise_sigma", "lr")
@@ -54,10 +54,15 @@ def pareto_front(df: pd.DataFrame, minimize: str = SCORE, maximize: str = ACC) -
     return df[np.array(keep, dtype=bool)].sort_values(minimize)
 
 
-def recommend(df: pd.DataFrame, baseline_acc: float, max_acc_drop: float) -> dict | None:
+def recommend(df: pd.DataFrame, baseline_acc: float, max_acc_drop: float,
+              baseline_score: float | None = None) -> dict | None:
     """Return the lowest-validation-score setting with validation accuracy ≥ `baseline_acc` (the baseline's
-    validation accuracy) − D (ties: higher validation accuracy); None when no setting qualifies."""
+    validation accuracy) − D (ties: higher validation accuracy); None when no setting qualifies. With
+    `baseline_score` (the baseline's validation score), a setting must also score strictly below it: a
+    mitigation that removes nothing is not recommended over no mitigation."""
     feasible = df[df[ACC] >= baseline_acc - max_acc_drop]
+    if baseline_score is not None:
+        feasible = feasible[feasible[SCORE] < baseline_score]
     if feasible.empty:
         return None
     best = feasible.sort_values([SCORE, ACC], ascending=[True, False]).iloc[0]
@@ -72,7 +77,7 @@ def select(root: str | Path, baseline: dict, max_acc_drop: float) -> dict:
     finished = df[df["status"] == "TERMINATED"]
     front = pareto_front(finished) if len(finished) else finished
     return {"trials": df, "finished": finished, "front": front,
-            "recommended": recommend(finished, baseline[ACC], max_acc_drop)}
+            "recommended": recommend(finished, baseline[ACC], max_acc_drop, baseline[SCORE])}
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -115,6 +120,15 @@ def confirmation(df: pd.DataFrame, settings: list[dict]) -> list[dict]:
             rec[f"d_{key}"] = rec[key] - base[key]
             rec[f"d_{key}_se"] = math.hypot(rec[f"{key}_se"], base[f"{key}_se"]) if rec is not base else 0.0
     return records
+
+
+def _pm(row: dict, key: str, digits: int, sign: str = "") -> str:
+    """Return 'mean ± se' of `key` in `row` (`stats.cell`: the mean alone when the s.e. is NaN, as over one
+    seed), `sign` '+' to sign the mean; never '-0.000'."""
+    mean, se = float(row[key]), float(row[f"{key}_se"])
+    mean = 0.0 if round(mean, digits) == 0 else mean
+    text = stats.cell(mean, se, digits)
+    return ("+" + text if sign == "+" and mean >= 0 else text) + ("" if not math.isnan(se) else " (one seed: no s.e.)")
 
 
 def _seed_range(seeds: list[int]) -> str:
@@ -177,8 +191,7 @@ def _setting(row: dict) -> str:
 
 
 def _fmt(row: dict) -> str:
-    return (f"{_setting(row)}  val score={row[SCORE]:.3f} ± {row[SCORE + '_se']:.3f}  "
-            f"val acc={row[ACC]:.4f} ± {row[ACC + '_se']:.4f}")
+    return (f"{_setting(row)}  val score={_pm(row, SCORE, 3)}  val acc={_pm(row, ACC, 4)}")
 
 
 def _fmt_confirm(rec: dict) -> str:
@@ -186,10 +199,9 @@ def _fmt_confirm(rec: dict) -> str:
     if rec["status"] != "TERMINATED":
         return f"{roles:<21} {_setting(rec)}  {rec['status'].lower()}"
     diff = ("" if rec["roles"][0] == "baseline" else
-            f"  vs baseline: score {rec['d_spurious_score']:+.3f} ± {rec['d_spurious_score_se']:.3f}, "
-            f"acc {rec['d_test_acc']:+.4f} ± {rec['d_test_acc_se']:.4f}")
-    return (f"{roles:<21} {_setting(rec)}  test score={rec['spurious_score']:.3f} ± {rec['spurious_score_se']:.3f}  "
-            f"test acc={rec['test_acc']:.4f} ± {rec['test_acc_se']:.4f}{diff}")
+            f"  vs baseline: score {_pm(rec, 'd_spurious_score', 3, '+')}, acc {_pm(rec, 'd_test_acc', 4, '+')}")
+    return (f"{roles:<21} {_setting(rec)}  test score={_pm(rec, 'spurious_score', 3)}  "
+            f"test acc={_pm(rec, 'test_acc', 4)}{diff}")
 
 
 def format_summary(summary: dict) -> str:
@@ -197,8 +209,7 @@ def format_summary(summary: dict) -> str:
     confirmation table (test values over the fresh seeds) as text."""
     b, sel = summary["baseline"], summary["selection"]
     lines = [sel["note"] + ".",
-             f"unmitigated baseline (l2=0, σ=0), validation: score={b[SCORE]:.3f} ± {b[SCORE + '_se']:.3f}  "
-             f"acc={b[ACC]:.4f} ± {b[ACC + '_se']:.4f}",
+             f"unmitigated baseline (l2=0, σ=0), validation: score={_pm(b, SCORE, 3)}  acc={_pm(b, ACC, 4)}",
              f"Pareto set on validation ({len(summary['pareto'])} of {summary['finished']} finished settings):"]
     lines += [f"  {_fmt(row)}" for row in summary["pareto"]]
     rec = summary["recommended"]

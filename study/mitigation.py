@@ -146,7 +146,7 @@ def base_config(spec: StudySpec, smoke: bool, overrides: dict, val_size: int = 0
     for key in ("l2", "noise_sigma"):
         space.pop(key, None)
     if val_size:
-        if space.get("val_size", val_size) not in (0, val_size):
+        if space.get("val_size", val_size) != val_size:
             raise SpuriousError(f"tune-mitigation sets val_size with --val-size ({val_size}); "
                                 f"drop val_size={space['val_size']!r} from the study or --set")
         space["val_size"] = val_size

@@ -112,6 +112,15 @@ def test_recommend_picks_lowest_score_within_the_accuracy_budget():
     assert tuning.recommend(df, baseline_acc=0.86, max_acc_drop=0.02)["l2"] == 0.01
     assert tuning.recommend(df, baseline_acc=0.86, max_acc_drop=0.2)["l2"] == 0.1
     assert tuning.recommend(df, baseline_acc=0.95, max_acc_drop=0.0) is None
+    # a setting must beat the unmitigated baseline's validation score: a tie is no mitigation worth its cost
+    assert tuning.recommend(df, 0.86, 0.02, baseline_score=0.02) is None
+    assert tuning.recommend(df, 0.86, 0.2, baseline_score=0.02)["l2"] == 0.1
+
+
+def test_one_seed_prints_no_standard_error_and_no_negative_zero():
+    row = {"val_spurious_score": -0.0, "val_spurious_score_se": float("nan"), "val_acc": 0.78, "val_acc_se": 0.01}
+    assert tuning._pm(row, "val_spurious_score", 3) == "0.000 (one seed: no s.e.)"
+    assert tuning._pm(row, "val_acc", 4) == "0.7800 ± 0.0100"
 
 
 def test_pareto_front_and_recommend_ignore_test_columns():
@@ -191,6 +200,7 @@ def test_bad_tuning_options(kwargs, message):
     (["--val-size", "-3"], "--val-size must be >= 1"),
     (["--confirm-seeds", "0"], "--confirm-seeds must be >= 1"),
     (["--set", "val_size=100"], "tune-mitigation sets val_size with --val-size (5000)"),
+    (["--set", "val_size=0"], "tune-mitigation sets val_size with --val-size (5000)"),
 ])
 def test_cli_rejects_bad_tuning_input_with_one_line(capsys, tmp_path, argv, message):
     code = cli.main(["tune-mitigation", *argv, "--storage-path", str(tmp_path / "results")])

@@ -30,13 +30,13 @@ SELECTION_SCORE, SELECTION_ACC = "val_spurious_score", "val_acc"
 
 def seed_average(rows: list[dict]) -> dict:
     """Return the mean of each metric over seeds (those of AVERAGED the rows have: VAL_KEYS only with a
-    validation split), with `<metric>_se` standard errors (sample s.d. / √K; 0 for one seed) and the per-seed
+    validation split), with `<metric>_se` standard errors (sample s.d. / √K; NaN for one seed) and the per-seed
     test and validation scores (`spurious_score_per_seed`, `val_spurious_score_per_seed`)."""
     out: dict = {"epoch": rows[0]["epoch"], "epoch_lr": rows[0]["epoch_lr"], "n_seeds": len(rows)}
     for key in [k for k in AVERAGED if k in rows[0]]:
         values = np.array([r[key] for r in rows], dtype=float)
         out[key] = float(values.mean())
-        out[f"{key}_se"] = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+        out[f"{key}_se"] = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
     for key in ("spurious_score", SELECTION_SCORE):
         if key in rows[0]:
             out[f"{key}_per_seed"] = [float(r[key]) for r in rows]
