@@ -97,7 +97,8 @@ def _format_smallest(table: pd.DataFrame, alpha: float) -> str:
     for test, rows in table.groupby("test", sort=False):
         lines.append(f"  {rows['test_name'].iloc[0] if 'test_name' in rows else stats.describe_test(test)}:")
         if rows["n_tested"].sum() == 0:
-            lines.append("    not computed (no p-values: no n = 0 baseline, or no per-test-image indicators recorded)")
+            lines.append("    not computed (no p-values: no n = 0 cell, fewer than two replicates on a side, or no "
+                         "per-test-image indicators recorded)")
             continue
         for row in rows.to_dict("records"):
             n = row["smallest_significant_n"]

@@ -484,6 +484,9 @@ def mark_legend(summary: pd.DataFrame, mark_p: float = 0.05, test: str = stats.R
     family = int(summary[f"p_{test}"].notna().sum())
     over = f"the {family} cells of this table" if family else "the cells of this table (none could be tested)"
     lines = [f"{SIGNIFICANT_MARK} p < {mark_p}: {test_label(summary, test)}, Holm-adjusted over {over}."]
+    if test == stats.PER_EXAMPLE_TEST:
+        lines.append("The cells show the mean ± s.e. over replicates; the mark tests the lowest-seed model of the "
+                     "cell alone, against one n = 0 model, treating its test images as the sample.")
     reason = _reason_column(test)
     planted = summary[summary.get("n_spurious", 1) != 0]
     keyed = planted[planted[reason] != ""]

@@ -112,7 +112,8 @@ def check_types(settings: Any, noun: str) -> None:
         if value is None and optional:
             continue
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            wanted = " or ".join([t.__name__ for t in types] + (["None"] if optional else []))
+            wanted = " or ".join([{"tuple": "a list"}.get(t.__name__, t.__name__) for t in types]
+                                 + (["None"] if optional else []))
             raise SpuriousError(f"{noun} {key!r} must be {wanted}, got {value!r} ({type(value).__name__})")
 
 

@@ -104,7 +104,8 @@ def show_arguments(p: argparse.ArgumentParser) -> None:
 def add_seed_policy(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed-policy", choices=["replicate", "reference"],
                    help="training seed of each replicate: replicate = its data seed (replicates differ in planted "
-                        "examples and initialisation), reference = seed 0 as the paper did (default: the study's)")
+                        "examples and initialisation), reference = seed 0 as the paper did (default: the study's); "
+                        "a study or --set that sets `seed` keeps it under either policy")
 
 
 def run_arguments(p: argparse.ArgumentParser) -> None:
@@ -153,18 +154,21 @@ def cmd_show(args) -> int:
     overrides = parse_set(args.set)
     space = spec.resolved(args.smoke, overrides)
     space_lib.check_domains(space)
-    print(spec.description or spec.name)
-    print(yaml.safe_dump(space, sort_keys=False, width=110))
-    expected = f"  expected: {spec.expected_time}" if spec.expected_time and not args.smoke else ""
     if spec.kind == "train" and spec.num_samples == 1 and not any(map(space_lib.is_sampled, space.values())):
         from spurious.config import count_trainings
 
         configs = spec.cells(args.smoke, overrides, canonical=False)  # quick: no torch (names as typed)
-        print(f"{len(configs)} cells, {count_trainings(configs)} trainings (each distinct model is trained "
-              f"once and scored under every cell that needs it)")
+        count = (f"{len(configs)} cells, {count_trainings(configs)} trainings (each distinct model is trained "
+                 f"once and scored under every cell that needs it)")
     else:
-        print(f"trials: {spec.trial_count(args.smoke, overrides)}")
-    print(f"seed policy: {spec.seed_policy} ({SEED_POLICY_TEXT[spec.seed_policy]})")
+        count = f"trials: {spec.trial_count(args.smoke, overrides)}"
+    print(spec.description or spec.name)  # only now: a bad config above is one line, nothing else
+    print(yaml.safe_dump(space, sort_keys=False, width=110))
+    print(count)
+    sets_seed = "seed" in space or any("seed" in v for v in space_lib.variant_dicts(space))
+    print(f"seed policy: {spec.seed_policy} ({SEED_POLICY_TEXT[spec.seed_policy]})"
+          + ("; this study sets `seed` itself, which the policy leaves as set" if sets_seed else ""))
+    expected = f"  expected: {spec.expected_time}" if spec.expected_time and not args.smoke else ""
     print(f"checkpoint every {spec.checkpoint_every} epochs{expected}")
     return 0
 
@@ -186,6 +190,7 @@ def cmd_run(args) -> int:
 
         return mitigation_cmd.run_spec(spec, options, args)
     prepared = runner.prepare(spec, options)
+    runner.check_local_resources(options)  # before the banner: a refused launch is one line
     experiment_dir = runner.join(options.storage_uri(), prepared.name)
     print(f"study {spec.name}: {prepared.cells} cells, {prepared.trainings} trainings in {prepared.trials} "
           f"trial{'s' if prepared.trials != 1 else ''} "

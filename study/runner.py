@@ -209,11 +209,16 @@ def write_meta(path: str | Path, meta: Mapping[str, Any]) -> None:
         raise SpuriousError(f"cannot write experiment {str(path)!r}: {err.strerror or err}") from None
 
 
+def check_local_resources(options: RunOptions) -> None:
+    """On embedded Ray (no --address), refuse per-trial resources this machine lacks (one line), before Ray starts."""
+    if not options.address:
+        cluster.plan_resources(options.cpus_per_trial, options.gpus_per_trial, None, nodes=[cluster.local_node()])
+
+
 def begin(options: RunOptions) -> dict[str, float]:
     """Start a launch: refuse on embedded Ray what this machine lacks (before Ray starts), join or start Ray,
     plan per-trial resources and check the storage is shared; return the resources."""
-    if not options.address:
-        cluster.plan_resources(options.cpus_per_trial, options.gpus_per_trial, None, nodes=[cluster.local_node()])
+    check_local_resources(options)
     start_ray(options)
     resources = trial_resources(options)
     cluster.check_storage(options.storage_uri())

@@ -98,6 +98,11 @@ def to_tune(space: Mapping[str, Any]) -> dict:
     return out
 
 
+def variant_dicts(space: Mapping[str, Any]) -> list[dict]:
+    """Return the dicts of keys that grid axes over variant dicts set (`{"optim": grid([{...}, ...])}`)."""
+    return [v for value in space.values() if is_grid(value) for v in value[GRID] if isinstance(v, dict)]
+
+
 def sample(value: Any, rng: random.Random | None = None) -> Any:
     """Return one draw of a sampled axis (the value itself if it is not one)."""
     if not is_sampled(value):
