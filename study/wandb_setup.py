@@ -287,7 +287,13 @@ def callbacks(mode: str, project: str | None, entity: str | None, experiment_dir
     from spurious.metrics import INDICATORS_KEY  # here: the quick commands import no torch
 
     excludes = [*config_lib.field_names(), INDICATORS_KEY]
-    return [callback_class()(project=project or DEFAULT_PROJECT, group=group, excludes=excludes, **init)]
+    # How long the end of a study waits for W&B processes to finish: offline there is nothing to upload, and a
+    # process that never ends (seen after Ctrl-C) must not hold the terminal for Ray's default 30 minutes.
+    wait = {"upload_timeout": OFFLINE_FINISH_S} if mode == "offline" else {}
+    return [callback_class()(project=project or DEFAULT_PROJECT, group=group, excludes=excludes, **wait, **init)]
+
+
+OFFLINE_FINISH_S = 30
 
 
 def offline_runs(directory: str | Path) -> list[Path]:
