@@ -365,9 +365,9 @@ def test_selection_never_reads_the_test_split(tmp_path):
     real, mixed = summaries["real"], summaries["shuffled"]
     assert len(searches["real"][0]) == 3 and searches["real"][0] == searches["shuffled"][0]
     assert set(searches["real"][1]) == set(searches["real"][0])
-    for setting, values in searches["real"][1].items():
-        assert values == pytest.approx(searches["shuffled"][1][setting], rel=1e-6), setting
-    assert real["baseline"] == pytest.approx(mixed["baseline"], rel=1e-6)
+    for setting, values in searches["real"][1].items():  # one seed: its standard errors are NaN on both runs
+        assert values == pytest.approx(searches["shuffled"][1][setting], rel=1e-6, nan_ok=True), setting
+    assert real["baseline"] == pytest.approx(mixed["baseline"], rel=1e-6, nan_ok=True)
     assert real["recommended"] is not None
     assert {k: real["recommended"][k] for k in tuning.SETTING_KEYS} == \
         {k: mixed["recommended"][k] for k in tuning.SETTING_KEYS}
