@@ -53,12 +53,15 @@ def train_cells(cell_configs: Sequence[Mapping], models: Sequence[int] | None, d
         maybe_inject_fault(engine.epoch)
         last = engine.epoch == cfgs[0].epochs
         out: list[dict | None] = []
+        built: dict[int, object] = {}  # model m as a module, built once this epoch (a copy in a bundle)
         for j, cfg in enumerate(cfgs):
             m = models[j]
             if rows[m] is None:
                 out.append(None)
                 continue
-            model = engine.member_model(m) if (last or j not in owners) else None
+            if (last or j not in owners) and m not in built:
+                built[m] = engine.member_model(m)
+            model = built.get(m)
             row = dict(rows[m]) if j in owners else {**rows[m], **cells.score(model, data[j])}
             row.update(fixed[j], **(cells.final_record(model, data[j]) if last else {}), **cfg.to_dict())
             out.append(row)
