@@ -72,13 +72,7 @@ class CellData:
 def score(model: torch.nn.Module, cell: CellData) -> dict[str, float]:
     """Return the model's TEST_KEYS metrics as cell `cell` (its pattern, class and τ), plus VAL_KEYS when the
     cell has a validation split (protocol §4.2)."""
-    cfg = cell.cfg
-    row = metrics.evaluate(model, cell.x_test, cell.y_test, cell.x_test_patterned, cfg.target, cfg.tau,
-                           cfg.eval_batch_size)
-    if cell.x_val is not None and len(cell.x_val):
-        row.update(metrics.val_metrics(metrics.evaluate(model, cell.x_val, cell.y_val, cell.x_val_patterned,
-                                                        cfg.target, cfg.tau, cfg.eval_batch_size)))
-    return row
+    return metrics.evaluate_data(model, cell, cell.cfg.target, cell.cfg.tau, cell.cfg.eval_batch_size)
 
 
 def final_record(model: torch.nn.Module, cell: CellData) -> dict[str, str]:

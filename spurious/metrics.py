@@ -71,6 +71,17 @@ def member_metrics(clean: torch.Tensor, patterned: torch.Tensor, y: torch.Tensor
     return [dict(zip(TEST_KEYS, column)) for column in stats.T.tolist()]
 
 
+def evaluate_data(model: torch.nn.Module, data, target: int, tau: float, batch_size: int = 2000) -> dict[str, float]:
+    """Return `evaluate` on `data`'s clean and patterned test sets (`x_test`, `y_test`, `x_test_patterned`), plus
+    the same on its validation split under VAL_KEYS when it has one (`x_val`, `y_val`, `x_val_patterned` not
+    None and non-empty; protocol §4.2). `data` is a PlantedData or anything with those attributes."""
+    row = evaluate(model, data.x_test, data.y_test, data.x_test_patterned, target, tau, batch_size)
+    if data.x_val is not None and len(data.x_val):
+        row.update(val_metrics(evaluate(model, data.x_val, data.y_val, data.x_val_patterned, target, tau,
+                                        batch_size)))
+    return row
+
+
 def val_metrics(row: dict[str, float]) -> dict[str, float]:
     """Return a TEST_KEYS row computed on the validation split under VAL_KEYS names."""
     return {v: row[t] for t, v in zip(TEST_KEYS, VAL_KEYS)}

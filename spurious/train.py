@@ -188,13 +188,7 @@ class Engine:
     def evaluate(self) -> dict[str, float]:
         """Return the clean and patterned test metrics of the current model (protocol §4.2), and the same on the
         validation split (`metrics.VAL_KEYS`) when the data has one."""
-        d, cfg = self.data, self.cfg
-        row = metrics.evaluate(self.model, d.x_test, d.y_test, d.x_test_patterned, d.target, cfg.tau,
-                               cfg.eval_batch_size)
-        if d.has_val:
-            row.update(metrics.val_metrics(metrics.evaluate(self.model, d.x_val, d.y_val, d.x_val_patterned,
-                                                            d.target, cfg.tau, cfg.eval_batch_size)))
-        return row
+        return metrics.evaluate_data(self.model, self.data, self.data.target, self.cfg.tau, self.cfg.eval_batch_size)
 
     def step(self) -> dict:
         """Train and evaluate one epoch; return its metrics (raises TrainingError on divergence)."""
