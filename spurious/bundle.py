@@ -88,9 +88,9 @@ def plant_members(cfgs: Sequence[TrainConfig], dataset: datasets.Dataset) -> lis
     interner, out = _Interner(), []
     for cfg in cfgs:
         train.validate_names(cfg)
-        key = (cfg.split, 0 if cfg.split == "full" else cfg.data_seed)
+        key = (cfg.split, 0 if cfg.split == "full" else cfg.data_seed, cfg.split == "mia_shadow" and cfg.subset > 0)
         if key not in splits:
-            splits[key] = split_arrays(dataset, cfg.split, cfg.data_seed)
+            splits[key] = split_arrays(dataset, cfg.split, cfg.data_seed, cfg.subset)
         rows = plant_config_rows(dataset, cfg, splits[key])
         shared = {key: interner.intern(getattr(rows, key)) for key in ("x_test_patterned", "x_val_patterned")
                   if getattr(rows, key) is not None}
@@ -133,7 +133,7 @@ class _TrainPool:
         for k, m in enumerate(members):
             table = torch.arange(len(m.base_y), dtype=torch.long) + int(offsets[which[k]])
             table[torch.from_numpy(m.planted_idx)] = torch.arange(int(n_rows[k]), int(n_rows[k + 1]))
-            tables.append(table[torch.from_numpy(m.train_rows)] if len(m.val_idx) else table)
+            tables.append(table[torch.from_numpy(m.train_rows)] if m.selects_rows else table)
         self.x = torch.cat([b[0] for b in bases] + [m.planted_x for m in members]).to(device)
         self.y = torch.cat([b[1] for b in bases] + [m.base_y[torch.from_numpy(m.planted_idx)] for m in members])
         self.y, self.table = self.y.to(device), torch.stack(tables).to(device)
@@ -599,7 +599,7 @@ def _to(value: Any, device: torch.device) -> Any:
 def _check_data(members: Sequence[PlantedRows]) -> None:
     """Raise a SpuriousError unless all members' data have the same shapes and sizes."""
     def shape_of(m: PlantedRows) -> dict[str, Any]:
-        return {"input shape": m.input_shape, "training-set size": len(m.base_y), "test-set size": len(m.y_test),
+        return {"input shape": m.input_shape, "training-set size": len(m.train_rows), "test-set size": len(m.y_test),
                 "number of classes": m.num_classes, "patterned test-set size": len(m.x_test_patterned),
                 "validation-set size": 0 if m.x_val is None else len(m.x_val)}
 

@@ -12,7 +12,7 @@ from spurious.errors import SpuriousError, check
 
 OPTIMIZERS = ("sgd", "adam")
 AUGMENTATIONS = ("none", "aug01")
-SPLITS = ("full", "mia_target", "mia_shadow")
+SPLITS = ("full", "mia_target", "mia_shadow", "mia_online")
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,10 @@ class TrainConfig:
     classes (the reference's two-class datasets, protocol §3.2; `target` is then one of them). `val_size`
     training images (stratified by class, never a planted one) are held out as a validation split whose
     metrics are reported as `val_*` (protocol §4.2); 0 keeps the reference's protocol (no validation split).
+    `split` chooses the data of a membership-inference model (protocol §9.1): `mia_target` (the target's
+    quarter), `mia_shadow` (subset 0: the shadow quarter, as the reference; subset k ≥ 1: a random half of
+    the shadow pool) or `mia_online` (a random half, number `subset`, of the target's pool: its members and
+    non-members, so each of them is IN for about half of these models).
     """
 
     dataset: str = "fashion"
@@ -35,6 +39,7 @@ class TrainConfig:
     data_seed: int = 0
     seed: int = 0
     split: str = "full"
+    subset: int = 0
     val_size: int = 0
     optimizer: str = "sgd"
     lr: float = 0.01
@@ -238,6 +243,13 @@ def _check_values(cfg: TrainConfig) -> None:
         (cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"),
          f"device {cfg.device!r} is not one of auto, cpu, cuda[:N], mps"),
         (cfg.val_size >= 0, f"val_size must be >= 0 (0 = no validation split), got {cfg.val_size!r}"),
+        (cfg.subset >= 0, f"subset must be >= 0, got {cfg.subset!r}"),
+        (cfg.subset == 0 or cfg.split in ("mia_shadow", "mia_online"),
+         f"subset {cfg.subset} needs split mia_shadow or mia_online (it picks the half of a membership pool a "
+         f"model trains on), got split {cfg.split!r}"),
+        (cfg.val_size == 0 or not (cfg.split == "mia_online" or (cfg.split == "mia_shadow" and cfg.subset)),
+         f"val_size must be 0 for a model on a half of a membership pool (split {cfg.split}, subset "
+         f"{cfg.subset}), got {cfg.val_size}"),
         (cfg.targets == () or (len(cfg.targets) == 2 and all(isinstance(c, int) and not isinstance(c, bool)
                                                              and c >= 0 for c in cfg.targets)
                                and cfg.targets[0] != cfg.targets[1]),

@@ -61,19 +61,68 @@ class PlantedData:
                            data_seed=self.data_seed, num_classes=self.num_classes)
 
 
-def split_arrays(data: datasets.Dataset, split: str, seed: int):
-    """Return (x_train, y_train, x_test, y_test) for `split`: the full set or a membership quarter (protocol §3.3)."""
+def split_arrays(data: datasets.Dataset, split: str, seed: int, subset: int = 0):
+    """Return (x_base, y_base, x_test, y_test) for `split` (protocol §3.3, §9.1).
+
+    `full`: the dataset's own training and test sets. `mia_target`: the target-train and target-test
+    quarters. `mia_shadow` with subset 0: the shadow-train and shadow-test quarters (the reference's
+    shadow model). `mia_shadow` with subset k ≥ 1 and `mia_online`: the base is a membership pool (two
+    quarters; `membership_pool`) of which the model trains on the half `training_rows` gives, and the test
+    set is a quarter no model of that kind trains on (target-test for shadows, shadow-test for online
+    models). For `mia_online` the pool is the target's two quarters, target-train first, so the target's
+    members are pool rows 0 … len(target-train) − 1.
+    """
     if split == "full":
         return data.x_train, data.y_train, data.x_test, data.y_test
+    if split not in SUBSET_SPLITS + ("mia_target",):
+        raise SpuriousError(f"split {split!r} is not one of full, mia_target, mia_shadow, mia_online")
     x_all = torch.cat([data.x_train, data.x_test])
     y_all = torch.cat([data.y_train, data.y_test])
     parts = membership_split(len(y_all), seed)
-    role = {"mia_target": "target", "mia_shadow": "shadow"}.get(split)
-    if role is None:
-        raise SpuriousError(f"split {split!r} is not one of full, mia_target, mia_shadow")
-    train_idx = torch.from_numpy(parts[f"{role}_train"])
-    test_idx = torch.from_numpy(parts[f"{role}_test"])
-    return x_all[train_idx], y_all[train_idx], x_all[test_idx], y_all[test_idx]
+
+    def take(*keys):
+        idx = torch.from_numpy(np.concatenate([parts[k] for k in keys]))
+        return x_all[idx], y_all[idx]
+    if split == "mia_target" or (split == "mia_shadow" and subset == 0):
+        role = "target" if split == "mia_target" else "shadow"
+        return (*take(f"{role}_train"), *take(f"{role}_test"))
+    if split == "mia_shadow":
+        return (*take("shadow_train", "shadow_test"), *take("target_test"))
+    return (*take("target_train", "target_test"), *take("shadow_test"))
+
+
+# Splits whose models train on a half of a membership pool, chosen by `subset` (protocol §9.1).
+SUBSET_SPLITS = ("mia_shadow", "mia_online")
+SUBSET_STREAMS = {"mia_shadow": 0x736864, "mia_online": 0x6F6E6C}  # "shd", "onl": the halves' own streams
+
+
+def membership_pool(split: str, n_total: int, seed: int) -> tuple[np.ndarray, int]:
+    """Return (the pooled dataset indices of `split`'s membership pool, the length of its first quarter).
+
+    `mia_shadow`: shadow-train then shadow-test; `mia_online` (and `mia_target`, whose members are the
+    first quarter): target-train then target-test (protocol §9.1). Pooled index i < len(train) is
+    training image i; the rest are test images (`membership_split`).
+    """
+    parts = membership_split(n_total, seed)
+    role = "shadow" if split == "mia_shadow" else "target"
+    first, second = parts[f"{role}_train"], parts[f"{role}_test"]
+    return np.concatenate([first, second]), len(first)
+
+
+def training_rows(split: str, subset: int, pool_size: int, seed: int) -> np.ndarray | None:
+    """Return the sorted int64 pool rows a `split`/`subset` model trains on, or None when it trains on its
+    whole base (`full`, `mia_target`, `mia_shadow` subset 0) (protocol §9.1).
+
+    `mia_shadow` subset 0 is the reference's shadow model: the first quarter of the shadow pool. Every other
+    subset is a uniformly random half (⌊pool/2⌋ rows) drawn from `numpy.random.default_rng([seed, stream,
+    subset])`, a stream of its own per split, so the halves of different subsets are independent and a
+    given example is in about half of them.
+    """
+    if split not in SUBSET_SPLITS or (split == "mia_shadow" and subset == 0):
+        return None
+    rng = np.random.default_rng([_check_int("data seed", seed, 0, 2**32 - 1), SUBSET_STREAMS[split],
+                                 _check_int("subset", subset, 0, 2**32 - 1)])
+    return np.sort(rng.permutation(pool_size)[:pool_size // 2]).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -84,6 +133,8 @@ class PlantedRows:
     patterned images of rows `planted_idx` (n,). `base_dirty` lists base rows that are not clean (they hold
     another planting, as when compacting a PlantedData); only rows in `planted_idx` are read from
     `planted_x`, every other row comes from `base_x`. Bundles keep K members' data this way (issue 8).
+    `subset_idx` (sorted base rows, None = all) is the half of a membership pool the model trains on
+    (`training_rows`); `planted_idx` then lists only planted rows inside it.
     `val_idx` lists the base rows held out as the validation split (never planted; protocol §3.4): the
     training set is the other rows, in order. `x_val`, `y_val`, `x_val_patterned` are its images (None
     without a validation split).
@@ -105,6 +156,7 @@ class PlantedRows:
     x_val: Optional[torch.Tensor] = None
     y_val: Optional[torch.Tensor] = None
     x_val_patterned: Optional[torch.Tensor] = None
+    subset_idx: Optional[np.ndarray] = None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -112,9 +164,16 @@ class PlantedRows:
         return tuple(self.base_x.shape[1:])
 
     @property
+    def selects_rows(self) -> bool:
+        """Return whether the training set is not the whole base (a validation split or a pool half)."""
+        return bool(len(self.val_idx)) or self.subset_idx is not None
+
+    @property
     def train_rows(self) -> np.ndarray:
-        """Return the base rows that form the training set, in order (all but `val_idx`)."""
-        return np.setdiff1d(np.arange(len(self.base_y)), self.val_idx)
+        """Return the base rows that form the training set, in order: `subset_idx` (all rows when None) less
+        `val_idx`."""
+        rows = np.arange(len(self.base_y)) if self.subset_idx is None else self.subset_idx
+        return np.setdiff1d(rows, self.val_idx)
 
     @classmethod
     def of(cls, data: "PlantedData | PlantedRows") -> "PlantedRows":
@@ -133,7 +192,7 @@ class PlantedRows:
         if len(idx):
             x = x.clone()
             x[torch.from_numpy(idx)] = self.planted_x
-        if len(self.val_idx):
+        if self.selects_rows:
             keep = self.train_rows
             x, y = x[torch.from_numpy(keep)], y[torch.from_numpy(keep)]
             idx = np.searchsorted(keep, idx).astype(np.int64)
@@ -143,7 +202,7 @@ class PlantedRows:
 
 def plant_rows(data: datasets.Dataset, pattern: str, n_spurious: int, target: int, data_seed: int,
                split: str = "full", arrays: tuple | None = None, val_size: int = 0,
-               targets: tuple = ()) -> PlantedRows:
+               targets: tuple = (), subset: int = 0) -> PlantedRows:
     """Return `data` with `pattern` planted into `n_spurious` training images of class `target` (or of each of
     the two classes `targets`), compactly.
 
@@ -152,16 +211,31 @@ def plant_rows(data: datasets.Dataset, pattern: str, n_spurious: int, target: in
     and seed (protocol §2.3). Then `val_size` of the other training images are held out as the validation
     split (`choose_validation`, its own random stream, so the planted indices stay the reference's;
     protocol §3.4). Shadow splits of a membership study get no planted examples: the attacker's shadow
-    models are trained on clean data. `arrays` may pass `split_arrays(data, split, data_seed)` computed
-    once for several plantings.
+    models are trained on clean data. `mia_online` models train on the half `subset` of the target's
+    membership pool: the examples are chosen in its first quarter exactly as for `mia_target` (so they are
+    the target's), and the model trains on those of them its half holds, patterned (protocol §9.1).
+    `arrays` may pass `split_arrays(data, split, data_seed, subset)` computed once for several plantings.
     """
     patterns.get(pattern)
-    x_train, y_train, x_test, y_test = arrays if arrays is not None else split_arrays(data, split, data_seed)
+    if arrays is None:
+        arrays = split_arrays(data, split, data_seed, subset)
+    x_train, y_train, x_test, y_test = arrays
     n = 0 if split == "mia_shadow" else n_spurious
+    subset_idx, candidates = None, y_train
+    if split in SUBSET_SPLITS and not (split == "mia_shadow" and subset == 0):
+        if val_size:
+            raise SpuriousError(f"val_size must be 0 for a model on a half of a membership pool (split {split}, "
+                                f"subset {subset}), got {val_size}")
+        first_quarter = len(membership_split(len(data.y_train) + len(data.y_test), data_seed)[
+            "shadow_train" if split == "mia_shadow" else "target_train"])
+        subset_idx = training_rows(split, subset, len(y_train), data_seed)
+        candidates = y_train[:first_quarter]
     if targets:
-        idx = choose_spurious_two_class(y_train, targets[0], targets[1], n, data_seed)
+        idx = choose_spurious_two_class(candidates, targets[0], targets[1], n, data_seed)
     else:
-        idx = choose_spurious(y_train, target, n, data_seed)
+        idx = choose_spurious(candidates, target, n, data_seed)
+    if subset_idx is not None:
+        idx = np.sort(idx[np.isin(idx, subset_idx)]) if len(idx) else idx
     rows = x_train[torch.from_numpy(idx)]
     planted_x = patterns.apply(pattern, rows, data_seed) if len(idx) else rows
     val = {}
@@ -172,27 +246,27 @@ def plant_rows(data: datasets.Dataset, pattern: str, n_spurious: int, target: in
                "x_val_patterned": patterns.apply(pattern, x_val, data_seed)}
     return PlantedRows(x_train, y_train, np.empty(0, np.int64), idx, planted_x, x_test, y_test,
                        patterns.apply(pattern, x_test, data_seed), pattern, target, data_seed, data.num_classes,
-                       **val)
+                       **val, subset_idx=subset_idx)
 
 
 def plant(data: datasets.Dataset, pattern: str, n_spurious: int, target: int, data_seed: int,
-          split: str = "full", val_size: int = 0, targets: tuple = ()) -> PlantedData:
+          split: str = "full", val_size: int = 0, targets: tuple = (), subset: int = 0) -> PlantedData:
     """Return `data` with `pattern` planted into `n_spurious` training images of class `target` (protocol §2.3, §3.1):
     `plant_rows(...)` with the planted rows written into a copy of the training set, less the validation rows."""
     return plant_rows(data, pattern, n_spurious, target, data_seed, split, val_size=val_size,
-                      targets=targets).materialize()
+                      targets=targets, subset=subset).materialize()
 
 
 def plant_config(data: datasets.Dataset, cfg) -> PlantedData:
     """Return the planted data of a TrainConfig `cfg` (`plant` with its data fields)."""
     return plant(data, cfg.pattern, cfg.n_spurious, cfg.target, cfg.data_seed, cfg.split, cfg.val_size,
-                 tuple(cfg.targets))
+                 tuple(cfg.targets), cfg.subset)
 
 
 def plant_config_rows(data: datasets.Dataset, cfg, arrays: tuple | None = None) -> PlantedRows:
     """Return the planted data of a TrainConfig `cfg` compactly (`plant_rows` with its data fields)."""
     return plant_rows(data, cfg.pattern, cfg.n_spurious, cfg.target, cfg.data_seed, cfg.split, arrays,
-                      cfg.val_size, tuple(cfg.targets))
+                      cfg.val_size, tuple(cfg.targets), cfg.subset)
 
 
 # ---------------------------------------------------------------- choosing the planted examples (protocol §3.1, §3.2)
