@@ -28,13 +28,24 @@ from analysis.frames import finished
 ROLES = ("before", "after", "oracle")
 ROLE_LABELS = {"before": "original", "after": "deleted", "oracle": "retrained (oracle)"}
 MIA_METRICS = ("attack_acc", "spurious_attack_acc", "other_attack_acc", "auc", "spurious_auc", "other_auc",
-               "tpr_at_1pct_fpr", "spurious_tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "spurious_tpr_at_0_1pct_fpr")
+               "tpr_at_1pct_fpr", "spurious_tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "spurious_tpr_at_0_1pct_fpr",
+               "attack_acc_oracle", "spurious_attack_acc_oracle", "nonmember_flag_rate")
+# The attack table's columns: the calibrated accuracy first, its target-label oracle beside it (protocol §9.5).
+MIA_TABLE = ("auc", "tpr_at_0_1pct_fpr", "attack_acc", "attack_acc_oracle", "spurious_attack_acc",
+             "other_attack_acc", "spurious_auc", "spurious_tpr_at_0_1pct_fpr")
+# After deletion: the forget set (the planted examples) and the other members, per model (protocol §9.7).
+DELETION_ROLES = {"original": "original", "deleted": "deleted", "oracle": "oracle"}
+FORGET_METRICS = {"spurious_auc": "forget AUC", "spurious_tpr_at_0_1pct_fpr": "forget TPR@0.1%",
+                  "spurious_attack_acc": "forget flagged", "other_auc": "other AUC"}
+VULNERABILITY = {"planted_tpr_at_1pct_fpr": "planted TPR@1%", "other_examples_tpr_at_1pct_fpr": "others TPR@1%",
+                 "planted_tpr_at_0_1pct_fpr": "planted TPR@0.1%",
+                 "other_examples_tpr_at_0_1pct_fpr": "others TPR@0.1%"}
 MIA_GROUPS = {"attack_acc": "all examples", "spurious_attack_acc": "spurious members",
               "other_attack_acc": "other members"}
 # Settings of post-hoc trials (params.json keys) that make separate cells when a study varies them.
 DELETE_SETTINGS = ("retrain_epochs", "lr_policy", "depth", "scale", "damping", "repeats", "per_example",
                    "lissa_batch_size", "lissa_seed", "reference_scaling", "max_norm_ratio")
-MIA_SETTINGS = ("shadows", "lira_variance")
+MIA_SETTINGS = ("shadows", "lira_variance", "fpr_rule", "rmia_gamma", "rmia_offline_a", "rmia_population")
 FACTORS = ("dataset", "model", "pattern")
 
 
@@ -116,16 +127,58 @@ def mia_summary(df: pd.DataFrame, metrics: Sequence[str] = MIA_METRICS) -> pd.Da
     return _summary(done, keys, {m: m for m in metrics}, "metric")
 
 
-def mia_table(df: pd.DataFrame, metrics: Sequence[str] = ("auc", "attack_acc", "spurious_attack_acc",
-                                                          "other_attack_acc", "spurious_auc",
-                                                          "tpr_at_1pct_fpr")) -> str:
-    """Return a plain-text table: rows attack × varied setting × n_spurious, columns the attack metrics
-    (mean ± s.e.)."""
+def _attack_trials(df: pd.DataFrame, deletion: bool) -> pd.DataFrame:
+    """Return the finished attack trials on targets (deletion False) or on deleted models (True)."""
     done = _finished(df, "mia", MIA_SETTINGS)
+    if done.empty:
+        return done
+    on_deleted = done["deletion_method"].notna() if "deletion_method" in done else pd.Series(False, done.index)
+    return done[on_deleted == deletion]
+
+
+def mia_table(df: pd.DataFrame, metrics: Sequence[str] = MIA_TABLE) -> str:
+    """Return a plain-text table: rows attack × varied setting × n_spurious, columns the attack metrics
+    (mean ± s.e. over targets); `attack_acc` is at the shadow-calibrated threshold, `attack_acc_oracle` at
+    the target-label optimum (protocol §9.5)."""
+    done = _attack_trials(df, deletion=False)
     if done.empty:
         return "(no finished attack trials)"
     rows = _cells(done, "attack", MIA_SETTINGS, every_factor=False)
-    return _table(done, rows, {m: m for m in metrics})
+    return _table(done, rows, {m: m for m in metrics if m in done})
+
+
+def mia_reference_table(df: pd.DataFrame) -> str:
+    """Return the reference's membership table (its notebook's layout, protocol §9.4): per attack and n, the
+    attack accuracy on all examples and the rate at which the spurious members are flagged, mean ± s.e.
+    over data seeds, both at the shadow-calibrated threshold."""
+    done = _attack_trials(df, deletion=False)
+    if done.empty:
+        return "(no finished attack trials)"
+    rows = _cells(done, "attack", MIA_SETTINGS, every_factor=False)
+    return _table(done, rows, {"attack_acc": "all: attack accuracy", "spurious_attack_acc": "spurious: flagged"})
+
+
+def mia_deletion_table(df: pd.DataFrame, metrics: dict[str, str] = FORGET_METRICS) -> str:
+    """Return the attacks on deleted models: rows attack × deletion method × n, columns each forget-set metric
+    for the original, deleted and oracle models side by side (mean ± s.e. over seeds; protocol §9.7)."""
+    done = _attack_trials(df, deletion=True)
+    if done.empty:
+        return "(no finished attacks on deleted models)"
+    rows = ["attack", "deletion_method", *_cells(done, "attack", MIA_SETTINGS, every_factor=False)[1:]]
+    columns = {f"{role}_{m}": f"{label} {role}" for m, label in metrics.items() for role in DELETION_ROLES
+               if f"{role}_{m}" in done}
+    return _table(done, rows, columns)
+
+
+def vulnerability_table(df: pd.DataFrame) -> str:
+    """Return per-example vulnerability (online attacks, protocol §9.6): rows attack × n, columns the mean TPR
+    at 1 % and 0.1 % FPR of the planted members and of the other examples across the online shadows."""
+    done = _attack_trials(df, deletion=False)
+    if done.empty or not any(c in done for c in VULNERABILITY):
+        return "(no online attack trials)"
+    done = done[done["planted_tpr_at_1pct_fpr"].notna() | done["other_examples_tpr_at_1pct_fpr"].notna()]
+    rows = _cells(done, "attack", MIA_SETTINGS, every_factor=False)
+    return _table(done, rows, VULNERABILITY)
 
 
 def _panels(summary: pd.DataFrame, within: Sequence[str]) -> list[tuple[str, pd.DataFrame]]:
@@ -185,14 +238,19 @@ def mia_figure(df: pd.DataFrame, groups: dict[str, str] = MIA_GROUPS):
     return fig
 
 
-def scores(checkpoint: str | Path) -> dict[str, np.ndarray]:
-    """Return the per-example scores an attack trial saved in its checkpoint directory: member, nonmember,
-    spurious mask, threshold."""
+def scores(checkpoint: str | Path, role: str = "") -> dict[str, np.ndarray]:
+    """Return the per-example scores an attack trial saved in its checkpoint directory: member, nonmember
+    (examples with a score only), spurious mask over the members, threshold; `role` (`original`, `deleted`,
+    `oracle`) picks a model of an attack on deleted models."""
     from spurious import checkpoint as checkpoints
 
     state = checkpoints.read_member(checkpoint, 0)
-    return {"member": state["member"].numpy(), "nonmember": state["nonmember"].numpy(),
-            "spurious": state["spurious"].numpy().astype(bool), "threshold": float(state["threshold"])}
+    prefix = f"{role}_" if role else ""
+    values, first = state[f"{prefix}scores"].numpy(), int(state["first"])
+    planted = state["planted"].numpy().astype(bool)
+    keep = np.isfinite(values)
+    return {"member": values[:first][keep[:first]], "nonmember": values[first:][keep[first:]],
+            "spurious": planted[:first][keep[:first]], "threshold": float(state[f"{prefix}threshold"])}
 
 
 def roc_points(saved: dict[str, np.ndarray], group: str = "all") -> tuple[np.ndarray, np.ndarray]:
@@ -209,7 +267,7 @@ def roc_points(saved: dict[str, np.ndarray], group: str = "all") -> tuple[np.nda
 def roc_figure(df: pd.DataFrame, groups: Sequence[str] = ("all", "spurious")):
     """Return ROC curves on log-log axes (Carlini et al. 2022), one panel per attack, one curve per finished
     target trial and member group, labelled by n_spurious and data seed."""
-    done = _finished(df, "mia", ())
+    done = _attack_trials(df, deletion=False)
     done = done[done["checkpoint"].notna()] if "checkpoint" in done else done
     attacks = sorted(done["attack"].unique()) if not done.empty else []
     fig, axes = style.grid(len(attacks), width=4.5, height=4)

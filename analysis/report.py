@@ -68,8 +68,21 @@ def posthoc_sections(df: pd.DataFrame) -> list[tuple[str, str, list[tuple[str, o
                     [("deletion_retrain", posthoc.retrain_figure(part))]))
     if "mia" in kinds:
         part = df[df["kind"] == "mia"]
-        out.append(("Membership inference", posthoc.mia_table(part),
-                    [("mia_attack_success", posthoc.mia_figure(part)), ("mia_roc", posthoc.roc_figure(part))]))
+        on_deleted = part["deletion_method"].notna() if "deletion_method" in part else pd.Series(False, part.index)
+        if (~on_deleted).any():
+            targets = part[~on_deleted]
+            tables = [posthoc.mia_table(targets),
+                      "The reference's layout (attack accuracy on all examples, rate of spurious members flagged; "
+                      "thresholds calibrated on shadow models):\n" + posthoc.mia_reference_table(targets)]
+            if any(c in targets for c in posthoc.VULNERABILITY):
+                tables.append("Per-example vulnerability (online shadows, each the target in turn):\n"
+                              + posthoc.vulnerability_table(targets))
+            out.append(("Membership inference", "\n\n".join(tables),
+                        [("mia_attack_success", posthoc.mia_figure(targets)),
+                         ("mia_roc", posthoc.roc_figure(targets))]))
+        if on_deleted.any():
+            out.append(("Membership inference after deletion: forget set (planted examples) and other members",
+                        posthoc.mia_deletion_table(part[on_deleted]), []))
     return out
 
 

@@ -144,12 +144,17 @@ def regularization_space(dataset: str = "mnist") -> dict:
 MIA_COUNTS = (1, 3, 5, 10, 20, 100, 1000)
 
 
-def membership_grid(counts: Sequence[int] = MIA_COUNTS, shadow_seeds: Sequence[int] = (0, 1, 2, 3),
-                    data_seeds: Sequence[int] = (0, 1, 2)) -> dict:
-    """Return the membership-inference design (protocol §9.2): per data seed (which also seeds the membership split),
-    one target model per count (split mia_target, training seed 0) and one clean shadow model per training
-    seed (split mia_shadow), as a grid over `role` variants × data seeds. Shadows do not depend on the count,
-    so they are trained once per data seed, not once per count."""
-    targets = [{"split": "mia_target", "n_spurious": int(n), "seed": 0} for n in counts]
-    shadows = [{"split": "mia_shadow", "n_spurious": 0, "seed": int(s)} for s in shadow_seeds]
-    return {"role": grid(targets + shadows), "data_seed": grid(data_seeds)}
+def membership_grid(counts: Sequence[int] = MIA_COUNTS, shadow_subsets: Sequence[int] = (0, 1, 2, 3),
+                    data_seeds: Sequence[int] = (0, 1, 2), online: int = 0) -> dict:
+    """Return the membership-inference design (protocol §9.2): per data seed (which also seeds the membership
+    split), one target model per count (split mia_target, training seed 0), one clean offline shadow model
+    per subset (split mia_shadow; subset 0 is the reference's shadow quarter, subset k ≥ 1 a random half of
+    the shadow pool; training seed k) and, with `online` > 0, that many online shadow models per count
+    (split mia_online, subsets and training seeds 0 … online − 1: random halves of the target's pool, with its
+    planted examples), as a grid over `role` variants × data seeds. Offline shadows do not depend on the
+    count, so they are trained once per data seed."""
+    targets = [{"split": "mia_target", "n_spurious": int(n), "subset": 0, "seed": 0} for n in counts]
+    shadows = [{"split": "mia_shadow", "n_spurious": 0, "subset": int(k), "seed": int(k)} for k in shadow_subsets]
+    online_shadows = [{"split": "mia_online", "n_spurious": int(n), "subset": k, "seed": k}
+                      for n in counts for k in range(online)]
+    return {"role": grid(targets + shadows + online_shadows), "data_seed": grid(data_seeds)}

@@ -235,9 +235,11 @@ def mia_train() -> StudySpec:
 
     Command: `study run mia-train`, then `study mia --from results/<experiment>` — 33 trials: per data seed
     0–2 (it also seeds the membership split), a target model per n ∈ {1, 3, 5, 10, 20, 100, 1000} (R3
-    planted in class 0 of the target-train quarter) and 4 clean shadow models (training seeds 0–3);
-    LargeMLP, Adam 0.01 (the models the reference's notebook attacks), 20 epochs; about 10 minutes on
-    2 CPUs. Smoke: data seed 0, one target (n = 10) and two shadows, 1 epoch.
+    planted in class 0 of the target-train quarter) and 4 clean offline shadow models (subset 0: the
+    shadow quarter, as the reference; subsets 1–3: random halves of the shadow pool, so thresholds can be
+    calibrated on a shadow's known members); LargeMLP, Adam 0.01 (the models the reference's notebook
+    attacks), 20 epochs; about 10 minutes on 2 CPUs. Smoke: data seed 0, one target (n = 10) and two
+    shadows, 1 epoch.
     """
     space = ss.merge({"dataset": "fashion", "model": "large_mlp", "pattern": "r3", "target": 0,
                       "optimizer": "adam", "lr": 0.01, "epochs": 20, "batch_size": 128}, ss.membership_grid())
@@ -245,6 +247,44 @@ def mia_train() -> StudySpec:
              "role": ss.membership_grid([10], [0, 1], [0])["role"]}
     return StudySpec("mia-train", _doc(mia_train), space, smoke=smoke, checkpoint_every=5,
                      expected_time="~10 min on 2 CPUs")
+
+
+@study("mia-online")
+def mia_online() -> StudySpec:
+    """Online membership inference (protocol §9.2, §9.5): targets, 32 online shadows per target, 4 offline shadows.
+
+    Command: `study run mia-online --bundle 8`, then `study mia --from results/<experiment>` — per data seed
+    0–1, a target model per n ∈ {3, 100} (R3 in class 0) with 32 online shadow models each (random halves
+    of the target's pool: its members, planted examples included, and its non-members, so every example has
+    about 16 IN and 16 OUT shadows), and 4 offline shadows; LargeMLP, Adam 0.01, 10 epochs; 140 models,
+    about 15 minutes on 2 CPUs with `--bundle 8`. `study mia` then runs every attack, online LiRA and RMIA
+    included, and reports the planted members' per-example vulnerability. Smoke: data seed 0, n = 10, the
+    32 online shadows and 2 offline shadows, 1 epoch.
+    """
+    space = ss.merge({"dataset": "fashion", "model": "large_mlp", "pattern": "r3", "target": 0,
+                      "optimizer": "adam", "lr": 0.01, "epochs": 10, "batch_size": 128},
+                     ss.membership_grid([3, 100], data_seeds=[0, 1], online=32))
+    smoke = {"epochs": 1, "data_seed": 0, "role": ss.membership_grid([10], [0, 1], [0], online=32)["role"]}
+    return StudySpec("mia-online", _doc(mia_online), space, smoke=smoke, checkpoint_every=5,
+                     expected_time="~15 min on 2 CPUs with --bundle 8")
+
+
+@study("mia-paper")
+def mia_paper() -> StudySpec:
+    """Membership inference at the reference protocol (protocol §9.2, reference §10): 70 epochs, 10 seeds.
+
+    Command: `study run mia-paper --bundle 8`, then `study mia --from results/<experiment> --attack shadow
+    --attack lira`, and `study report` prints the reference's table (the rate at which spurious members are
+    flagged, per n, mean ± s.e. over the 10 data seeds) — 110 models: per data seed 0–9, a target per n ∈
+    {1, 3, 5, 10, 20, 100, 1000} (R3, class 0) and 4 offline shadows; LargeMLP, Adam 0.01, batch 128, 70
+    epochs; about 1 hour on one GPU, several on 2 CPUs. Smoke: data seed 0, n = 10, two shadows, 1 epoch.
+    """
+    space = ss.merge({"dataset": "fashion", "model": "large_mlp", "pattern": "r3", "target": 0,
+                      "optimizer": "adam", "lr": 0.01, "epochs": 70, "batch_size": 128},
+                     ss.membership_grid(data_seeds=range(10)))
+    smoke = {"epochs": 1, "data_seed": 0, "role": ss.membership_grid([10], [0, 1], [0])["role"]}
+    return StudySpec("mia-paper", _doc(mia_paper), space, smoke=smoke, checkpoint_every=10,
+                     expected_time="~1 h on one GPU; ~8 h on 2 CPUs")
 
 
 def _doc(fn: Callable) -> str:

@@ -1,16 +1,29 @@
-"""`study mia`: membership-inference attacks on the target models of a `mia-train` study (protocol §9),
-one Tune trial per target model and attack.
+"""`study mia`: membership-inference attacks on the target models of a `mia-train` study, or on the
+deleted models of a `study delete` experiment of one (protocol §9), one Tune trial per target and attack.
 
     study run mia-train --smoke --name mia-smoke
     study mia --from results/mia-smoke --attack loss --attack lira
-    study mia --from results/mia-train-20261128-120000 --set shadows=[1,2,4] --attack lira
+    study run mia-online --smoke --name online-smoke
+    study mia --from results/online-smoke --attack lira_online --attack rmia_online
+    study delete --from results/mia-smoke --method retrain
+    study mia --from results/mia-smoke-delete-retrain --attack lira
 
-Targets: the TERMINATED `split=mia_target` trials with a checkpoint that pass every `--filter`. Shadows:
-the TERMINATED `split=mia_shadow` trials of the same study with the target's dataset, model, data seed
-(hence the same membership split) and training hyperparameters, one per training seed. Attacks: `loss`
-(loss threshold), `shadow` (the reference's logistic regression, one shadow model) and `lira` (offline
-LiRA over all matched shadows, or the first `--set shadows=K`); the default is all three. Results go to
-`<storage>/<source>-mia-<attacks>` (or --name) with a study.json, so `study resume` continues them.
+Targets: the TERMINATED `split=mia_target` trials with a checkpoint that pass every `--filter`. Offline
+shadows: the `split=mia_shadow` trials with the target's dataset, model, data seed (hence the same
+membership split) and training recipe, one per subset, subset 0 first. Online shadows: the `split=mia_online`
+trials with, in addition, the target's pattern, count and class. Attacks: `loss` (loss threshold),
+`shadow` (the reference's logistic regression on shadow 0), `lira` and `rmia` (offline, over the offline
+shadows), `lira_online` and `rmia_online` (over the online shadows); the default is every attack the
+study's shadows allow. Every threshold is calibrated on a shadow model, never on the target's labels;
+accuracies at the target-optimal threshold are reported as `*_oracle` (protocol §9.5).
+
+From a deletion experiment: each deletion trial's original, deleted and oracle models are attacked with
+the shadows of the deletion's source study; the planted examples are the forget set. The oracle is the
+retrain model the deletion loaded (or the deleted model itself for `--method retrain`); a deletion that
+trained its oracle inside the trial has none to attack (a note says so).
+
+Results go to `<storage>/<source>-mia-<attacks>` (or --name) with a study.json, so `study resume`
+continues them.
 """
 from __future__ import annotations
 
@@ -26,9 +39,11 @@ from study import posthoc, runner, space as space_lib
 from study.options import add_run_options, expand_path, run_options
 from trainables import mia as mia_trainable
 
-# A shadow mimics its target: same data (hence membership split) and the same training recipe.
+# A shadow mimics its target: same data (hence membership split) and the same training recipe; an online
+# shadow also holds the target's planted examples.
 MATCH_KEYS = ("dataset", "model", "data_seed", "optimizer", "lr", "momentum", "l2", "grad_clip", "noise_sigma",
               "augmentation", "epochs", "batch_size")
+ONLINE_KEYS = MATCH_KEYS + ("pattern", "n_spurious", "target", "targets")
 FIXED_KEYS = ("attack", "target_trial_id")
 # `--smoke`: the first two matched shadows only.
 SMOKE_SETTINGS = {"shadows": 2}
@@ -39,9 +54,10 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.description, p.epilog = __doc__.split("\n\n")[0], "\n\n".join(__doc__.split("\n\n")[1:])
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--from", dest="source", required=True, metavar="EXPERIMENT_DIR", type=expand_path,
-                   help="the mia-train study's experiment directory (local, shared or a URI)")
+                   help="a mia-train (or mia-online) study's experiment directory, or a `study delete` "
+                        "experiment of one (local, shared or a URI)")
     p.add_argument("--attack", action="append", choices=mia.ATTACKS,
-                   help="attack to run (repeatable; default: all of loss, shadow, lira)")
+                   help="attack to run (repeatable; default: every attack the study's shadow models allow)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help=f"an attack setting ({', '.join(setting_keys())}); a list makes a grid axis")
     p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
@@ -55,19 +71,27 @@ def setting_keys() -> list[str]:
     return [f.name for f in fields(mia_trainable.MiaSettings) if f.name not in FIXED_KEYS]
 
 
-def _key(row: pd.Series | Any) -> tuple:
-    return tuple(str(getattr(row, k)) for k in MATCH_KEYS)
+def _key(row: pd.Series | Any, keys: Sequence[str]) -> tuple:
+    return tuple(str(getattr(row, k)) for k in keys)
 
 
-def match_shadows(targets: pd.DataFrame, shadows: pd.DataFrame) -> dict[str, list[dict]]:
-    """Return, per target trial id, its shadows sorted by training seed, one per seed: the shadow trials with
-    the target's MATCH_KEYS (so the same membership split and training recipe)."""
+def _subset(row: Any) -> int:
+    value = getattr(row, "subset", 0)
+    return 0 if pd.isna(value) else int(value)
+
+
+def match_shadows(targets: pd.DataFrame, shadows: pd.DataFrame, keys: Sequence[str] = MATCH_KEYS
+                  ) -> dict[str, list[dict]]:
+    """Return, per target trial id, its shadows sorted by subset then training seed, one per subset: the
+    shadow trials with the target's `keys` (so the same membership split and training recipe)."""
     by_key: dict[tuple, dict[int, dict]] = {}
     for row in shadows.sort_values("trial_id").itertuples():
-        by_seed = by_key.setdefault(_key(row), {})
-        by_seed.setdefault(int(row.seed), {"trial_id": str(row.trial_id), "seed": int(row.seed),
-                                           "checkpoint": row.checkpoint, "file": getattr(row, "file", None)})
-    return {str(t.trial_id): [s for _, s in sorted(by_key.get(_key(t), {}).items())] for t in targets.itertuples()}
+        by_subset = by_key.setdefault(_key(row, keys), {})
+        by_subset.setdefault(_subset(row), {"trial_id": str(row.trial_id), "subset": _subset(row),
+                                            "seed": int(row.seed), "checkpoint": row.checkpoint,
+                                            "file": getattr(row, "file", None)})
+    return {str(t.trial_id): [s for _, s in sorted(by_key.get(_key(t, keys), {}).items())]
+            for t in targets.itertuples()}
 
 
 def default_name(source: str, attacks: Sequence[str]) -> str:
@@ -75,17 +99,60 @@ def default_name(source: str, attacks: Sequence[str]) -> str:
     return f"{posthoc.source_name(source)}-mia-{'-'.join(attacks)}"
 
 
-def plan(source: str, attacks: Sequence[str], overrides: dict, filters: dict,
+def _deletion_targets(source: str, filters: dict, notes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Return (the deletion trials as targets, the deletion's source trials, {trial id: original/oracle
+    entries}) of a `study delete` experiment of a membership study."""
+    meta = runner.read_meta(source) if not posthoc.is_uri(source) else {}
+    deletions, more = posthoc.finished(posthoc.source_trials(source))
+    notes += more
+    deletions = posthoc.apply_filters(deletions[deletions["split"] == "mia_target"], filters)
+    trials = posthoc.source_trials(meta["source"])
+    originals = trials.set_index(trials["trial_id"].astype(str))
+    extra, missing = {}, []
+    for row in deletions.itertuples():
+        sid = str(row.source_trial_id)
+        if sid not in originals.index:
+            raise SpuriousError(f"deletion trial {row.trial_id} names source trial {sid}, which {meta['source']!r} "
+                                "does not hold")
+        oracle = getattr(row, "oracle_checkpoint", None)
+        oracle = oracle if isinstance(oracle, str) and oracle else None
+        if row.method != "retrain" and oracle is None:
+            missing.append(str(row.trial_id))
+        extra[str(row.trial_id)] = {"original": {"checkpoint": originals.loc[sid, "checkpoint"],
+                                                 "file": originals.loc[sid, "file"]}, "oracle": oracle}
+    if missing:
+        notes.append(f"{len(missing)} deletion trial(s) trained their oracle inside the trial, so no oracle model "
+                     f"is attacked for them (run `study delete --method retrain` first): {', '.join(missing)}")
+    return deletions, trials, extra
+
+
+def plan(source: str, attacks: Sequence[str] | None, overrides: dict, filters: dict,
          options: runner.RunOptions) -> tuple[posthoc.Plan, list[str]]:
-    """Return the attack study for `source` (validated, nothing started) and notes on what was skipped."""
-    df, notes = posthoc.finished(posthoc.source_trials(source))
-    targets = posthoc.apply_filters(df[df["split"] == "mia_target"], filters)
-    shadows = match_shadows(targets, df[df["split"] == "mia_shadow"])
-    if any(a in mia_trainable.NEEDS_SHADOWS for a in attacks):
-        lonely = [t for t, s in shadows.items() if not s]
-        if lonely:
-            notes.append(f"skipping {len(lonely)} target(s) with no matching shadow model: {', '.join(lonely)}")
-        targets = targets[~targets["trial_id"].astype(str).isin(lonely)]
+    """Return the attack study for `source` (validated, nothing started) and notes on what was skipped.
+    `attacks` None: every attack the matched shadows allow."""
+    meta = runner.read_meta(source) if not posthoc.is_uri(source) else {}
+    notes: list[str] = []
+    if meta.get("kind") == "delete":
+        targets, trials, extra = _deletion_targets(source, filters, notes)
+    else:
+        if meta and meta.get("kind") not in (None, "train"):
+            raise SpuriousError(f"--from {source!r} is a {meta.get('kind')} study; study mia attacks a membership "
+                                "training study (mia-train, mia-online) or a deletion study of one")
+        trials, notes = posthoc.finished(posthoc.source_trials(source))
+        targets, extra = posthoc.apply_filters(trials[trials["split"] == "mia_target"], filters), {}
+    done, _ = posthoc.finished(trials)
+    offline = match_shadows(targets, done[done["split"] == "mia_shadow"])
+    online = match_shadows(targets, done[done["split"] == "mia_online"], ONLINE_KEYS)
+    if attacks is None:
+        has_online = any(online.values())
+        attacks = [a for a in mia.ATTACKS if mia_trainable.needs(a) == "offline" or has_online]
+    for kind, table in (("offline", offline), ("online", online)):
+        if any(mia_trainable.needs(a) == kind for a in attacks):
+            lonely = [t for t, s in table.items() if not s]
+            if lonely:
+                notes.append(f"skipping {len(lonely)} target(s) with no matching {kind} shadow model: "
+                             f"{', '.join(lonely)}")
+            targets = targets[~targets["trial_id"].astype(str).isin(lonely)]
     if targets.empty:
         raise SpuriousError(f"no target model of {source!r} to attack (`study run mia-train` makes them; "
                             f"{'; '.join(notes) or 'none selected'})")
@@ -95,21 +162,24 @@ def plan(source: str, attacks: Sequence[str], overrides: dict, filters: dict,
             mia_trainable.settings({"attack": attack, "target_trial_id": "x", **combo})
     ids = sorted(targets["trial_id"].astype(str))
     rows = targets.set_index(targets["trial_id"].astype(str))
-    table = {t: {"checkpoint": rows.loc[t, "checkpoint"], "file": rows.loc[t, "file"], "shadows": shadows[t]}
-             for t in ids}
-    counts = sorted({len(shadows[t]) for t in ids})
-    notes.append(f"{len(ids)} target(s); shadows per target: {', '.join(map(str, counts))}")
+    table = {t: {"checkpoint": rows.loc[t, "checkpoint"], "file": rows.loc[t, "file"], "shadows": offline[t],
+                 "online": online[t], **extra.get(t, {})} for t in ids}
+    counts = sorted({len(offline[t]) for t in ids})
+    online_counts = sorted({len(online[t]) for t in ids})
+    notes.append(f"{len(ids)} target(s); offline shadows per target: {', '.join(map(str, counts))}; online "
+                 f"shadows per target: {', '.join(map(str, online_counts))}")
     names = sorted({datasets_lib.DATASETS.canonical(d) for d in targets["dataset"]})
-    space = {"attack": space_lib.grid(attacks), **space, "target_trial_id": space_lib.grid(ids)}
+    space = {"attack": space_lib.grid(list(attacks)), **space, "target_trial_id": space_lib.grid(ids)}
     study = posthoc.Plan("mia", posthoc.canonical_source(source), options.name or default_name(source, attacks),
                          space, table, names, len(ids) * len(combos) * len(attacks),
-                         {"attacks": list(attacks), "settings": overrides})
+                         {"attacks": list(attacks), "settings": overrides,
+                          "deletion": meta.get("kind") == "delete"})
     return study, notes
 
 
 def handle(args: argparse.Namespace) -> int:
     options = run_options(args)
-    attacks = list(dict.fromkeys(args.attack or mia.ATTACKS))
+    attacks = list(dict.fromkeys(args.attack)) if args.attack else None
     overrides = {**(SMOKE_SETTINGS if args.smoke else {}), **posthoc.parse_pairs(args.set, "--set")}
     unknown = sorted(set(overrides) - set(setting_keys()))
     if unknown:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from analysis import load, posthoc as analysis
-from spurious import checkpoint as ckpt, config as config_lib, train
+from spurious import checkpoint as ckpt, config as config_lib, mia, train
 from spurious.config import TrainConfig
 from spurious.errors import SpuriousError
 from spurious.planted import plant
@@ -443,17 +443,67 @@ def test_deletion_studies_from_a_smoke_training_study(tmp_path):
 @pytest.mark.slow
 @pytest.mark.ray
 @requires_fashion
-def test_membership_inference_from_a_smoke_mia_train_study(tmp_path):
+def test_membership_inference_from_a_smoke_mia_train_study_and_after_deletion(tmp_path):
     run = ("--storage-path", str(tmp_path), "--wandb", "off")  # W&B is the walk-through's subject, not this one's
-    assert_ok(study("run", "mia-train", "--smoke", "--name", "mia", *run))
+    assert_ok(study("run", "mia-train", "--smoke", "--set", "epochs=2", "--name", "mia", *run))
     proc = study("mia", "--from", str(tmp_path / "mia"), "--attack", "loss", "--attack", "lira", *run)
     assert_ok(proc)
-    assert "shadows per target: 2" in proc.stdout
+    assert "offline shadows per target: 2" in proc.stdout
     df = load(tmp_path / "mia-mia-loss-lira")
     assert sorted(df["attack"]) == ["lira", "loss"] and (df["status"] == "TERMINATED").all()
-    assert list(df.sort_values("attack")["shadows_used"]) == [2, 0]
+    assert list(df.sort_values("attack")["shadows_used"]) == [2, 2]
     assert (df["n_members"] == 17500).all() and (df["n_spurious_members"] == 10).all()
-    for column in ("auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "attack_acc", "spurious_attack_acc",
-                   "other_attack_acc", "spurious_auc"):
+    for column in ("auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "attack_acc", "attack_acc_oracle",
+                   "spurious_attack_acc", "other_attack_acc", "spurious_auc"):
         assert df[column].between(0, 1).all(), column
+    # calibrated on a shadow model: never better than the target-label optimum
+    assert (df["attack_acc"] <= df["attack_acc_oracle"] + 1e-12).all()
     assert len(analysis.roc_figure(df).axes) == 2
+
+    # after deletion: the original, deleted and oracle models side by side on the forget set
+    assert_ok(study("delete", "--from", str(tmp_path / "mia"), "--method", "retrain", *run))
+    assert_ok(study("delete", "--from", str(tmp_path / "mia"), "--method", "incremental_retraining", "--set",
+                    "retrain_epochs=1", *run))
+    for method in ("retrain", "incremental_retraining"):
+        proc = study("mia", "--from", str(tmp_path / f"mia-delete-{method}"), "--attack", "lira", *run)
+        assert_ok(proc)
+        row = load(tmp_path / f"mia-delete-{method}-mia-lira").iloc[0]
+        assert row["deletion_method"] == method and row["roles"] == "original,deleted,oracle"
+        for role in ("original", "deleted", "oracle"):
+            for key in ("spurious_auc", "spurious_tpr_at_0_1pct_fpr", "other_auc", "spurious_attack_acc"):
+                assert 0 <= row[f"{role}_{key}"] <= 1, (role, key)
+        if method == "retrain":
+            assert row["deleted_spurious_auc"] == row["oracle_spurious_auc"]
+        else:
+            assert row["deleted_spurious_auc"] != row["oracle_spurious_auc"]
+    report = study("report", str(tmp_path / "mia-delete-retrain-mia-lira"), "--out", str(tmp_path / "report"))
+    assert_ok(report)
+    assert "forget AUC original" in (tmp_path / "report" / "summary.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@requires_fashion
+def test_online_lira_and_rmia_with_32_online_shadows_on_real_fashion_mnist(tmp_path):
+    """`mia-online --smoke`: one target (R3, n = 10) and 32 online shadows on random halves of its pool, so
+    each example has about 16 IN and 16 OUT shadows; every attack runs by default."""
+    run = ("--storage-path", str(tmp_path), "--wandb", "off")  # W&B is the walk-through's subject, not this one's
+    assert_ok(study("run", "mia-online", "--smoke", "--set", "epochs=3", "--bundle", "12", "--name", "online",
+                    *run))
+    proc = study("mia", "--from", str(tmp_path / "online"), *run)
+    assert_ok(proc)
+    assert "online shadows per target: 32" in proc.stdout
+    df = load(next(tmp_path.glob("online-mia-*"))).set_index("attack")
+    assert sorted(df.index) == sorted(mia.ATTACKS) and (df["status"] == "TERMINATED").all()
+    online = df.loc[["lira_online", "rmia_online"]]
+    assert (online["shadows_used"] == 32).all() and (online["vulnerability_models"] == 32).all()
+    assert (online["auc"] > 0.5).all() and (online["spurious_auc"] > online["auc"]).all()
+    assert (df["n_spurious_members"] == 10).all()
+    for column in ("auc", "tpr_at_0_1pct_fpr", "attack_acc", "attack_acc_oracle", "spurious_attack_acc",
+                   "planted_tpr_at_0_1pct_fpr", "other_examples_tpr_at_0_1pct_fpr"):
+        values = df[column].dropna()
+        assert len(values) and values.between(0, 1).all(), column
+    report = study("report", str(next(tmp_path.glob("online-mia-*"))), "--out", str(tmp_path / "report"))
+    assert_ok(report)
+    text = (tmp_path / "report" / "summary.md").read_text()
+    assert "Per-example vulnerability" in text and "spurious: flagged" in text

@@ -1,41 +1,70 @@
-"""`mia_attack`: a membership-inference attack on one target model of a `mia-train` study, as a Ray Tune
-trainable (protocol §9; the reference's test-set bug is fixed, see protocol §11.5 and spurious/mia.py).
+"""`mia_attack`: a membership-inference attack on one target model of a `mia-train` study, or on the models
+of one deletion trial, as a Ray Tune trainable (protocol §9; the reference's test-set bug is fixed, see
+protocol §11.5 and spurious/mia.py).
 
-One trial per (target model, attack). The trial reads the target checkpoint and, for the `shadow` and
-`lira` attacks, the shadow checkpoints of the same study that share the target's membership split (same
-dataset and data seed, the same training hyperparameters, distinct training seeds), all through Ray's
-storage. Members are the target's training quarter (the planted spurious examples among them, as trained),
-non-members its test quarter. It reports AUC, TPR at 1 % and 0.1 % FPR and attack accuracy over all
-examples, the same over the spurious members, and the rate at which the other (non-spurious) members are
-flagged, so spurious and other members can be compared (protocol §9.4). The checkpoint holds the per-example
-scores (`member`, `nonmember`, `spurious` mask, `threshold`) for ROC curves.
+One trial per (target, attack). The evaluation examples are the target's membership pool: its training
+quarter (members, the planted spurious examples among them, patterned as trained) then its test quarter
+(non-members). Reference models come from the same study (`study mia` matches them):
+
+- offline shadows (`split=mia_shadow`, clean, the target's dataset, data seed and training recipe): subset
+  0 trains on the shadow quarter, subset k ≥ 1 on a random half of the shadow pool (protocol §9.1); none
+  has seen the target's pool, so all are OUT there. Used by `loss`, `shadow`, `lira` and `rmia`.
+- online shadows (`split=mia_online`, also the target's pattern, count and class): random halves of the
+  target's own pool, so every evaluation example is IN for about half of them. Used by `lira_online` and
+  `rmia_online`.
+
+Every decision threshold is calibrated on a shadow model, never on the target's labels (protocol §9.5): the
+first reference model (lowest subset) plays the target, on its own pool, attacked with the other reference
+models, and the threshold that maximises its attack accuracy is applied to the target. The `shadow` attack's
+logistic regression is trained on shadow 0's own quarters and decides at log-odds > 0. Accuracies at the
+target-label-optimal threshold are reported too, named `*_oracle`.
+
+With online shadows the trial also measures per-example vulnerability (protocol §9.6): each online shadow in
+turn is the target, attacked with the others; an example's TPR at a fixed FPR is the fraction of the models
+that hold it which flag it. The planted examples' values, and the mean over the other examples, are
+reported; the per-example arrays are in the checkpoint.
+
+Deletion mode (`study mia --from <delete experiment>`): the target is a deletion trial; the original model
+(the deletion's source), the deleted model and the retrain oracle are attacked with the same shadows and
+threshold, and every metric is reported per role (`original_*`, `deleted_*`, `oracle_*`); the planted
+examples are the forget set (`spurious_*` = forget set against the non-members).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 import torch
 
-from spurious import checkpoint, config as config_lib, mia, train
+from spurious import checkpoint, config as config_lib, metrics as metrics_lib, mia, train
+from spurious.config import TrainConfig
 from spurious.errors import SpuriousError, check
-from spurious.planted import PlantedData
-from trainables.common import report, use_trial_threads
-from trainables.sources import planted_data, read_source, source_columns
+from spurious.planted import PlantedData, membership_pool, plant_config, training_rows
+from trainables.common import dataset_for, report, use_trial_threads
+from trainables.sources import planted_data, read_checkpoint, read_source, source_columns
 
-SCORES_FORMAT = "mia-scores-1"
-NEEDS_SHADOWS = ("shadow", "lira")
+SCORES_FORMAT = "mia-scores-2"
+OFFLINE = ("loss", "shadow", "lira", "rmia")
+ONLINE = ("lira_online", "rmia_online")
+ROLES = ("original", "deleted", "oracle")
+VULNERABILITY_FPRS = {"1pct": 0.01, "0_1pct": 0.001}
+POPULATION_STREAM = 0x726D69  # "rmi": the RMIA population draw's own random stream
 
 
 @dataclass(frozen=True)
 class MiaSettings:
-    """One attack trial: the attack, the target trial, how many shadows to use (0 = all), LiRA's variance."""
+    """One attack trial: the attack, the target trial, how many reference models to use (0 = all), LiRA's
+    variance rule, the FPR rule of TPR at fixed FPR, and RMIA's γ, offline a and population size."""
 
     attack: str = "loss"
     target_trial_id: str = ""
     shadows: int = 0
     lira_variance: str = "auto"
+    fpr_rule: str = "lt"
+    rmia_gamma: float = 1.0
+    rmia_offline_a: float = 0.3
+    rmia_population: int = 2000
     eval_batch_size: int = 2000
 
     def __post_init__(self) -> None:
@@ -43,7 +72,12 @@ class MiaSettings:
         check([(self.attack in mia.ATTACKS, f"attack {self.attack!r} is not one of {', '.join(mia.ATTACKS)}"),
                (self.lira_variance in mia.LIRA_VARIANCES,
                 f"lira_variance {self.lira_variance!r} is not one of {', '.join(mia.LIRA_VARIANCES)}"),
+               (self.fpr_rule in mia.FPR_RULES,
+                f"fpr_rule {self.fpr_rule!r} is not one of {', '.join(mia.FPR_RULES)}"),
                (self.shadows >= 0, f"shadows must be >= 0 (0 = all), got {self.shadows!r}"),
+               (self.rmia_gamma > 0, f"rmia_gamma must be > 0, got {self.rmia_gamma!r}"),
+               (0 <= self.rmia_offline_a <= 1, f"rmia_offline_a must be in [0, 1], got {self.rmia_offline_a!r}"),
+               (self.rmia_population >= 1, f"rmia_population must be >= 1, got {self.rmia_population!r}"),
                (self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size!r}")])
 
 
@@ -52,76 +86,291 @@ def settings(config: Mapping[str, Any]) -> MiaSettings:
     return config_lib.from_values(MiaSettings, dict(config), "membership-inference setting")
 
 
-def _model(state: dict, data: PlantedData, device: torch.device) -> torch.nn.Module:
-    return checkpoint.model_from_checkpoint(state, data.input_shape, data.num_classes).to(device)
+def needs(attack: str) -> str:
+    """Return which reference models `attack` needs: "offline" (mia_shadow) or "online" (mia_online)."""
+    return "online" if attack in ONLINE else "offline"
 
 
-def _shadow_logits(s: MiaSettings, shadows: list[dict], target: PlantedData, datasets, device):
-    """Return (shadow 0 on its own quarters, every used shadow on the target's quarters)."""
-    used = shadows[:s.shadows] if s.shadows else shadows
-    if not used:
-        raise SpuriousError(f"the {s.attack} attack needs shadow models, and target {s.target_trial_id} has none")
-    own, on_target = None, []
-    for k, entry in enumerate(used):
-        state = read_source(entry)
-        if state["config"].get("split") != "mia_shadow":
-            raise SpuriousError(f"checkpoint {entry['checkpoint']!r} is not a shadow model (split "
-                                f"{state['config'].get('split')!r})")
-        cfg, data = planted_data(state, datasets)
-        model = _model(state, data, device)
-        if k == 0:
-            own = mia.split_logits(model, data.x_train, data.y_train, data.x_test, data.y_test, s.eval_batch_size)
-        on_target.append(mia.split_logits(model, target.x_train, target.y_train, target.x_test, target.y_test,
-                                          s.eval_batch_size))
-    return own, on_target, len(used)
+# ------------------------------------------------------------------------------------------ pools and models
+
+@dataclass(frozen=True)
+class Pool:
+    """Evaluation examples: images (N, C, H, W), labels (N,), and how many of the first rows are the first
+    quarter (the members of a target or of shadow 0)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    first: int
 
 
-def _scores(s: MiaSettings, target_logits: mia.SplitLogits, entry: dict, data: PlantedData, datasets, device):
-    if s.attack not in NEEDS_SHADOWS:
-        return mia.loss_attack(target_logits), 0
-    own, on_target, used = _shadow_logits(s, list(entry.get("shadows", [])), data, datasets, device)
+@dataclass(frozen=True)
+class Reference:
+    """A reference (shadow) model: its config and its model."""
+
+    cfg: TrainConfig
+    model: torch.nn.Module
+
+
+def _target_pool(data: PlantedData) -> Pool:
+    return Pool(torch.cat([data.x_train, data.x_test]), torch.cat([data.y_train, data.y_test]), len(data.y_train))
+
+
+def _shadow_pool(cfg: TrainConfig, datasets: Mapping[str, Any], device) -> Pool:
+    """Return the shadow pool of `cfg`'s membership split (clean images), shadow-train quarter first."""
+    data = dataset_for(datasets, cfg.dataset)
+    x_all, y_all = torch.cat([data.x_train, data.x_test]), torch.cat([data.y_train, data.y_test])
+    idx, first = membership_pool("mia_shadow", len(y_all), cfg.data_seed)
+    rows = torch.from_numpy(idx)
+    return Pool(x_all[rows].to(device), y_all[rows].to(device), first)
+
+
+def membership(cfg: TrainConfig, pool: Pool) -> np.ndarray:
+    """Return which rows of `pool` (the pool of `cfg`'s own split) model `cfg` trained on (bool (N,))."""
+    rows = training_rows(cfg.split, cfg.subset, len(pool.y), cfg.data_seed)
+    mask = np.zeros(len(pool.y), bool)
+    if rows is None:
+        mask[:pool.first] = True
+    else:
+        mask[rows] = True
+    return mask
+
+
+def _load(entry: Mapping[str, Any], data: PlantedData, device) -> tuple[dict, torch.nn.Module]:
+    state = read_source(entry)
+    model = checkpoint.model_from_checkpoint(state, data.input_shape, data.num_classes).to(device).eval()
+    return state, model
+
+
+def _references(s: MiaSettings, entries: list[dict], split: str, data: PlantedData, device) -> list[Reference]:
+    used = entries[:s.shadows] if s.shadows else entries
+    out = []
+    for entry in used:
+        state, model = _load(entry, data, device)
+        cfg = config_lib.from_dict(state["config"])
+        if cfg.split != split:
+            raise SpuriousError(f"checkpoint {entry['checkpoint']!r} is not a {split} model (split {cfg.split!r})")
+        out.append(Reference(cfg, model))
+    return out
+
+
+class Logits:
+    """Model logits on a pool, computed once per (model, pool)."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size, self.cache = batch_size, {}
+
+    def __call__(self, model: torch.nn.Module, pool: Pool) -> np.ndarray:
+        key = (id(model), id(pool))
+        if key not in self.cache:
+            self.cache[key] = metrics_lib.logits(model, pool.x, self.batch_size).cpu().double().numpy()
+        return self.cache[key]
+
+
+# ------------------------------------------------------------------------------------------ scoring
+
+def population(nonmember_rows: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Return the RMIA population rows: `size` of the non-member rows (all when fewer), drawn from
+    `default_rng([seed, POPULATION_STREAM])`; they are left out of the evaluation (protocol §9.5)."""
+    rng = np.random.default_rng([seed, POPULATION_STREAM])
+    return np.sort(rng.permutation(nonmember_rows)[:size])
+
+
+def attack_scores(s: MiaSettings, target: np.ndarray, labels: np.ndarray, refs: list[np.ndarray],
+                  refs_in: np.ndarray, z_rows: np.ndarray) -> np.ndarray:
+    """Return membership scores (N,) of a target's logits `target` (N, C) with labels (N,), for the threshold
+    attacks (`loss`, `lira`, `lira_online`, `rmia`, `rmia_online`). `refs` are the reference models' logits
+    on the same examples and `refs_in` (K, N) their membership; `z_rows` the RMIA population rows. Rows
+    with no usable reference observation score NaN."""
+    attack = s.attack
+    if attack == "loss":
+        return mia.loss_scores(target, labels)
+    if not refs:
+        raise SpuriousError(f"the {attack} attack needs at least one reference model")
+    if attack.startswith("lira"):
+        phi = mia.scaled_confidence(target, labels)
+        phi_refs = np.stack([mia.scaled_confidence(r, labels) for r in refs])
+        if attack == "lira":
+            return mia.lira_offline_scores(phi, phi_refs, ~refs_in, s.lira_variance)
+        return mia.lira_online_scores(phi, phi_refs, refs_in, s.lira_variance)
+    p = mia.true_label_probability(target, labels)
+    p_refs = np.stack([mia.true_label_probability(r, labels) for r in refs])
+    if attack == "rmia":
+        out = ~refs_in
+        seen = out.any(0)
+        p_out = ((p_refs * out).sum(0) / np.maximum(out.sum(0), 1))[None, :]
+        z_rows = z_rows[seen[z_rows]]
+        scores = np.full(len(p), np.nan)
+        scores[seen] = mia.rmia_scores(p[seen], p_out[:, seen], p[z_rows], p_out[:, z_rows], gamma=s.rmia_gamma,
+                                       offline_a=s.rmia_offline_a)
+        return scores
+    else:
+        scores = mia.rmia_scores(p, p_refs, p[z_rows], p_refs[:, z_rows], in_mask_x=refs_in,
+                                 in_mask_z=refs_in[:, z_rows], gamma=s.rmia_gamma)
+    return np.asarray(scores, np.float64)
+
+
+def _calibration(s: MiaSettings, refs: list[Reference], pool: Pool, logits: Logits) -> float:
+    """Return the threshold calibrated on the first reference model: its scores on its own pool, attacked
+    with the other references, and the accuracy-maximising threshold on its known membership."""
+    pseudo, others = refs[0], refs[1:]
+    if s.attack != "loss" and not others:
+        raise SpuriousError(f"the {s.attack} attack needs at least 2 reference models (one to calibrate the "
+                            f"threshold on, attacked with the others); this target has {len(refs)}")
+    labels = pool.y.cpu().numpy()
+    members = membership(pseudo.cfg, pool)
+    others_in = np.stack([membership(r.cfg, pool) for r in others]) if others else np.zeros((0, len(labels)), bool)
+    z = population(np.flatnonzero(~members), s.rmia_population, pseudo.cfg.data_seed)
+    scores = attack_scores(s, logits(pseudo.model, pool), labels, [logits(r.model, pool) for r in others],
+                           others_in, z)
+    keep = np.isfinite(scores)
+    if s.attack.startswith("rmia"):
+        keep[z] = False
+    if not (keep & members).any() or not (keep & ~members).any():
+        raise SpuriousError(f"cannot calibrate the {s.attack} threshold: too few reference models "
+                            f"({len(refs)}) to score the calibration model's members and non-members")
+    return mia.calibrate_threshold(scores[keep & members], scores[keep & ~members])
+
+
+def _vulnerability(s: MiaSettings, refs: list[Reference], pool: Pool, logits: Logits,
+                   planted: np.ndarray) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Return per-example vulnerability over the online references (each the target in turn, attacked with
+    the others): mean TPR of the planted examples and of the other examples at each FPR of
+    VULNERABILITY_FPRS, and the per-example arrays."""
+    labels = pool.y.cpu().numpy()
+    ins = np.stack([membership(r.cfg, pool) for r in refs])
+    scores = np.full(ins.shape, np.nan)
+    for j, ref in enumerate(refs):
+        others = [k for k in range(len(refs)) if k != j]
+        z = population(np.flatnonzero(~ins[j]), s.rmia_population, ref.cfg.data_seed + j)
+        row = attack_scores(s, logits(ref.model, pool), labels, [logits(refs[k].model, pool) for k in others],
+                            ins[others], z)
+        if s.attack.startswith("rmia"):
+            row[z] = np.nan
+        scores[j] = row
+    out, arrays = {}, {"vulnerability_n_in": torch.from_numpy(ins.sum(0))}
+    for name, fpr in VULNERABILITY_FPRS.items():
+        tpr, _ = mia.per_example_tpr(scores, ins, fpr, s.fpr_rule)
+        arrays[f"vulnerability_tpr_at_{name}_fpr"] = torch.from_numpy(np.asarray(tpr, np.float64))
+        out[f"planted_tpr_at_{name}_fpr"] = float(np.nanmean(tpr[planted])) if planted.any() else float("nan")
+        out[f"other_examples_tpr_at_{name}_fpr"] = float(np.nanmean(tpr[~planted]))
+    out["vulnerability_models"] = len(refs)
+    return out, arrays
+
+
+def _shadow_scores(s: MiaSettings, refs: list[Reference], shadow_pool: Pool, target: np.ndarray,
+                   labels: np.ndarray, logits: Logits) -> tuple[np.ndarray, float]:
+    """Return the reference's shadow attack (protocol §9.3) trained on the subset-0 shadow's own quarters."""
+    own = refs[0]
+    if own.cfg.subset != 0:
+        raise SpuriousError("the shadow attack needs the subset-0 shadow model (trained on the shadow quarter)")
+    shadow_logits = logits(own.model, shadow_pool)
+    y, first = shadow_pool.y.cpu().numpy(), shadow_pool.first
+    shadow = mia.SplitLogits(shadow_logits[:first], y[:first], shadow_logits[first:], y[first:])
+    result = mia.shadow_attack(mia.SplitLogits(target, labels, target[:0], labels[:0]), shadow)
+    return np.asarray(result.member, np.float64), float(result.threshold)
+
+
+def score_model(s: MiaSettings, model: torch.nn.Module, pool: Pool, refs: list[Reference],
+                refs_pool_in: np.ndarray, shadow_pool: Optional[Pool], logits: Logits,
+                z: np.ndarray) -> tuple[np.ndarray, Optional[float]]:
+    """Return one model's scores on `pool` (NaN where unusable), and the attack's own threshold when it has
+    one (the shadow attack's)."""
+    labels = pool.y.cpu().numpy()
+    target = logits(model, pool)
     if s.attack == "shadow":
-        return mia.shadow_attack(target_logits, own), 1
-    return mia.lira_offline(target_logits, on_target, variance=s.lira_variance), used
+        return _shadow_scores(s, refs, shadow_pool, target, labels, logits)
+    scores = attack_scores(s, target, labels, [logits(r.model, pool) for r in refs], refs_pool_in, z)
+    if s.attack.startswith("rmia"):
+        scores = scores.copy()
+        scores[z] = np.nan
+    return scores, None
 
 
-def other_members(scores: mia.AttackScores, mask: np.ndarray, threshold: float) -> dict[str, float]:
-    """Return the attack's success on the members that are not spurious: the fraction flagged at
-    `threshold` and their AUC against the non-members (the comparison group of protocol §9.4)."""
-    others = scores.member[~mask]
-    if not len(others):
-        return {"other_attack_acc": float("nan"), "other_auc": float("nan")}
-    labels = np.r_[np.ones(len(others), bool), np.zeros(len(scores.nonmember), bool)]
-    return {"other_attack_acc": float((others >= threshold).mean()),
-            "other_auc": mia.roc_auc(np.r_[others, scores.nonmember], labels)}
+def evaluate(s: MiaSettings, scores: np.ndarray, first: int, planted: np.ndarray,
+             threshold: float) -> dict[str, float]:
+    """Return the attack's metrics on a pool's scores: members are rows < `first`, the planted ones marked
+    in `planted` (N,); rows with NaN scores (no reference observation, or the RMIA population) are left out
+    and counted in `n_dropped`."""
+    keep = np.isfinite(scores)
+    members, nonmembers = scores[:first][keep[:first]], scores[first:][keep[first:]]
+    row = mia.evaluate_attack(members, nonmembers, planted[:first][keep[:first]], threshold, fpr_rule=s.fpr_rule)
+    row["n_dropped"] = int((~keep).sum())
+    return row
+
+
+def _delete_roles(entry: Mapping[str, Any], state: dict, data: PlantedData, device) -> dict[str, torch.nn.Module]:
+    """Return {role: model} of a deletion trial: the source (original), the deleted model and the oracle."""
+    record = state.get("deletion") or {}
+    deleted = np.sort(np.asarray(record.get("deleted_idx", []), np.int64))
+    if not np.array_equal(deleted, np.sort(np.asarray(data.spurious_idx, np.int64))):
+        raise SpuriousError(f"deletion checkpoint {entry['checkpoint']!r} deleted {len(deleted)} examples, not the "
+                            f"source's {len(data.spurious_idx)} planted ones")
+
+    def model_of(st):
+        return checkpoint.model_from_checkpoint(st, data.input_shape, data.num_classes).to(device).eval()
+    roles = {"original": model_of(read_source(entry["original"])), "deleted": model_of(state)}
+    if record.get("method") == "retrain":
+        roles["oracle"] = roles["deleted"]
+    elif entry.get("oracle"):
+        roles["oracle"] = model_of(read_checkpoint(entry["oracle"]))
+    return roles
 
 
 def mia_attack(config: Mapping[str, Any], datasets: Mapping[str, Any], targets: Mapping[str, dict]) -> None:
     """Attack the target `config['target_trial_id']` with `config['attack']`; report metrics and scores.
 
     `targets` maps a target trial id to {"checkpoint": directory (path or URI), "file": file in it,
-    "shadows": [{"trial_id", "seed", "checkpoint", "file"}, ...]}; it and `datasets` come through
-    `tune.with_parameters`.
+    "shadows": [{"trial_id", "subset", "seed", "checkpoint", "file"}, ...] (offline, subset 0 first),
+    "online": [...] (online shadows), and in deletion mode "original": the source entry and "oracle": a
+    retrain checkpoint or None}; it and `datasets` come through `tune.with_parameters`.
     """
     s = settings(config)
     use_trial_threads()
     if s.target_trial_id not in targets:
         raise SpuriousError(f"target trial {s.target_trial_id!r} is not among this study's targets")
     entry = targets[s.target_trial_id]
+    deletion_mode = "original" in entry
     state = read_source(entry)
-    cfg, data = planted_data(state, datasets)
+    if deletion_mode:
+        cfg, data = planted_data(read_source(entry["original"]), datasets)
+    else:
+        cfg, data = planted_data(state, datasets)
     if cfg.split != "mia_target":
         raise SpuriousError(f"trial {s.target_trial_id} is not a target model (split {cfg.split!r})")
     device = train.resolve_device(cfg.device)
-    target_logits = mia.split_logits(_model(state, data, device), data.x_train, data.y_train, data.x_test,
-                                     data.y_test, s.eval_batch_size)
-    scores, used = _scores(s, target_logits, entry, data, datasets, device)
-    mask = mia.spurious_mask(len(data.y_train), data.spurious_idx)
-    row = mia.evaluate_attack(scores.member, scores.nonmember, mask, scores.threshold)
-    row.update(other_members(scores, mask, row["attack_threshold"]))
-    saved = {"format": SCORES_FORMAT, "member": torch.from_numpy(scores.member),
-             "nonmember": torch.from_numpy(scores.nonmember), "spurious": torch.from_numpy(mask),
-             "threshold": row["attack_threshold"]}
-    row.pop("n_spurious")  # the attacked count; the source's n_spurious (the same for a target) is below
-    report({**row, "attack": s.attack, "target_trial_id": s.target_trial_id, "shadows_used": used,
-            "n_spurious_members": int(mask.sum()), **source_columns(cfg)}, saved)
+    data = data.to(device)
+    pool = _target_pool(data)
+    planted = np.zeros(len(pool.y), bool)
+    planted[np.asarray(data.spurious_idx, np.int64)] = True
+    logits = Logits(s.eval_batch_size)
+    kind = needs(s.attack)
+    refs = _references(s, list(entry.get("online" if kind == "online" else "shadows", [])),
+                       "mia_online" if kind == "online" else "mia_shadow", data, device)
+    if not refs:
+        raise SpuriousError(f"the {s.attack} attack needs {kind} shadow models, and target {s.target_trial_id} "
+                            "has none")
+    refs_in = (np.stack([membership(r.cfg, pool) for r in refs]) if kind == "online"
+               else np.zeros((len(refs), len(pool.y)), bool))
+    calibration_pool = pool if kind == "online" else _shadow_pool(cfg, datasets, device)
+    threshold = None if s.attack == "shadow" else _calibration(s, refs, calibration_pool, logits)
+    z = population(np.arange(pool.first, len(pool.y)), s.rmia_population, cfg.data_seed)
+    models = _delete_roles(entry, state, data, device) if deletion_mode else {
+        "target": checkpoint.model_from_checkpoint(state, data.input_shape, data.num_classes).to(device).eval()}
+    row, saved = {}, {"format": SCORES_FORMAT, "first": pool.first, "planted": torch.from_numpy(planted)}
+    for role, model in models.items():
+        scores, own = score_model(s, model, pool, refs, refs_in, calibration_pool, logits, z)
+        used = own if threshold is None else threshold
+        metrics = evaluate(s, scores, pool.first, planted, used)
+        prefix = "" if role == "target" else f"{role}_"
+        row.update({f"{prefix}{k}": v for k, v in metrics.items()})
+        saved[f"{prefix}scores"] = torch.from_numpy(scores)
+        saved[f"{prefix}threshold"] = used
+    if kind == "online" and not deletion_mode:
+        vulnerability, arrays = _vulnerability(s, refs, pool, logits, planted)
+        row.update(vulnerability)
+        saved.update(arrays)
+    if deletion_mode:
+        row["deletion_method"] = str((state.get("deletion") or {}).get("method", ""))
+    row.update(attack=s.attack, target_trial_id=s.target_trial_id, shadows_used=len(refs),
+               n_spurious_members=int(planted.sum()), roles=",".join(models), **source_columns(cfg))
+    report(row, saved)
