@@ -225,6 +225,68 @@ def test_attack_features_are_sorted_logits_and_a_correctness_bit():
     assert features.tolist() == [[-1.0, 0.1, 2.0, 1.0], [0.0, 1.0, 3.0, 0.0]]
 
 
+# ---------------------------------------------------------------- scikit-learn as an oracle
+
+def test_roc_auc_and_tpr_at_fpr_match_scikit_learn_on_scores_with_ties():
+    """The oracle TPR at FPR is the highest TPR of scikit-learn's full ROC curve (every threshold kept) whose
+    FPR is < f (`lt`) or ≤ f (`le`); 200 non-members make FPR exactly f reachable for every f here."""
+    sk_metrics = pytest.importorskip("sklearn.metrics")
+    rules_differ = 0
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        scores, labels = labelled(rng.integers(0, 40, 150) + 6, rng.integers(0, 40, 200))
+        assert mia.roc_auc(scores, labels) == pytest.approx(sk_metrics.roc_auc_score(labels, scores), abs=1e-12)
+        fpr, tpr, _ = sk_metrics.roc_curve(labels, scores, drop_intermediate=False)
+        for f in (0.005, 0.01, 0.05, 0.1, 0.3):
+            assert mia.tpr_at_fpr(scores, labels, f, rule="lt") == tpr[fpr < f].max()
+            assert mia.tpr_at_fpr(scores, labels, f, rule="le") == tpr[fpr <= f].max()
+            rules_differ += tpr[fpr < f].max() != tpr[fpr <= f].max()
+    assert rules_differ > 0  # the data exercise the difference between the rules
+
+
+def test_fit_logistic_matches_scikit_learn_lbfgs():
+    linear_model = pytest.importorskip("sklearn.linear_model")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 3))
+    t = (x @ [1.0, -2.0, 0.5] + rng.normal(size=400) > 0.3).astype(float)
+    for c in mia.C_GRID:
+        params = mia.fit_logistic(x, t, c)
+        oracle = linear_model.LogisticRegression(C=c, solver="lbfgs", tol=1e-12, max_iter=10_000).fit(x, t)
+        assert np.allclose(params[:-1], oracle.coef_[0], atol=1e-5), c
+        assert params[-1] == pytest.approx(oracle.intercept_[0], abs=1e-5), c
+
+
+def test_choose_c_matches_grid_search_when_the_folds_coincide():
+    """GridSearchCV(LogisticRegression(), {"C": C_GRID}, cv=StratifiedKFold(3)) as the oracle.
+
+    StratifiedKFold without shuffling gives each class contiguous test blocks whose sizes balance the folds
+    over the whole sorted label vector; `stratified_folds` cuts each class with np.array_split. The two
+    coincide when every class count is a multiple of 3 (asserted below), and only those datasets are
+    compared. Otherwise one example of a class can sit in a neighbouring fold (two classes of 17,500:
+    sizes 5834/5833/5833 here, 5833/5834/5833 for the second class in scikit-learn), which can change the
+    chosen C when cross-validated accuracies are close. The oracle's tol is tight so that an early stop
+    cannot flip a borderline prediction.
+    """
+    pytest.importorskip("sklearn")
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    chosen = set()
+    for seed in range(9):
+        rng = np.random.default_rng(seed)
+        x = rng.normal(size=(90, 5))
+        t = (0.5 * x @ rng.normal(size=5) + rng.normal(size=90) > 0.6).astype(float)
+        if int(t.sum()) % 3:
+            continue
+        folds = mia.stratified_folds(t, 3)
+        for k, (_, test) in enumerate(StratifiedKFold(3).split(x, t)):
+            assert np.array_equal(np.flatnonzero(folds == k), test)
+        oracle = GridSearchCV(LogisticRegression(tol=1e-10, max_iter=10_000), {"C": list(mia.C_GRID)},
+                              cv=StratifiedKFold(3)).fit(x, t)
+        chosen.add(mia.choose_c(x, t))
+        assert mia.choose_c(x, t) == oracle.best_params_["C"], seed
+    assert len(chosen) >= 3  # different datasets pick different C, so agreement is not luck
+
+
 # ---------------------------------------------------------------- the loss and shadow attacks
 
 def test_fit_logistic_satisfies_its_optimality_conditions():
