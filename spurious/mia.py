@@ -199,9 +199,10 @@ def tpr_at_fpr(scores, labels, fpr: float, rule: str = "lt") -> float:
     """Return the highest TPR of any rule "score ≥ t → member" whose FPR is below `fpr` (protocol §9.6).
 
     `rule` (FPR_RULES): `lt`, the default, counts only FPR strictly below `fpr`, as the released evaluation
-    code of Carlini et al. (2022) computes it (`tpr[fpr < .001]`); `le` also counts FPR equal to it. They differ only when some threshold's
-    FPR is exactly `fpr`: with 1000 non-members, `lt` at 0.1 % allows no false positive, `le` one.
-    Flagging nobody (FPR 0) always qualifies, so the result is at least 0.
+    code of Carlini et al. (2022) computes it (`tpr[fpr < .001]`); `le` also counts FPR equal to it. They
+    differ only when some threshold's FPR is exactly `fpr`: with 1000 non-members, `lt` at 0.1 % allows no
+    false positive, `le` one. Flagging nobody (FPR 0) always qualifies, so the result is at least 0; `fpr`
+    must lie in (0, 1] for `lt` and [0, 1] for `le`.
     """
     curve_fpr, curve_tpr, _ = roc_curve(scores, labels)
     return float(curve_tpr[_within(curve_fpr, fpr, rule)].max())
@@ -220,7 +221,9 @@ def threshold_at_fpr(nonmember_scores, fpr: float, rule: str = "lt") -> float:
         raise SpuriousError("threshold_at_fpr needs at least one non-member score")
     curve_fpr, _, thresholds = roc_curve(scores, np.zeros(len(scores), bool))
     broken = ~_within(curve_fpr, fpr, rule)
-    return float(np.nextafter(thresholds[broken][0], np.inf)) if broken.any() else -np.inf
+    if not broken.any():
+        return -np.inf
+    return float(np.nextafter(thresholds[broken][0], np.inf))
 
 
 def best_threshold(scores, labels) -> tuple[float, float]:
@@ -277,7 +280,8 @@ def evaluate_attack(member_scores, nonmember_scores, spurious_mask: Optional[np.
     """
     if threshold is None or np.isnan(threshold):
         raise SpuriousError("evaluate_attack needs a threshold calibrated without the target's membership "
-                            f"labels (calibrate_threshold on a shadow model, or the attack's own rule), not {threshold}")
+                            "labels (calibrate_threshold on a shadow model, or the attack's own rule), "
+                            f"not {threshold}")
     members, nonmembers = (np.asarray(s, np.float64).ravel() for s in (member_scores, nonmember_scores))
     mask = np.zeros(len(members), bool) if spurious_mask is None else np.asarray(spurious_mask, bool)
     if mask.shape != members.shape:

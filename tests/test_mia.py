@@ -387,8 +387,8 @@ def lira_world(k_shadows, n=1000, spread=3.0, noise=0.5, gap=1.0, seed=0):
 
 
 def test_lira_uses_per_example_statistics_to_beat_the_loss_attack():
-    """With 8 shadows `auto` takes a global σ, so LiRA ranks by φ − μ̂_out: ideal AUC Φ(1/√(2·0.25·(1 + 1/8)))
-    ≈ 0.91; the loss attack ≈ Φ(1/√(2·9.25)) ≈ 0.59."""
+    """With 8 shadows `auto` takes a global σ, so LiRA ranks by φ − μ̂_out: ideal AUC
+    Φ(1/√(2·0.25·(1 + 1/8))) ≈ 0.91; the loss attack ≈ Φ(1/√(2·9.25)) ≈ 0.59."""
     target, shadows = lira_world(k_shadows=8)
     assert auc_of(mia.lira_offline(target, shadows)) > 0.87 and auc_of(mia.loss_attack(target)) < 0.65
 
@@ -408,7 +408,8 @@ def direct_gaussian(refs, mask, per_example):
     two or more (per_example), else σ of all selected observations together."""
     pooled = np.std(refs[mask])
     mean = np.array([refs[m, i].mean() if m.any() else np.nan for i, m in enumerate(mask.T)])
-    std = np.array([np.std(refs[m, i]) if per_example and m.sum() >= 2 else pooled for i, m in enumerate(mask.T)])
+    std = np.array([np.std(refs[m, i]) if per_example and m.sum() >= 2 else pooled
+                    for i, m in enumerate(mask.T)])
     return mean, np.maximum(std, mia.MIN_STD)
 
 
