@@ -58,7 +58,11 @@ from scipy import optimize, special, stats
 from spurious import metrics
 from spurious.errors import SpuriousError
 
-ATTACKS = ("loss", "shadow", "lira")
+# Offline attacks need clean shadow models that never saw the target's pool; online ones need models trained on
+# random halves of it (protocol §9.2).
+OFFLINE_ATTACKS = ("loss", "shadow", "lira", "rmia")
+ONLINE_ATTACKS = ("lira_online", "rmia_online")
+ATTACKS = OFFLINE_ATTACKS + ONLINE_ATTACKS
 C_GRID = (0.01, 0.1, 1.0, 10.0)
 LIRA_VARIANCES = ("auto", "per_example", "global")
 GLOBAL_VARIANCE_BELOW = 64  # `auto`: a global LiRA variance below this many reference models (Carlini et al. 2022)
@@ -541,19 +545,3 @@ def rmia_scores(p_target_x, p_refs_x, p_target_z, p_refs_z, in_mask_x: Optional[
     ratio_z = np.sort(pz / _marginal(refs_z, in_mask_z is not None, offline_a))
     # ratios are positive, so LR(x, z) ≥ γ ⇔ ratio_z ≤ ratio_x / γ: count by binary search, not an N × Z matrix
     return np.searchsorted(ratio_z, ratio_x / gamma, side="right") / len(ratio_z)
-
-
-def run_attack(name: str, target: SplitLogits, shadow: Optional[SplitLogits] = None,
-               shadows_on_target: Sequence[SplitLogits] = ()) -> AttackScores:
-    """Return the scores of attack `name`: `loss`, `shadow` (needs `shadow`: a shadow model on its own
-    quarters) or `lira` (offline; needs `shadows_on_target`: shadow models on the target's quarters)."""
-    if name == "loss":
-        return loss_attack(target)
-    if name == "shadow":
-        if shadow is None:
-            raise SpuriousError("the shadow attack needs a shadow model's logits on its own train/test "
-                                "quarters")
-        return shadow_attack(target, shadow)
-    if name == "lira":
-        return lira_offline(target, shadows_on_target)
-    raise SpuriousError(f"attack {name!r} is not one of {', '.join(ATTACKS)}")

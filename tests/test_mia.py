@@ -525,18 +525,13 @@ def test_rmia_input_errors():
 
 # ---------------------------------------------------------------- dispatch and end to end
 
-def test_attack_dispatch_and_errors():
+def test_attack_errors():
     rng = np.random.default_rng(0)
     target = fake_split(rng, 100)
-    assert np.array_equal(mia.run_attack("loss", target).member, mia.loss_attack(target).member)
-    assert mia.run_attack("shadow", target, shadow=fake_split(rng, 100)).threshold > 0
-    assert len(mia.run_attack("lira", target, shadows_on_target=[fake_split(rng, 100)]).member) == 100
-    with pytest.raises(SpuriousError, match="needs a shadow model"):
-        mia.run_attack("shadow", target)
+    assert mia.shadow_attack(target, fake_split(rng, 100)).threshold > 0
+    assert len(mia.lira_offline(target, [fake_split(rng, 100)]).member) == 100
     with pytest.raises(SpuriousError, match="at least one shadow"):
-        mia.run_attack("lira", target)
-    with pytest.raises(SpuriousError, match="'bbox' is not one of loss, shadow, lira"):
-        mia.run_attack("bbox", target)
+        mia.lira_offline(target, [])
     with pytest.raises(SpuriousError, match="variance 'local'"):
         mia.lira_offline(target, [target], variance="local")
 
@@ -571,8 +566,10 @@ def test_all_attacks_on_small_trained_target_and_shadow_models(tiny_data):
     mask = mia.spurious_mask(len(d.y_train), d.spurious_idx)
     on_shadow = mia.loss_attack(shadow)
     thresholds = {"loss": mia.calibrate_threshold(on_shadow.member, on_shadow.nonmember), "lira": np.log(2)}
-    for name in mia.ATTACKS:
-        scores = mia.run_attack(name, target, shadow=shadow, shadows_on_target=on_target)
+    attacks = {"loss": lambda: mia.loss_attack(target), "shadow": lambda: mia.shadow_attack(target, shadow),
+               "lira": lambda: mia.lira_offline(target, on_target)}
+    for name, attack in attacks.items():
+        scores = attack()
         threshold = scores.threshold if scores.threshold is not None else thresholds[name]
         row = mia.evaluate_attack(scores.member, scores.nonmember, mask, threshold)
         assert row["n_spurious"] == 5 and row["n_members"] == len(d.y_train) == 225, name

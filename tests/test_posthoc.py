@@ -1,6 +1,7 @@
 """Post-hoc studies (`study delete`, `study mia`): settings, source selection, shadow matching, the
 trainables without Ray, the analysis frames and figures; then end to end through the CLI on real data."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ from analysis import load, posthoc as analysis
 from spurious import checkpoint as ckpt, config as config_lib, mia, train
 from spurious.config import TrainConfig
 from spurious.errors import SpuriousError
+from spurious import planted as planted_lib
 from spurious.planted import plant
 from study import delete_cmd, mia_cmd, posthoc, runner
 from tests.conftest import requires_fashion, synthetic_dataset
@@ -93,19 +95,23 @@ def test_only_finished_trials_with_something_planted_are_deletion_sources():
     assert list(planted["trial_id"]) == ["t1", "t2"] and "skipping 2 source trial(s) with nothing planted" in notes[0]
 
 
-def test_shadows_match_the_targets_split_seed_and_recipe_one_per_training_seed():
+def test_shadows_match_the_targets_split_seed_and_recipe_one_per_subset():
     base = {"dataset": "fashion", "model": "large_mlp", "optimizer": "adam", "lr": 0.01, "momentum": 0.9,
             "l2": 0.0, "grad_clip": 0.0, "noise_sigma": 0.0, "augmentation": "none", "epochs": 2,
-            "batch_size": 128, "checkpoint": "ck"}
-    targets = pd.DataFrame([{**base, "trial_id": "a", "data_seed": 0, "seed": 0},
-                            {**base, "trial_id": "b", "data_seed": 1, "seed": 0}])
-    shadows = pd.DataFrame([{**base, "trial_id": "s3", "data_seed": 0, "seed": 1},
-                            {**base, "trial_id": "s1", "data_seed": 0, "seed": 0},
-                            {**base, "trial_id": "s2", "data_seed": 0, "seed": 0},  # same seed again: a duplicate
-                            {**base, "trial_id": "s4", "data_seed": 1, "seed": 0, "lr": 0.1}])  # another recipe
+            "batch_size": 128, "checkpoint": "ck", "pattern": "r3", "n_spurious": 10, "target": 0, "targets": ()}
+    targets = pd.DataFrame([{**base, "trial_id": "a", "data_seed": 0, "seed": 0, "subset": 0},
+                            {**base, "trial_id": "b", "data_seed": 1, "seed": 0, "subset": 0}])
+    shadows = pd.DataFrame([{**base, "trial_id": "s3", "data_seed": 0, "seed": 1, "subset": 1},
+                            {**base, "trial_id": "s1", "data_seed": 0, "seed": 0, "subset": 0},
+                            {**base, "trial_id": "s2", "data_seed": 0, "seed": 5, "subset": 0},  # subset 0 again
+                            {**base, "trial_id": "s4", "data_seed": 1, "seed": 0, "subset": 0, "lr": 0.1}])
     matched = mia_cmd.match_shadows(targets, shadows)
-    assert [s["trial_id"] for s in matched["a"]] == ["s1", "s3"] and [s["seed"] for s in matched["a"]] == [0, 1]
+    assert [s["trial_id"] for s in matched["a"]] == ["s1", "s3"] and [s["subset"] for s in matched["a"]] == [0, 1]
     assert matched["b"] == []
+    online = pd.DataFrame([{**base, "trial_id": "o1", "data_seed": 0, "seed": 1, "subset": 1},
+                           {**base, "trial_id": "o2", "data_seed": 0, "seed": 2, "subset": 2, "n_spurious": 3}])
+    matched = mia_cmd.match_shadows(targets, online, mia_cmd.ONLINE_KEYS)  # online: the same planting too
+    assert [s["trial_id"] for s in matched["a"]] == ["o1"]
 
 
 def test_default_experiment_names():
@@ -281,32 +287,97 @@ def test_a_diverging_group_influence_fails_with_a_training_error(captured, sourc
         delete_trainable.delete(config, data, {"src": {"checkpoint": path, "oracle": None}})
 
 
-def test_mia_trainable_reports_metrics_and_saves_scores_for_every_attack(captured, tmp_path):
+@pytest.fixture
+def membership_study(tmp_path):
+    """A tiny membership study on synthetic data (pools of 600: quarters of 300): two targets (n = 5, seeds 0 and 1),
+    offline shadows of subsets 0–2 and online shadows of subsets 0–5, as `study mia` would hand them over."""
     data = synthetic_dataset(n_train=800, n_test=400)
-    target_cfg = tiny_cfg(split="mia_target", n_spurious=5, epochs=4)
-    target = save_trained(target_cfg, plant(data, "s3", 5, 0, 0, "mia_target"), tmp_path / "target")
-    shadows = []
-    for seed in (0, 1):
-        cfg = tiny_cfg(split="mia_shadow", n_spurious=0, epochs=4, seed=seed)
-        shadows.append({"trial_id": f"s{seed}", "seed": seed, "checkpoint": save_trained(
-            cfg, plant(data, "s3", 0, 0, 0, "mia_shadow"), tmp_path / f"shadow{seed}")})
-    targets = {"t": {"checkpoint": target, "shadows": shadows}}
-    for attack in ("loss", "shadow", "lira"):
-        mia_trainable.mia_attack({"attack": attack, "target_trial_id": "t"}, {"fashion": data}, targets)
-    for (row, saved), attack, used in zip(captured, ("loss", "shadow", "lira"), (0, 1, 2)):
-        assert row["attack"] == attack and row["shadows_used"] == used and row["n_spurious_members"] == 5
-        assert row["n_members"] == row["n_nonmembers"] == 300 and row["split"] == "mia_target"
-        assert 0 <= row["auc"] <= 1 and 0 <= row["spurious_attack_acc"] <= 1 and 0 <= row["other_attack_acc"] <= 1
-        assert saved["member"].shape == (300,) and int(saved["spurious"].sum()) == 5
-        threshold = saved["threshold"]
-        assert row["spurious_attack_acc"] == pytest.approx(float((saved["member"][saved["spurious"]] >= threshold)
-                                                                 .double().mean()))
+
+    def trained(name, **kw):
+        cfg = tiny_cfg(n_spurious=5, epochs=4, **kw)
+        return {"trial_id": name, "subset": cfg.subset, "seed": cfg.seed,
+                "checkpoint": save_trained(cfg, planted_lib.plant_config(data, cfg), tmp_path / name)}
+    shadows = [trained(f"s{k}", split="mia_shadow", subset=k, seed=k) for k in range(3)]
+    online = [trained(f"o{k}", split="mia_online", subset=k, seed=k) for k in range(6)]
+    targets = {f"t{seed}": {**trained(f"t{seed}", split="mia_target", seed=seed), "shadows": shadows,
+                            "online": online} for seed in (0, 1)}
+    return {"fashion": data}, targets
+
+
+def test_mia_trainable_reports_calibrated_metrics_and_saves_scores_for_every_attack(captured, membership_study):
+    data, targets = membership_study
+    for attack in mia.ATTACKS:
+        for target in ("t0", "t1"):
+            mia_trainable.mia_attack({"attack": attack, "target_trial_id": target}, data, targets)
+    rows = {(row["attack"], row["target_trial_id"]): (row, saved) for row, saved in captured}
+    assert len(rows) == 2 * len(mia.ATTACKS)
+    for (attack, target), (row, saved) in rows.items():
+        online = attack in mia.ONLINE_ATTACKS
+        assert row["shadows_used"] == (6 if online else 3) and row["n_spurious_members"] == 5, attack
+        assert row["n_members"] + row["n_nonmembers"] + row["n_dropped"] == 600 and row["split"] == "mia_target"
+        if attack.startswith("rmia"):
+            assert row["n_dropped"] == 150  # the population: at most half of the 300 non-members
+        for key in ("auc", "attack_acc", "attack_acc_oracle", "spurious_attack_acc", "other_attack_acc",
+                    "nonmember_flag_rate", "tpr_at_0_1pct_fpr"):
+            assert 0 <= row[key] <= 1 or (attack.startswith("rmia") and math.isnan(row[key])), (attack, key)
+        values, planted = saved["scores"].numpy(), saved["planted"].numpy()
+        assert values.shape == (600,) and int(planted.sum()) == 5 and saved["first"] == 300
+        flagged = values[:300][planted[:300]] >= saved["threshold"]
+        assert row["spurious_attack_acc"] == pytest.approx(flagged.mean()), attack
+        assert ("planted_tpr_at_0_1pct_fpr" in row) == online
+    # a threshold never derived from the target: the same for two different target models
+    for attack in mia.ATTACKS:
+        if attack != "shadow":
+            assert rows[(attack, "t0")][1]["threshold"] == rows[(attack, "t1")][1]["threshold"], attack
+            if not attack.startswith("rmia"):  # RMIA scores are fractions of the population: thresholds may tie
+                assert rows[(attack, "t0")][0]["attack_threshold_oracle"] != rows[(attack, "t1")][0][
+                    "attack_threshold_oracle"], attack
+
+
+def test_mia_trainable_refuses_what_it_cannot_attack(captured, membership_study):
+    data, targets = membership_study
     with pytest.raises(SpuriousError, match="not a target model"):
-        mia_trainable.mia_attack({"attack": "loss", "target_trial_id": "s"}, {"fashion": data},
-                                 {"s": {"checkpoint": shadows[0]["checkpoint"], "shadows": []}})
-    with pytest.raises(SpuriousError, match="needs shadow models"):
-        mia_trainable.mia_attack({"attack": "lira", "target_trial_id": "t"}, {"fashion": data},
-                                 {"t": {"checkpoint": target, "shadows": []}})
+        mia_trainable.mia_attack({"attack": "loss", "target_trial_id": "s"}, data,
+                                 {"s": {**targets["t0"]["shadows"][0], "shadows": targets["t0"]["shadows"]}})
+    with pytest.raises(SpuriousError, match="needs offline shadow models"):
+        mia_trainable.mia_attack({"attack": "lira", "target_trial_id": "t0"}, data,
+                                 {"t0": {**targets["t0"], "shadows": []}})
+    with pytest.raises(SpuriousError, match="needs at least 2 reference models"):
+        mia_trainable.mia_attack({"attack": "lira_online", "target_trial_id": "t0"}, data,
+                                 {"t0": {**targets["t0"], "online": targets["t0"]["online"][:1]}})
+
+
+def test_mia_trainable_attacks_the_original_deleted_and_oracle_models(captured, membership_study, tmp_path):
+    data, targets = membership_study
+    target = targets["t0"]
+    sources = {"t0": {"checkpoint": target["checkpoint"], "oracle": None}}
+    delete_trainable.delete({"method": "retrain", "source_trial_id": "t0"}, data, sources)
+    delete_trainable.delete({"method": "incremental_retraining", "source_trial_id": "t0", "retrain_epochs": 2},
+                            data, sources)
+    (_, oracle_state), (_, deleted_state) = captured[-2:]
+    paths = {}
+    for name, state in (("oracle", oracle_state), ("deleted", deleted_state)):
+        (tmp_path / name).mkdir()
+        ckpt.save(state, tmp_path / name / ckpt.member_file(0))
+        paths[name] = str(tmp_path / name)
+    original = {"checkpoint": target["checkpoint"], "file": None}
+    table = {"d": {"checkpoint": paths["deleted"], "file": None, "shadows": target["shadows"], "online": [],
+                   "original": original, "oracle": paths["oracle"]},
+             "r": {"checkpoint": paths["oracle"], "file": None, "shadows": target["shadows"], "online": [],
+                   "original": original, "oracle": None}}
+    mia_trainable.mia_attack({"attack": "lira", "target_trial_id": "d"}, data, table)
+    mia_trainable.mia_attack({"attack": "lira", "target_trial_id": "r"}, data, table)
+    mia_trainable.mia_attack({"attack": "lira", "target_trial_id": "t0"}, data, targets)
+    (d_row, d_saved), (r_row, _), (t_row, _) = captured[-3:]
+    assert d_row["roles"] == r_row["roles"] == "original,deleted,oracle"
+    assert d_row["deletion_method"] == "incremental_retraining" and r_row["deletion_method"] == "retrain"
+    assert d_row["original_spurious_auc"] == t_row["spurious_auc"]  # the source model, attacked as before
+    assert d_row["oracle_spurious_auc"] == r_row["oracle_spurious_auc"] == r_row["deleted_spurious_auc"]
+    assert d_row["deleted_spurious_auc"] != d_row["oracle_spurious_auc"]
+    assert d_saved["deleted_scores"].shape == (600,) and "oracle_threshold" in d_saved
+    table["d"]["oracle"] = None
+    mia_trainable.mia_attack({"attack": "loss", "target_trial_id": "d"}, data, table)
+    assert captured[-1][0]["roles"] == "original,deleted" and "oracle_auc" not in captured[-1][0]
 
 
 # ---------------------------------------------------------------- analysis
@@ -363,22 +434,26 @@ def test_mia_frames_summaries_and_figures_from_saved_scores(tmp_path):
     exp = tmp_path / "mia"
     rng = np.random.default_rng(0)
     for k, n in enumerate((1, 10)):
-        member, nonmember = rng.normal(1, 1, 200), rng.normal(0, 1, 200)
-        spurious = np.zeros(200, bool)
-        spurious[:n] = True
-        saved = {"format": mia_trainable.SCORES_FORMAT, "member": torch.from_numpy(member),
-                 "nonmember": torch.from_numpy(nonmember), "spurious": torch.from_numpy(spurious), "threshold": 0.5}
+        values = np.r_[rng.normal(1, 1, 200), rng.normal(0, 1, 200)]
+        values[-5:] = np.nan  # e.g. the RMIA population: left out
+        planted = np.zeros(400, bool)
+        planted[:n] = True
+        saved = {"format": mia_trainable.SCORES_FORMAT, "scores": torch.from_numpy(values), "first": 200,
+                 "planted": torch.from_numpy(planted), "threshold": 0.5}
         result = {"trial_id": f"mmmmm_0000{k}", "attack": "loss", "target_trial_id": f"t{k}", "n_spurious": n,
-                  "data_seed": 0, "auc": 0.76, "attack_acc": 0.69, "spurious_attack_acc": 0.9,
-                  "other_attack_acc": 0.68}
+                  "data_seed": 0, "auc": 0.76, "attack_acc": 0.69, "attack_acc_oracle": 0.7,
+                  "spurious_attack_acc": 0.9, "other_attack_acc": 0.68}
         write_trial(exp, f"mia_attack_mmmmm_0000{k}_{k}", {"attack": "loss", "target_trial_id": f"t{k}"}, result,
                     saved)
     (exp / "study.json").write_text(json.dumps({"kind": "mia", "source": str(tmp_path / "absent")}))
     df = load(exp)
     summary = analysis.mia_summary(df)
     assert set(summary["n_spurious"]) == {1, 10} and set(summary["attack"]) == {"loss"}
-    assert "spurious_attack_acc" in analysis.mia_table(df)
-    fpr, tpr = analysis.roc_points(analysis.scores(df["checkpoint"][0]), "spurious")
+    assert "spurious_attack_acc" in analysis.mia_table(df) and "attack_acc_oracle" in analysis.mia_table(df)
+    assert "spurious: flagged" in analysis.mia_reference_table(df)
+    saved = analysis.scores(df["checkpoint"][0])
+    assert len(saved["member"]) == 200 and len(saved["nonmember"]) == 195
+    fpr, tpr = analysis.roc_points(saved, "spurious")
     assert fpr[0] == 0 and tpr[-1] == 1
     assert len(analysis.mia_figure(df).axes) == 1
     roc = analysis.roc_figure(df).axes[0]

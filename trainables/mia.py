@@ -45,8 +45,6 @@ from trainables.common import dataset_for, report, use_trial_threads
 from trainables.sources import planted_data, read_checkpoint, read_source, source_columns
 
 SCORES_FORMAT = "mia-scores-2"
-OFFLINE = ("loss", "shadow", "lira", "rmia")
-ONLINE = ("lira_online", "rmia_online")
 ROLES = ("original", "deleted", "oracle")
 VULNERABILITY_FPRS = {"1pct": 0.01, "0_1pct": 0.001}
 POPULATION_STREAM = 0x726D69  # "rmi": the RMIA population draw's own random stream
@@ -88,7 +86,7 @@ def settings(config: Mapping[str, Any]) -> MiaSettings:
 
 def needs(attack: str) -> str:
     """Return which reference models `attack` needs: "offline" (mia_shadow) or "online" (mia_online)."""
-    return "online" if attack in ONLINE else "offline"
+    return "online" if attack in mia.ONLINE_ATTACKS else "offline"
 
 
 # ------------------------------------------------------------------------------------------ pools and models
@@ -169,10 +167,10 @@ class Logits:
 # ------------------------------------------------------------------------------------------ scoring
 
 def population(nonmember_rows: np.ndarray, size: int, seed: int) -> np.ndarray:
-    """Return the RMIA population rows: `size` of the non-member rows (all when fewer), drawn from
+    """Return the RMIA population rows: `size` of the non-member rows, at most half of them, drawn from
     `default_rng([seed, POPULATION_STREAM])`; they are left out of the evaluation (protocol §9.5)."""
     rng = np.random.default_rng([seed, POPULATION_STREAM])
-    return np.sort(rng.permutation(nonmember_rows)[:size])
+    return np.sort(rng.permutation(nonmember_rows)[:min(size, len(nonmember_rows) // 2)])
 
 
 def attack_scores(s: MiaSettings, target: np.ndarray, labels: np.ndarray, refs: list[np.ndarray],
