@@ -30,10 +30,10 @@ ROLE_LABELS = {"before": "original", "after": "deleted", "oracle": "retrained (o
 MIA_METRICS = ("attack_acc", "spurious_attack_acc", "other_attack_acc", "auc", "spurious_auc", "other_auc",
                "tpr_at_1pct_fpr", "spurious_tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "spurious_tpr_at_0_1pct_fpr",
                "attack_acc_oracle", "spurious_attack_acc_oracle", "nonmember_flag_rate")
-# The attack table's columns: the calibrated accuracy first, its target-label oracle beside it (protocol §9.5).
+# The attack table's columns: the calibrated accuracy first, its target-label oracle beside it (protocol §9.6).
 MIA_TABLE = ("auc", "tpr_at_0_1pct_fpr", "attack_acc", "attack_acc_oracle", "spurious_attack_acc",
              "other_attack_acc", "spurious_auc", "spurious_tpr_at_0_1pct_fpr")
-# After deletion: the forget set (the planted examples) and the other members, per model (protocol §9.7).
+# After deletion: the forget set (the planted examples) and the other members, per model (protocol §9.8).
 DELETION_ROLES = {"original": "original", "deleted": "deleted", "oracle": "oracle"}
 FORGET_METRICS = {"spurious_auc": "forget AUC", "spurious_tpr_at_0_1pct_fpr": "forget TPR@0.1%",
                   "spurious_attack_acc": "forget flagged", "other_auc": "other AUC"}
@@ -45,7 +45,7 @@ MIA_GROUPS = {"attack_acc": "all examples", "spurious_attack_acc": "spurious mem
 # Settings of post-hoc trials (params.json keys) that make separate cells when a study varies them.
 DELETE_SETTINGS = ("retrain_epochs", "lr_policy", "depth", "scale", "damping", "repeats", "per_example",
                    "lissa_batch_size", "lissa_seed", "reference_scaling", "max_norm_ratio")
-MIA_SETTINGS = ("shadows", "lira_variance", "fpr_rule", "rmia_gamma", "rmia_offline_a", "rmia_population")
+MIA_SETTINGS = ("shadows", "online_shadows", "lira_variance", "fpr_rule", "rmia_gamma", "rmia_offline_a", "rmia_population")
 FACTORS = ("dataset", "model", "pattern")
 
 
@@ -139,7 +139,7 @@ def _attack_trials(df: pd.DataFrame, deletion: bool) -> pd.DataFrame:
 def mia_table(df: pd.DataFrame, metrics: Sequence[str] = MIA_TABLE) -> str:
     """Return a plain-text table: rows attack × varied setting × n_spurious, columns the attack metrics
     (mean ± s.e. over targets); `attack_acc` is at the shadow-calibrated threshold, `attack_acc_oracle` at
-    the target-label optimum (protocol §9.5)."""
+    the target-label optimum (protocol §9.6)."""
     done = _attack_trials(df, deletion=False)
     if done.empty:
         return "(no finished attack trials)"
@@ -160,7 +160,7 @@ def mia_reference_table(df: pd.DataFrame) -> str:
 
 def mia_deletion_table(df: pd.DataFrame, metrics: dict[str, str] = FORGET_METRICS) -> str:
     """Return the attacks on deleted models: rows attack × deletion method × n, columns each forget-set metric
-    for the original, deleted and oracle models side by side (mean ± s.e. over seeds; protocol §9.7)."""
+    for the original, deleted and oracle models side by side (mean ± s.e. over seeds; protocol §9.8)."""
     done = _attack_trials(df, deletion=True)
     if done.empty:
         return "(no finished attacks on deleted models)"
@@ -171,7 +171,7 @@ def mia_deletion_table(df: pd.DataFrame, metrics: dict[str, str] = FORGET_METRIC
 
 
 def vulnerability_table(df: pd.DataFrame) -> str:
-    """Return per-example vulnerability (online attacks, protocol §9.6): rows attack × n, columns the mean TPR
+    """Return per-example vulnerability (online attacks, protocol §9.7): rows attack × n, columns the mean TPR
     at 1 % and 0.1 % FPR of the planted members and of the other examples across the online shadows."""
     done = _attack_trials(df, deletion=False)
     if done.empty or not any(c in done for c in VULNERABILITY):

@@ -251,7 +251,7 @@ def mia_train() -> StudySpec:
 
 @study("mia-online")
 def mia_online() -> StudySpec:
-    """Online membership inference (protocol §9.2, §9.5): targets, 32 online shadows per target, 4 offline shadows.
+    """Online membership inference (protocol §9.2, §9.7): targets, 32 online shadows per target, 4 offline shadows.
 
     Command: `study run mia-online --bundle 8`, then `study mia --from results/<experiment>` — per data seed
     0–1, a target model per n ∈ {3, 100} (R3 in class 0) with 32 online shadow models each (random halves

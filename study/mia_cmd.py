@@ -15,7 +15,7 @@ trials with, in addition, the target's pattern, count and class. Attacks: `loss`
 `shadow` (the reference's logistic regression on shadow 0), `lira` and `rmia` (offline, over the offline
 shadows), `lira_online` and `rmia_online` (over the online shadows); the default is every attack the
 study's shadows allow. Every threshold is calibrated on a shadow model, never on the target's labels;
-accuracies at the target-optimal threshold are reported as `*_oracle` (protocol §9.5).
+accuracies at the target-optimal threshold are reported as `*_oracle` (protocol §9.6).
 
 From a deletion experiment: each deletion trial's original, deleted and oracle models are attacked with
 the shadows of the deletion's source study; the planted examples are the forget set. The oracle is the
@@ -45,7 +45,7 @@ MATCH_KEYS = ("dataset", "model", "data_seed", "optimizer", "lr", "momentum", "l
               "augmentation", "epochs", "batch_size")
 ONLINE_KEYS = MATCH_KEYS + ("pattern", "n_spurious", "target", "targets")
 FIXED_KEYS = ("attack", "target_trial_id")
-# `--smoke`: the first two matched shadows only.
+# `--smoke`: the first two matched offline shadows only (online attacks keep all their online shadows).
 SMOKE_SETTINGS = {"shadows": 2}
 
 

@@ -24,9 +24,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from analysis import load
+from spurious import checkpoint
 from study import wandb_setup
 from tests.conftest import requires_fashion
 from tests.wandb_records import read_run
@@ -58,7 +60,14 @@ WALK: dict[str, list[str]] = {
         ["--smoke"],
     "study report results/rare results/rare-delete-retrain --out reports/rare": [],
     "study run mia-train --name mia": ["--smoke"],
-    "study mia --from results/mia --attack loss --attack lira": ["--smoke"],
+    "study mia --from results/mia": ["--smoke"],
+    "study delete --from results/mia --method retrain": ["--smoke"],
+    "study mia --from results/mia-delete-retrain --attack lira": ["--smoke"],
+    "study run mia-online --bundle 8 --name online": ["--smoke"],
+    "study mia --from results/online --attack lira_online --attack rmia_online": ["--smoke"],
+    "study run mia-paper --bundle 8 --name mia-paper": ["--smoke"],
+    "study mia --from results/mia-paper --attack shadow --attack lira": ["--smoke"],
+    "study report results/mia-paper-mia-shadow-lira --out reports/mia-paper": [],
     "study tune-mitigation --set pattern=s3 --set n_spurious=10 --trials 20 --seeds 3 --name tune-s3":
         ["--smoke", "--trials", "2", "--seeds", "2"],
     "study tune-mitigation --objective constrained --max-acc-drop 0.01 --tune-lr": ["--smoke", "--trials", "2"],
@@ -258,14 +267,50 @@ def test_deletion_studies(shell):
 
 def test_membership_inference(shell):
     shell.run("study run mia-train --name mia")
-    done = shell.run("study mia --from results/mia --attack loss --attack lira")
+    done = shell.run("study mia --from results/mia")
     assert "experiment:" in done.stdout
-    meta = json.loads((shell.cwd / "results" / "mia-mia-loss-lira" / "study.json").read_text())
+    exp = shell.cwd / "results" / "mia-mia-loss-shadow-lira-rmia"
+    meta = json.loads((exp / "study.json").read_text())
     assert meta["settings"] == {"shadows": 2} and meta["kind"] == "mia"
-    resumed = subprocess.run([sys.executable, "-m", "study.cli", "resume", "results/mia-mia-loss-lira"],
+    df = load(exp)
+    assert sorted(df["attack"]) == ["lira", "loss", "rmia", "shadow"] and (df["status"] == "TERMINATED").all()
+    assert (df["n_spurious_members"] == 10).all() and (df["shadows_used"] == 2).all()
+    for column in ("auc", "tpr_at_0_1pct_fpr", "attack_acc", "attack_acc_oracle", "spurious_attack_acc",
+                   "other_attack_acc", "spurious_auc"):
+        assert df[column].between(0, 1).all(), column
+    assert (df["attack_acc"] <= df["attack_acc_oracle"] + 1e-12).all()  # calibrated: never above the oracle
+    resumed = subprocess.run([sys.executable, "-m", "study.cli", "resume", str(exp)],
                              cwd=shell.cwd, env=shell.env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                              timeout=300)  # not a README line: the mia kind resumes in a fresh shell too
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    # after deletion: the original, deleted (here: retrained) and oracle models on the forget set
+    shell.run("study delete --from results/mia --method retrain")
+    shell.run("study mia --from results/mia-delete-retrain --attack lira")
+    row = load(shell.cwd / "results" / "mia-delete-retrain-mia-lira").iloc[0]
+    assert row["deletion_method"] == "retrain" and row["roles"] == "original,deleted,oracle"
+    assert row["deleted_spurious_auc"] == row["oracle_spurious_auc"]
+    assert 0 <= row["original_spurious_auc"] <= 1 and 0 <= row["original_spurious_tpr_at_0_1pct_fpr"] <= 1
+
+
+def test_online_membership_inference_and_the_reference_protocol(shell):
+    done = shell.run("study run mia-online --bundle 8 --name online")
+    assert "35 cells, 35 trainings in 6 trials" in done.stdout  # smoke: a target, 2 offline shadows, 32 online (4 × 8)
+    done = shell.run("study mia --from results/online --attack lira_online --attack rmia_online")
+    assert "online shadows per target: 32" in done.stdout
+    df = load(shell.cwd / "results" / "online-mia-lira_online-rmia_online").set_index("attack")
+    assert (df["shadows_used"] == 32).all() and (df["vulnerability_models"] == 32).all()
+    for column in ("auc", "spurious_auc", "tpr_at_0_1pct_fpr", "attack_acc", "planted_tpr_at_1pct_fpr",
+                   "other_examples_tpr_at_1pct_fpr"):
+        assert df[column].between(0, 1).all(), column
+    n_in = checkpoint.read_member(df.loc["lira_online", "checkpoint"], 0)["vulnerability_n_in"].numpy()
+    assert n_in.mean() == 16 and np.percentile(n_in, 1) >= 8  # halves: about 16 IN and 16 OUT models each
+
+    shell.run("study run mia-paper --bundle 8 --name mia-paper")
+    shell.run("study mia --from results/mia-paper --attack shadow --attack lira")
+    shell.run("study report results/mia-paper-mia-shadow-lira --out reports/mia-paper")
+    summary = (shell.cwd / "reports" / "mia-paper" / "summary.md").read_text()
+    assert "all: attack accuracy" in summary and "spurious: flagged" in summary
 
 
 def test_tuning_with_default_flags_killed_and_resumed_then_constrained(shell, tmp_path):

@@ -13,18 +13,18 @@ quarter (members, the planted spurious examples among them, patterned as trained
   target's own pool, so every evaluation example is IN for about half of them. Used by `lira_online` and
   `rmia_online`.
 
-Every decision threshold is calibrated on a shadow model, never on the target's labels (protocol §9.5): the
+Every decision threshold is calibrated on a shadow model, never on the target's labels (protocol §9.6): the
 first reference model (lowest subset) plays the target, on its own pool, attacked with the other reference
 models, and the threshold that maximises its attack accuracy is applied to the target. The `shadow` attack's
 logistic regression is trained on shadow 0's own quarters and decides at log-odds > 0. Accuracies at the
 target-label-optimal threshold are reported too, named `*_oracle`.
 
-With online shadows the trial also measures per-example vulnerability (protocol §9.6): each online shadow in
+With online shadows the trial also measures per-example vulnerability (protocol §9.7): each online shadow in
 turn is the target, attacked with the others; an example's TPR at a fixed FPR is the fraction of the models
 that hold it which flag it. The planted examples' values, and the mean over the other examples, are
 reported; the per-example arrays are in the checkpoint.
 
-Deletion mode (`study mia --from <delete experiment>`): the target is a deletion trial; the original model
+Deletion mode (`study mia --from <delete experiment>`, protocol §9.8): the target is a deletion trial; the original model
 (the deletion's source), the deleted model and the retrain oracle are attacked with the same shadows and
 threshold, and every metric is reported per role (`original_*`, `deleted_*`, `oracle_*`); the planted
 examples are the forget set (`spurious_*` = forget set against the non-members).
@@ -52,12 +52,14 @@ POPULATION_STREAM = 0x726D69  # "rmi": the RMIA population draw's own random str
 
 @dataclass(frozen=True)
 class MiaSettings:
-    """One attack trial: the attack, the target trial, how many reference models to use (0 = all), LiRA's
-    variance rule, the FPR rule of TPR at fixed FPR, and RMIA's γ, offline a and population size."""
+    """One attack trial: the attack, the target trial, how many offline and online shadow models to use
+    (0 = all), LiRA's variance rule, the FPR rule of TPR at fixed FPR, and RMIA's γ, offline a and
+    population size."""
 
     attack: str = "loss"
     target_trial_id: str = ""
     shadows: int = 0
+    online_shadows: int = 0
     lira_variance: str = "auto"
     fpr_rule: str = "lt"
     rmia_gamma: float = 1.0
@@ -73,6 +75,7 @@ class MiaSettings:
                (self.fpr_rule in mia.FPR_RULES,
                 f"fpr_rule {self.fpr_rule!r} is not one of {', '.join(mia.FPR_RULES)}"),
                (self.shadows >= 0, f"shadows must be >= 0 (0 = all), got {self.shadows!r}"),
+               (self.online_shadows >= 0, f"online_shadows must be >= 0 (0 = all), got {self.online_shadows!r}"),
                (self.rmia_gamma > 0, f"rmia_gamma must be > 0, got {self.rmia_gamma!r}"),
                (0 <= self.rmia_offline_a <= 1, f"rmia_offline_a must be in [0, 1], got {self.rmia_offline_a!r}"),
                (self.rmia_population >= 1, f"rmia_population must be >= 1, got {self.rmia_population!r}"),
@@ -140,7 +143,8 @@ def _load(entry: Mapping[str, Any], data: PlantedData, device) -> tuple[dict, to
 
 
 def _references(s: MiaSettings, entries: list[dict], split: str, data: PlantedData, device) -> list[Reference]:
-    used = entries[:s.shadows] if s.shadows else entries
+    limit = s.online_shadows if split == "mia_online" else s.shadows
+    used = entries[:limit] if limit else entries
     out = []
     for entry in used:
         state, model = _load(entry, data, device)
@@ -152,7 +156,8 @@ def _references(s: MiaSettings, entries: list[dict], split: str, data: PlantedDa
 
 
 class Logits:
-    """Model logits on a pool, computed once per (model, pool)."""
+    """Model logits (N, C) on a pool and the per-example statistics the attacks use, each computed once per
+    (model, pool): `phi` (LiRA's logit-scaled confidence) and `prob` (RMIA's true-label probability)."""
 
     def __init__(self, batch_size: int) -> None:
         self.batch_size, self.cache = batch_size, {}
@@ -163,48 +168,53 @@ class Logits:
             self.cache[key] = metrics_lib.logits(model, pool.x, self.batch_size).cpu().double().numpy()
         return self.cache[key]
 
+    def statistic(self, name: str, model: torch.nn.Module, pool: Pool) -> np.ndarray:
+        """Return `phi` or `prob` (N,) of `model` on `pool`."""
+        key = (name, id(model), id(pool))
+        if key not in self.cache:
+            function = mia.scaled_confidence if name == "phi" else mia.true_label_probability
+            self.cache[key] = function(self(model, pool), pool.y.cpu().numpy())
+        return self.cache[key]
+
 
 # ------------------------------------------------------------------------------------------ scoring
 
 def population(nonmember_rows: np.ndarray, size: int, seed: int) -> np.ndarray:
     """Return the RMIA population rows: `size` of the non-member rows, at most half of them, drawn from
-    `default_rng([seed, POPULATION_STREAM])`; they are left out of the evaluation (protocol §9.5)."""
+    `default_rng([seed, POPULATION_STREAM])`; they are left out of the evaluation (protocol §9.3)."""
     rng = np.random.default_rng([seed, POPULATION_STREAM])
     return np.sort(rng.permutation(nonmember_rows)[:min(size, len(nonmember_rows) // 2)])
 
 
-def attack_scores(s: MiaSettings, target: np.ndarray, labels: np.ndarray, refs: list[np.ndarray],
+def attack_scores(s: MiaSettings, logits: Logits, pool: Pool, target: torch.nn.Module, refs: list[torch.nn.Module],
                   refs_in: np.ndarray, z_rows: np.ndarray) -> np.ndarray:
-    """Return membership scores (N,) of a target's logits `target` (N, C) with labels (N,), for the threshold
-    attacks (`loss`, `lira`, `lira_online`, `rmia`, `rmia_online`). `refs` are the reference models' logits
-    on the same examples and `refs_in` (K, N) their membership; `z_rows` the RMIA population rows. Rows
-    with no usable reference observation score NaN."""
+    """Return membership scores (N,) of model `target` on `pool` for the threshold attacks (`loss`, `lira`,
+    `lira_online`, `rmia`, `rmia_online`). `refs` are the reference models and `refs_in` (K, N) their
+    membership in the pool; `z_rows` the RMIA population rows. Rows with no usable reference observation
+    score NaN."""
     attack = s.attack
     if attack == "loss":
-        return mia.loss_scores(target, labels)
+        return mia.loss_scores(logits(target, pool), pool.y.cpu().numpy())
     if not refs:
         raise SpuriousError(f"the {attack} attack needs at least one reference model")
-    if attack.startswith("lira"):
-        phi = mia.scaled_confidence(target, labels)
-        phi_refs = np.stack([mia.scaled_confidence(r, labels) for r in refs])
-        if attack == "lira":
-            return mia.lira_offline_scores(phi, phi_refs, ~refs_in, s.lira_variance)
-        return mia.lira_online_scores(phi, phi_refs, refs_in, s.lira_variance)
-    p = mia.true_label_probability(target, labels)
-    p_refs = np.stack([mia.true_label_probability(r, labels) for r in refs])
-    if attack == "rmia":
-        out = ~refs_in
-        seen = out.any(0)
-        p_out = ((p_refs * out).sum(0) / np.maximum(out.sum(0), 1))[None, :]
-        z_rows = z_rows[seen[z_rows]]
-        scores = np.full(len(p), np.nan)
-        scores[seen] = mia.rmia_scores(p[seen], p_out[:, seen], p[z_rows], p_out[:, z_rows], gamma=s.rmia_gamma,
-                                       offline_a=s.rmia_offline_a)
-        return scores
-    else:
-        scores = mia.rmia_scores(p, p_refs, p[z_rows], p_refs[:, z_rows], in_mask_x=refs_in,
-                                 in_mask_z=refs_in[:, z_rows], gamma=s.rmia_gamma)
-    return np.asarray(scores, np.float64)
+    name = "phi" if attack.startswith("lira") else "prob"
+    value = logits.statistic(name, target, pool)
+    values = np.stack([logits.statistic(name, r, pool) for r in refs])
+    if attack == "lira":
+        return mia.lira_offline_scores(value, values, ~refs_in, s.lira_variance)
+    if attack == "lira_online":
+        return mia.lira_online_scores(value, values, refs_in, s.lira_variance)
+    if attack == "rmia_online":
+        return np.asarray(mia.rmia_scores(value, values, value[z_rows], values[:, z_rows], in_mask_x=refs_in,
+                                          in_mask_z=refs_in[:, z_rows], gamma=s.rmia_gamma), np.float64)
+    out = ~refs_in  # offline RMIA: Pr_OUT(x), the mean over the references that did not train on x
+    seen = out.any(0)
+    p_out = ((values * out).sum(0) / np.maximum(out.sum(0), 1))[None, :]
+    z_rows = z_rows[seen[z_rows]]
+    scores = np.full(len(value), np.nan)
+    scores[seen] = mia.rmia_scores(value[seen], p_out[:, seen], value[z_rows], p_out[:, z_rows],
+                                   gamma=s.rmia_gamma, offline_a=s.rmia_offline_a)
+    return scores
 
 
 def _calibration(s: MiaSettings, refs: list[Reference], pool: Pool, logits: Logits) -> float:
@@ -214,12 +224,10 @@ def _calibration(s: MiaSettings, refs: list[Reference], pool: Pool, logits: Logi
     if s.attack != "loss" and not others:
         raise SpuriousError(f"the {s.attack} attack needs at least 2 reference models (one to calibrate the "
                             f"threshold on, attacked with the others); this target has {len(refs)}")
-    labels = pool.y.cpu().numpy()
     members = membership(pseudo.cfg, pool)
-    others_in = np.stack([membership(r.cfg, pool) for r in others]) if others else np.zeros((0, len(labels)), bool)
+    others_in = np.stack([membership(r.cfg, pool) for r in others]) if others else np.zeros((0, len(pool.y)), bool)
     z = population(np.flatnonzero(~members), s.rmia_population, pseudo.cfg.data_seed)
-    scores = attack_scores(s, logits(pseudo.model, pool), labels, [logits(r.model, pool) for r in others],
-                           others_in, z)
+    scores = attack_scores(s, logits, pool, pseudo.model, [r.model for r in others], others_in, z)
     keep = np.isfinite(scores)
     if s.attack.startswith("rmia"):
         keep[z] = False
@@ -234,14 +242,12 @@ def _vulnerability(s: MiaSettings, refs: list[Reference], pool: Pool, logits: Lo
     """Return per-example vulnerability over the online references (each the target in turn, attacked with
     the others): mean TPR of the planted examples and of the other examples at each FPR of
     VULNERABILITY_FPRS, and the per-example arrays."""
-    labels = pool.y.cpu().numpy()
     ins = np.stack([membership(r.cfg, pool) for r in refs])
     scores = np.full(ins.shape, np.nan)
     for j, ref in enumerate(refs):
         others = [k for k in range(len(refs)) if k != j]
         z = population(np.flatnonzero(~ins[j]), s.rmia_population, ref.cfg.data_seed + j)
-        row = attack_scores(s, logits(ref.model, pool), labels, [logits(refs[k].model, pool) for k in others],
-                            ins[others], z)
+        row = attack_scores(s, logits, pool, ref.model, [refs[k].model for k in others], ins[others], z)
         if s.attack.startswith("rmia"):
             row[z] = np.nan
         scores[j] = row
@@ -273,11 +279,9 @@ def score_model(s: MiaSettings, model: torch.nn.Module, pool: Pool, refs: list[R
                 z: np.ndarray) -> tuple[np.ndarray, Optional[float]]:
     """Return one model's scores on `pool` (NaN where unusable), and the attack's own threshold when it has
     one (the shadow attack's)."""
-    labels = pool.y.cpu().numpy()
-    target = logits(model, pool)
     if s.attack == "shadow":
-        return _shadow_scores(s, refs, shadow_pool, target, labels, logits)
-    scores = attack_scores(s, target, labels, [logits(r.model, pool) for r in refs], refs_pool_in, z)
+        return _shadow_scores(s, refs, shadow_pool, logits(model, pool), pool.y.cpu().numpy(), logits)
+    scores = attack_scores(s, logits, pool, model, [r.model for r in refs], refs_pool_in, z)
     if s.attack.startswith("rmia"):
         scores = scores.copy()
         scores[z] = np.nan
