@@ -359,12 +359,22 @@ def decision(params: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 
 def stratified_folds(t: np.ndarray, folds: int) -> np.ndarray:
-    """Return a fold number per example: each class's examples, in order, cut into `folds` contiguous
-    parts (scikit-learn's StratifiedKFold without shuffling, up to how remainders are spread)."""
+    """Return a fold number (0 … folds − 1) per example, stratified as scikit-learn's StratifiedKFold without
+    shuffling (the reference's GridSearchCV, protocol §9.3): each class's examples, in order, are cut into
+    contiguous blocks, one per fold, whose sizes are the class's counts when the labels, numbered by order of
+    first appearance and sorted, are dealt round-robin to the folds (so remainders are spread over the folds
+    across classes, not within each)."""
+    t = np.asarray(t)
+    values, first = np.unique(t, return_index=True)
+    classes = values[np.argsort(first)]  # in order of first appearance
+    code = np.empty(len(t), dtype=np.int64)
+    for j, cls in enumerate(classes):
+        code[t == cls] = j
+    dealt = np.sort(code)
+    sizes = np.array([np.bincount(dealt[k::folds], minlength=len(classes)) for k in range(folds)])
     fold = np.empty(len(t), dtype=np.int64)
-    for cls in np.unique(t):
-        for k, part in enumerate(np.array_split(np.flatnonzero(t == cls), folds)):
-            fold[part] = k
+    for j in range(len(classes)):
+        fold[code == j] = np.repeat(np.arange(folds), sizes[:, j])
     return fold
 
 

@@ -256,35 +256,31 @@ def test_fit_logistic_matches_scikit_learn_lbfgs():
         assert params[-1] == pytest.approx(oracle.intercept_[0], abs=1e-5), c
 
 
-def test_choose_c_matches_grid_search_when_the_folds_coincide():
-    """GridSearchCV(LogisticRegression(), {"C": C_GRID}, cv=StratifiedKFold(3)) as the oracle.
-
-    StratifiedKFold without shuffling gives each class contiguous test blocks whose sizes balance the folds
-    over the whole sorted label vector; `stratified_folds` cuts each class with np.array_split. The two
-    coincide when every class count is a multiple of 3 (asserted below), and only those datasets are
-    compared. Otherwise one example of a class can sit in a neighbouring fold (two classes of 17,500:
-    sizes 5834/5833/5833 here, 5833/5834/5833 for the second class in scikit-learn), which can change the
-    chosen C when cross-validated accuracies are close. The oracle's tol is tight so that an early stop
-    cannot flip a borderline prediction.
-    """
+def test_folds_and_chosen_c_match_scikit_learns_grid_search():
+    """GridSearchCV(LogisticRegression(), {"C": C_GRID}, cv=StratifiedKFold(3)) as the oracle, on datasets whose
+    class counts are and are not multiples of 3 (where the remainders must be spread as scikit-learn does),
+    and on the quarter size of the membership split (two classes of 17,500). The oracle's tol is tight so
+    that an early stop cannot flip a borderline prediction."""
     pytest.importorskip("sklearn")
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
-    chosen = set()
+    t = np.r_[np.ones(17_500), np.zeros(17_500)]
+    for k, (_, test) in enumerate(StratifiedKFold(3).split(t[:, None], t)):
+        assert np.array_equal(np.flatnonzero(mia.stratified_folds(t, 3) == k), test)
+    chosen, uneven = set(), 0
     for seed in range(9):
         rng = np.random.default_rng(seed)
-        x = rng.normal(size=(90, 5))
-        t = (0.5 * x @ rng.normal(size=5) + rng.normal(size=90) > 0.6).astype(float)
-        if int(t.sum()) % 3:
-            continue
+        x = rng.normal(size=(91, 5))
+        t = (0.5 * x @ rng.normal(size=5) + rng.normal(size=91) > 0.6).astype(float)
+        uneven += int(t.sum()) % 3 != 0
         folds = mia.stratified_folds(t, 3)
         for k, (_, test) in enumerate(StratifiedKFold(3).split(x, t)):
-            assert np.array_equal(np.flatnonzero(folds == k), test)
+            assert np.array_equal(np.flatnonzero(folds == k), test), seed
         oracle = GridSearchCV(LogisticRegression(tol=1e-10, max_iter=10_000), {"C": list(mia.C_GRID)},
                               cv=StratifiedKFold(3)).fit(x, t)
         chosen.add(mia.choose_c(x, t))
         assert mia.choose_c(x, t) == oracle.best_params_["C"], seed
-    assert len(chosen) >= 3  # different datasets pick different C, so agreement is not luck
+    assert len(chosen) >= 3 and uneven >= 3  # different C picked, remainders exercised: agreement is not luck
 
 
 # ---------------------------------------------------------------- the loss and shadow attacks
