@@ -32,8 +32,9 @@ MIA_METRICS = ("attack_acc", "spurious_attack_acc", "other_attack_acc", "auc", "
 MIA_GROUPS = {"attack_acc": "all examples", "spurious_attack_acc": "spurious members",
               "other_attack_acc": "other members"}
 # Settings of post-hoc trials (params.json keys) that make separate cells when a study varies them.
-DELETE_SETTINGS = ("retrain_epochs", "lr_policy", "depth", "scale", "damping", "repeats", "per_example",
-                   "lissa_batch_size", "lissa_seed", "reference_scaling", "max_norm_ratio")
+DELETE_SETTINGS = ("retrain_epochs", "lr_policy", "mode", "solver", "damping", "cg_tol", "cg_max_iter", "depth",
+                   "scale", "repeats", "per_example", "lissa_batch_size", "lissa_seed", "max_norm_ratio",
+                   "residual_batch")
 MIA_SETTINGS = ("shadows", "lira_variance")
 FACTORS = ("dataset", "model", "pattern")
 
