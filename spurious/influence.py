@@ -14,7 +14,8 @@ gradient, model in eval mode, no L2 term); v = Σ_{z∈Z} ∇θ ℓ(z) for the g
   h_t = v + (1 − d)·h_{t−1} − (1/s)·(H_t h_{t−1} + a_{t−1}·∂v/∂θ·∇ℓ(x_t)), not divided by s, then
   divided by r = `repeats`. The extra term comes from its v keeping the autograd graph (a_t = 1 + (1 − d)·a_{t−1},
   a_0 = 0, and ∂v/∂θ is the group examples' Hessian); without it and averaged, the recursion would
-  estimate s·(H + d·s·I)⁻¹ v. So the applied g is about (s/r)·(H + d·s·I)⁻¹ v from one stochastic run.
+  estimate s·(H + d·s·I)⁻¹ v. So the applied g is (s/r)·(H + d·s·I)⁻¹ v from one stochastic run, plus
+  what the extra term adds (on a 2-epoch LargeMLP it dominated: protocol §8.6).
 
 Every estimate can be checked with `relative_residual`: ‖(H_B + λI)h − v‖/‖v‖ on a fixed evaluation
 batch B (`residual_indices`); for `reference`, h = (first run)/s and λ = d·s, the system its recursion is
@@ -49,7 +50,6 @@ MODES = ("corrected", "reference")
 REFERENCE_DEFAULTS = {"fashion": (100.0, 1000, 2000), "cifar10": (100.0, 1000, 1000),
                       "mnist": (25.0, 1000, 2000)}
 REFERENCE_DAMPING = 0.01
-DEFAULT_DAMPING = REFERENCE_DAMPING  # kept for callers of the old name: the reference's d
 DEFAULT_REPEATS = 10
 DEFAULT_MAX_NORM_RATIO = 1e6
 DEFAULT_TOL = 1e-3
@@ -129,7 +129,7 @@ def ce_loss(x: torch.Tensor, y: torch.Tensor) -> LossFn:
 
 
 def summed_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Return Σ ∇θ ℓ(z) over the examples (x, y): one example's gradient (protocol §8.3 step 1), or a group's sum."""
+    """Return Σ ∇θ ℓ(z) over the examples (x, y): one example's gradient, or a group's v (protocol §8.3)."""
     return flat_grad(F.cross_entropy(model(x), y, reduction="sum"), trainable_params(model))
 
 
@@ -275,7 +275,8 @@ def reference_lissa(model: nn.Module, x_z: torch.Tensor, y_z: torch.Tensor, data
                     generator: Optional[torch.Generator] = None, batch_size: int = 1,
                     max_norm_ratio: float = DEFAULT_MAX_NORM_RATIO) -> torch.Tensor:
     """Return ONE run of the reference's LiSSA recursion for v = Σ ∇θ ℓ(z) over (x_z, y_z), not divided by s
-    (protocol §8.3 step 2, §11.3): a flat vector that estimates s·(H + d·s·I)⁻¹ v, d = `damping`.
+    (protocol §8.3 "Mode reference", §11.3): a flat vector meant to estimate s·(H + d·s·I)⁻¹ v, d = `damping`
+    (which it would, averaged, without the extra term below).
 
     h_0 = v; h_t = v + (1 − d)·h_{t−1} − (1/s)·∇θ(∇ℓ_t(θ)·h_{t−1}(θ)), where, as in the reference, h_{t−1}
     depends on θ through the a_{t−1} copies of v it contains (v built with create_graph), so the product is
@@ -378,11 +379,15 @@ def group_estimate(model: nn.Module, x_group: torch.Tensor, y_group: torch.Tenso
                    repeats: int = DEFAULT_REPEATS, tol: float = DEFAULT_TOL, max_iter: int = DEFAULT_MAX_ITER,
                    generator: Optional[torch.Generator] = None, batch_size: int = 1,
                    max_norm_ratio: float = DEFAULT_MAX_NORM_RATIO, chunk: int = HVP_CHUNK) -> Estimate:
-    """Return the group's Estimate (protocol §8.3 steps 1–4) by `solver` in `mode` (module docstring).
+    """Return the group's Estimate (protocol §8.3) by `solver` in `mode` (module docstring); its vectors
+    are flat, of the trainable parameters' total size.
 
     LiSSA runs once per example with `per_example` (as the reference does), else once on the summed
     gradient (the same expectation, 1/n of the cost). CG always solves the summed system once: it is
     deterministic and the solution is linear in v, so per-example solves would add up to the same g.
+    `depth`, `scale`, `repeats`, `batch_size`, `generator` and `max_norm_ratio` are LiSSA's, `tol`, `max_iter`
+    CG's, `chunk` the examples per product on many examples. Raises SpuriousError for settings outside
+    their domain and a one-line TrainingError for a diverging LiSSA or negative curvature met by CG.
     Call it with the model in eval mode.
     """
     _check_choice("solver", solver, SOLVERS)
@@ -416,7 +421,7 @@ def group_influence(model: nn.Module, x_group: torch.Tensor, y_group: torch.Tens
                     y_train: torch.Tensor, m: Optional[int] = None, residual_batch: Optional[int] = None,
                     **settings) -> tuple[nn.Module, dict]:
     """Return (a copy of `model` in eval mode with θ + g/(m − n), stats): the first-order estimate of the
-    parameters after deleting the group (Basu et al. 2020; protocol §8.3 step 5).
+    parameters after deleting the group (Basu et al. 2020; protocol §8.3 "Update").
 
     m is the training-set size (default len(x_train), which should include the group). `settings` go to
     `group_estimate`. stats holds the solver's diagnostics and, unless `residual_batch` is None,
