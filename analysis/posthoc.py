@@ -43,9 +43,11 @@ VULNERABILITY = {"planted_tpr_at_1pct_fpr": "planted TPR@1%", "other_examples_tp
 MIA_GROUPS = {"attack_acc": "all examples", "spurious_attack_acc": "spurious members",
               "other_attack_acc": "other members"}
 # Settings of post-hoc trials (params.json keys) that make separate cells when a study varies them.
-DELETE_SETTINGS = ("retrain_epochs", "lr_policy", "depth", "scale", "damping", "repeats", "per_example",
-                   "lissa_batch_size", "lissa_seed", "reference_scaling", "max_norm_ratio")
-MIA_SETTINGS = ("shadows", "online_shadows", "lira_variance", "fpr_rule", "rmia_gamma", "rmia_offline_a", "rmia_population")
+DELETE_SETTINGS = ("retrain_epochs", "lr_policy", "mode", "solver", "damping", "cg_tol", "cg_max_iter", "depth",
+                   "scale", "repeats", "per_example", "lissa_batch_size", "lissa_seed", "max_norm_ratio",
+                   "residual_batch")
+MIA_SETTINGS = ("shadows", "online_shadows", "lira_variance", "fpr_rule", "rmia_gamma", "rmia_offline_a",
+                "rmia_population")
 FACTORS = ("dataset", "model", "pattern")
 
 

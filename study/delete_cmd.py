@@ -4,8 +4,9 @@
     study run demo --smoke --set epochs=2 --set n_spurious=[0,100] --name demo-smoke
     study delete --from results/demo-smoke --method retrain          # the oracles first: the others reuse them
     study delete --from results/demo-smoke --method incremental_retraining --set lr_policy=reset
-    study delete --from results/demo-smoke --method group_influence --set depth=200 --set per_example=false \\
-        --filter pattern=r3
+    study delete --from results/demo-smoke --method group_influence                 # CG, damping 1.0
+    study delete --from results/demo-smoke --method group_influence --set mode=reference --set depth=200 \\
+        --set per_example=false --name demo-smoke-delete-reference    # what the reference's code applied
 
 Source trials: the TERMINATED trials with a checkpoint that pass every `--filter` (config columns of
 `analysis.load`, e.g. `--filter n_spurious=[10,100]`); trials with nothing planted (n_spurious = 0,
@@ -32,9 +33,11 @@ from study.options import add_run_options, expand_path, run_options
 from trainables import delete as delete_trainable
 
 FIXED_KEYS = ("method", "source_trial_id")
-# `--smoke`: a short, non-per-example LiSSA and one epoch of incremental retraining (the retrain oracle keeps
-# the source's epochs: it must match the source model's training).
-SMOKE_SETTINGS = {"depth": 50, "repeats": 1, "per_example": False, "retrain_epochs": 1}
+# `--smoke`: one epoch of incremental retraining (the retrain oracle keeps the source's epochs: it must match
+# the source model's training), and a short group-influence solve: 5 CG iterations, or a non-per-example
+# LiSSA of depth 50 with one repeat when the settings choose LiSSA (solver=lissa or mode=reference).
+SMOKE_SETTINGS = {"retrain_epochs": 1}
+SMOKE_SOLVER_SETTINGS = {"cg": {"cg_max_iter": 5}, "lissa": {"depth": 50, "repeats": 1, "per_example": False}}
 
 
 def arguments(p: argparse.ArgumentParser) -> None:
@@ -50,12 +53,25 @@ def arguments(p: argparse.ArgumentParser) -> None:
                    help="keep source trials whose config column equals VALUE (or one of a list); repeatable")
     p.add_argument("--oracle", default="auto", help="auto (default), train, or a retrain deletion study")
     add_run_options(p, smoke_help="fast settings for a quick check: " + ", ".join(
-        f"{k}={v}" for k, v in SMOKE_SETTINGS.items()) + " (--set overrides them)")
+        f"{k}={v}" for k, v in SMOKE_SETTINGS.items()) + "; " + "; ".join(
+        f"with solver {solver}: " + ", ".join(f"{k}={v}" for k, v in keys.items())
+        for solver, keys in SMOKE_SOLVER_SETTINGS.items()) + " (--set overrides them)")
 
 
 def setting_keys() -> list[str]:
     """Return the keys `--set` accepts."""
     return [f.name for f in fields(delete_trainable.DeleteSettings) if f.name not in FIXED_KEYS]
+
+
+def smoke_settings(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Return the `--smoke` settings for the given `--set` values: the short solve of the solver they choose
+    (none when a grid mixes solvers)."""
+    def values(key: str) -> list:
+        value = overrides.get(key, getattr(delete_trainable.DeleteSettings, key))
+        return value if isinstance(value, list) else [value]
+    solvers = {delete_trainable.DeleteSettings(mode=str(mode), solver=solver).solver_name
+               for mode in values("mode") for solver in values("solver")}
+    return {**SMOKE_SETTINGS, **(SMOKE_SOLVER_SETTINGS[solvers.pop()] if len(solvers) == 1 else {})}
 
 
 def parse_settings(items: Sequence[str]) -> dict[str, Any]:
@@ -128,6 +144,7 @@ def plan(source: str, method: str, overrides: dict, filters: dict, oracle: str,
 
 def handle(args: argparse.Namespace) -> int:
     options = run_options(args)
-    settings = {**(SMOKE_SETTINGS if args.smoke else {}), **parse_settings(args.set)}
+    overrides = parse_settings(args.set)
+    settings = {**(smoke_settings(overrides) if args.smoke else {}), **overrides}
     study, notes = plan(args.source, args.method, settings, posthoc.parse_pairs(args.filter), args.oracle, options)
     return posthoc.launch(study, notes, options, args)

@@ -3,6 +3,7 @@ trainables without Ray, the analysis frames and figures; then end to end through
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,12 +29,29 @@ from trainables.sources import read_checkpoint, read_source
 # ---------------------------------------------------------------- settings
 
 
-def test_delete_settings_validate_and_fill_the_reference_lissa_defaults():
-    s = delete_trainable.settings({"method": "group_influence", "source_trial_id": "a", "depth": 50,
-                                   "damping": "1e-3", "scale": 10})
+def test_delete_settings_validate_and_fill_the_group_influence_defaults():
+    s = delete_trainable.settings({"method": "group_influence", "source_trial_id": "a", "solver": "lissa",
+                                   "depth": 50, "damping": "1e-3", "scale": 10})
     assert s.scale == 10.0 and s.damping == 1e-3 and s.per_example
-    assert s.lissa("fashion", 20) == {"depth": 50, "scale": 10.0, "damping": 1e-3, "repeats": 10}
-    assert delete_trainable.settings({}).lissa("fashion", 100)["depth"] == 1000  # protocol §8.2: n >= 100
+    assert s.influence("fashion", 20) == {"mode": "corrected", "solver": "lissa", "depth": 50, "scale": 10.0,
+                                          "damping": 1e-3, "repeats": 10, "batch_size": 1}
+    assert delete_trainable.settings({}).influence("fashion", 100) == {  # protocol §8.2: cg, damping d·s
+        "mode": "corrected", "solver": "cg", "damping": 1.0, "tol": 1e-3, "max_iter": 100}
+    reference = delete_trainable.settings({"mode": "reference", "lissa_batch_size": 4}).influence("fashion", 100)
+    assert reference == {"mode": "reference", "solver": "lissa", "depth": 1000, "scale": 100.0, "damping": 0.01,
+                         "repeats": 10, "batch_size": 4}
+    for bad, message in (({"solver": "newton"}, "solver 'newton' is not one of cg, lissa"),
+                         ({"mode": "verbatim"}, "mode 'verbatim' is not one of corrected, reference"),
+                         ({"mode": "reference", "solver": "cg"}, "solver must be lissa, got 'cg'"),
+                         ({"depth": 50}, "depth: only for solver=lissa, and this trial's solver is cg"),
+                         ({"solver": "lissa", "cg_tol": 0.01}, "cg_tol: only for solver=cg"),
+                         ({"cg_tol": 0.0}, "cg_tol must be > 0 and < 1, got 0.0"),
+                         ({"cg_max_iter": 0}, "cg_max_iter must be >= 1, got 0"),
+                         ({"damping": -0.5}, "damping must be finite and >= 0, got -0.5"),
+                         ({"residual_batch": 0}, "residual_batch must be >= 1, got 0")):
+        with pytest.raises(SpuriousError, match=re.escape(message)) as err:
+            delete_trainable.settings(bad)
+        assert "\n" not in str(err.value)
     with pytest.raises(SpuriousError, match="unknown deletion setting.*'epochs'.*allowed"):
         delete_trainable.settings({"epochs": 3})
     with pytest.raises(SpuriousError, match="'depth' must be int or None"):
@@ -59,6 +77,11 @@ def test_cli_settings_reject_unknown_keys_and_take_lists_as_grid_axes():
                                                                                  "lr_policy": "reset"}
     with pytest.raises(SpuriousError, match="not a deletion setting"):
         delete_cmd.parse_settings(["n_spurious=3"])
+    with pytest.raises(SpuriousError, match="reference_scaling: not a deletion setting; allowed: .*mode, solver"):
+        delete_cmd.parse_settings(["reference_scaling=true"])
+    assert delete_cmd.smoke_settings({}) == {"retrain_epochs": 1, "cg_max_iter": 5}
+    assert delete_cmd.smoke_settings({"mode": "reference"})["depth"] == 50
+    assert delete_cmd.smoke_settings({"solver": ["cg", "lissa"]}) == {"retrain_epochs": 1}
     with pytest.raises(SpuriousError, match="must look like key=value"):
         posthoc.parse_pairs(["depth"], "--set")
     space, combos = posthoc.settings_grid({"depth": [50, 100], "repeats": 1})
@@ -151,7 +174,8 @@ def fake_source(tmp_path):
 
 def test_delete_plan_builds_one_trial_per_source_and_finds_the_retrain_oracles(fake_source, tmp_path):
     options = runner.RunOptions(storage_path=str(tmp_path))
-    plan, notes = delete_cmd.plan(str(fake_source), "group_influence", {"depth": [50, 100]}, {}, "auto", options)
+    plan, notes = delete_cmd.plan(str(fake_source), "group_influence", {"solver": "lissa", "depth": [50, 100]}, {},
+                                  "auto", options)
     assert plan.name == "src-delete-group_influence" and plan.trials == 2 and plan.datasets == ["fashion"]
     assert plan.space["source_trial_id"] == {"grid_search": ["abcde_00001"]}
     assert plan.space["depth"] == {"grid_search": [50, 100]} and plan.space["method"] == "group_influence"
@@ -239,12 +263,13 @@ def test_each_deletion_method_reports_next_to_the_oracle_and_saves_a_loadable_mo
     delete_trainable.delete({"method": "retrain", "source_trial_id": "src"}, data, sources)
     delete_trainable.delete({"method": "incremental_retraining", "source_trial_id": "src", "retrain_epochs": 1,
                              "lr_policy": "reset"}, data, sources)
-    delete_trainable.delete({"method": "group_influence", "source_trial_id": "src", "depth": 20, "repeats": 1,
-                             "scale": 1000.0, "damping": 0.1}, data, sources)
+    delete_trainable.delete({"method": "group_influence", "source_trial_id": "src", "cg_max_iter": 3,
+                             "residual_batch": 500}, data, sources)
     (retrain, r_state), (incremental, i_state), (influence, g_state) = captured
     assert retrain["oracle_from"] == "self" and retrain["distance_to_oracle_after"] == 0.0
     assert incremental["oracle_from"] == "trained" and incremental["retrain_epochs"] == 1
-    assert influence["oracle_from"] == "trained" and influence["lissa_depth"] == 20 and influence["update_norm"] > 0
+    assert influence["oracle_from"] == "trained" and influence["gi_solver"] == "cg" and influence["update_norm"] > 0
+    assert influence["gi_damping"] == 1.0 and influence["cg_iterations"] <= 3 and influence["ihvp_residual"] > 0
     for row in (retrain, incremental, influence):
         assert row["source_trial_id"] == "src" and row["n_spurious"] == 20 and row["n_deleted"] == 20
         assert row["spurious_score_oracle"] == pytest.approx(retrain["spurious_score_after"])  # same seeds
@@ -281,8 +306,8 @@ def test_an_oracle_of_another_config_is_refused(captured, source_checkpoint, tmp
 
 def test_a_diverging_group_influence_fails_with_a_training_error(captured, source_checkpoint):
     data, _, path = source_checkpoint
-    config = {"method": "group_influence", "source_trial_id": "src", "depth": 200, "repeats": 1, "scale": 1e-3,
-              "damping": 0.0}
+    config = {"method": "group_influence", "source_trial_id": "src", "solver": "lissa", "depth": 200, "repeats": 1,
+              "scale": 1e-3, "damping": 0.0}
     with pytest.raises(train.TrainingError, match="LiSSA diverged"):
         delete_trainable.delete(config, data, {"src": {"checkpoint": path, "oracle": None}})
 
@@ -415,19 +440,20 @@ def test_deletion_frames_fill_errored_trials_from_the_source_and_summarise(tmp_p
 
 
 def test_settings_varied_within_a_method_make_their_own_rows_and_panels():
-    rows = [{"method": "group_influence", "reference_scaling": flag, "depth": 50, "pattern": "r3", "n_spurious": 10,
+    rows = [{"method": "group_influence", "mode": mode, "depth": 50, "pattern": "r3", "n_spurious": 10,
              "status": "TERMINATED", "spurious_score_before": 0.5, "spurious_score_after": after,
-             "spurious_score_oracle": 0.0} for flag, after in ((False, 0.4), (True, 0.1), (True, 0.2))]
+             "spurious_score_oracle": 0.0}
+            for mode, after in (("corrected", 0.4), ("reference", 0.1), ("reference", 0.2))]
     rows.append({"method": "retrain", "pattern": "r3", "n_spurious": 10, "status": "TERMINATED",
                  "spurious_score_before": 0.5, "spurious_score_after": 0.0, "spurious_score_oracle": 0.0})
     df = pd.DataFrame(rows)
-    summary = analysis.deletion_summary(df).query("role == 'after'").set_index(["method", "reference_scaling"])
+    summary = analysis.deletion_summary(df).query("role == 'after'").set_index(["method", "mode"])
     assert "depth" not in summary.index.names  # the same for every group-influence trial
-    assert summary.loc[("group_influence", "True"), "mean"] == pytest.approx(0.15)
+    assert summary.loc[("group_influence", "reference"), "mean"] == pytest.approx(0.15)
     assert summary.loc[("retrain", "-"), "mean"] == 0.0
     titles = [ax.get_title() for ax in analysis.retrain_figure(df).axes]
-    assert titles == ["group_influence · reference_scaling=False · r3",
-                      "group_influence · reference_scaling=True · r3", "retrain · r3"]
+    assert titles == ["group_influence · mode=corrected · r3", "group_influence · mode=reference · r3",
+                      "retrain · r3"]
 
 
 def test_mia_frames_summaries_and_figures_from_saved_scores(tmp_path):
@@ -498,13 +524,14 @@ def test_deletion_studies_from_a_smoke_training_study(tmp_path):
     corrupt = next((tmp_path / "bad").glob("*_n100_c0_d0_*/checkpoint_*"))  # protocol §7.3 names
     (corrupt / ckpt.member_file(0)).write_bytes(b"corrupted on disk")
     influence = study("delete", "--from", str(tmp_path / "bad"), "--method", "group_influence", "--set",
-                      "depth=50", "--set", "repeats=1", "--set", "per_example=false", "--max-failures", "0", *run)
+                      "solver=lissa", "--set", "depth=50", "--set", "repeats=1", "--set", "per_example=false",
+                      "--max-failures", "0", *run)
     assert_ok(influence, 1)
     assert "errored:" in influence.stdout and "cannot be read" in influence.stdout
     gi = load(tmp_path / "bad-delete-group_influence")
     assert sorted(gi["status"]) == ["ERROR", "TERMINATED"]
     done = gi[gi["status"] == "TERMINATED"].iloc[0]
-    assert done["oracle_from"] == "trained" and done["lissa_depth"] == 50
+    assert done["oracle_from"] == "trained" and done["gi_depth"] == 50 and done["ihvp_residual"] > 0
     assert done["pattern"] == config_lib.canonical_name("pattern", "s3")
     assert gi[gi["status"] == "ERROR"].iloc[0]["n_spurious"] == 100  # filled from the source
 

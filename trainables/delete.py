@@ -5,14 +5,19 @@ One trial per source trial. It reads the source checkpoint through Ray's storage
 or a URI), rebuilds the planted data from the checkpoint's config with the same `plant` call, and runs one
 method:
 
-- `group_influence` (protocol §8.3): θ ← θ + g / ((1 − p)·m), g = Σ_z (H + λI)⁻¹ ∇ℓ(z) by LiSSA on the full planted
-  training set. Depth, scale, damping and repeats default to the reference's (protocol §8.2, via
-  `influence.defaults_for`). The scaling is fixed (protocol §11.3): our LiSSA estimate is divided by the scale,
-  so it estimates (H + λI)⁻¹v with λ = `damping` whatever the scale, where the reference's un-divided
-  estimate is s·(H + d·s·I)⁻¹v (so the reference's default update is up to s = 100 times larger along
-  curved directions). `reference_scaling=True` runs the reference's recursion verbatim. A diverging
-  estimate (non-finite, or norm over `max_norm_ratio`·‖v‖) or non-finite updated parameters fail the
-  trial with a one-line TrainingError.
+- `group_influence` (protocol §8.2, §8.3): θ ← θ + g/(m − n) on the full planted training set (m examples,
+  n planted). In mode `corrected` (default) g estimates (H + λI)⁻¹ Σ_z ∇ℓ(z), λ = `damping` (default the
+  reference's effective damping d·s: 1.0 on Fashion-MNIST), by conjugate gradients on all m examples
+  (solver `cg`, default: to a relative residual `cg_tol`, at most `cg_max_iter` products) or by LiSSA
+  divided by its scale (solver `lissa`; the reference's depth, scale and repeats by default). In mode
+  `reference` g is what the reference applied (protocol §11.3): one run of its un-divided recursion, with
+  its extra Hessian-vector term, divided by r, about (s/r)·(H + d·s·I)⁻¹ Σ∇ℓ(z) with d = `damping` (default
+  0.01). Every trial reports `ihvp_residual`, ‖(H_B + λI)h − v‖/‖v‖ on a fixed batch B of `residual_batch`
+  training examples for the summed solve h (for mode reference: the first run / s against λ = d·s, the
+  system its recursion is meant to solve), CG's own `cg_iterations`, `cg_residual` and `cg_converged`, the
+  resolved settings as `gi_*`, and `update_norm`. A diverging LiSSA (non-finite, over `max_norm_ratio`·‖v‖,
+  or with steps that grow geometrically), negative curvature met by CG, or non-finite updated parameters
+  fail the trial with a one-line TrainingError that names the setting to change.
 - `incremental_retraining` (protocol §8.4): train on without the planted examples from the checkpoint, for
   `retrain_epochs` (default: the source's epoch count, the reference's 70 → 140), learning rate `inherit`
   (the checkpoint's decayed rate, as the reference) or `reset`.
@@ -49,24 +54,38 @@ from trainables.sources import (planted_data, read_checkpoint, read_source,
                                 source_columns)
 
 METHODS = ("group_influence", "incremental_retraining", "retrain")
-LISSA_KEYS = ("depth", "scale", "damping", "repeats")
+LISSA_KEYS = ("depth", "scale", "repeats", "lissa_batch_size")  # settings only solver=lissa uses
+CG_KEYS = ("cg_tol", "cg_max_iter")  # settings only solver=cg uses
+# DeleteSettings field -> influence.group_estimate keyword, where the names differ.
+ESTIMATE_NAMES = {"lissa_batch_size": "batch_size", "cg_tol": "tol", "cg_max_iter": "max_iter"}
 
 
 @dataclass(frozen=True)
 class DeleteSettings:
-    """One deletion trial: the method, the source trial, and the method's settings (None = default)."""
+    """One deletion trial: the method, the source trial, and the method's settings (None = default).
+
+    Group influence (protocol §8.2): `mode` corrected or reference; `solver` cg or lissa (None: cg in
+    mode corrected, lissa in mode reference, which runs only LiSSA); `damping` (λ of (H + λI) in mode
+    corrected, the reference's d in mode reference); CG's `cg_tol` and `cg_max_iter`; LiSSA's `depth`,
+    `scale`, `repeats`, `lissa_batch_size` and `lissa_seed`; `per_example`, `max_norm_ratio`, and
+    `residual_batch`, the size of the fixed evaluation batch of the reported residual.
+    """
 
     method: str = "retrain"
     source_trial_id: str = ""
+    mode: str = "corrected"
+    solver: str | None = None
+    damping: float | None = None
+    cg_tol: float | None = None
+    cg_max_iter: int | None = None
     depth: int | None = None
     scale: float | None = None
-    damping: float | None = None
     repeats: int | None = None
     per_example: bool = True
-    lissa_batch_size: int = 1
+    lissa_batch_size: int | None = None
     lissa_seed: int = 0
-    reference_scaling: bool = False
     max_norm_ratio: float = influence.DEFAULT_MAX_NORM_RATIO
+    residual_batch: int = influence.DEFAULT_RESIDUAL_BATCH
     retrain_epochs: int | None = None
     lr_policy: str = "inherit"
 
@@ -78,19 +97,46 @@ class DeleteSettings:
              f"lr_policy {self.lr_policy!r} is not one of {', '.join(deletion.LR_POLICIES)}"),
             (self.retrain_epochs is None or self.retrain_epochs >= 1,
              f"retrain_epochs must be >= 1, got {self.retrain_epochs!r}"),
-            (self.depth is None or self.depth >= 1, f"depth must be >= 1, got {self.depth!r}"),
-            (self.repeats is None or self.repeats >= 1, f"repeats must be >= 1, got {self.repeats!r}"),
-            (self.scale is None or self.scale > 0, f"scale must be > 0, got {self.scale!r}"),
-            (self.damping is None or self.damping >= 0, f"damping must be >= 0, got {self.damping!r}"),
-            (self.lissa_batch_size >= 1, f"lissa_batch_size must be >= 1, got {self.lissa_batch_size!r}"),
-            (self.max_norm_ratio > 0, f"max_norm_ratio must be > 0, got {self.max_norm_ratio!r}"),
+            *self._influence_rules(),
         ])
 
-    def lissa(self, dataset: str, n: int) -> dict[str, Any]:
-        """Return depth/scale/damping/repeats: the reference's defaults for (dataset, n) where unset (protocol §8.2)."""
-        values = influence.defaults_for(dataset, n)
-        values.update({k: getattr(self, k) for k in LISSA_KEYS if getattr(self, k) is not None})
-        return values
+    def _influence_rules(self) -> list[tuple[bool, str]]:
+        """Return the (holds, message) rules of the group-influence settings."""
+        solver, unused = self.solver_name, CG_KEYS if self.solver_name == "lissa" else LISSA_KEYS
+        given = [k for k in unused if getattr(self, k) is not None]
+        return [
+            (self.mode in influence.MODES, f"mode {self.mode!r} is not one of {', '.join(influence.MODES)}"),
+            (solver in influence.SOLVERS, f"solver {self.solver!r} is not one of {', '.join(influence.SOLVERS)}"),
+            (self.mode == "corrected" or solver == "lissa",
+             f"mode 'reference' runs the reference's LiSSA: solver must be lissa, got {self.solver!r}"),
+            (not given, f"{', '.join(given)}: only for solver={'lissa' if solver == 'cg' else 'cg'}, and this "
+                        f"trial's solver is {solver}; set that solver, or leave {' and '.join(given)} out"),
+            (self.damping is None or 0 <= self.damping < float("inf"),
+             f"damping must be finite and >= 0, got {self.damping!r}"),
+            (self.cg_tol is None or 0 < self.cg_tol < 1, f"cg_tol must be > 0 and < 1, got {self.cg_tol!r}"),
+            (self.cg_max_iter is None or self.cg_max_iter >= 1, f"cg_max_iter must be >= 1, got {self.cg_max_iter!r}"),
+            (self.depth is None or self.depth >= 1, f"depth must be >= 1, got {self.depth!r}"),
+            (self.repeats is None or self.repeats >= 1, f"repeats must be >= 1, got {self.repeats!r}"),
+            (self.scale is None or 0 < self.scale < float("inf"), f"scale must be finite and > 0, got {self.scale!r}"),
+            (self.lissa_batch_size is None or self.lissa_batch_size >= 1,
+             f"lissa_batch_size must be >= 1, got {self.lissa_batch_size!r}"),
+            (self.max_norm_ratio > 0, f"max_norm_ratio must be > 0, got {self.max_norm_ratio!r}"),
+            (self.residual_batch >= 1, f"residual_batch must be >= 1, got {self.residual_batch!r}"),
+        ]
+
+    @property
+    def solver_name(self) -> str:
+        """Return the solver: `solver`, or the mode's default (cg for corrected, lissa for reference)."""
+        return self.solver or ("lissa" if self.mode == "reference" else "cg")
+
+    def influence(self, dataset: str, n: int) -> dict[str, Any]:
+        """Return the keywords of `influence.group_estimate` for (dataset, n): the settings given, and the
+        defaults of `influence.defaults_for` (protocol §8.2) for the rest; only the solver's own keys."""
+        values = {**influence.defaults_for(dataset, n, self.mode), "solver": self.solver_name, "batch_size": 1}
+        keys = ("damping", *(LISSA_KEYS if self.solver_name == "lissa" else CG_KEYS))
+        values.update({ESTIMATE_NAMES.get(k, k): getattr(self, k) for k in keys if getattr(self, k) is not None})
+        drop = ("tol", "max_iter") if self.solver_name == "lissa" else ("depth", "scale", "repeats", "batch_size")
+        return {k: v for k, v in values.items() if k not in drop}
 
 
 def settings(config: Mapping[str, Any]) -> DeleteSettings:
@@ -99,20 +145,20 @@ def settings(config: Mapping[str, Any]) -> DeleteSettings:
 
 
 def _group_influence(s: DeleteSettings, state: dict, cfg: TrainConfig, data: PlantedData, before):
-    lissa = s.lissa(cfg.dataset, len(data.spurious_idx))
+    chosen = s.influence(cfg.dataset, len(data.spurious_idx))
     idx = torch.as_tensor(data.spurious_idx, device=data.x_train.device)
     generator = torch.Generator(device=data.x_train.device).manual_seed(s.lissa_seed)
-    after = influence.group_influence_update(
+    after, stats = influence.group_influence(
         before, data.x_train[idx], data.y_train[idx], data.x_train, data.y_train, per_example=s.per_example,
-        generator=generator, batch_size=s.lissa_batch_size, reference_scaling=s.reference_scaling,
-        max_norm_ratio=s.max_norm_ratio, **lissa)
+        generator=generator, max_norm_ratio=s.max_norm_ratio, residual_batch=s.residual_batch,
+        chunk=cfg.eval_batch_size, **chosen)
     if not bool(torch.isfinite(parameters_to_vector(after.parameters())).all()):
-        raise TrainingError("the group-influence update made the parameters non-finite; raise the scale or "
-                            "the damping")
+        raise TrainingError("the group-influence update made the parameters non-finite; raise the damping "
+                            "(or, with solver=lissa, the scale)")
     new_state = {**state, "model": {k: v.detach().cpu() for k, v in after.state_dict().items()},
                  "spurious_idx": torch.zeros(0, dtype=torch.int64)}
-    extra = {f"lissa_{k}": v for k, v in lissa.items()}
-    extra["update_norm"] = deletion.parameter_distance(before, after)
+    extra = {f"gi_{k}": v for k, v in chosen.items()}
+    extra.update(stats, update_norm=deletion.parameter_distance(before, after))
     return after, new_state, extra
 
 
