@@ -183,6 +183,27 @@ def vulnerability_table(df: pd.DataFrame) -> str:
     return _table(done, rows, VULNERABILITY)
 
 
+def planted_vulnerability(df: pd.DataFrame, max_n: int = 10) -> pd.DataFrame:
+    """Return one row per planted member of each online attack trial with n ≤ `max_n`: attack, n_spurious,
+    data_seed, its pool row, the number of online shadows that trained on it (`n_in`) and its TPR at 1 % and
+    0.1 % FPR across them (protocol §9.7), read from the trials' checkpoints."""
+    from spurious import checkpoint as checkpoints
+
+    done = _attack_trials(df, deletion=False)
+    columns = ["attack", "n_spurious", "data_seed", "pool_row", "n_in", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr"]
+    if done.empty or "planted_tpr_at_1pct_fpr" not in done:
+        return pd.DataFrame(columns=columns)
+    rows = []
+    chosen = done[done["planted_tpr_at_1pct_fpr"].notna() & (pd.to_numeric(done["n_spurious"]) <= max_n)]
+    for trial in chosen.sort_values(["attack", "n_spurious", "data_seed"]).itertuples():
+        state = checkpoints.read_member(trial.checkpoint, 0)
+        for r in np.flatnonzero(state["planted"].numpy()):
+            rows.append([trial.attack, int(trial.n_spurious), int(trial.data_seed), int(r),
+                         int(state["vulnerability_n_in"][r]), float(state["vulnerability_tpr_at_1pct_fpr"][r]),
+                         float(state["vulnerability_tpr_at_0_1pct_fpr"][r])])
+    return pd.DataFrame(rows, columns=columns)
+
+
 def _panels(summary: pd.DataFrame, within: Sequence[str]) -> list[tuple[str, pd.DataFrame]]:
     """Return (title, rows) per panel: one panel per combination of the summary's keys not `within` a panel
     (method or attack, varied settings, pattern); set settings are titled key=value."""

@@ -77,6 +77,10 @@ def posthoc_sections(df: pd.DataFrame) -> list[tuple[str, str, list[tuple[str, o
             if any(c in targets for c in posthoc.VULNERABILITY):
                 tables.append("Per-example vulnerability (online shadows, each the target in turn):\n"
                               + posthoc.vulnerability_table(targets))
+                planted = posthoc.planted_vulnerability(targets)
+                if not planted.empty:
+                    tables.append("Each planted member (n ≤ 10): TPR across the online shadows that trained on it\n"
+                                  + planted.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
             out.append(("Membership inference", "\n\n".join(tables),
                         [("mia_attack_success", posthoc.mia_figure(targets)),
                          ("mia_roc", posthoc.roc_figure(targets))]))

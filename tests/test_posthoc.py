@@ -465,10 +465,14 @@ def test_mia_frames_summaries_and_figures_from_saved_scores(tmp_path):
         planted = np.zeros(400, bool)
         planted[:n] = True
         saved = {"format": mia_trainable.SCORES_FORMAT, "scores": torch.from_numpy(values), "first": 200,
-                 "planted": torch.from_numpy(planted), "threshold": 0.5}
+                 "planted": torch.from_numpy(planted), "threshold": 0.5,
+                 "vulnerability_n_in": torch.full((400,), 16), "vulnerability_tpr_at_1pct_fpr": torch.full((400,), 0.25,
+                                                                                                   dtype=torch.float64),
+                 "vulnerability_tpr_at_0_1pct_fpr": torch.zeros(400, dtype=torch.float64)}
         result = {"trial_id": f"mmmmm_0000{k}", "attack": "loss", "target_trial_id": f"t{k}", "n_spurious": n,
                   "data_seed": 0, "auc": 0.76, "attack_acc": 0.69, "attack_acc_oracle": 0.7,
-                  "spurious_attack_acc": 0.9, "other_attack_acc": 0.68}
+                  "spurious_attack_acc": 0.9, "other_attack_acc": 0.68, "planted_tpr_at_1pct_fpr": 0.25,
+                  "other_examples_tpr_at_1pct_fpr": 0.01}
         write_trial(exp, f"mia_attack_mmmmm_0000{k}_{k}", {"attack": "loss", "target_trial_id": f"t{k}"}, result,
                     saved)
     (exp / "study.json").write_text(json.dumps({"kind": "mia", "source": str(tmp_path / "absent")}))
@@ -477,6 +481,9 @@ def test_mia_frames_summaries_and_figures_from_saved_scores(tmp_path):
     assert set(summary["n_spurious"]) == {1, 10} and set(summary["attack"]) == {"loss"}
     assert "spurious_attack_acc" in analysis.mia_table(df) and "attack_acc_oracle" in analysis.mia_table(df)
     assert "spurious: flagged" in analysis.mia_reference_table(df)
+    assert "planted TPR@1%" in analysis.vulnerability_table(df)
+    planted = analysis.planted_vulnerability(df)  # n ≤ 10: one row per planted member of each trial
+    assert len(planted) == 1 + 10 and set(planted["n_in"]) == {16} and set(planted["tpr_at_1pct_fpr"]) == {0.25}
     saved = analysis.scores(df["checkpoint"][0])
     assert len(saved["member"]) == 200 and len(saved["nonmember"]) == 195
     fpr, tpr = analysis.roc_points(saved, "spurious")
