@@ -32,7 +32,7 @@ examples are the forget set (`spurious_*` = forget set against the non-members).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ import torch
 from spurious import checkpoint, config as config_lib, metrics as metrics_lib, mia, train
 from spurious.config import TrainConfig
 from spurious.errors import SpuriousError, check
-from spurious.planted import PlantedData, membership_pool, plant_config, training_rows
+from spurious.planted import PlantedData, membership_pool, training_rows
 from trainables.common import dataset_for, report, use_trial_threads
 from trainables.sources import planted_data, read_checkpoint, read_source, source_columns
 
