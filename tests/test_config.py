@@ -78,11 +78,12 @@ def test_every_settings_dataclass_is_built_and_checked_one_way():
     from trainables.delete import DeleteSettings
     from trainables.mia import MiaSettings
 
-    assert config.from_values(DeleteSettings, {"depth": "50", "scale": 10}, "deletion setting").scale == 10.0
+    assert config.from_values(DeleteSettings, {"depth": "50", "scale": 10, "solver": "lissa"},
+                              "deletion setting").scale == 10.0
     with pytest.raises(SpuriousError, match=r"deletion setting 'depth' must be int or None, got 'x' \(str\)"):
         config.from_values(DeleteSettings, {"depth": "x"}, "deletion setting")
     with pytest.raises(SpuriousError, match="depth must be >= 1, got -5"):
-        DeleteSettings(depth=-5)
+        DeleteSettings(depth=-5, solver="lissa")
     with pytest.raises(SpuriousError, match=r"unknown membership-inference setting\(s\) 'depth'; allowed keys: attack"):
         config.from_values(MiaSettings, {"depth": 5}, "membership-inference setting")
     with pytest.raises(SpuriousError, match="tuning option 'trials' must be int, got 'many'"):
