@@ -118,6 +118,8 @@ def deletion_table(df: pd.DataFrame, metrics: Sequence[str] = ("spurious_score",
     rows = _cells(done, "method", DELETE_SETTINGS, every_factor=False)
     columns = {f"{m}_{r}": f"{m} {r}" for m in metrics for r in ROLES}
     columns.update({f"distance_to_oracle_{r}": f"distance {r}" for r in ("before", "after")})
+    if "ihvp_residual" in done and done["ihvp_residual"].notna().any():
+        columns["ihvp_residual"] = "inverse-HVP residual"  # group influence only (protocol §8.3)
     return _table(done, rows, columns)
 
 
