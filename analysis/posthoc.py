@@ -289,23 +289,38 @@ def roc_points(saved: dict[str, np.ndarray], group: str = "all") -> tuple[np.nda
     return fpr, tpr
 
 
+def roc_on_grid(saved: dict[str, np.ndarray], group: str, grid: np.ndarray) -> np.ndarray:
+    """Return the ROC curve's TPR at each FPR of `grid`: the highest TPR of a threshold whose FPR is at most
+    the grid value (the step function of `roc_points`)."""
+    fpr, tpr = roc_points(saved, group)
+    best = np.maximum.accumulate(tpr)
+    return best[np.searchsorted(fpr, grid, side="right") - 1]
+
+
+ROC_GRID = np.logspace(-4, 0, 200)
+
+
 def roc_figure(df: pd.DataFrame, groups: Sequence[str] = ("all", "spurious")):
-    """Return ROC curves on log-log axes (Carlini et al. 2022), one panel per attack, one curve per finished
-    target trial and member group, labelled by n_spurious and data seed."""
+    """Return ROC curves on log-log axes (Carlini et al. 2022), one panel per attack, one colour per n: the
+    TPR at each FPR averaged over the targets (data seeds) of that n, solid for all members and dashed for
+    the spurious members."""
     done = _attack_trials(df, deletion=False)
     done = done[done["checkpoint"].notna()] if "checkpoint" in done else done
     attacks = sorted(done["attack"].unique()) if not done.empty else []
     fig, axes = style.grid(len(attacks), width=4.5, height=4)
     for ax, attack in zip(axes, attacks):
-        for row in done[done["attack"] == attack].sort_values(["n_spurious", "data_seed"]).itertuples():
-            saved = scores(row.checkpoint)
+        trials = done[done["attack"] == attack]
+        for n, part in trials.groupby("n_spurious", sort=True):
+            saved = [scores(c) for c in part["checkpoint"]]
             color = None
             for group, dashes in zip(groups, ("-", "--", ":")):
-                if group == "spurious" and not saved["spurious"].any():
+                curves = [roc_on_grid(v, group, ROC_GRID) for v in saved
+                          if group != "spurious" or v["spurious"].any()]
+                if not curves:
                     continue
-                fpr, tpr = roc_points(saved, group)
-                line, = ax.plot(np.maximum(fpr, 1e-5), np.maximum(tpr, 1e-5), dashes, lw=1, color=color,
-                                label=f"n={row.n_spurious} seed={row.data_seed} {group}")
+                label = f"n={n}" if color is None else None
+                line, = ax.plot(ROC_GRID, np.maximum(np.mean(curves, axis=0), 1e-5), dashes, lw=1, color=color,
+                                label=label)
                 color = line.get_color()
         ax.plot([1e-5, 1], [1e-5, 1], color="grey", lw=0.8, ls=":")
         ax.set_xscale("log")
@@ -313,7 +328,8 @@ def roc_figure(df: pd.DataFrame, groups: Sequence[str] = ("all", "spurious")):
         ax.set_xlim(1e-4, 1)
         ax.set_ylim(1e-4, 1)
         ax.set_xlabel("false positive rate")
-        ax.set_title(f"{attack} attack", fontsize=style.TITLE_SIZE)
-        ax.legend(fontsize=6)
-    axes[0].set_ylabel("true positive rate")
+        ax.set_title(f"{attack} attack (mean over seeds; dashed: spurious members)", fontsize=style.TITLE_SIZE)
+    if attacks:
+        axes[0].set_ylabel("true positive rate")
+        axes[0].legend(fontsize=6, loc="lower right")
     return fig
