@@ -16,6 +16,7 @@ for MIA) adds any other source column.
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -34,7 +35,7 @@ MIA_METRICS = ("attack_acc", "spurious_attack_acc", "other_attack_acc", "auc", "
 MIA_TABLE = ("auc", "tpr_at_0_1pct_fpr", "attack_acc", "attack_acc_oracle", "spurious_attack_acc",
              "other_attack_acc", "spurious_auc", "spurious_tpr_at_0_1pct_fpr")
 # After deletion: the forget set (the planted examples) and the other members, per model (protocol §9.8).
-DELETION_ROLES = {"original": "original", "deleted": "deleted", "oracle": "oracle"}
+DELETION_ROLES = {"original": "original", "deleted": "deleted", "retrained": "retrained"}
 FORGET_METRICS = {"spurious_auc": "forget AUC", "spurious_tpr_at_0_1pct_fpr": "forget TPR@0.1%",
                   "spurious_attack_acc": "forget flagged", "other_auc": "other AUC"}
 VULNERABILITY = {"planted_tpr_at_1pct_fpr": "planted TPR@1%", "other_examples_tpr_at_1pct_fpr": "others TPR@1%",
@@ -65,6 +66,7 @@ def _table(done: pd.DataFrame, rows: Sequence[str], columns: dict[str, str]) -> 
     summary = _summary(done, rows, columns, "column")
     summary["cell"] = [stats.cell(m, s) for m, s in zip(summary["mean"], summary["se"])]
     table = summary.pivot_table(index=rows, columns="column", values="cell", aggfunc="first")
+    table.columns.name = None
     return table[[c for c in columns.values() if c in table]].to_string()
 
 
@@ -148,7 +150,19 @@ def mia_table(df: pd.DataFrame, metrics: Sequence[str] = MIA_TABLE) -> str:
     if done.empty:
         return "(no finished attack trials)"
     rows = _cells(done, "attack", MIA_SETTINGS, every_factor=False)
-    return _table(done, rows, {m: m for m in metrics if m in done})
+    return _caption(done) + _table(done, rows, {m: m for m in metrics if m in done})
+
+
+def _caption(done: pd.DataFrame) -> str:
+    """Return the lines that say what an attack table's cells are (protocol §9.4, §9.6)."""
+    counts = done.groupby([k for k in ("attack", "n_spurious") if k in done]).size()
+    seeds = f"{counts.min()}" if counts.min() == counts.max() else f"{counts.min()}–{counts.max()}"
+    return textwrap.fill(f"Cells: mean ± s.e. over {seeds} target model(s) (data seeds) per row; no s.e. with one. "
+            "auc: AUROC; tpr_at_X_fpr: TPR at FPR below X. attack_acc: accuracy over all members and "
+            "non-members at the threshold calibrated on a shadow model (chance 0.5); *_oracle: at the threshold "
+            "best on the target's own labels (no attacker has it). spurious_/other_attack_acc: fraction of the "
+            "spurious / other members flagged at the calibrated threshold. spurious_*/forget: the planted "
+            "examples against all non-members.", 110) + "\n"
 
 
 def mia_reference_table(df: pd.DataFrame) -> str:
@@ -164,14 +178,17 @@ def mia_reference_table(df: pd.DataFrame) -> str:
 
 def mia_deletion_table(df: pd.DataFrame, metrics: dict[str, str] = FORGET_METRICS) -> str:
     """Return the attacks on deleted models: rows attack × deletion method × n, columns each forget-set metric
-    for the original, deleted and oracle models side by side (mean ± s.e. over seeds; protocol §9.8)."""
+    for the original, deleted and retrained (oracle) models side by side (mean ± s.e. over seeds; protocol §9.8)."""
     done = _attack_trials(df, deletion=True)
     if done.empty:
         return "(no finished attacks on deleted models)"
     rows = ["attack", "deletion_method", *_cells(done, "attack", MIA_SETTINGS, every_factor=False)[1:]]
     columns = {f"{role}_{m}": f"{label} {role}" for m, label in metrics.items() for role in DELETION_ROLES
                if f"{role}_{m}" in done}
-    return _table(done, rows, columns)
+    return (_caption(done) + textwrap.fill("Models: original (before deletion), deleted, retrained (from scratch "
+                                           "without the forget set: the oracle). forget flagged: fraction of the "
+                                           "forget set flagged at the calibrated threshold.", 110)
+            + "\n" + _table(done, rows, columns))
 
 
 def vulnerability_table(df: pd.DataFrame) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from dataclasses import dataclass
 from typing import Sequence
@@ -53,7 +54,8 @@ COMMANDS = (
             "study.mitigation_cmd:arguments", "study.mitigation_cmd:handle"),
     Command("delete", "delete the spurious examples from a training study's models (protocol §8)",
             "study.delete_cmd:arguments", "study.delete_cmd:handle"),
-    Command("mia", "membership-inference attacks on a mia-train study's target models (protocol §9)",
+    Command("mia", "membership-inference attacks on a membership study's target models, or on the original, "
+                   "deleted and retrained models of a deletion study of one (protocol §9)",
             "study.mia_cmd:arguments", "study.mia_cmd:handle"),
     Command("doctor", "check cluster, storage, datasets and W&B before a launch", "study.doctor_cmd:arguments",
             "study.doctor_cmd:handle"),
@@ -235,6 +237,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("study: interrupted; `study resume EXPERIMENT_DIR` continues a run", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`study show … | head`): stop quietly
+        sys.stderr = open(os.devnull, "w")
+        return 0
 
 
 if __name__ == "__main__":

@@ -55,7 +55,8 @@ def arguments(p: argparse.ArgumentParser) -> None:
     add_run_options(p, smoke_help="fast settings for a quick check: " + ", ".join(
         f"{k}={v}" for k, v in SMOKE_SETTINGS.items()) + "; " + "; ".join(
         f"with solver {solver}: " + ", ".join(f"{k}={v}" for k, v in keys.items())
-        for solver, keys in SMOKE_SOLVER_SETTINGS.items()) + " (--set overrides them)")
+        for solver, keys in SMOKE_SOLVER_SETTINGS.items()) + " (--set overrides them)",
+        default_name="<source>-delete-<method>", trains=False)
 
 
 def setting_keys() -> list[str]:
@@ -72,6 +73,25 @@ def smoke_settings(overrides: dict[str, Any]) -> dict[str, Any]:
     solvers = {delete_trainable.DeleteSettings(mode=str(mode), solver=solver).solver_name
                for mode in values("mode") for solver in values("solver")}
     return {**SMOKE_SETTINGS, **(SMOKE_SOLVER_SETTINGS[solvers.pop()] if len(solvers) == 1 else {})}
+
+
+# The settings each method reads; a `--set` of another method's setting is refused.
+METHOD_KEYS = {"retrain": (), "incremental_retraining": ("retrain_epochs", "lr_policy")}
+
+
+def method_keys(method: str) -> tuple[str, ...]:
+    """Return the `--set` keys `method` reads (group influence: all but incremental retraining's)."""
+    if method in METHOD_KEYS:
+        return METHOD_KEYS[method]
+    return tuple(k for k in setting_keys() if k not in METHOD_KEYS["incremental_retraining"])
+
+
+def check_method_settings(method: str, overrides: dict[str, Any]) -> None:
+    """Raise a one-line SpuriousError for a `--set` key that `method` does not read."""
+    foreign = [k for k in overrides if k not in method_keys(method)]
+    if foreign:
+        allowed = ", ".join(method_keys(method)) or "none"
+        raise SpuriousError(f"--set {', '.join(foreign)}: not a setting of --method {method} (it takes: {allowed})")
 
 
 def parse_settings(items: Sequence[str]) -> dict[str, Any]:
@@ -121,6 +141,10 @@ def oracle_checkpoints(oracle: str, source: str, storage: str) -> tuple[dict[str
 def plan(source: str, method: str, overrides: dict, filters: dict, oracle: str,
          options: runner.RunOptions) -> tuple[posthoc.Plan, list[str]]:
     """Return the deletion study for `source` (validated, nothing started) and notes on what was skipped."""
+    kind = runner.read_meta(source).get("kind") if not posthoc.is_uri(source) else None
+    if kind in ("delete", "mia"):
+        raise SpuriousError(f"--from {source!r} is a {kind} study; study delete deletes from the models of a training "
+                            "study (study run)")
     df = posthoc.apply_filters(posthoc.source_trials(source), filters)
     df, notes = posthoc.finished(df)
     df, skipped = deletable(df)
@@ -145,6 +169,8 @@ def plan(source: str, method: str, overrides: dict, filters: dict, oracle: str,
 def handle(args: argparse.Namespace) -> int:
     options = run_options(args)
     overrides = parse_settings(args.set)
-    settings = {**(smoke_settings(overrides) if args.smoke else {}), **overrides}
+    check_method_settings(args.method, overrides)
+    smoke = {k: v for k, v in smoke_settings(overrides).items() if k in method_keys(args.method)}
+    settings = {**(smoke if args.smoke else {}), **overrides}
     study, notes = plan(args.source, args.method, settings, posthoc.parse_pairs(args.filter), args.oracle, options)
     return posthoc.launch(study, notes, options, args)

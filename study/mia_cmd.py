@@ -63,7 +63,8 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
                    help="keep target trials whose config column equals VALUE (or one of a list); repeatable")
     add_run_options(p, smoke_help="fast settings for a quick check: " + ", ".join(
-        f"{k}={v}" for k, v in SMOKE_SETTINGS.items()) + " (--set overrides them)")
+        f"{k}={v}" for k, v in SMOKE_SETTINGS.items()) + " (--set overrides them)",
+        default_name="<source>-mia-<attacks>", trains=False)
 
 
 def setting_keys() -> list[str]:
@@ -146,17 +147,28 @@ def plan(source: str, attacks: Sequence[str] | None, overrides: dict, filters: d
     if attacks is None:
         has_online = any(online.values())
         attacks = [a for a in mia.ATTACKS if mia_trainable.needs(a) == "offline" or has_online]
-    for kind, table in (("offline", offline), ("online", online)):
-        if any(mia_trainable.needs(a) == kind for a in attacks):
-            lonely = [t for t, s in table.items() if not s]
-            if lonely:
-                notes.append(f"skipping {len(lonely)} target(s) with no matching {kind} shadow model: "
-                             f"{', '.join(lonely)}")
-            targets = targets[~targets["trial_id"].astype(str).isin(lonely)]
-    if targets.empty:
-        raise SpuriousError(f"no target model of {source!r} to attack (`study run mia-train` makes them; "
-                            f"{'; '.join(notes) or 'none selected'})")
     space, combos = posthoc.settings_grid(overrides)
+    for kind, table in (("offline", offline), ("online", online)):
+        used = [a for a in attacks if mia_trainable.needs(a) == kind]
+        if not used:
+            continue
+        need = max(mia_trainable.min_references(a) for a in used)
+        key = "online_shadows" if kind == "online" else "shadows"
+        for combo in combos:
+            limit = int(combo.get(key, 0) or 0)
+            if 0 < limit < need:
+                raise SpuriousError(f"--set {key}={limit}: the {', '.join(used)} attack(s) need at least {need} {kind} "
+                                    f"shadow models (one to calibrate the threshold on, attacked with the others); "
+                                    f"allowed: 0 (all) or >= {need}")
+        lonely = [t for t, s in table.items() if len(s) < need]
+        if lonely:
+            notes.append(f"skipping {len(lonely)} target(s) with fewer than {need} matching {kind} shadow model(s): "
+                         f"{', '.join(lonely)}")
+        targets = targets[~targets["trial_id"].astype(str).isin(lonely)]
+    if targets.empty:
+        raise SpuriousError(f"no target model of {source!r} to attack: it needs finished membership target models "
+                            f"(split mia_target; `study run mia-train` makes them) with their shadow models"
+                            f"{' (' + '; '.join(notes) + ')' if notes else ''}")
     for combo in combos:
         for attack in attacks:
             mia_trainable.settings({"attack": attack, "target_trial_id": "x", **combo})

@@ -96,19 +96,23 @@ def numbers(value):
     return value
 
 
-def add_run_options(p: argparse.ArgumentParser, smoke_help: str | None = None) -> None:
-    """Add the options shared by commands that launch trials (and `--smoke`, described by `smoke_help`)."""
+def add_run_options(p: argparse.ArgumentParser, smoke_help: str | None = None, default_name: str | None = None,
+                    trains: bool = True) -> None:
+    """Add the options shared by commands that launch trials (and `--smoke`, described by `smoke_help`);
+    `default_name` describes the default experiment name; `trains=False` (post-hoc studies, which train no
+    bundle of models) leaves out `--bundle`."""
     if smoke_help:
         p.add_argument("--smoke", action="store_true", help=smoke_help)
     p.add_argument("--address", help="Ray cluster address (host:port or auto); default: embedded Ray here")
     p.add_argument("--storage-path", default="./results", type=expand_path,
                    help="results root, local path or URI (default ./results)")
-    p.add_argument("--name", help="experiment name (default <study>-<timestamp>)")
+    p.add_argument("--name", help=f"experiment name (default {default_name or '<study>-<timestamp>'})")
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (default 1)")
     p.add_argument("--gpus-per-trial", type=float, help="GPU share per trial, e.g. 0.25 (default 0.25 if GPUs, else 0)")
     p.add_argument("--max-concurrent", type=int, help="cap on trials running at once")
-    p.add_argument("--bundle", type=int, default=1, metavar="K",
-                   help="train up to K compatible configs (MLPs) in lock-step per trial (default 1: no bundling)")
+    if trains:
+        p.add_argument("--bundle", type=int, default=1, metavar="K",
+                       help="train up to K compatible configs (MLPs) in lock-step per trial (default 1: no bundling)")
     p.add_argument("--max-failures", type=int, default=2,
                    help="retries of a failed trial, each from its last checkpoint (default 2)")
     p.add_argument("--static-cluster", action="store_true",
@@ -132,7 +136,7 @@ def check_resources(args: argparse.Namespace) -> None:
         raise UsageError(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise UsageError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
-    if args.bundle < 1:
+    if getattr(args, "bundle", 1) < 1:
         raise UsageError(f"--bundle must be >= 1, got {args.bundle}")
     if args.max_failures < 0:
         raise UsageError(f"--max-failures must be >= 0, got {args.max_failures}")
@@ -168,7 +172,7 @@ def run_options(args: argparse.Namespace, overrides: dict | None = None) -> RunO
                       cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
                       max_concurrent=args.max_concurrent, data_dir=args.data_dir,
                       smoke=getattr(args, "smoke", False), overrides=overrides or {}, verbose=args.verbose,
-                      max_failures=args.max_failures, bundle=args.bundle, static_cluster=args.static_cluster)
+                      max_failures=args.max_failures, bundle=getattr(args, "bundle", 1), static_cluster=args.static_cluster)
 
 
 def confirm(count: int, assume_yes: bool) -> None:

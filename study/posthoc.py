@@ -103,8 +103,10 @@ def source_trials(source: str | Path) -> pd.DataFrame:
     `file` to the model's file in it."""
     if not is_uri(source):
         path = Path(source).resolve()
-        if not path.is_dir():
+        if not path.exists():
             raise SpuriousError(f"source experiment {str(source)!r} does not exist")
+        if not path.is_dir():
+            raise SpuriousError(f"source experiment {str(source)!r} is a file, not an experiment directory")
         df = load(path)
         if df.empty:
             raise SpuriousError(f"source experiment {str(source)!r} holds no trials")
@@ -248,12 +250,30 @@ def launch(plan: Plan, notes: list[str], options: runner.RunOptions, args) -> in
 
 
 def finish(experiment_path: str, kind: str) -> int:
-    """Print the study's table, its errored trials and its path; return 1 if any trial errored."""
+    """Print the study's table, its errored trials and its path; return 130 when trials are left unfinished
+    (an interrupted run: `study resume` continues it), 1 if any trial errored, else 0."""
     df = load(experiment_path)
     print()
-    print(posthoc_analysis.deletion_table(df) if kind == "delete" else posthoc_analysis.mia_table(df))
-    errored = df[df["status"] != "TERMINATED"] if not df.empty else df
+    if kind == "delete":
+        print(posthoc_analysis.deletion_table(df))
+        if "cg_converged" in df and (df["cg_converged"] == False).any():  # noqa: E712 (NaN for other methods)
+            bad = df[df["cg_converged"] == False]  # noqa: E712
+            print(f"not converged: {len(bad)} group-influence trial(s) stopped at cg_max_iter before cg_tol "
+                  f"(cg_residual up to {bad['cg_residual'].max():.3g}); their update is a partial solve, see "
+                  "ihvp_residual: " + ", ".join(map(str, bad["trial_id"])))
+    elif runner.read_meta(experiment_path).get("deletion"):
+        print(posthoc_analysis.mia_deletion_table(df))
+    else:
+        print(posthoc_analysis.mia_table(df))
+    status = df["status"] if not df.empty else pd.Series(dtype=str)
+    errored = df[status == "ERROR"] if not df.empty else df
     for row in errored.itertuples():
         print(f"errored: {row.trial_id}: {row.error or row.status}")
     print(f"\nexperiment: {experiment_path}")
+    planned = int(runner.read_meta(experiment_path).get("trials", len(df)))
+    unfinished = planned - int(status.isin(["TERMINATED", "ERROR"]).sum())
+    if unfinished > 0:
+        print(f"interrupted: {unfinished} of {planned} trials did not finish; `study resume {experiment_path}` "
+              "continues them")
+        return 130
     return 1 if len(errored) else 0

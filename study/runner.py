@@ -264,6 +264,10 @@ def read_text(path: str | Path) -> str:
 
 def read_meta(path: str | Path) -> dict:
     """Return the study metadata stored in an experiment directory (local or URI)."""
+    if "://" not in str(path) and not Path(path).exists():
+        raise SpuriousError(f"{str(path)!r} does not exist (expected a study experiment directory)")
+    if "://" not in str(path) and not Path(path).is_dir():
+        raise SpuriousError(f"{str(path)!r} is a file, not a study experiment directory")
     try:
         return json.loads(read_text(join(path, META_FILE)))
     except FileNotFoundError:

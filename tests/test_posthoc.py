@@ -340,8 +340,8 @@ def test_mia_trainable_reports_calibrated_metrics_and_saves_scores_for_every_att
         online = attack in mia.ONLINE_ATTACKS
         assert row["shadows_used"] == (6 if online else 3) and row["n_spurious_members"] == 5, attack
         assert row["n_members"] + row["n_nonmembers"] + row["n_dropped"] == 600 and row["split"] == "mia_target"
-        if attack.startswith("rmia"):
-            assert row["n_dropped"] == 150  # the population: at most half of the 300 non-members
+        if attack.startswith("rmia"):  # the population (at most half of the 300 non-members) and as many members
+            assert row["n_dropped"] == 300 and row["n_members"] == row["n_nonmembers"] == 150
         for key in ("auc", "attack_acc", "attack_acc_oracle", "spurious_attack_acc", "other_attack_acc",
                     "nonmember_flag_rate", "tpr_at_0_1pct_fpr"):
             assert 0 <= row[key] <= 1 or (attack.startswith("rmia") and math.isnan(row[key])), (attack, key)
@@ -394,15 +394,15 @@ def test_mia_trainable_attacks_the_original_deleted_and_oracle_models(captured, 
     mia_trainable.mia_attack({"attack": "lira", "target_trial_id": "r"}, data, table)
     mia_trainable.mia_attack({"attack": "lira", "target_trial_id": "t0"}, data, targets)
     (d_row, d_saved), (r_row, _), (t_row, _) = captured[-3:]
-    assert d_row["roles"] == r_row["roles"] == "original,deleted,oracle"
+    assert d_row["roles"] == r_row["roles"] == "original,deleted,retrained"
     assert d_row["deletion_method"] == "incremental_retraining" and r_row["deletion_method"] == "retrain"
     assert d_row["original_spurious_auc"] == t_row["spurious_auc"]  # the source model, attacked as before
-    assert d_row["oracle_spurious_auc"] == r_row["oracle_spurious_auc"] == r_row["deleted_spurious_auc"]
-    assert d_row["deleted_spurious_auc"] != d_row["oracle_spurious_auc"]
-    assert d_saved["deleted_scores"].shape == (600,) and "oracle_threshold" in d_saved
+    assert d_row["retrained_spurious_auc"] == r_row["retrained_spurious_auc"] == r_row["deleted_spurious_auc"]
+    assert d_row["deleted_spurious_auc"] != d_row["retrained_spurious_auc"]
+    assert d_saved["deleted_scores"].shape == (600,) and "retrained_threshold" in d_saved
     table["d"]["oracle"] = None
     mia_trainable.mia_attack({"attack": "loss", "target_trial_id": "d"}, data, table)
-    assert captured[-1][0]["roles"] == "original,deleted" and "oracle_auc" not in captured[-1][0]
+    assert captured[-1][0]["roles"] == "original,deleted" and "retrained_auc" not in captured[-1][0]
 
 
 # ---------------------------------------------------------------- analysis

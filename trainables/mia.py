@@ -26,7 +26,8 @@ reported; the per-example arrays are in the checkpoint.
 
 Deletion mode (`study mia --from <delete experiment>`, protocol §9.8): the target is a deletion trial; the original model
 (the deletion's source), the deleted model and the retrain oracle are attacked with the same shadows and
-threshold, and every metric is reported per role (`original_*`, `deleted_*`, `oracle_*`); the planted
+threshold, and every metric is reported per role (`original_*`, `deleted_*`, `retrained_*`, the last the
+retrain-from-scratch oracle; `*_oracle` keeps meaning "at the target-label-optimal threshold"); the planted
 examples are the forget set (`spurious_*` = forget set against the non-members).
 """
 from __future__ import annotations
@@ -45,7 +46,7 @@ from trainables.common import dataset_for, report, use_trial_threads
 from trainables.sources import planted_data, read_checkpoint, read_source, source_columns
 
 SCORES_FORMAT = "mia-scores-2"
-ROLES = ("original", "deleted", "oracle")
+ROLES = ("original", "deleted", "retrained")  # the retrained model is the deletion's retrain-from-scratch oracle
 VULNERABILITY_FPRS = {"1pct": 0.01, "0_1pct": 0.001}
 POPULATION_STREAM = 0x726D69  # "rmi": the RMIA population draw's own random stream
 
@@ -90,6 +91,12 @@ def settings(config: Mapping[str, Any]) -> MiaSettings:
 def needs(attack: str) -> str:
     """Return which reference models `attack` needs: "offline" (mia_shadow) or "online" (mia_online)."""
     return "online" if attack in mia.ONLINE_ATTACKS else "offline"
+
+
+def min_references(attack: str) -> int:
+    """Return how many reference models `attack` needs: one for `loss` and `shadow` (the model their threshold
+    is calibrated or learnt on), two for the others (one to calibrate on, attacked with the rest)."""
+    return 1 if attack in ("loss", "shadow") else 2
 
 
 # ------------------------------------------------------------------------------------------ pools and models
@@ -179,11 +186,19 @@ class Logits:
 
 # ------------------------------------------------------------------------------------------ scoring
 
-def population(nonmember_rows: np.ndarray, size: int, seed: int) -> np.ndarray:
-    """Return the RMIA population rows: `size` of the non-member rows, at most half of them, drawn from
-    `default_rng([seed, POPULATION_STREAM])`; they are left out of the evaluation (protocol §9.3)."""
+def population(members: np.ndarray, size: int, seed: int, protect: Optional[np.ndarray] = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Return (the RMIA population rows, the member rows left out with them), both sorted: `size` of the
+    non-member rows (at most half of them) drawn from `default_rng([seed, POPULATION_STREAM])`, and as many
+    member rows, never one marked in `protect` (the planted examples), drawn from the same generator. Both are
+    left out of the evaluation, so members and non-members stay equally many and chance accuracy stays 0.5
+    (protocol §9.3). `members` is a bool mask over the pool."""
     rng = np.random.default_rng([seed, POPULATION_STREAM])
-    return np.sort(rng.permutation(nonmember_rows)[:min(size, len(nonmember_rows) // 2)])
+    nonmembers = np.flatnonzero(~members)
+    z = np.sort(rng.permutation(nonmembers)[:min(size, len(nonmembers) // 2)])
+    keep = members if protect is None else members & ~protect
+    dropped = np.sort(rng.permutation(np.flatnonzero(keep))[:len(z)])
+    return z, dropped
 
 
 def attack_scores(s: MiaSettings, logits: Logits, pool: Pool, target: torch.nn.Module, refs: list[torch.nn.Module],
@@ -226,11 +241,11 @@ def _calibration(s: MiaSettings, refs: list[Reference], pool: Pool, logits: Logi
                             f"threshold on, attacked with the others); this target has {len(refs)}")
     members = membership(pseudo.cfg, pool)
     others_in = np.stack([membership(r.cfg, pool) for r in others]) if others else np.zeros((0, len(pool.y)), bool)
-    z = population(np.flatnonzero(~members), s.rmia_population, pseudo.cfg.data_seed)
+    z, dropped = population(members, s.rmia_population, pseudo.cfg.data_seed)
     scores = attack_scores(s, logits, pool, pseudo.model, [r.model for r in others], others_in, z)
     keep = np.isfinite(scores)
     if s.attack.startswith("rmia"):
-        keep[z] = False
+        keep[z] = keep[dropped] = False
     if not (keep & members).any() or not (keep & ~members).any():
         raise SpuriousError(f"cannot calibrate the {s.attack} threshold: too few reference models "
                             f"({len(refs)}) to score the calibration model's members and non-members")
@@ -246,7 +261,7 @@ def _vulnerability(s: MiaSettings, refs: list[Reference], pool: Pool, logits: Lo
     scores = np.full(ins.shape, np.nan)
     for j, ref in enumerate(refs):
         others = [k for k in range(len(refs)) if k != j]
-        z = population(np.flatnonzero(~ins[j]), s.rmia_population, ref.cfg.data_seed + j)
+        z, _ = population(ins[j], s.rmia_population, ref.cfg.data_seed + j)
         row = attack_scores(s, logits, pool, ref.model, [refs[k].model for k in others], ins[others], z)
         if s.attack.startswith("rmia"):
             row[z] = np.nan
@@ -276,15 +291,15 @@ def _shadow_scores(s: MiaSettings, refs: list[Reference], shadow_pool: Pool, tar
 
 def score_model(s: MiaSettings, model: torch.nn.Module, pool: Pool, refs: list[Reference],
                 refs_pool_in: np.ndarray, shadow_pool: Optional[Pool], logits: Logits,
-                z: np.ndarray) -> tuple[np.ndarray, Optional[float]]:
-    """Return one model's scores on `pool` (NaN where unusable), and the attack's own threshold when it has
-    one (the shadow attack's)."""
+                z: np.ndarray, dropped: np.ndarray) -> tuple[np.ndarray, Optional[float]]:
+    """Return one model's scores on `pool` (NaN where unusable: for RMIA the population `z` and the members
+    `dropped` with it), and the attack's own threshold when it has one (the shadow attack's)."""
     if s.attack == "shadow":
         return _shadow_scores(s, refs, shadow_pool, logits(model, pool), pool.y.cpu().numpy(), logits)
     scores = attack_scores(s, logits, pool, model, [r.model for r in refs], refs_pool_in, z)
     if s.attack.startswith("rmia"):
         scores = scores.copy()
-        scores[z] = np.nan
+        scores[z] = scores[dropped] = np.nan
     return scores, None
 
 
@@ -301,7 +316,8 @@ def evaluate(s: MiaSettings, scores: np.ndarray, first: int, planted: np.ndarray
 
 
 def _delete_roles(entry: Mapping[str, Any], state: dict, data: PlantedData, device) -> dict[str, torch.nn.Module]:
-    """Return {role: model} of a deletion trial: the source (original), the deleted model and the oracle."""
+    """Return {role: model} of a deletion trial: the source (`original`), the `deleted` model and the
+    retrain-from-scratch oracle (`retrained`), when the deletion has one."""
     record = state.get("deletion") or {}
     deleted = np.sort(np.asarray(record.get("deleted_idx", []), np.int64))
     if not np.array_equal(deleted, np.sort(np.asarray(data.spurious_idx, np.int64))):
@@ -312,9 +328,9 @@ def _delete_roles(entry: Mapping[str, Any], state: dict, data: PlantedData, devi
         return checkpoint.model_from_checkpoint(st, data.input_shape, data.num_classes).to(device).eval()
     roles = {"original": model_of(read_source(entry["original"])), "deleted": model_of(state)}
     if record.get("method") == "retrain":
-        roles["oracle"] = roles["deleted"]
+        roles["retrained"] = roles["deleted"]
     elif entry.get("oracle"):
-        roles["oracle"] = model_of(read_checkpoint(entry["oracle"]))
+        roles["retrained"] = model_of(read_checkpoint(entry["oracle"]))
     return roles
 
 
@@ -355,12 +371,13 @@ def mia_attack(config: Mapping[str, Any], datasets: Mapping[str, Any], targets: 
                else np.zeros((len(refs), len(pool.y)), bool))
     calibration_pool = pool if kind == "online" else _shadow_pool(cfg, datasets, device)
     threshold = None if s.attack == "shadow" else _calibration(s, refs, calibration_pool, logits)
-    z = population(np.arange(pool.first, len(pool.y)), s.rmia_population, cfg.data_seed)
+    members = np.arange(len(pool.y)) < pool.first
+    z, dropped = population(members, s.rmia_population, cfg.data_seed, protect=planted)
     models = _delete_roles(entry, state, data, device) if deletion_mode else {
         "target": checkpoint.model_from_checkpoint(state, data.input_shape, data.num_classes).to(device).eval()}
     row, saved = {}, {"format": SCORES_FORMAT, "first": pool.first, "planted": torch.from_numpy(planted)}
     for role, model in models.items():
-        scores, own = score_model(s, model, pool, refs, refs_in, calibration_pool, logits, z)
+        scores, own = score_model(s, model, pool, refs, refs_in, calibration_pool, logits, z, dropped)
         used = own if threshold is None else threshold
         metrics = evaluate(s, scores, pool.first, planted, used)
         prefix = "" if role == "target" else f"{role}_"
