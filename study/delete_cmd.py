@@ -141,7 +141,8 @@ def oracle_checkpoints(oracle: str, source: str, storage: str) -> tuple[dict[str
 def plan(source: str, method: str, overrides: dict, filters: dict, oracle: str,
          options: runner.RunOptions) -> tuple[posthoc.Plan, list[str]]:
     """Return the deletion study for `source` (validated, nothing started) and notes on what was skipped."""
-    kind = runner.read_meta(source).get("kind") if not posthoc.is_uri(source) else None
+    has_meta = not posthoc.is_uri(source) and (Path(source) / runner.META_FILE).is_file()
+    kind = runner.read_meta(source).get("kind") if has_meta else None
     if kind in ("delete", "mia"):
         raise SpuriousError(f"--from {source!r} is a {kind} study; study delete deletes from the models of a training "
                             "study (study run)")

@@ -91,7 +91,7 @@ def run_cli(capsys, *argv):
     (["run", "demo", "--gpus-per-trial", "-1"], "--gpus-per-trial must be >= 0"),
     (["run", "demo", "--max-failures", "-1"], "--max-failures must be >= 0"),
     (["run", "paper-mlp"], "pass --yes"),
-    (["resume", "/nonexistent/exp"], "not a study experiment directory"),
+    (["resume", "/nonexistent/exp"], "does not exist (expected a study experiment directory)"),
 ])
 def test_bad_inputs_fail_before_any_trial_with_one_line(capsys, argv, message, tmp_path):
     code, out, err = run_cli(capsys, *argv, *(["--storage-path", str(tmp_path)] if argv[0] == "run" else []))
