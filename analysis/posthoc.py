@@ -183,12 +183,15 @@ def mia_deletion_table(df: pd.DataFrame, metrics: dict[str, str] = FORGET_METRIC
     if done.empty:
         return "(no finished attacks on deleted models)"
     rows = ["attack", "deletion_method", *_cells(done, "attack", MIA_SETTINGS, every_factor=False)[1:]]
-    columns = {f"{role}_{m}": f"{label} {role}" for m, label in metrics.items() for role in DELETION_ROLES
-               if f"{role}_{m}" in done}
+    blocks = []
+    for metric, label in metrics.items():
+        columns = {f"{role}_{metric}": role for role in DELETION_ROLES if f"{role}_{metric}" in done}
+        if columns:
+            blocks.append(f"{label}:\n" + _table(done, rows, columns))
     return (_caption(done) + textwrap.fill("Models: original (before deletion), deleted, retrained (from scratch "
                                            "without the forget set: the oracle). forget flagged: fraction of the "
                                            "forget set flagged at the calibrated threshold.", 110)
-            + "\n" + _table(done, rows, columns))
+            + "\n\n" + "\n\n".join(blocks))
 
 
 def vulnerability_table(df: pd.DataFrame) -> str:
