@@ -37,7 +37,8 @@ MIA_TABLE = ("auc", "tpr_at_0_1pct_fpr", "attack_acc", "attack_acc_oracle", "spu
 # After deletion: the forget set (the planted examples) and the other members, per model (protocol §9.8).
 DELETION_ROLES = {"original": "original", "deleted": "deleted", "retrained": "retrained"}
 FORGET_METRICS = {"spurious_auc": "forget AUC", "spurious_tpr_at_0_1pct_fpr": "forget TPR@0.1%",
-                  "spurious_attack_acc": "forget flagged", "other_auc": "other AUC"}
+                  "spurious_attack_acc": "forget flagged", "other_auc": "other members' AUC",
+                  "other_tpr_at_0_1pct_fpr": "other members' TPR@0.1%"}
 VULNERABILITY = {"planted_tpr_at_1pct_fpr": "planted TPR@1%", "other_examples_tpr_at_1pct_fpr": "others TPR@1%",
                  "planted_tpr_at_0_1pct_fpr": "planted TPR@0.1%",
                  "other_examples_tpr_at_0_1pct_fpr": "others TPR@0.1%"}
