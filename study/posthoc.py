@@ -253,6 +253,7 @@ def finish(experiment_path: str, kind: str) -> int:
     """Print the study's table, its errored trials and its path; return 130 when trials are left unfinished
     (an interrupted run: `study resume` continues it), 1 if any trial errored, else 0."""
     df = load(experiment_path)
+    meta = runner.read_meta(experiment_path)
     print()
     if kind == "delete":
         print(posthoc_analysis.deletion_table(df))
@@ -261,7 +262,7 @@ def finish(experiment_path: str, kind: str) -> int:
             print(f"not converged: {len(bad)} group-influence trial(s) stopped at cg_max_iter before cg_tol "
                   f"(cg_residual up to {bad['cg_residual'].max():.3g}); their update is a partial solve, see "
                   "ihvp_residual: " + ", ".join(map(str, bad["trial_id"])))
-    elif runner.read_meta(experiment_path).get("deletion"):
+    elif meta.get("deletion"):
         print(posthoc_analysis.mia_deletion_table(df))
     else:
         print(posthoc_analysis.mia_table(df))
@@ -270,7 +271,7 @@ def finish(experiment_path: str, kind: str) -> int:
     for row in errored.itertuples():
         print(f"errored: {row.trial_id}: {row.error or row.status}")
     print(f"\nexperiment: {experiment_path}")
-    planned = int(runner.read_meta(experiment_path).get("trials", len(df)))
+    planned = int(meta.get("trials", len(df)))
     unfinished = planned - int(status.isin(["TERMINATED", "ERROR"]).sum())
     if unfinished > 0:
         print(f"interrupted: {unfinished} of {planned} trials did not finish; `study resume {experiment_path}` "

@@ -315,7 +315,8 @@ def evaluate(s: MiaSettings, scores: np.ndarray, first: int, planted: np.ndarray
     return row
 
 
-def _delete_roles(entry: Mapping[str, Any], state: dict, data: PlantedData, device) -> dict[str, torch.nn.Module]:
+def _delete_roles(entry: Mapping[str, Any], state: dict, original: dict, data: PlantedData,
+                  device) -> dict[str, torch.nn.Module]:
     """Return {role: model} of a deletion trial: the source (`original`), the `deleted` model and the
     retrain-from-scratch oracle (`retrained`), when the deletion has one."""
     record = state.get("deletion") or {}
@@ -326,7 +327,7 @@ def _delete_roles(entry: Mapping[str, Any], state: dict, data: PlantedData, devi
 
     def model_of(st):
         return checkpoint.model_from_checkpoint(st, data.input_shape, data.num_classes).to(device).eval()
-    roles = {"original": model_of(read_source(entry["original"])), "deleted": model_of(state)}
+    roles = {"original": model_of(original), "deleted": model_of(state)}
     if record.get("method") == "retrain":
         roles["retrained"] = roles["deleted"]
     elif entry.get("oracle"):
@@ -349,10 +350,8 @@ def mia_attack(config: Mapping[str, Any], datasets: Mapping[str, Any], targets: 
     entry = targets[s.target_trial_id]
     deletion_mode = "original" in entry
     state = read_source(entry)
-    if deletion_mode:
-        cfg, data = planted_data(read_source(entry["original"]), datasets)
-    else:
-        cfg, data = planted_data(state, datasets)
+    original = read_source(entry["original"]) if deletion_mode else state
+    cfg, data = planted_data(original, datasets)
     if cfg.split != "mia_target":
         raise SpuriousError(f"trial {s.target_trial_id} is not a target model (split {cfg.split!r})")
     device = train.resolve_device(cfg.device)
@@ -373,7 +372,7 @@ def mia_attack(config: Mapping[str, Any], datasets: Mapping[str, Any], targets: 
     threshold = None if s.attack == "shadow" else _calibration(s, refs, calibration_pool, logits)
     members = np.arange(len(pool.y)) < pool.first
     z, dropped = population(members, s.rmia_population, cfg.data_seed, protect=planted)
-    models = _delete_roles(entry, state, data, device) if deletion_mode else {
+    models = _delete_roles(entry, state, original, data, device) if deletion_mode else {
         "target": checkpoint.model_from_checkpoint(state, data.input_shape, data.num_classes).to(device).eval()}
     row, saved = {}, {"format": SCORES_FORMAT, "first": pool.first, "planted": torch.from_numpy(planted)}
     for role, model in models.items():
