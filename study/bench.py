@@ -90,6 +90,41 @@ def bundle_section(data_dir: str | None, ks: tuple[int, ...], epochs: int, train
     return res
 
 
+def layout_section(data_dir: str | None, ks: tuple[int, ...], epochs: int, train_subset: int | None,
+                   save: bool = True) -> dict:
+    """Print and return models per hour of the 70-epoch LargeMLP Fashion-MNIST trial for the engine and each
+    bundle size at 1 thread and at all cores, the layout `study run` picks from them, and save them as this
+    machine's profile (study/layout.py) unless `save` is False."""
+    from study import cluster, layout
+
+    cores = cluster.local_node()["cpus"]
+    cfg = TrainConfig(dataset="fashion", model="large_mlp", pattern="s3", n_spurious=10, epochs=70)
+    data = datasets.load("fashion", data_dir)
+    before, candidates = torch.get_num_threads(), []
+    subset = f", first {train_subset} training images" if train_subset else ""
+    print(f"layout — 70-epoch LargeMLP Fashion-MNIST trials per hour, one trial at a time, {cores} cores "
+          f"(epochs timed: {epochs}, best of{subset})")
+    try:
+        for threads in sorted({1, cores}):
+            torch.set_num_threads(threads)
+            res = bench.bundle_throughput(cfg, data, tuple(k for k in ks if k > 1), epochs, train_subset)
+            for row in res["rows"][1:]:
+                candidates.append({"threads": threads, "bundle": row["k"], "models_per_hour": row["models_per_hour"]})
+    finally:
+        torch.set_num_threads(before)
+    for c in candidates:
+        machine = max(1, cores // c["threads"]) * c["models_per_hour"]
+        print(f"  {c['threads']} thread{'s' if c['threads'] > 1 else ' '} × bundle {c['bundle']:>3d}: "
+              f"{c['models_per_hour']:>9,.0f} models/hour per trial, {machine:>9,.0f} with {max(1, cores // c['threads'])} "
+              f"side by side")
+    best = layout.best_candidate(candidates, cores, bundling=True)
+    print(f"  best: {best['threads']} thread(s) per trial, bundle {best['bundle']}")
+    if save:
+        print(f"  saved as this machine's layout profile: {layout.save_profile(candidates)} (`study run` uses it "
+              f"unless --cpus-per-trial/--bundle are given)")
+    return {"candidates": candidates, "best": best}
+
+
 def cli_section(repeats: int = 3) -> dict:
     """Print and return the wall time (median of `repeats` fresh processes) of `study --help`, `study list`
     and `study show demo`: each must answer in under a second."""
@@ -119,6 +154,8 @@ def main(data_dir: str | None = None, repeats: int = 3, harness: bool = True,
         out["engine"] = engine_section(data_dir, repeats)
     if only in (None, "bundle") and bundle_sizes:
         out["bundle"] = bundle_section(data_dir, bundle_sizes, bundle_epochs, train_subset)
+    if only in (None, "layout") and bundle_sizes:
+        out["layout"] = layout_section(data_dir, bundle_sizes, bundle_epochs, train_subset)
     if only in (None, "harness") and (harness or only == "harness"):
         out["harness"] = harness_section(data_dir)
     return out

@@ -135,7 +135,7 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="bundle sizes K to measure, comma-separated (e.g. 1,8,32,128 on a GPU; empty: skip)")
     p.add_argument("--bundle-epochs", type=int, default=2, help="timed epochs per setting (best of)")
     p.add_argument("--train-subset", type=int, help="use only the first N training images (large K on a CPU)")
-    p.add_argument("--only", choices=["engine", "bundle", "harness", "cli"],
+    p.add_argument("--only", choices=["engine", "bundle", "layout", "harness", "cli"],
                    help="run one section only (default: all)")
 
 
@@ -197,6 +197,8 @@ def cmd_run(args) -> int:
     print(f"study {spec.name}: {prepared.cells} cells, {prepared.trainings} trainings in {prepared.trials} "
           f"trial{'s' if prepared.trials != 1 else ''} "
           f"(seed policy {spec.seed_policy}) -> {experiment_dir}", flush=True)
+    if options.layout:
+        print(options.layout["line"], flush=True)
     results = runner.launch(runner.train_launch(prepared, options), options, runner.train_trainable, logging)
     code = kinds.finish_training(results.experiment_path)
     logging.print_sync_hint(experiment_dir)

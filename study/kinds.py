@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from analysis import frames, load
 from spurious.patterns import short_name
+from spurious.errors import SpuriousError
 from spurious.registry import Registry
 from study import mitigation, posthoc, runner
 
@@ -47,8 +48,19 @@ def finish_training(experiment_path: str) -> int:
     errored = frames.errored(df)
     for line in errored:
         print(f"errored: {line}")
+    layout = _recorded_layout(experiment_path)
+    if layout:
+        print(f"\n{layout}")
     print(f"\nexperiment: {experiment_path}")
     return 1 if errored else 0
+
+
+def _recorded_layout(experiment_path: str) -> str | None:
+    """Return the layout line study.json records (None for studies run before layouts were recorded)."""
+    try:
+        return (runner.read_meta(experiment_path).get("layout") or {}).get("line")
+    except SpuriousError:
+        return None
 
 
 def _resume_tuner(kind: Kind) -> Callable[[runner.Reopened, bool], int]:

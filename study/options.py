@@ -51,6 +51,10 @@ class RunOptions:
     verbose: int = 1
     bundle: int = 1
     static_cluster: bool = False
+    # `study run` picks CPUs per trial and bundling itself when the user left the flag out (study/layout.py)
+    auto_cpus: bool = False
+    auto_bundle: bool = False
+    layout: dict | None = None
 
     def __post_init__(self) -> None:
         self.storage_path = expand_path(self.storage_path)
@@ -107,12 +111,15 @@ def add_run_options(p: argparse.ArgumentParser, smoke_help: str | None = None, d
     p.add_argument("--storage-path", default="./results", type=expand_path,
                    help="results root, local path or URI (default ./results)")
     p.add_argument("--name", help=f"experiment name (default {default_name or '<study>-<timestamp>'})")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (default 1)")
+    p.add_argument("--cpus-per-trial", type=float,
+                   help="CPUs (torch threads) per trial (default: " + ("picked by `study run` from `study bench`, "
+                        "see the README's Speed section" if trains else "1") + ")")
     p.add_argument("--gpus-per-trial", type=float, help="GPU share per trial, e.g. 0.25 (default 0.25 if GPUs, else 0)")
     p.add_argument("--max-concurrent", type=int, help="cap on trials running at once")
     if trains:
-        p.add_argument("--bundle", type=int, default=1, metavar="K",
-                       help="train up to K compatible configs (MLPs) in lock-step per trial (default 1: no bundling)")
+        p.add_argument("--bundle", type=int, metavar="K",
+                       help="train up to K compatible configs (MLPs) in lock-step per trial (default: picked by "
+                            "`study run` on this machine's CPUs, 1 on a GPU or a cluster; 1 = no bundling)")
     p.add_argument("--max-failures", type=int, default=2,
                    help="retries of a failed trial, each from its last checkpoint (default 2)")
     p.add_argument("--static-cluster", action="store_true",
@@ -130,13 +137,14 @@ def add_run_options(p: argparse.ArgumentParser, smoke_help: str | None = None, d
 
 def check_resources(args: argparse.Namespace) -> None:
     """Raise UsageError for a resource flag outside its range."""
-    if args.cpus_per_trial <= 0:
+    if args.cpus_per_trial is not None and args.cpus_per_trial <= 0:
         raise UsageError(f"--cpus-per-trial must be > 0, got {args.cpus_per_trial}")
     if args.gpus_per_trial is not None and args.gpus_per_trial < 0:
         raise UsageError(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise UsageError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
-    if getattr(args, "bundle", 1) < 1:
+    bundle = getattr(args, "bundle", None)
+    if bundle is not None and bundle < 1:
         raise UsageError(f"--bundle must be >= 1, got {args.bundle}")
     if args.max_failures < 0:
         raise UsageError(f"--max-failures must be >= 0, got {args.max_failures}")
@@ -168,11 +176,14 @@ def run_options(args: argparse.Namespace, overrides: dict | None = None) -> RunO
     check_resources(args)
     check_paths(args)
     cluster.check_address(args.address)
+    bundle = getattr(args, "bundle", None)
     return RunOptions(storage_path=args.storage_path, name=args.name, address=args.address,
-                      cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-                      max_concurrent=args.max_concurrent, data_dir=args.data_dir,
+                      cpus_per_trial=1.0 if args.cpus_per_trial is None else args.cpus_per_trial,
+                      gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, data_dir=args.data_dir,
                       smoke=getattr(args, "smoke", False), overrides=overrides or {}, verbose=args.verbose,
-                      max_failures=args.max_failures, bundle=getattr(args, "bundle", 1), static_cluster=args.static_cluster)
+                      max_failures=args.max_failures, bundle=1 if bundle is None else bundle,
+                      static_cluster=args.static_cluster, auto_cpus=args.cpus_per_trial is None,
+                      auto_bundle=bundle is None)
 
 
 def confirm(count: int, assume_yes: bool) -> None:

@@ -14,7 +14,7 @@ from ray import tune
 
 from spurious import bundle, cells, config as config_lib, datasets, planted, train
 from spurious.errors import SpuriousError
-from study import cluster, space as space_lib, wandb_setup
+from study import cluster, layout as layout_lib, space as space_lib, wandb_setup
 from study.catalog import StudySpec
 from study.options import RunOptions, expand_path
 from trainables.train_bundle import train_bundle
@@ -178,8 +178,10 @@ def prepare(spec: StudySpec, options: RunOptions) -> Prepared:
     if is_grid_study(spec, space):
         space_lib.check_domains(space)
         configs = check_configs(spec.cells(options.smoke, options.overrides), data)
+        choose_layout(options, configs, data, grid=True)
         space = cells_space(configs, options.bundle, data)
         return Prepared(spec, space, configs, data, name, space_lib.count(space), cells.count_trainings(configs))
+    choose_layout(options, [], data, grid=False)
     if options.bundle > 1:
         raise SpuriousError("--bundle needs a grid study (num_samples = 1, no sampled axis): sampled configs "
                             "cannot be grouped")
@@ -187,6 +189,34 @@ def prepare(spec: StudySpec, options: RunOptions) -> Prepared:
     configs = validate(space, data)
     count = space_lib.count(space, spec.num_samples)
     return Prepared(spec, space, configs, data, name, count, count)
+
+
+def choose_layout(options: RunOptions, configs: list[config_lib.TrainConfig], data: Mapping[str, datasets.Dataset],
+                  grid: bool) -> layout_lib.Layout:
+    """Set `options.cpus_per_trial` and `options.bundle` where the user left them to `study run`
+    (study/layout.py: this machine's `study bench` profile, else the built-in rule) and record the layout in
+    `options.layout`; return it."""
+    user_cpus = None if options.auto_cpus else options.cpus_per_trial
+    user_bundle = None if options.auto_bundle else options.bundle
+    bundlable = False
+    if grid and configs and options.auto_bundle:
+        dataset = data[configs[0].dataset]
+        try:
+            bundle.check_bundlable(configs[0], dataset.input_shape, dataset.num_classes)
+            bundlable = len({bundle.compatible_key(c) for c in configs}) < len(configs)
+        except SpuriousError:
+            bundlable = False
+    local = cluster.local_node()
+    gpu = (options.gpus_per_trial or 0) > 0 or (options.gpus_per_trial is None and local["gpus"] > 0)
+    auto = options.auto_cpus or options.auto_bundle
+    chosen = layout_lib.choose(user_cpus, user_bundle, trainings=cells.count_trainings(configs) if configs else 1,
+                               grid=grid, bundlable=bundlable, cores=local["cpus"], gpu=gpu,
+                               cluster=bool(options.address), profile=layout_lib.load_profile() if auto else None,
+                               max_concurrent=options.max_concurrent)
+    options.cpus_per_trial, options.bundle = chosen.cpus_per_trial, chosen.bundle
+    options.layout = {**chosen.to_meta(), "line": chosen.describe(None if options.address else local["cpus"],
+                                                                     options.max_concurrent)}
+    return chosen
 
 
 def session_meta(kind: str, study: str, options: RunOptions, logging: wandb_setup.Logging, resources: dict,
@@ -197,7 +227,8 @@ def session_meta(kind: str, study: str, options: RunOptions, logging: wandb_setu
             "resources": resources, "trials": trials, "smoke": options.smoke, "overrides": options.overrides,
             "max_failures": options.max_failures, "keep_checkpoints": options.keep_checkpoints,
             "max_concurrent": options.max_concurrent, "bundle": options.bundle,
-            "static_cluster": options.static_cluster, "wandb": logging.to_meta(), **extra}
+            "static_cluster": options.static_cluster, "wandb": logging.to_meta(),
+            **({"layout": options.layout} if options.layout else {}), **extra}
 
 
 def write_meta(path: str | Path, meta: Mapping[str, Any]) -> None:

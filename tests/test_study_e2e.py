@@ -71,7 +71,8 @@ def test_smoke_study_completes_with_all_metrics_in_the_result_grid(tmp_path):
 def test_killed_driver_then_resume_finishes_without_rerunning_finished_trials(tmp_path):
     exp = tmp_path / "killed"
     args = ("run", "demo", "--smoke", "--set", "n_spurious=[0,3,10,100]", "--set", "epochs=3",
-            "--max-concurrent", "1", "--storage-path", str(tmp_path), "--name", "killed", *W_OFF)
+            "--max-concurrent", "1", "--bundle", "1", "--storage-path", str(tmp_path), "--name", "killed", *W_OFF)
+    # --bundle 1: the subject is resuming a study of several trials (auto layout would make it one bundle)
     proc = start_study(*args, log=tmp_path / "run.log")
     deadline = time.time() + 300
     while time.time() < deadline and not finished_trials(exp, 3):
