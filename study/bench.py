@@ -145,7 +145,8 @@ def cli_section(repeats: int = 3) -> dict:
 
 def main(data_dir: str | None = None, repeats: int = 3, harness: bool = True,
          bundle_sizes: tuple[int, ...] = (1, 8, 32), bundle_epochs: int = 2,
-         train_subset: int | None = None, only: str | None = None) -> dict:
+         train_subset: int | None = None, only: str | None = None, packing_trials: int = 8,
+         packing_models: tuple[str, ...] = ("large_mlp", "cnn002")) -> dict:
     """Run every benchmark section (or `only` one: engine, bundle, harness, cli) and return the numbers."""
     out = {}
     if only in (None, "cli"):
@@ -154,6 +155,11 @@ def main(data_dir: str | None = None, repeats: int = 3, harness: bool = True,
         out["engine"] = engine_section(data_dir, repeats)
     if only in (None, "bundle") and bundle_sizes:
         out["bundle"] = bundle_section(data_dir, bundle_sizes, bundle_epochs, train_subset)
+    if only == "gpu":  # not part of the default run: scripts/gpu-bench.sh runs it on a GPU machine
+        from study import bench_gpu
+
+        out["gpu"] = bench_gpu.main(data_dir, bundle_sizes, bundle_epochs, train_subset, packing_trials,
+                                    packing_models)
     if only in (None, "layout") and bundle_sizes:
         out["layout"] = layout_section(data_dir, bundle_sizes, bundle_epochs, train_subset)
     if only in (None, "harness") and (harness or only == "harness"):

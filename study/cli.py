@@ -135,8 +135,12 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="bundle sizes K to measure, comma-separated (e.g. 1,8,32,128 on a GPU; empty: skip)")
     p.add_argument("--bundle-epochs", type=int, default=2, help="timed epochs per setting (best of)")
     p.add_argument("--train-subset", type=int, help="use only the first N training images (large K on a CPU)")
-    p.add_argument("--only", choices=["engine", "bundle", "layout", "harness", "cli"],
-                   help="run one section only (default: all)")
+    p.add_argument("--packing-trials", type=int, default=8,
+                   help="gpu section: trials of the Tune packing measurement (default 8)")
+    p.add_argument("--packing-models", default="large_mlp,cnn002",
+                   help="gpu section: models whose Tune packing is measured, comma-separated (default large_mlp,cnn002)")
+    p.add_argument("--only", choices=["engine", "bundle", "layout", "harness", "cli", "gpu"],
+                   help="run one section only (default: all but gpu; gpu: what scripts/gpu-bench.sh runs)")
 
 
 def cmd_list(args) -> int:
@@ -222,8 +226,17 @@ def cmd_bench(args) -> int:
         raise UsageError(f"--bundle-sizes {args.bundle_sizes!r} must be comma-separated integers") from None
     if any(k < 1 for k in sizes) or args.bundle_epochs < 1 or (args.train_subset is not None and args.train_subset < 1):
         raise UsageError("--bundle-sizes, --bundle-epochs and --train-subset must be >= 1")
+    if args.packing_trials < 1:
+        raise UsageError(f"--packing-trials must be >= 1, got {args.packing_trials}")
+    from spurious import models
+
+    packed = tuple(m.strip() for m in args.packing_models.split(",") if m.strip())
+    unknown = [m for m in packed if m not in models.names()]
+    if unknown:
+        raise UsageError(f"--packing-models {unknown[0]!r} is not a model; allowed: {', '.join(models.names())}")
     bench.main(data_dir=args.data_dir, repeats=args.repeats, harness=not args.skip_harness, bundle_sizes=sizes,
-               bundle_epochs=args.bundle_epochs, train_subset=args.train_subset, only=args.only)
+               bundle_epochs=args.bundle_epochs, train_subset=args.train_subset, only=args.only,
+               packing_trials=args.packing_trials, packing_models=packed)
     return 0
 
 
