@@ -1,4 +1,5 @@
-"""`study report EXPERIMENT_DIR [...] [--out DIR] [--wandb [MODE]]`: tables, figures and an index.html.
+"""`study report EXPERIMENT_DIR [...] [--out DIR] [--wandb [MODE]]`: tables, figures, each
+experiment's provenance (code version and commit, software, device, command, dataset checksums) and an index.html.
 
 Examples::
 
@@ -53,16 +54,32 @@ def cmd_report(args) -> int:
         if len(dirs) > 1:
             raise SpuriousError("report a tune-mitigation experiment on its own (one directory)")
         out = tuning.write_report(dirs[0], args.out)
+        print_provenance(dirs)
         print(f"report: {out / 'index.html'}")
         print(f"tables: {out / 'summary.md'}, {out / 'trials.csv'}, {out / 'pareto.csv'}")
-        return 0
-    out = report.write_report(dirs, args.out)
-    if (out / "claims.txt").exists():
-        print((out / "claims.txt").read_text().rstrip() + "\n")
-    print(f"report: {out / 'index.html'}")
-    print(f"tables: {out / 'summary.md'}, {out / 'trials.csv'}, {out / 'epochs.csv'} (+ .parquet)")
-    folder = wandb_setup.log_report(out, dirs, mode, args.wandb_project, args.wandb_entity)
-    if folder is not None:
-        print(f"W&B run: {folder}")
-        wandb_setup.print_sync_hint(mode, dirs[0])
+    else:
+        out = report.write_report(dirs, args.out)
+        if (out / "claims.txt").exists():
+            print((out / "claims.txt").read_text().rstrip() + "\n")
+        print_provenance(dirs)
+        print(f"report: {out / 'index.html'}")
+        print(f"tables: {out / 'summary.md'}, {out / 'trials.csv'}, {out / 'epochs.csv'} (+ .parquet)")
+        from study import provenance
+
+        own = provenance.collect() if mode != "off" else None  # the report run's config records it
+        folder = wandb_setup.log_report(out, dirs, mode, args.wandb_project, args.wandb_entity, own)
+        if folder is not None:
+            print(f"W&B run: {folder}")
+            wandb_setup.print_sync_hint(mode, dirs[0])
     return 0
+
+
+def print_provenance(dirs: list[Path]) -> None:
+    """Print each experiment's provenance (study.json), a few lines each."""
+    from analysis.frames import study_meta
+    from analysis.report import provenance_lines
+
+    for d in dirs:
+        print(f"provenance of {d.name}:")
+        print("".join(f"  {line}\n" for line in provenance_lines(study_meta(d))))
+
