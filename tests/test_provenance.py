@@ -1,4 +1,6 @@
-"""Provenance (study/provenance.py) in study.json, W&B run configs and `study report`."""
+"""Provenance (study/provenance.py) in study.json, W&B run configs and `study report`; the W&B Report of
+`study report --wandb-report` (study/wandb_report.py), built offline and checked against what a real
+offline study logs."""
 import hashlib
 import json
 import os
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from analysis import frames
 from spurious import datasets
 from study import cli, provenance, runner, wandb_setup
 from tests.conftest import requires_fashion
@@ -172,6 +175,109 @@ def test_report_of_an_experiment_without_provenance_says_so(tmp_path, capsys):
     assert "none recorded (study.json predates provenance)" in capsys.readouterr().out
 
 
+# ---------------------------------------------------------------- the W&B Report
+
+
+@pytest.mark.parametrize("logged, key, message", [
+    ("offline", None, "--wandb-report needs W&B online (an API key"),
+    ("offline", None, "this experiment logged offline, sync it first with `wandb sync "),
+    ("online", None, "--wandb-report needs W&B online (an API key"),
+    ("off", FAKE_KEY, "logged none (it ran with --wandb off)"),
+])
+def test_wandb_report_refusals_are_one_line_and_write_nothing(no_key, tmp_path, capsys, monkeypatch, logged, key,
+                                                               message):
+    pytest.importorskip("wandb_workspaces")
+    if key:
+        monkeypatch.setenv("WANDB_API_KEY", key)
+    exp = golden_copy(tmp_path, wandb={"mode": logged, "project": "p", "entity": "team"})
+    assert cli.main(["report", str(exp), "--wandb-report"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not (exp / "report").exists()
+
+
+def test_wandb_report_needs_the_extra_and_one_experiment(no_key, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb_workspaces", None)  # as if not installed
+    exp = golden_copy(tmp_path, wandb={"mode": "online", "project": "p", "entity": "team"})
+    assert cli.main(["report", str(exp), "--wandb-report"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'rare-spurious-study[wandb-report]'" in err and err.count("\n") == 1
+    assert cli.main(["report", str(exp), str(exp), "--wandb-report"]) == 2
+    assert "takes one experiment directory, got 2" in capsys.readouterr().err
+    assert not (exp / "report").exists()
+
+
+def test_wandb_report_is_built_from_the_experiment_and_saved(no_key, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("wandb_workspaces")
+    from study import wandb_report
+
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    saved = []
+    monkeypatch.setattr(wandb_report, "save", lambda report: saved.append(report) or "https://wandb.example/r")
+    exp = golden_copy(tmp_path, wandb={"mode": "online", "project": "p", "entity": "team"}, provenance=RECORD)
+    assert cli.main(["report", str(exp), "--wandb-report"]) == 0
+    assert "W&B report: https://wandb.example/r" in capsys.readouterr().out
+    (report,) = saved
+    assert (report.entity, report.project, report.title) == ("team", "p", "demo-smoke")
+    tables = report.blocks[-1].text
+    assert "| S3 | 0.000 ± 0.000 |" in tables and "commit abc123def456 (dirty)" in tables
+
+
+def grids(report) -> list:
+    import wandb_workspaces.reports.v2 as wr
+
+    return [b for b in report.blocks if isinstance(b, wr.PanelGrid)]
+
+
+def filters(runset) -> dict:
+    """Return a runset's filters as W&B's backend gets them: {(section, key): value}."""
+    from wandb_workspaces import expr
+
+    leaves = [f.to_model() for f in expr.string_to_filterexpr_list(runset.filters)]
+    return {(leaf.key.section, leaf.key.name): leaf.value for leaf in leaves}
+
+
+def test_wandb_report_structure_of_a_training_study():
+    wr = pytest.importorskip("wandb_workspaces.reports.v2")
+    from study import wandb_report
+
+    meta = {**frames.study_meta(GOLDEN), "wandb": {"mode": "online", "project": "p", "entity": None}}
+    report = wandb_report.build(meta, frames.load(GOLDEN), "demo-smoke", "team", "TABLES")
+    headings = [b.text for b in report.blocks if isinstance(b, wr.H2)]
+    assert headings == ["Pattern S3 (corner_square_5)", "Pattern R3 (uniform_noise_1.0)", "Summary tables"]
+    assert report.blocks[-1].text == "TABLES" and (report.entity, report.project) == ("team", "p")
+    for grid, names in zip(grids(report), (["corner_square_5", "s3", "v8"], ["uniform_noise_1.0", "r3", "v20"])):
+        (runset,) = grid.runsets
+        assert (runset.entity, runset.project, runset.groupby) == ("team", "p", ["config.n_spurious"])
+        assert filters(runset) == {("run", "group"): "demo-smoke", ("run", "jobType"): "train",
+                                   ("config", "pattern"): names}
+        bars = [p for p in grid.panels if isinstance(p, wr.BarPlot)]
+        lines = [p for p in grid.panels if isinstance(p, wr.LinePlot)]
+        assert [p.metrics for p in bars] == [["spurious_score"], ["test_acc"]]
+        assert [(p.x, p.y) for p in lines] == [("epoch", ["spurious_score"]), ("epoch", ["test_acc"])]
+        for panel in grid.panels:  # mean ± s.e. over the seeds of each group
+            config = panel._to_model().config
+            assert (config.group_agg, config.group_area, config.aggregate) == ("mean", "stderr", True)
+
+
+def test_wandb_report_of_a_tuning_study_has_a_pareto_panel():
+    wr = pytest.importorskip("wandb_workspaces.reports.v2")
+    import pandas as pd
+
+    from study import wandb_report
+    from trainables.tune_mitigation import SELECTION_ACC, SELECTION_SCORE
+
+    meta = {"study": "tune", "kind": "tune-mitigation", "wandb": {"mode": "online", "project": "p", "entity": "t"}}
+    frame = pd.DataFrame({"kind": ["tune-mitigation"] * 2, "phase": ["search"] * 2, "pattern": ["s3"] * 2,
+                          "l2": [0.0, 1e-3], "trial_id": ["a", "b"]})
+    report = wandb_report.build(meta, frame, "tune-1", "t", "TABLES")
+    (grid,) = grids(report)
+    (scatter,) = grid.panels
+    assert isinstance(scatter, wr.ScatterPlot)
+    assert (scatter.x, scatter.y) == (wr.SummaryMetric(SELECTION_SCORE), wr.SummaryMetric(SELECTION_ACC))
+    assert filters(grid.runsets[0]) == {("run", "group"): "tune-1", ("run", "jobType"): "train"}
+
+
 # ---------------------------------------------------------------- a real study
 
 
@@ -237,3 +343,27 @@ def test_report_of_a_real_study_prints_its_provenance_and_the_report_run_holds_i
     assert config["experiment_provenance"] == {"prov": record}
     assert config["provenance"]["git_commit"] == record["git_commit"] and config["provenance"]["datasets"] == {}
 
+
+@pytest.mark.slow
+@pytest.mark.ray
+@requires_fashion
+def test_wandb_report_keys_match_what_the_study_logged(offline_study):
+    wr = pytest.importorskip("wandb_workspaces.reports.v2")
+    from study import wandb_report
+
+    meta = json.loads((offline_study / "study.json").read_text())
+    report = wandb_report.build(meta, frames.load(offline_study), offline_study.name, "team")
+    runs = [read_run(r) for r in wandb_setup.offline_runs(wandb_setup.runs_dir(offline_study))]
+    trials = [r for r in runs if r["job_type"] == "train"]
+    assert len(trials) == 2 and report.project == meta["wandb"]["project"] == wandb_setup.DEFAULT_PROJECT
+    history = {key for run in trials for row in run["history"] for key in row}
+    (grid,) = grids(report)
+    (runset,) = grid.runsets
+    where = filters(runset)
+    for run in trials:  # every trial run passes the runset's filter
+        assert where[("run", "group")] == run["group"] and where[("run", "jobType")] == run["job_type"]
+        assert run["config"]["pattern"] in where[("config", "pattern")]
+        assert {k.removeprefix("config.") for k in runset.groupby} <= set(run["config"])
+    for panel in grid.panels:
+        keys = panel.metrics if isinstance(panel, wr.BarPlot) else [panel.x, *panel.y]
+        assert set(keys) <= history, keys
