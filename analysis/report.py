@@ -46,12 +46,54 @@ def write_report(experiment_dirs: str | Path | Iterable[str | Path],
     if found is not None:
         (out / "claims.txt").write_text(claims.format_claims(found, SIGNIFICANT) + "\n")
     (out / "summary.md").write_text(summary_markdown(df, summaries, found)
-                                    + "".join(f"\n## {title}\n\n```\n{table}\n```\n" for title, table, _ in studies))
+                                    + "".join(f"\n## {title}\n\n```\n{table}\n```\n" for title, table, _ in studies)
+                                    + "\n" + provenance_markdown(dirs))
     pngs = write_figures(training, out / "figures")
     pngs += [style.save(fig, out / "figures" / f"{name}.png") for _, _, made in studies for name, fig in made]
     (out / "index.html").write_text(index_html(dirs, df, summaries, [p.relative_to(out) for p in pngs], studies,
                                                   found))
     return out
+
+
+def provenance_lines(meta: dict) -> list[str]:
+    """Return the short provenance of an experiment from its study.json (`study.provenance` records it): code
+    version and commit, software, device, threads, command, dataset checksums (abbreviated), resumes."""
+    record = meta.get("provenance")
+    if not record:
+        return ["none recorded (study.json predates provenance)"]
+    lines = _provenance_lines(record)
+    for again in meta.get("resumed", []):
+        lines.append(f"resumed   {again.get('time')}: {_code(again)}; {again.get('command')}")
+    return lines
+
+
+def _provenance_lines(p: dict) -> list[str]:
+    versions = ", ".join([f"Python {p.get('python')}",
+                          *(f"{k} {v}" for k, v in (p.get("packages") or {}).items() if v)])
+    device = (p.get("cpu") or "unknown CPU") + (f"; GPU {p['gpu']} (CUDA {p.get('cuda')})" if p.get("gpu") else "")
+    threads = f"torch {p.get('torch_threads')} on the driver" + (
+        f", {p['trial_threads']} per trial" if p.get("trial_threads") else "")
+    data = "; ".join(f"{name}: {_checksums(d)}" for name, d in (p.get("datasets") or {}).items())
+    return [f"code      {_code(p)}", f"software  {versions}", f"device    {device}", f"threads   {threads}",
+            f"command   {p.get('command')}", f"datasets  {data or 'none'} (sha256)"]
+
+
+def _checksums(dataset: dict | None) -> str:
+    """Return "file sha256[:12], …" of one dataset's provenance entry."""
+    return ", ".join(f"{f} {h[:12]}" for f, h in dataset["sha256"].items()) if dataset else "no local files"
+
+
+def _code(p: dict) -> str:
+    """Return "version, commit abc123… (dirty)" of a provenance record."""
+    commit = p.get("git_commit")
+    where = f"commit {commit[:12]}{' (dirty)' if p.get('git_dirty') else ''}" if commit else "not a git checkout"
+    return f"version {p.get('version')}, {where}"
+
+
+def provenance_markdown(dirs: Sequence[Path]) -> str:
+    """Return the report's Provenance section: each experiment's `provenance_lines`."""
+    blocks = ["\n".join(provenance_lines(frames.study_meta(d))) for d in dirs]
+    return "## Provenance\n\n" + "".join(f"{d.name}:\n\n```\n{text}\n```\n\n" for d, text in zip(dirs, blocks))
 
 
 def posthoc_sections(df: pd.DataFrame) -> list[tuple[str, str, list[tuple[str, object]]]]:
@@ -249,6 +291,10 @@ def index_html(dirs: Sequence[Path], df: pd.DataFrame, summaries: dict[str, pd.D
     body.append("<h2>Figures</h2>")
     body += [f'<figure><img src="{esc(p.as_posix())}" alt="{esc(p.stem)}"><figcaption>{esc(p.stem)}'
              f"</figcaption></figure>" for p in pngs]
+    body.append("<h2>Provenance</h2>")
+    for d in dirs:
+        text = "\n".join(provenance_lines(frames.study_meta(d)))
+        body.append(f"<h3>{esc(d.name)}</h3><pre>{esc(text)}</pre>")
     files = ["summary.md", *[f"summary_{m}.csv" for m in summaries], *(["claims.txt"] if found else []),
              "trials.csv", "trials.parquet", "epochs.csv", "epochs.parquet"]
     body.append("<h2>Data</h2><ul>" + "".join(f'<li><a href="{f}">{f}</a></li>' for f in files) + "</ul>")

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import stats, style
-from analysis.frames import load
+from analysis.frames import load, study_meta
 
 SETTING_KEYS = ("l2", "noise_sigma", "lr")
 # Seed means ± s.e. over seeds that selection reads (validation split) and that confirmation reports (test).
@@ -229,6 +229,8 @@ def write_report(root: str | Path, out_dir: str | Path | None = None) -> Path:
     import html
     import shutil
 
+    from analysis.report import provenance_lines
+
     root = Path(root)
     summary = json.loads((root / "tuning.json").read_text()) if (root / "tuning.json").exists() else None
     if summary is None or "selection" not in summary:
@@ -245,12 +247,14 @@ def write_report(root: str | Path, out_dir: str | Path | None = None) -> Path:
         if (root / name).exists():
             shutil.copy(root / name, out / name)
     text = format_summary(summary)
+    origin = "\n".join(provenance_lines(study_meta(root)))
     (out / "summary.md").write_text(f"# Mitigation tuning: {root.name}\n\nObjective: {summary['objective']}; "
-                                    f"{summary['selection']['note']}.\n\n```\n{text}\n```\n")
+                                    f"{summary['selection']['note']}.\n\n```\n{text}\n```\n\n"
+                                    f"## Provenance\n\n```\n{origin}\n```\n")
     (out / "index.html").write_text(
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(root.name)}</title></head><body>"
         f"<h1>Mitigation tuning: {html.escape(root.name)}</h1><pre>{html.escape(text)}</pre>"
         f"<img src='tradeoff.png' alt='trade-off (validation)'><p><a href='trials.csv'>trials.csv</a> "
         f"(validation) · <a href='confirm.csv'>confirm.csv</a> (test) · "
-        f"<a href='pareto.csv'>pareto.csv</a></p></body></html>")
+        f"<a href='pareto.csv'>pareto.csv</a></p><h2>Provenance</h2><pre>{html.escape(origin)}</pre></body></html>")
     return out

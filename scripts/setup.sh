@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up everything on a fresh machine: Fashion-MNIST (Debian package, where apt is available),
-# a virtualenv in .venv with PyTorch and this project (with the dev extra). Safe to run again.
+# a virtualenv in .venv with PyTorch and this project (with the dev and wandb-report extras). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -20,5 +20,5 @@ if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
   .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
 fi
 echo "setup: installing rare-spurious-study and its dependencies"
-.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -m pip install -q -e ".[dev,wandb-report]"
 echo "setup: done (.venv/bin/study --help)"

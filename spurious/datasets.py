@@ -273,10 +273,14 @@ def _decode_dir(name: str, directory: str, verify: bool) -> Dataset:
 
 # ---------------------------------------------------------------- searching
 
+def cache_root() -> Path:
+    """Return the cache folder: $SPURIOUS_CACHE, or ~/.cache/rare-spurious-study."""
+    return Path(os.environ.get("SPURIOUS_CACHE") or DEFAULT_CACHE).expanduser()
+
+
 def cache_dir(name: str) -> Path:
-    """Return the cache folder for dataset `name`: $SPURIOUS_CACHE (or ~/.cache/rare-spurious-study)/name."""
-    base = os.environ.get("SPURIOUS_CACHE") or DEFAULT_CACHE
-    return Path(base).expanduser() / DATASETS.canonical(name)
+    """Return the cache folder for dataset `name`: cache_root()/name."""
+    return cache_root() / DATASETS.canonical(name)
 
 
 def _places(name: str, root: str | os.PathLike | None) -> list[tuple[str, Path | None]]:
@@ -296,13 +300,20 @@ def _missing(spec: DatasetSpec, directory: Path) -> list[str]:
 
 def _try_place(name: str, base: Path, verify: bool) -> Dataset:
     """Return the dataset from `base` or one of its dataset subfolders; raise _Rejected saying why not."""
+    return _decode_dir(name, str(_locate(name, base, verify)), verify)  # decoded once: _locate's call is cached
+
+
+def _locate(name: str, base: Path, verify: bool) -> Path:
+    """Return the folder (`base` or one of its dataset subfolders, resolved) whose files decode as dataset
+    `name`; raise _Rejected saying why none does."""
     spec = DATASETS.get(name)
     failures, partial = [], []
     for directory in (base, *(base / sub for sub in spec.subdirs)):
         missing = _missing(spec, directory)
         if not missing:
             try:
-                return _decode_dir(name, str(directory.resolve()), verify)
+                _decode_dir(name, str(directory.resolve()), verify)
+                return directory.resolve()
             except _Rejected as err:
                 failures.append(f"{directory}: {err}")
         elif len(missing) < len(spec.files):
@@ -354,15 +365,9 @@ def load(name: str, root: str | os.PathLike | None = None, verify: bool = True, 
     `download=False` skips the last place (a torchvision download), e.g. for checks that must not fetch.
     """
     name = DATASETS.canonical(name)
-    tried = []
-    for label, base in _places(name, root):
-        if base is None:
-            tried.append(f"{label} (not set)")
-            continue
-        try:
-            return _try_place(name, base, verify)
-        except _Rejected as err:
-            tried.append(f"{label} {base}: {err}")
+    directory, tried = _search(name, root, verify)
+    if directory is not None:
+        return _decode_dir(name, str(directory), verify)
     if not download:
         tried.append("torchvision download (skipped)")
         raise SpuriousError(_not_found_message(name, tried))
@@ -371,6 +376,31 @@ def load(name: str, root: str | os.PathLike | None = None, verify: bool = True, 
     except _Rejected as err:
         tried.append(f"torchvision download into {cache_dir(name)}: {err}")
     raise SpuriousError(_not_found_message(name, tried))
+
+
+def _search(name: str, root: str | os.PathLike | None, verify: bool) -> tuple[Path | None, list[str]]:
+    """Return the first local folder holding usable files of dataset `name` (None when none does) and what
+    was tried before it, in `load`'s search order (no download)."""
+    tried = []
+    for label, base in _places(name, root):
+        if base is None:
+            tried.append(f"{label} (not set)")
+            continue
+        try:
+            return _locate(name, base, verify), tried
+        except _Rejected as err:
+            tried.append(f"{label} {base}: {err}")
+    return None, tried
+
+
+def source_files(name: str, root: str | os.PathLike | None = None, verify: bool = True) -> list[Path]:
+    """Return the files `load(name, root, verify)` reads, in the dataset's file order (a folder a load has
+    read is not decoded again); SpuriousError when no local place holds them (this never downloads)."""
+    name = DATASETS.canonical(name)
+    directory, tried = _search(name, root, verify)
+    if directory is None:
+        raise SpuriousError(_not_found_message(name, tried))
+    return [_file_in(directory, f) for f in DATASETS.get(name).files]
 
 
 # ---------------------------------------------------------------- spurious examples (protocol §3.1)

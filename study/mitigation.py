@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import optuna
@@ -255,9 +255,11 @@ def run(spec: StudySpec, options: runner.RunOptions, tuning: TuningOptions,
         raise SpuriousError("tune-mitigation keeps its Optuna journal next to the results: use a local or "
                             "shared-file-system --storage-path, not a URI")
     resources = runner.begin(options)
-    runner.write_meta(root, runner.session_meta("tune-mitigation", spec.name, options, logging, resources,
-                                                sorted(prepared.data)[:1], trial_budget(tuning), base=base,
-                                                tuning=asdict(tuning), checkpoint_every=spec.checkpoint_every))
+    meta = runner.session_meta("tune-mitigation", spec.name, options, logging, resources, sorted(prepared.data)[:1],
+                               trial_budget(tuning), base=base, tuning=asdict(tuning),
+                               checkpoint_every=spec.checkpoint_every)
+    runner.write_meta(root, meta)
+    logging = replace(logging, provenance=meta["provenance"])  # each W&B run's config carries it too
     print(f"tune-mitigation {spec.name}: baseline + {tuning.trials} settings × {tuning.seeds} seeds, selected on "
           f"{tuning.val_size} validation images, confirmed on test with {tuning.confirm_seeds} fresh seeds -> {root}",
           flush=True)

@@ -5,7 +5,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -14,7 +14,7 @@ from ray import tune
 
 from spurious import bundle, cells, config as config_lib, datasets, planted, train
 from spurious.errors import SpuriousError
-from study import cluster, layout as layout_lib, space as space_lib, wandb_setup
+from study import cluster, layout as layout_lib, provenance, space as space_lib, wandb_setup
 from study.catalog import StudySpec
 from study.options import RunOptions, expand_path
 from trainables.train_bundle import train_bundle
@@ -222,13 +222,15 @@ def choose_layout(options: RunOptions, configs: list[config_lib.TrainConfig], da
 def session_meta(kind: str, study: str, options: RunOptions, logging: wandb_setup.Logging, resources: dict,
                  datasets_used: list[str], trials: int, **extra) -> dict:
     """Return the study.json record every study kind writes: what `study resume` needs to set up the same
-    process and trainable in any shell (data, resources, W&B, retries), plus the kind's own `extra`."""
+    process and trainable in any shell (data, resources, W&B, retries), the kind's own `extra`, and this
+    launch's provenance (study/provenance.py: code, software, machine, dataset checksums, command)."""
     return {"study": study, "kind": kind, "datasets": sorted(datasets_used), "data_dir": options.data_dir,
             "resources": resources, "trials": trials, "smoke": options.smoke, "overrides": options.overrides,
             "max_failures": options.max_failures, "keep_checkpoints": options.keep_checkpoints,
             "max_concurrent": options.max_concurrent, "bundle": options.bundle,
             "static_cluster": options.static_cluster, "wandb": logging.to_meta(),
-            **({"layout": options.layout} if options.layout else {}), **extra}
+            **({"layout": options.layout} if options.layout else {}), **extra,
+            "provenance": provenance.collect(datasets_used, options.data_dir, resources)}
 
 
 def write_meta(path: str | Path, meta: Mapping[str, Any]) -> None:
@@ -353,6 +355,7 @@ def launch(plan: Launch, options: RunOptions, trainable_of: Callable[[dict, dict
     meta = session_meta(plan.kind, plan.study, options, logging, resources, list(plan.data), plan.trials,
                         **plan.meta)
     write_meta(exp_path, meta)
+    logging = replace(logging, provenance=meta["provenance"])  # each W&B run's config carries it too
     tuner = tune.Tuner(trainable_of(meta, plan.data, resources), param_space=space_lib.to_tune(plan.space),
                        tune_config=tune.TuneConfig(num_samples=plan.num_samples,
                                                    max_concurrent_trials=options.max_concurrent, **plan.tune),
@@ -422,7 +425,17 @@ def reopen(path: str | Path, address: str | None = None, verbose: int = 1) -> Re
     data = load_datasets(meta["datasets"], options.data_dir)
     start_ray(options)
     save_state_often(int(meta.get("trials", 0)))
-    return Reopened(path, meta, options, trial_resources(options), data, logging)
+    resources = trial_resources(options)
+    meta = record_resume(path, meta, provenance.collect(meta["datasets"], options.data_dir, resources))
+    return Reopened(path, meta, options, resources, data, replace(logging, provenance=meta["resumed"][-1]))
+
+
+def record_resume(path: str | Path, meta: Mapping[str, Any], record: Mapping[str, Any]) -> dict:
+    """Return study.json `meta` with a resume's provenance `record` appended to "resumed" (the launch's own
+    "provenance" stays as it was), and write it back to the experiment at `path`."""
+    meta = {**meta, "resumed": [*meta.get("resumed", []), dict(record)]}
+    write_meta(path, meta)
+    return meta
 
 
 def resume(again: Reopened, trainable_of: Callable[[dict, dict, dict], Any],

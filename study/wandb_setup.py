@@ -15,7 +15,7 @@ import json
 import netrc
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 from urllib.parse import urlsplit
@@ -146,9 +146,14 @@ def callback_class() -> type:
 
         _logger_actor_cls = FlushingLoggingActor
 
+        def __init__(self, *args, provenance: Mapping[str, Any] | None = None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.provenance = dict(provenance or {})  # study/provenance.py's record, under "provenance"
+
         def _start_logging_actor(self, trial, exclude_results, **init_kwargs):
             config = flat_config(trial.config, trial.trainable_name)
-            init_kwargs.update(config=config, tags=run_tags(config))
+            extra = {"provenance": self.provenance} if getattr(self, "provenance", None) else {}
+            init_kwargs.update(config={**config, **extra}, tags=run_tags(config))
             if trial not in self._trial_logging_futures:  # a new W&B process for this trial
                 if init_kwargs.get("mode") == "online":
                     init_kwargs["resume"] = "allow"  # a restarted trial continues its W&B run on the server
@@ -231,6 +236,7 @@ class Logging:
     mode: str = "off"
     project: str = DEFAULT_PROJECT
     entity: str | None = None
+    provenance: dict | None = field(default=None, compare=False, repr=False)  # for run configs, not study.json
 
     @classmethod
     def from_flags(cls, flag: str, project: str | None, entity: str | None) -> "Logging":
@@ -243,12 +249,12 @@ class Logging:
         return cls(**meta.get("wandb", {}))
 
     def to_meta(self) -> dict:
-        """Return the settings as study.json records them (never an API key)."""
-        return asdict(self)
+        """Return the settings as study.json records them (never an API key; the provenance has its own key)."""
+        return {k: v for k, v in asdict(self).items() if k != "provenance"}
 
     def callbacks(self, experiment_dir: str | Path, group: str) -> list:
         """Return a fresh list of Tune callbacks (one per Tuner: Tune adds its own to the list it is given)."""
-        return callbacks(self.mode, self.project, self.entity, experiment_dir, group)
+        return callbacks(self.mode, self.project, self.entity, experiment_dir, group, self.provenance)
 
     def reactivate(self, experiment_dir: str | Path) -> None:
         """Set up this process for a resumed study whose restored callbacks log per these settings: W&B's
@@ -267,8 +273,9 @@ class Logging:
 
 
 def callbacks(mode: str, project: str | None, entity: str | None, experiment_dir: str | Path,
-              group: str) -> list:
-    """Return the Tune callbacks for `mode`: [] when off, else one W&B run per trial, grouped by `group`.
+              group: str, provenance: Mapping[str, Any] | None = None) -> list:
+    """Return the Tune callbacks for `mode`: [] when off, else one W&B run per trial, grouped by `group`, its
+    config holding the trial's flat config and the study's `provenance` (study/provenance.py).
 
     No API key is passed to Ray (it would be pickled into tuner.pkl): online runs read WANDB_API_KEY or
     the netrc file themselves.
@@ -290,7 +297,8 @@ def callbacks(mode: str, project: str | None, entity: str | None, experiment_dir
     # How long the end of a study waits for W&B processes to finish: offline there is nothing to upload, and a
     # process that never ends (seen after Ctrl-C) must not hold the terminal for Ray's default 30 minutes.
     wait = {"upload_timeout": OFFLINE_FINISH_S} if mode == "offline" else {}
-    return [callback_class()(project=project or DEFAULT_PROJECT, group=group, excludes=excludes, **wait, **init)]
+    return [callback_class()(project=project or DEFAULT_PROJECT, group=group, excludes=excludes,
+                             provenance=provenance, **wait, **init)]
 
 
 OFFLINE_FINISH_S = 30
@@ -319,11 +327,15 @@ def print_sync_hint(mode: str, experiment_dir: str | Path) -> None:
 
 
 def log_report(report_dir: str | Path, experiment_dirs: Sequence[str | Path], mode: str = "offline",
-               project: str | None = None, entity: str | None = None) -> Path | None:
+               project: str | None = None, entity: str | None = None,
+               provenance: Mapping[str, Any] | None = None) -> Path | None:
     """Log a report's summary tables (wandb.Table) and figures (wandb.Image) to the run `<experiment>-report`
-    in the experiment's group; return the run's local folder (None when `mode` is off)."""
+    in the experiment's group, its config holding the report's own `provenance` and each experiment's (from
+    study.json); return the run's local folder (None when `mode` is off)."""
     import pandas as pd
     import wandb
+
+    from analysis.frames import study_meta
 
     if mode == "off":
         return None
@@ -334,7 +346,9 @@ def log_report(report_dir: str | Path, experiment_dirs: Sequence[str | Path], mo
                      name=f"{first.name}-report", job_type="report", mode=mode, dir=str(directory),
                      settings=dict(SETTINGS), reinit="finish_previous",
                      config={"experiments": [str(Path(d).resolve()) for d in experiment_dirs],
-                             "report_dir": str(report_dir.resolve())})
+                             "report_dir": str(report_dir.resolve()), "provenance": dict(provenance or {}),
+                             "experiment_provenance": {Path(d).name: study_meta(d).get("provenance")
+                                                       for d in experiment_dirs}})
     tables = {f"summary/{p.stem.removeprefix('summary_')}": _table(p)
               for p in sorted(report_dir.glob("summary_*.csv"))}
     tables["trials"] = _table(report_dir / "trials.csv")

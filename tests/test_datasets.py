@@ -224,6 +224,19 @@ def test_search_continues_after_a_rejected_place(isolated, monkeypatch):
     assert len(datasets.load("mnist", root=isolated / "root", verify=False).y_train) == 20
 
 
+def test_source_files_are_the_files_load_reads(isolated, monkeypatch):
+    tiny_idx(isolated / "root", gz=True)
+    tiny_idx(isolated / "env" / "mnist", gz=False)
+    (isolated / "root" / "train-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b not really gzip")
+    monkeypatch.setenv("SPURIOUS_DATA", str(isolated / "env"))
+    files = datasets.source_files("mnist", root=isolated / "root", verify=False)  # the rejected place is skipped
+    assert files == [(isolated / "env" / "mnist" / f).resolve() for f in datasets.DATASETS.get("mnist").files]
+    cifar = tiny_cifar(isolated / "c" / "cifar-10-batches-py")
+    assert [p.name for p in datasets.source_files("cifar10", root=isolated / "c", verify=False)] == list(cifar)
+    with pytest.raises(SpuriousError, match="cannot load dataset 'fashion'"):
+        datasets.source_files("fashion")  # nowhere local, and no download is tried
+
+
 def test_unknown_dataset_name():
     with pytest.raises(SpuriousError, match="mnist, fashion, cifar10"):
         datasets.load("svhn")

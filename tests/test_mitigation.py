@@ -294,6 +294,9 @@ def test_smoke_tuning_killed_in_its_search_and_in_its_confirmation_resumes_each_
     assert cli.main(["report", str(root)]) == 0
     assert "Pareto set" in (root / "report" / "summary.md").read_text()
     assert "confirmed on test" in (root / "report" / "summary.md").read_text()
+    meta = json.loads((root / "study.json").read_text())  # the launch's provenance, then one per resume
+    assert "tune-mitigation --smoke" in meta["provenance"]["command"] and len(meta["resumed"]) == 2
+    assert "## Provenance" in (root / "report" / "summary.md").read_text()
     assert (root / "report" / "confirm.csv").exists()
     assert (root / "report" / "tradeoff.png").exists() and (root / "report" / "index.html").exists()
 

@@ -83,9 +83,13 @@ def test_killed_driver_then_resume_finishes_without_rerunning_finished_trials(tm
     proc.wait(timeout=30)
     before = {p: p.read_text() for p in finished_trials(exp, 3)}
     assert len(before) < 4, "the study must be interrupted before it ends"
+    launch = json.loads((exp / "study.json").read_text())["provenance"]
 
     resumed = study("resume", str(exp), timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    meta = json.loads((exp / "study.json").read_text())  # the launch's provenance kept, the resume's added
+    assert meta["provenance"] == launch and "run demo --smoke" in launch["command"]
+    assert len(meta["resumed"]) == 1 and f"resume {exp}" in meta["resumed"][0]["command"]
     df = frames.load(exp)
     assert len(df) == 4 and (df["status"] == "TERMINATED").all()
     for path, text in before.items():

@@ -55,13 +55,14 @@ def _items(items) -> dict:
 
 
 def read_run(run_dir: str | Path) -> dict:
-    """Return {"config", "tags", "group", "name", "history"} of an offline run folder."""
+    """Return {"config", "tags", "group", "job_type", "name", "history"} of an offline run folder."""
     (log,) = Path(run_dir).glob("*.wandb")
-    out = {"config": {}, "tags": [], "group": None, "name": None, "history": []}
+    out = {"config": {}, "tags": [], "group": None, "job_type": None, "name": None, "history": []}
     for record in records(log):
         kind = record.WhichOneof("record_type")
         if kind == "run":
-            out.update(tags=list(record.run.tags), group=record.run.run_group, name=record.run.display_name)
+            out.update(tags=list(record.run.tags), group=record.run.run_group, job_type=record.run.job_type,
+                       name=record.run.display_name)
             out["config"].update(_items(record.run.config.update))
         elif kind == "config":
             out["config"].update(_items(record.config.update))
