@@ -34,6 +34,15 @@ SHA_CACHE = "sha256.json"
 GIT_TIMEOUT_S = 10
 
 
+def command_line(argv: Sequence[str]) -> str:
+    """Return the command as the user typed it, shell-quoted; `python -m study.cli` shows as such (its argv[0]
+    is the module's file path)."""
+    argv = list(argv)
+    if argv and Path(argv[0]).parts[-2:] == ("study", "cli.py"):
+        argv = ["python", "-m", "study.cli", *argv[1:]]
+    return shlex.join(argv)
+
+
 def collect(datasets: Sequence[str] = (), data_dir: str | None = None, resources: Mapping[str, Any] | None = None,
             argv: Sequence[str] | None = None) -> dict:
     """Return this process's provenance record: time, version, git_commit, git_dirty, python, packages, cpu, gpu,
@@ -44,7 +53,7 @@ def collect(datasets: Sequence[str] = (), data_dir: str | None = None, resources
             "git_dirty": dirty, "python": platform.python_version(), "packages": package_versions(),
             "cpu": cpu_name(), **gpu(), "torch_threads": torch_threads(),
             "trial_threads": max(1, int(resources.get("cpu") or 1)) if resources else None,
-            "command": shlex.join(sys.argv if argv is None else argv), "cwd": os.getcwd(),
+            "command": command_line(sys.argv if argv is None else argv), "cwd": os.getcwd(),
             "datasets": dataset_checksums(datasets, data_dir)}
 
 

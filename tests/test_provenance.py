@@ -84,6 +84,7 @@ def test_collect_never_fails_without_git_or_local_data(tmp_path, monkeypatch):
     assert record["git_commit"] is None and record["git_dirty"] is None
     assert record["datasets"] == {"fashion": None} and record["trial_threads"] == 2
     assert record["command"] == "study run 'my study.yaml'" and record["version"] == "0.1.0"
+    assert provenance.command_line(["/x/study/cli.py", "run", "demo"]) == "python -m study.cli run demo"
     assert set(record["packages"]) == {"torch", "ray", "optuna", "numpy", "wandb"} and record["python"]
     assert record["cpu"] and record["torch_threads"] >= 1 and set(record) >= {"gpu", "cuda", "time", "cwd"}
 
