@@ -3,10 +3,12 @@
 The reference-shaped loop is a TensorDataset + shuffling DataLoader with a `.item()` host sync per step
 and a test pass at batch 32 (protocol §6.3). Both run the same model, optimiser and data on the
 same device; the figures are seconds per epoch (median over the timed epochs after one warm-up).
-`bundle_throughput` adds bundled training (spurious.bundle) and reports models per hour::
+`bundle_throughput` adds bundled training (spurious.bundle) and reports models per hour, and the share of
+this machine's matmul speed at the training shapes each setting reached (`matmul_limit`, `epoch_flops`)::
 
     python -c "from spurious import bench, datasets; from spurious.config import TrainConfig; \
 print(bench.bundle_throughput(TrainConfig(n_spurious=100, device='cpu'), datasets.load('fashion'), ks=(1, 8)))"
+    python -c "from spurious import bench; print(bench.matmul_limit(bench.linear_shapes('large_mlp', (1, 28, 28)), k=8))"
 """
 from __future__ import annotations
 
@@ -21,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from spurious import bundle, train
+from spurious import bundle, models, stacked_mlp, train
 from spurious.config import TrainConfig
 from spurious.datasets import Dataset
+from spurious.errors import SpuriousError
 from spurious.planted import PlantedData, plant, plant_config
 
 
@@ -81,6 +84,88 @@ def engine_vs_reference(cfg: TrainConfig, data: PlantedData, repeats: int = 3) -
     return out
 
 
+# ------------------------------------------------------------------------------------------ matmul limit
+
+
+def linear_shapes(model: str, input_shape: tuple[int, int, int], num_classes: int = 10) -> list[tuple[int, int]]:
+    """Return (D_in, D_out) of each Linear layer of `model` (a Flatten/Linear/ReLU model, e.g. `large_mlp`:
+    [(784, 256), (256, 256), (256, 256), (256, 10)] on 1×28×28 input); SpuriousError for other models."""
+    built = models.build(model, input_shape, num_classes)
+    layers = stacked_mlp.linear_layers(built)
+    if layers is None:
+        raise SpuriousError(f"model {model!r} is not made of Flatten, Linear and ReLU only; no matmul FLOP count")
+    params = dict(built.named_parameters())
+    return [(params[weight].shape[1], params[weight].shape[0]) for weight, _ in layers]
+
+
+def step_matmuls(shapes: Sequence[tuple[int, int]], batch: int) -> list[tuple[str, int, int, int]]:
+    """Return the matmuls of one training step of one model as (name, M, K, N), an (M, K) @ (K, N) product each:
+    per layer the forward (B, D_in) @ (D_in, D_out), the weight gradient (D_out, B) @ (B, D_in) and, except for
+    the first layer (its input needs no gradient), the input gradient (B, D_out) @ (D_out, D_in)."""
+    out = []
+    for i, (d_in, d_out) in enumerate(shapes):
+        out += [(f"layer{i}.forward", batch, d_in, d_out), (f"layer{i}.weight_grad", d_out, batch, d_in)]
+        if i:
+            out.append((f"layer{i}.input_grad", batch, d_out, d_in))
+    return out
+
+
+def epoch_flops(shapes: Sequence[tuple[int, int]], n_train: int, n_eval: int) -> dict[str, float]:
+    """Return the matmul FLOPs (2·M·K·N per product) of one epoch of one model: "train", the `step_matmuls` of
+    every training example (forward, weight and input gradients: ≈ 2.4× the forward's for LargeMLP rather than
+    3×, as the first layer's input gradient is never computed); "eval", forward passes over `n_eval` images
+    (clean and patterned test sets, and validation sets if any); "total". Biases, ReLU and the loss are left
+    out (under 0.2 % for LargeMLP). LargeMLP on full Fashion-MNIST: 96.3e9 + 13.4e9 FLOPs."""
+    train_flops = n_train * sum(2 * m * k * n for _, m, k, n in step_matmuls(shapes, 1))
+    eval_flops = n_eval * sum(2 * d_in * d_out for d_in, d_out in shapes)
+    return {"train": float(train_flops), "eval": float(eval_flops), "total": float(train_flops + eval_flops)}
+
+
+def _best_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Return the fastest of `repeats` timed calls of `fn` after two warm-up calls (others' load only slows)."""
+    fn(), fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def matmul_limit(shapes: Sequence[tuple[int, int]], batch: int = 128, k: int = 1, repeats: int = 20,
+                 device: str | torch.device = "cpu") -> dict:
+    """Return this machine's float32 matmul speed at the training shapes (`step_matmuls`), measured with torch.
+
+    k = 1 times plain `torch.mm` products (one model); k > 1 times `torch.bmm` over (k, M, K) @ (k, K, N), the
+    shapes of a batched bundle pass of k members. Each product's time is the best of `repeats`. Returns
+    {"k", "batch", "rows": [{"name", "shape", "gflops"}], "gflops"}: "gflops" (GFLOP/s, 1e9 FLOPs per second)
+    is the step's FLOPs over the sum of its products' best times, the speed a training step could reach if it
+    did nothing but its matmuls.
+    """
+    gen = torch.Generator().manual_seed(0)
+    rows, flops, seconds = [], 0, 0.0
+    for name, m, kk, n in step_matmuls(shapes, batch):
+        lead = (k,) if k > 1 else ()
+        a = torch.rand(*lead, m, kk, generator=gen).to(device)
+        b = torch.rand(*lead, kk, n, generator=gen).to(device)
+        product = torch.bmm if k > 1 else torch.mm
+        best = _best_seconds(lambda: _synced(product(a, b)), repeats)
+        shape = " @ ".join("x".join(map(str, (*lead, *dims))) for dims in ((m, kk), (kk, n)))
+        rows.append({"name": name, "shape": shape, "gflops": 2 * k * m * kk * n / best / 1e9})
+        flops, seconds = flops + 2 * k * m * kk * n, seconds + best
+    return {"k": k, "batch": batch, "rows": rows, "gflops": flops / seconds / 1e9}
+
+
+def _synced(out: torch.Tensor) -> torch.Tensor:
+    """Return `out` after waiting for a GPU to finish it."""
+    if out.is_cuda:
+        torch.cuda.synchronize(out.device)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ throughput
+
+
 def _subset(data: Dataset, train_subset: Optional[int]) -> Dataset:
     """Return `data` with only the first `train_subset` training examples (the test set is kept whole)."""
     if train_subset is None:
@@ -100,13 +185,15 @@ def _epoch_seconds(step: Callable[[], object], device: torch.device) -> float:
 
 @dataclass
 class _Setting:
-    """One benchmarked setting: models per epoch, setup time, a one-epoch function and its timings."""
+    """One benchmarked setting: models per epoch, setup time, a one-epoch function and its timings; `chunk` is
+    the members per forward/backward pass (1: one model's matmuls; k > 1: batched (k, B, D) matmuls)."""
 
     name: str
     k: int
     setup_s: float
     step: Callable[[], object]
     device: torch.device
+    chunk: int = 1
     times: list[float] = field(default_factory=list)
 
     def row(self, epochs: int) -> dict:
@@ -132,7 +219,7 @@ def _engine_setting(name: str, make: Callable[[], Any], k: int) -> _Setting:
     """Build the engine `make()` returns (Engine or BundleEngine); its epoch is a train+evaluate `step`."""
     start = time.perf_counter()
     engine = make()
-    return _Setting(name, k, time.perf_counter() - start, engine.step, engine.device)
+    return _Setting(name, k, time.perf_counter() - start, engine.step, engine.device, getattr(engine, "chunk", 1))
 
 
 def _warm_up(cfg: TrainConfig, data: Dataset) -> None:
@@ -156,7 +243,8 @@ def bundle_throughput(cfg: TrainConfig, data: Dataset, ks: Sequence[int] = (1, 8
     and `epoch_s_median` its median. Models per hour assume `cfg.epochs`-epoch trainings.
     `train_subset` keeps the first N training images (the test set stays whole), for large K on small
     machines. Returns {"rows": [...], "best": setting, "recommendation": text}; rows also carry k,
-    setup_s (building the engine, planting included), vs_reference and vs_engine.
+    setup_s (building the engine, planting included), vs_reference, vs_engine, and the matmul speed
+    reached against this machine's limit (`gflops`, `limit_gflops`, `limit_pct`: see `_add_flops`).
     """
     data = _subset(data, train_subset)
     planted = plant_config(data, cfg)
@@ -169,7 +257,31 @@ def bundle_throughput(cfg: TrainConfig, data: Dataset, ks: Sequence[int] = (1, 8
     for _ in range(epochs):  # interleaved, so a burst of load elsewhere hits every setting alike
         for setting in settings:
             setting.times.append(_epoch_seconds(setting.step, setting.device))
-    return _summary([s.row(cfg.epochs) for s in settings])
+    rows = [s.row(cfg.epochs) for s in settings]
+    _add_flops(rows, settings, cfg, planted)
+    return _summary(rows)
+
+
+def _add_flops(rows: list[dict], settings: list[_Setting], cfg: TrainConfig, data: PlantedData) -> None:
+    """Add to each row its achieved matmul speed `gflops` (the epoch's `epoch_flops` of its k models over its
+    best epoch, GFLOP/s), `limit_gflops` (`matmul_limit` at its pass's shapes, measured now) and `limit_pct`
+    (100 · gflops / limit_gflops); NaN for models that are not Flatten/Linear/ReLU stacks."""
+    try:
+        shapes = linear_shapes(cfg.model, data.input_shape, data.num_classes)
+    except SpuriousError:
+        for row in rows:
+            row.update(gflops=float("nan"), limit_gflops=float("nan"), limit_pct=float("nan"))
+        return
+    n_test, n_val = len(data.y_test), 0 if data.x_val is None else len(data.x_val)
+    limits: dict[int, float] = {}
+    for row, setting in zip(rows, settings):
+        n_eval = n_test if setting.name == "reference" else 2 * (n_test + n_val)  # the reference scores clean only
+        flops = epoch_flops(shapes, len(data.y_train), n_eval)["total"] * setting.k
+        if setting.chunk not in limits:
+            limits[setting.chunk] = matmul_limit(shapes, cfg.batch_size, setting.chunk, device=setting.device)["gflops"]
+        row["gflops"] = flops / row["epoch_s"] / 1e9
+        row["limit_gflops"] = limits[setting.chunk]
+        row["limit_pct"] = 100.0 * row["gflops"] / row["limit_gflops"]
 
 
 def _summary(rows: list[dict]) -> dict:

@@ -1,13 +1,25 @@
-"""Bundled training: K small models of one architecture trained in lock-step in one process (issue 8).
+"""Bundled training: K small models of one architecture trained in lock-step in one process (issues 8, 15).
 
-The reference grids are thousands of 70-epoch trainings of tiny models; one model per process leaves a
-GPU idle on kernel launches and Python. A bundle stacks the K members' parameters (`torch.func`
-`stack_module_state`) and, on a GPU, runs their forward and backward passes together
-(`functional_call` under `vmap`), so every kernel does K models' work; the optimiser updates the
-stacked tensors with `torch._foreach_*` ops. Each member keeps its own planted data (data_seed,
-pattern, n_spurious, target), seed, lr, l2, grad_clip, noise_sigma and tau; the members must agree on
-the keys of `compatible_key` (architecture, epochs, batch size, optimiser type, momentum, augmentation,
-dataset and split). Example::
+The reference grids are thousands of 70-epoch trainings of tiny models; one model per process pays
+Python, dispatch and (on a GPU) kernel launches per model and step. A bundle stacks the K members'
+parameters (`torch.func` `stack_module_state`) into (K, ...) tensors and runs the forward and backward
+passes of several members at once, so each operation does the work of many models:
+
+- CPU (default: passes of CPU_CHUNK = 8 members): for Flatten/Linear/ReLU models (`spurious.stacked_mlp`)
+  each layer is one `torch.baddbmm` over (members, B, D) activations and (members, D_out, D_in) weights,
+  with a hand-written backward (`torch.bmm`); with SGD momentum and no clipping the weight gradients are
+  added straight into the momentum buffers (`baddbmm_`, buf = momentum·buf + g). Evaluation runs the
+  members of a pass together too. On 2 cores this trains LargeMLP at about 1.7-1.8x the engine's models
+  per hour (`spurious.bench.bundle_throughput`; one member per pass ran at 0.9x). Other bundlable models
+  run one member per pass on the CPU by default.
+- GPU (default: one pass of all K members): `functional_call` under `vmap`, so every kernel does K
+  models' work.
+- `vmap_chunk=1`: each member runs its own plain model, pass by pass, the very kernels `Engine` runs.
+
+The optimisers update the stacked tensors with `torch._foreach_*` ops (`_StackedSGD`, `_StackedAdam`).
+Each member keeps its own planted data (data_seed, pattern, n_spurious, target), seed, lr, l2,
+grad_clip, noise_sigma and tau; the members must agree on the keys of `compatible_key` (architecture,
+epochs, batch size, optimiser type, momentum, augmentation, dataset and split). Example::
 
     from spurious import bundle, datasets
     from spurious.config import TrainConfig
@@ -17,20 +29,23 @@ dataset and split). Example::
 
 Equivalence with separate runs: per member, the model init (`torch.manual_seed(seed)` then
 `models.build`), the shuffling, noise and aug01 draws (a generator seeded with `seed`, drawn in
-`Engine`'s order), the SGD/Adam arithmetic and the `train.lr_at` schedule are those of `train.Engine`.
-With one member per pass (`vmap_chunk=1`, the CPU default) each member runs the very kernels `Engine`
-runs and the results are bit-identical; batched passes (`vmap_chunk>1`, the GPU default) change float
-rounding only (tests/test_bundle.py bounds it).
+`Engine`'s order), the loss, the SGD/Adam arithmetic, the `train.lr_at` schedule, divergence handling
+and the checkpoint format are those of `train.Engine`. With one member per pass (`vmap_chunk=1`) the
+results are bit-identical to Engine's; passes of several members (batched matmuls or vmap) change float
+rounding only: matmuls block differently, and fused SGD adds L2 after the gradient (tests/test_bundle.py
+bounds it; observed after 3 epochs: metrics within 5e-7, parameters within 3e-8 for SGD, 7e-6 for Adam).
 Only models without dropout, BatchNorm or buffers can be bundled (dropout under vmap cannot draw the
 masks separate runs draw); in the registry those are the MLPs, where the reference grids are.
 
 Memory model: members share one clean training tensor (`PlantedRows.base_x`; the dataset's own tensor
 for the full split, one per data seed for membership splits) and each stores only its planted rows,
-so a bundle holds one (N, C, H, W) pool plus
-the planted rows of all members (60k Fashion: 188 MB + 3 KB per planted image), a (K, N) int64 row
-table, and the deduplicated test sets (31 MB per distinct patterned test set: one per pattern for
-patch patterns, one per data seed for noise patterns). Parameters, gradients and optimiser state are
-K x (2-4) x the model size.
+so a bundle holds one (N, C, H, W) pool plus the planted rows of all members (60k Fashion: 188 MB + 3 KB
+per planted image), a (K, N) int64 row table, and the deduplicated test sets (31 MB per distinct
+patterned test set: one per pattern for patch patterns, one per data seed for noise patterns).
+Parameters and optimiser state are K x 2 (SGD with momentum; K x 1 without) or K x 3 (Adam) x the model
+size (LargeMLP: 1.34 MB); a pass adds its members' gradients (none for fused SGD) and activations
+(members x batch x widths floats; evaluation: members x eval_batch_size x width, 16 MB for 8 LargeMLPs
+at 2,000 images).
 """
 from __future__ import annotations
 
@@ -44,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from spurious import checkpoint, datasets, metrics, models, train
+from spurious import checkpoint, datasets, metrics, models, stacked_mlp, train
 from spurious.config import TrainConfig
 from spurious.errors import SpuriousError
 from spurious.planted import PlantedData, PlantedRows, plant_config, plant_config_rows, split_arrays
@@ -53,6 +68,9 @@ from spurious.planted import PlantedData, PlantedRows, plant_config, plant_confi
 BUNDLE_KEYS = ("dataset", "split", "model", "augmentation", "epochs", "batch_size", "optimizer", "momentum",
                "eval_batch_size", "device", "val_size")
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
+# Members per batched-matmul pass on the CPU by default: 4 to 16 trained LargeMLP equally fast on 2 cores,
+# 24 and 32 evaluated about 40 % slower (issue 15; `spurious.bench.bundle_throughput` with vmap_chunk set).
+CPU_CHUNK = 8
 
 BundleSnapshot = Callable[[], list]
 BundleCallback = Callable[[list, BundleSnapshot], Any]
@@ -228,6 +246,14 @@ class _StackedSGD:
             d = state["buf"]
         _add_scaled(params, d, lr, -1.0)
 
+    def step_accumulated(self, params: list, state: dict, lr: float | torch.Tensor,
+                         l2: float | torch.Tensor) -> None:
+        """Finish an update whose gradients were already added into the buffers (buf = momentum·buf + g): add
+        the coupled L2 term to the buffers, then step; torch's arithmetic up to the order of the additions."""
+        if not isinstance(l2, float) or l2 != 0:
+            _add_scaled(state["buf"], params, l2, 1.0)
+        _add_scaled(params, state["buf"], lr, -1.0)
+
     def member_state(self, k: int, names: list[str], steps: int) -> dict[int, dict]:
         """Return member k's torch.optim.SGD `state` (empty before the first step or without momentum)."""
         if not steps or not self.momentum:
@@ -331,18 +357,20 @@ def _loss_and_hits(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, to
 class BundleEngine:
     """Trains K compatible configs in lock-step, epoch by epoch; per member it reproduces `train.Engine`.
 
-    `vmap_chunk` is how many members share one forward/backward pass (vmapped when more than one):
-    all of them by default on a GPU, where one wide pass per step keeps the device busy; 1 on the CPU,
-    where a batched matmul's backward is slower than the members' own small matmuls and each member's
-    pass runs the plain model, bit-identical to Engine. Within an epoch each pass runs its steps back
-    to back; all members finish an epoch before the next begins, and evaluation is batched per bundle.
+    `vmap_chunk` is how many members share one forward/backward pass: all of them by default on a GPU,
+    where one wide pass per step keeps the device busy; CPU_CHUNK on the CPU (passes of 4 to 16 members
+    trained at the same speed on 2 cores; 24 and more evaluated slower). With 1 each member's pass runs
+    the plain model, bit-identical to Engine. `batched` picks how passes of several members run: as
+    batched matmuls (`spurious.stacked_mlp`; True, or None on the CPU; Flatten/Linear/ReLU models only)
+    or under vmap (False, or None on a GPU). Within an epoch each pass runs its steps back to back; all
+    members finish an epoch before the next begins, and evaluation runs a pass's members together.
     A member whose training loss becomes non-finite is dropped: its rows become None and `failed`
     holds the message `Engine` would raise; the others go on (all failing raises TrainingError). Setting
     `drop_diverged = False` makes the first diverging member raise that message instead, as Engine does.
     """
 
     def __init__(self, cfgs: Sequence[TrainConfig], datas: Sequence[PlantedData | PlantedRows],
-                 vmap_chunk: Optional[int] = None) -> None:
+                 vmap_chunk: Optional[int] = None, batched: Optional[bool] = None) -> None:
         check_compatible(cfgs)
         if len(cfgs) != len(datas):
             raise SpuriousError(f"a bundle needs one data per config, got {len(cfgs)} configs and {len(datas)} datas")
@@ -350,8 +378,9 @@ class BundleEngine:
         self.device = train.resolve_device(cfgs[0].device)
         self.members = [PlantedRows.of(d) for d in datas]
         _check_data(self.members)
-        self.chunk = max(1, min(self.k, vmap_chunk or (self.k if self.device.type == "cuda" else 1)))
         self._init_models()
+        self.stack = self._stack_of(batched)
+        self.chunk = max(1, min(self.k, vmap_chunk or self._default_chunk()))
         self._init_data()
         self.optimizer = OPTIMIZERS[cfgs[0].optimizer](self.params, cfgs[0].momentum)
         self.passes = self._make_passes()
@@ -374,6 +403,22 @@ class BundleEngine:
         stacked, _ = stack_module_state(built)
         self.params = {n: p.detach().to(self.device).contiguous() for n, p in stacked.items()}
         self.names = list(self.params)
+
+    def _stack_of(self, batched: Optional[bool]) -> Optional[stacked_mlp.StackedMLP]:
+        """Return the batched-matmul runner of the members when they run that way (by default on the CPU, for
+        Flatten/Linear/ReLU models), else None: then passes of several members run under vmap."""
+        layers = stacked_mlp.linear_layers(self.template)
+        if batched and layers is None:
+            raise SpuriousError(f"model {self.cfgs[0].model!r} is not made of Flatten, Linear and ReLU only; "
+                                "it cannot run as batched matmuls (batched=False runs it under vmap)")
+        wanted = self.device.type == "cpu" if batched is None else batched
+        return stacked_mlp.StackedMLP(layers) if wanted and layers is not None else None
+
+    def _default_chunk(self) -> int:
+        """Return the members per pass by default: all on a GPU; CPU_CHUNK with batched matmuls; else 1."""
+        if self.device.type == "cuda":
+            return self.k
+        return CPU_CHUNK if self.stack is not None else 1
 
     def _init_data(self) -> None:
         """Pool the training rows and deduplicate the test sets; keep per-member targets and taus."""
@@ -414,9 +459,13 @@ class BundleEngine:
         for a in range(0, self.k, self.chunk):
             b = min(a + self.chunk, self.k)
             index = a if b - a == 1 else slice(a, b)
-            leaves = {n: p[index].detach().requires_grad_() for n, p in self.params.items()}
+            leaves = {n: p[index].detach().requires_grad_(self._autograd(b - a)) for n, p in self.params.items()}
             passes.append(_Pass(a, b, leaves, self.optimizer.views(index), self._module_of(leaves, b - a)))
         return passes
+
+    def _autograd(self, members: int) -> bool:
+        """Return whether a pass of `members` members runs under autograd (not as hand-differentiated bmm)."""
+        return members == 1 or self.stack is None
 
     def _module_of(self, leaves: dict[str, torch.Tensor], members: int) -> Optional[nn.Module]:
         """Return a model whose parameters share storage with one member's `leaves` (None for several)."""
@@ -429,20 +478,41 @@ class BundleEngine:
     def _train_pass(self, p: _Pass, rows: torch.Tensor, hyper: tuple, step: int) -> tuple:
         """Run optimiser step `step` of one pass on pool `rows`; return its members' losses and hits."""
         x, y = self._batch(p, rows)
-        loss, right = _loss_and_hits(p.module(x), y) if p.module else vmap(self._member_loss)(p.params, x, y)
-        leaves = [p.module.get_parameter(n) for n in self.names] if p.module else list(p.params.values())
-        grads = list(torch.autograd.grad(loss.sum(), leaves))
         lr, l2, clip = hyper
+        if self._fuses_momentum(p, clip):
+            with torch.no_grad():
+                buffers = dict(zip(self.names, p.state["buf"]))
+                loss, right, _ = self.stack.loss_and_grads(p.params, x, y, buffers, self.optimizer.momentum)
+                self.optimizer.step_accumulated(list(p.params.values()), p.state, lr, l2)
+            return loss, right
+        leaves, loss, right, grads = self._gradients(p, x, y)
         with torch.no_grad():
             _clip(grads, clip)
             self.optimizer.step(leaves, grads, p.state, lr, l2, step)
         return loss.detach(), right
 
+    def _fuses_momentum(self, p: _Pass, clip: float | torch.Tensor) -> bool:
+        """Return whether a pass adds its gradients straight into SGD's momentum buffers (batched matmuls, SGD
+        with momentum, no member clipping: nothing needs the bare gradient)."""
+        return (not self._autograd(p.b - p.a) and isinstance(self.optimizer, _StackedSGD)
+                and self.optimizer.momentum != 0 and isinstance(clip, float) and clip == float("inf"))
+
+    def _gradients(self, p: _Pass, x: torch.Tensor, y: torch.Tensor) -> tuple[list, torch.Tensor, torch.Tensor, list]:
+        """Return a pass's parameter leaves, members' losses and hits, and gradients (in `names` order)."""
+        if not self._autograd(p.b - p.a):
+            with torch.no_grad():
+                loss, right, named = self.stack.loss_and_grads(p.params, x, y)
+            return list(p.params.values()), loss, right, [named[n] for n in self.names]
+        loss, right = _loss_and_hits(p.module(x), y) if p.module else vmap(self._member_loss)(p.params, x, y)
+        leaves = [p.module.get_parameter(n) for n in self.names] if p.module else list(p.params.values())
+        return leaves, loss, right, list(torch.autograd.grad(loss.sum(), leaves))
+
     # ---------------------------------------------------------------- training
 
     def _batch(self, p: _Pass, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return a pass's batch and labels at pool `rows`, augmented and noised per member as Engine does."""
-        x, y = self.pool.x[rows], self.pool.y[rows]
+        x = self.pool.x.index_select(0, rows.reshape(-1)).view(*rows.shape, *self.pool.x.shape[1:])
+        y = self.pool.y[rows]
         if not self.perturbed:
             return x, y
         if p.b - p.a == 1:
@@ -509,6 +579,8 @@ class BundleEngine:
             params = {n: p[chunk[0]] for n, p in self.params.items()}
             return torch.cat([self._member_logits(params, x[i:i + bs]) for i in range(0, len(x), bs)])[None]
         params = {n: p[chunk] for n, p in self.params.items()}
+        if self.stack is not None:
+            return torch.cat([self.stack.logits(params, x[i:i + bs]) for i in range(0, len(x), bs)], dim=1)
         fn = vmap(self._member_logits, in_dims=(0, None))
         return torch.cat([fn(params, x[i:i + bs]) for i in range(0, len(x), bs)], dim=1)
 
@@ -612,9 +684,9 @@ def _check_data(members: Sequence[PlantedRows]) -> None:
 
 def train_bundle(cfgs: Sequence[TrainConfig], datas: Sequence[PlantedData | PlantedRows],
                  on_epoch: Optional[BundleCallback] = None, resume: Optional[Sequence[dict]] = None,
-                 vmap_chunk: Optional[int] = None) -> list[train.TrainResult]:
+                 vmap_chunk: Optional[int] = None, batched: Optional[bool] = None) -> list[train.TrainResult]:
     """Train the configs as one bundle; `on_epoch(rows, snapshot)` sees every epoch; one result per member."""
-    engine = BundleEngine(cfgs, datas, vmap_chunk)
+    engine = BundleEngine(cfgs, datas, vmap_chunk, batched)
     if resume is not None:
         engine.restore(resume)
     return engine.fit(on_epoch)

@@ -22,6 +22,10 @@ HARNESS_EPOCHS = 3
 # Commands that must answer in under a second: they import no torch or Ray.
 QUICK_COMMANDS = (("--help",), ("list",), ("show", "demo"))
 QUICK_TARGET_S = 1.0
+# Bundled training's targets on the CPU (issue 15): models/hour against the engine for K >= 8, and the share of
+# the matmul limit (`spurious.bench.matmul_limit`) reached.
+BUNDLE_TARGET = 1.5
+LIMIT_TARGET_PCT = 50.0
 
 
 def engine_section(data_dir: str | None, repeats: int) -> dict:
@@ -74,7 +78,8 @@ def harness_section(data_dir: str | None) -> dict:
 
 def bundle_section(data_dir: str | None, ks: tuple[int, ...], epochs: int, train_subset: int | None) -> dict:
     """Print and return models per hour of 70-epoch LargeMLP Fashion-MNIST trainings: the reference-shaped
-    loop, our engine one model per process, and bundles of K models (issue 8)."""
+    loop, our engine one model per process, and bundles of K models (issue 8), each with the matmul speed it
+    reached against this machine's limit at its shapes (issue 15)."""
     cfg = TrainConfig(dataset="fashion", model="large_mlp", pattern="s3", n_spurious=10, epochs=70)
     res = bench.bundle_throughput(cfg, datasets.load("fashion", data_dir), ks, epochs, train_subset)
     device = train.resolve_device(cfg.device)
@@ -83,7 +88,10 @@ def bundle_section(data_dir: str | None, ks: tuple[int, ...], epochs: int, train
           f"{subset})")
     for row in res["rows"]:
         print(f"  {row['setting']:>12s}: {row['models_per_hour']:>10,.0f} models/hour  "
-              f"({row['vs_reference']:.2f}x reference, {row['vs_engine']:.2f}x engine)")
+              f"({row['vs_reference']:.2f}x reference, {row['vs_engine']:.2f}x engine); "
+              f"limit: {row['limit_gflops']:.0f} GFLOP/s, reached: {row['limit_pct']:.0f} %")
+    print(f"  targets: bundles of K >= 8 at >= {BUNDLE_TARGET:g}x the engine's models/hour; "
+          f"> {LIMIT_TARGET_PCT:g} % of the matmul limit")
     if device.type != "cuda":
         print("  Tune packing with fractional GPUs: skipped (no GPU here)")
     print(f"  best on this machine: {res['recommendation']}")

@@ -1,17 +1,20 @@
 """Bundled training against separate Engine runs: equality, compatibility, checkpoints, resume, divergence.
 
-With one member per pass (vmap_chunk=1, the CPU default) a bundle is bit-identical to separate runs,
-and the tests assert that. Batched passes (vmap_chunk > 1, the GPU default) change float rounding only:
-per-epoch metrics within ATOL, parameters within PARAM_ATOL. Observed on CPU (torch 2.14, 3 epochs):
-metrics within 5e-7, parameters within 2e-8 (SGD) and 3e-6 (Adam).
+With one member per pass (vmap_chunk=1) a bundle is bit-identical to separate runs, and the tests assert
+that. Passes of several members (batched matmuls, the CPU default; vmap, the GPU default) change float
+rounding only: per-epoch metrics within ATOL, parameters within PARAM_ATOL. Observed on CPU (torch 2.14,
+3 epochs, both kinds of pass): metrics within 5e-7, parameters within 3e-8 (SGD) and 7e-6 (Adam).
 """
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from spurious import bundle, checkpoint, train
+from spurious import bench, bundle, checkpoint, metrics, models, train
 from spurious.config import TrainConfig
 from spurious.errors import SpuriousError
-from spurious.planted import plant
+from spurious.planted import plant, plant_config
+from spurious.stacked_mlp import StackedMLP, linear_layers
 from tests.conftest import synthetic_dataset
 from tests.test_train import METRIC_KEYS, strip_time
 
@@ -55,11 +58,35 @@ def assert_close(bundled, separated, atol=ATOL, param_atol=PARAM_ATOL):
 
 
 @pytest.mark.parametrize("optimizer,lr_scale", [("sgd", 1.0), ("adam", 0.02)])
-@pytest.mark.parametrize("chunk,atol,param_atol", [(1, 0, 0), (3, ATOL, PARAM_ATOL)])
-def test_bundle_matches_separate_runs(tiny_data, optimizer, lr_scale, chunk, atol, param_atol):
+@pytest.mark.parametrize("chunk,batched,atol,param_atol", [(1, None, 0, 0), (3, True, ATOL, PARAM_ATOL),
+                                                           (3, False, ATOL, PARAM_ATOL)],
+                         ids=["one-member-passes", "batched-matmuls", "vmap"])
+def test_bundle_matches_separate_runs(tiny_data, optimizer, lr_scale, chunk, batched, atol, param_atol):
     cfgs = [cfg(**{**m, "optimizer": optimizer, "lr": m.get("lr", 0.05) * lr_scale}) for m in MEMBERS]
-    bundled = bundle.train_bundle(cfgs, [planted(tiny_data, c) for c in cfgs], vmap_chunk=chunk)
-    assert_close(bundled, separate(tiny_data, cfgs), atol, param_atol)
+    engine = bundle.BundleEngine(cfgs, [planted(tiny_data, c) for c in cfgs], vmap_chunk=chunk, batched=batched)
+    assert (engine.stack is None) == (batched is False)
+    assert_close(engine.fit(), separate(tiny_data, cfgs), atol, param_atol)
+
+
+@pytest.mark.parametrize("optimizer,lr_scale", [("sgd", 1.0), ("adam", 0.02)])
+def test_cpu_default_batches_members_and_matches_separate_runs(tiny_data, optimizer, lr_scale):
+    """No clipping: SGD adds the gradients straight into the momentum buffers; per-member lr, l2 and noise;
+    three members in passes of two, so a batched pass and a one-member pass share the bundle."""
+    members = [{key: v for key, v in m.items() if key != "grad_clip"} for m in MEMBERS]
+    cfgs = [cfg(**{**m, "optimizer": optimizer, "lr": m.get("lr", 0.05) * lr_scale}) for m in members]
+    engine = bundle.BundleEngine(cfgs, [planted(tiny_data, c) for c in cfgs], vmap_chunk=2)
+    assert engine.stack is not None and [(p.a, p.b) for p in engine.passes] == [(0, 2), (2, 3)]
+    assert engine._fuses_momentum(engine.passes[0], engine._hyper(engine.passes[0])[2]) == (optimizer == "sgd")
+    assert_close(engine.fit(), separate(tiny_data, cfgs))
+    assert bundle.BundleEngine(cfgs * 3, [planted(tiny_data, c) for c in cfgs] * 3).chunk == bundle.CPU_CHUNK
+
+
+def test_batched_members_with_equal_hyperparameters_match_separate_runs(tiny_data):
+    """Members that agree on lr, l2 and clip take the optimisers' scalar paths (here with L2 and clipping)."""
+    cfgs = [cfg(data_seed=s, seed=s, l2=1e-3, grad_clip=0.5 if s < 2 else 0.0, noise_sigma=0.05)
+            for s in range(4)]
+    bundled = bundle.train_bundle(cfgs, bundle.plant_members(cfgs, tiny_data), vmap_chunk=2)
+    assert_close(bundled, separate(tiny_data, cfgs))
 
 
 def test_compact_member_data_trains_exactly_like_planted_data(tiny_data):
@@ -158,6 +185,22 @@ def test_engine_resumes_a_member_from_a_bundle_snapshot(tiny_data, tmp_path):
     assert_close([resumed], separate(tiny_data, cfgs[1:]))
 
 
+@pytest.mark.parametrize("optimizer,lr_scale,clip", [("sgd", 1.0, False), ("sgd", 1.0, True), ("adam", 0.02, True)])
+def test_batched_bundle_resumed_mid_way_from_engine_snapshots_matches_separate_runs(tiny_data, optimizer, lr_scale,
+                                                                                      clip):
+    members = MEMBERS if clip else [{key: v for key, v in m.items() if key != "grad_clip"} for m in MEMBERS]
+    cfgs = [cfg(**{**m, "optimizer": optimizer, "lr": m.get("lr", 0.05) * lr_scale, "epochs": 3}) for m in members]
+    datas = [planted(tiny_data, c) for c in cfgs]
+    states = []
+    for c, d in zip(cfgs, datas):
+        engine = train.Engine(c, d)
+        engine.step()
+        states.append(engine.snapshot())
+    resumed = bundle.train_bundle(cfgs, datas, resume=states, vmap_chunk=3)
+    assert [len(r.history) for r in resumed] == [3] * 3
+    assert_close(resumed, separate(tiny_data, cfgs))
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_bundle_resume_equals_uninterrupted_bundle(tiny_data, tmp_path, optimizer):
     cfgs = [cfg(**{**m, "optimizer": optimizer, "epochs": 3}) for m in MEMBERS]
@@ -190,13 +233,14 @@ def test_restore_rejects_mismatched_checkpoints(tiny_data):
         engine.restore(states[:1])
 
 
-def test_a_diverging_member_is_dropped_and_the_others_go_on(tiny_data):
-    cfgs = [cfg(momentum=0.0), cfg(lr=1e12, momentum=0.0, seed=1), cfg(momentum=0.0, seed=2)]
+@pytest.mark.parametrize("momentum,chunk", [(0.0, None), (0.9, None), (0.9, 1)])
+def test_a_diverging_member_is_dropped_and_the_others_go_on(tiny_data, momentum, chunk):
+    cfgs = [cfg(momentum=momentum), cfg(lr=1e12, momentum=momentum, seed=1), cfg(momentum=momentum, seed=2)]
     kept = [cfgs[0], cfgs[2]]
     with pytest.raises(train.TrainingError):
         separate(tiny_data, [cfgs[1]])
     rows = []
-    engine = bundle.BundleEngine(cfgs, bundle.plant_members(cfgs, tiny_data))
+    engine = bundle.BundleEngine(cfgs, bundle.plant_members(cfgs, tiny_data), chunk)
     results = engine.fit(lambda r, snapshot: rows.append(r))
     assert [r[1] for r in rows] == [None] * cfgs[0].epochs
     assert "training loss became" in engine.failed[1] and "lower the learning rate" in engine.failed[1]
@@ -205,9 +249,78 @@ def test_a_diverging_member_is_dropped_and_the_others_go_on(tiny_data):
         bundle.train_bundle([cfgs[1]], bundle.plant_members([cfgs[1]], tiny_data))
 
 
-def test_bundle_throughput_reports_every_setting(tiny_data):
-    from spurious import bench
+def test_batched_bundle_reports_validation_metrics_like_engine(tiny_data):
+    cfgs = [cfg(n_spurious=n, data_seed=s, seed=s, val_size=60) for n, s in ((10, 0), (0, 1))]
+    engine = bundle.BundleEngine(cfgs, bundle.plant_members(cfgs, tiny_data))
+    assert engine.stack is not None and engine.chunk == 2
+    for _ in range(2):
+        rows = engine.step()
+    for c, row in zip(cfgs, rows):
+        alone = train.Engine(c, plant_config(tiny_data, c))
+        for _ in range(2):
+            expected = alone.step()
+        assert set(metrics.VAL_KEYS) <= set(expected) and set(row) == set(expected)
+        for key in set(expected) - {"epoch_time_s"}:
+            assert row[key] == pytest.approx(expected[key], abs=ATOL), key
 
+
+def test_linear_layers_recognises_only_flatten_linear_relu_models():
+    assert linear_layers(models.build("mlp", (1, 28, 28))) == [("layers.1.weight", "layers.1.bias"),
+                                                               ("layers.3.weight", "layers.3.bias")]
+    assert linear_layers(nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))) == [
+        ("1.weight", "1.bias"), ("3.weight", "3.bias")]
+    others = [nn.Sequential(nn.Linear(4, 3)), nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)),
+              nn.Sequential(nn.Flatten(), nn.Linear(4, 3, bias=False)), nn.Sequential(nn.Flatten(2), nn.Linear(4, 3)),
+              nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU()), models.build("cnn002", (1, 28, 28))]
+    for other in others:
+        assert linear_layers(other) is None, other
+
+
+def test_stacked_mlp_gives_each_members_loss_gradients_and_logits():
+    torch.manual_seed(0)
+    nets = [models.build("large_mlp", (1, 6, 5), 4) for _ in range(3)]
+    stack = StackedMLP(linear_layers(nets[0]))
+    params = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in nets])
+              for n, _ in nets[0].named_parameters()}
+    x, y, x_test = torch.rand(3, 16, 1, 6, 5), torch.randint(0, 4, (3, 16)), torch.rand(40, 1, 6, 5)
+    loss, hits, grads = stack.loss_and_grads(params, x, y)
+    buffers = {n: torch.ones_like(p) for n, p in params.items()}
+    stack.loss_and_grads(params, x, y, buffers, beta=0.5)
+    for k, net in enumerate(nets):
+        out = net(x[k])
+        expected = F.cross_entropy(out, y[k])
+        expected.backward()
+        assert loss[k] == pytest.approx(expected.item(), abs=1e-6) and hits[k] == (out.argmax(1) == y[k]).sum()
+        for name, p in net.named_parameters():
+            assert torch.allclose(grads[name][k], p.grad, atol=1e-6), name
+            assert torch.allclose(buffers[name][k], 0.5 + p.grad, atol=1e-6), name
+        assert torch.allclose(stack.logits(params, x_test)[k], net(x_test), atol=1e-6)
+
+
+def test_epoch_flops_count_the_matmuls_of_training_and_evaluation():
+    shapes = bench.linear_shapes("large_mlp", (1, 28, 28))
+    assert shapes == [(784, 256), (256, 256), (256, 256), (256, 10)]
+    assert [name for name, *_ in bench.step_matmuls(shapes, 128)[:4]] == [
+        "layer0.forward", "layer0.weight_grad", "layer1.forward", "layer1.weight_grad"]
+    forward = 2 * (784 * 256 + 2 * 256 * 256 + 256 * 10)
+    flops = bench.epoch_flops(shapes, 60000, 20000)
+    assert flops["eval"] == 20000 * forward == pytest.approx(13.37e9, rel=1e-3)
+    assert flops["train"] == 60000 * (2 * forward + 2 * (2 * 256 * 256 + 256 * 10)) == pytest.approx(96.28e9, rel=1e-3)
+    assert flops["total"] == flops["train"] + flops["eval"]
+    with pytest.raises(SpuriousError, match="not made of Flatten, Linear and ReLU"):
+        bench.linear_shapes("cnn002", (1, 28, 28))
+
+
+@pytest.mark.parametrize("k,shape", [(1, "16x20 @ 20x8"), (3, "3x16x20 @ 3x20x8")])
+def test_matmul_limit_times_every_product_of_a_step(k, shape):
+    out = bench.matmul_limit([(20, 8), (8, 3)], batch=16, k=k, repeats=2)
+    assert [r["name"] for r in out["rows"]] == ["layer0.forward", "layer0.weight_grad", "layer1.forward",
+                                                "layer1.weight_grad", "layer1.input_grad"]
+    assert out["rows"][0]["shape"] == shape and out["k"] == k and out["batch"] == 16
+    assert out["gflops"] > 0 and all(r["gflops"] > 0 for r in out["rows"])
+
+
+def test_bundle_throughput_reports_every_setting(tiny_data):
     out = bench.bundle_throughput(cfg(epochs=70), tiny_data, ks=(1, 2), epochs=1, train_subset=256)
     assert [r["setting"] for r in out["rows"]] == ["reference", "engine", "bundle_1", "bundle_2"]
     assert all(r["models_per_hour"] > 0 and r["epoch_s"] > 0 for r in out["rows"])
@@ -217,5 +330,10 @@ def test_bundle_throughput_reports_every_setting(tiny_data):
         assert row["vs_reference"] == pytest.approx(row["models_per_hour"] / reference["models_per_hour"])
         assert row["vs_engine"] == pytest.approx(row["models_per_hour"] / engine["models_per_hour"])
         assert row["epoch_s"] <= row["epoch_s_median"]
+    shapes = bench.linear_shapes("large_mlp", (1, 28, 28))
+    for row, evaluated in zip(out["rows"], (200, 400, 400, 400)):  # the reference scores the clean test set only
+        flops = row["k"] * bench.epoch_flops(shapes, 256, evaluated)["total"]
+        assert row["gflops"] == pytest.approx(flops / row["epoch_s"] / 1e9)
+        assert row["limit_gflops"] > 0 and row["limit_pct"] == pytest.approx(100 * row["gflops"] / row["limit_gflops"])
     best = max(out["rows"][1:], key=lambda r: r["models_per_hour"])
     assert out["best"] == best["setting"] and out["recommendation"].startswith(best["setting"] + ":")
