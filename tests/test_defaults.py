@@ -55,9 +55,11 @@ def test_every_tuner_gets_its_own_callbacks_list():
     shared = [object()]
     first = runner.run_config(options_lib.RunOptions(), "a", shared)
     second = runner.run_config(options_lib.RunOptions(), "b", shared)
-    assert first.callbacks == shared and first.callbacks is not shared and second.callbacks is not first.callbacks
+    assert first.callbacks[:-1] == shared and first.callbacks is not shared and second.callbacks is not first.callbacks
+    # each ends with its own result.json logger
+    assert isinstance(first.callbacks[-1], runner.ResultLogger) and first.callbacks[-1] is not second.callbacks[-1]
     first.callbacks.append("reporter")
-    assert second.callbacks == shared == [shared[0]]
+    assert second.callbacks[:-1] == shared == [shared[0]]
 
 
 def test_logging_settings_give_fresh_callbacks_and_round_trip_through_study_json(tmp_path):
