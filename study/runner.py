@@ -11,6 +11,8 @@ from typing import Any, Callable, Mapping
 
 import ray
 from ray import tune
+from ray.tune.logger import JsonLoggerCallback
+from ray.tune.utils.util import SafeFallbackEncoder
 
 from spurious import bundle, cells, config as config_lib, datasets, planted, train
 from spurious.errors import SpuriousError
@@ -21,6 +23,10 @@ from trainables.train_bundle import train_bundle
 from trainables.train_classifier import train_classifier
 
 META_FILE = "study.json"
+# The loggers a study's RunConfig carries itself: Tune adds none of its own (`tune_loggers`). study.json records
+# them: `study resume` lets Tune add its defaults to a study recorded without.
+TUNE_LOGGERS = ("json",)
+NO_AUTO_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
 
 
 def validate(space: Mapping[str, Any], data: Mapping[str, datasets.Dataset]) -> list[config_lib.TrainConfig]:
@@ -123,15 +129,38 @@ def bundle_dirname(trial) -> str:
     return f"bundle_{trial.trial_id}"
 
 
+class ResultLogger(JsonLoggerCallback):
+    """Tune's JSON logger (each trial's result.json and params.json) without params.pkl, which nothing reads."""
+
+    def update_config(self, trial, config: dict) -> None:
+        self._trial_configs[trial] = config
+        with Path(trial.local_path, "params.json").open("w") as f:
+            json.dump(config, f, indent=2, sort_keys=True, cls=SafeFallbackEncoder)
+
+
+def tune_loggers() -> list:
+    """Return the loggers a study's RunConfig carries (TUNE_LOGGERS) and tell Tune, through
+    TUNE_DISABLE_AUTO_CALLBACK_LOGGERS, to add none of its own: no progress.csv, no TensorBoard events.
+    analysis/frames.py, ResultGrid and the W&B replay read only result.json and params.json."""
+    tune_defaults(not TUNE_LOGGERS)
+    return [ResultLogger()] if "json" in TUNE_LOGGERS else []
+
+
+def tune_defaults(add: bool) -> None:
+    """Let Tune add its default loggers (CSV, JSON, TensorBoard) to the Tuners of this process, or not."""
+    os.environ[NO_AUTO_LOGGERS] = "0" if add else "1"
+
+
 def run_config(options: RunOptions, name: str, callbacks: list | None = None,
                storage_path: str | None = None) -> tune.RunConfig:
-    """Return the RunConfig: storage, retries from the last checkpoint, checkpoints kept.
+    """Return the RunConfig: storage, retries from the last checkpoint, checkpoints kept, `ResultLogger`.
 
     The callbacks list is copied: Tune appends its own progress reporter to the list it gets, and a list
     shared by two Tuners would hand the second one the first one's finished reporter.
     """
     return tune.RunConfig(
-        name=name, storage_path=storage_path or options.storage_uri(), callbacks=list(callbacks or []),
+        name=name, storage_path=storage_path or options.storage_uri(),
+        callbacks=[*(callbacks or []), *tune_loggers()],
         verbose=options.verbose,
         failure_config=tune.FailureConfig(max_failures=options.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=options.keep_checkpoints))
@@ -229,7 +258,7 @@ def session_meta(kind: str, study: str, options: RunOptions, logging: wandb_setu
             "max_failures": options.max_failures, "keep_checkpoints": options.keep_checkpoints,
             "max_concurrent": options.max_concurrent, "bundle": options.bundle,
             "static_cluster": options.static_cluster, "wandb": logging.to_meta(),
-            **({"layout": options.layout} if options.layout else {}), **extra,
+            **({"layout": options.layout} if options.layout else {}), "tune_loggers": list(TUNE_LOGGERS), **extra,
             "provenance": provenance.collect(datasets_used, options.data_dir, resources)}
 
 
@@ -422,6 +451,8 @@ def reopen(path: str | Path, address: str | None = None, verbose: int = 1) -> Re
                          static_cluster=bool(meta.get("static_cluster")))
     logging = wandb_setup.Logging.from_meta(meta)
     logging.reactivate(path)
+    # a restored Tuner carries the loggers its launch gave it: Tune adds its own only to one that has none
+    tune_defaults(not meta.get("tune_loggers"))
     data = load_datasets(meta["datasets"], options.data_dir)
     start_ray(options)
     save_state_often(int(meta.get("trials", 0)))

@@ -1,5 +1,5 @@
-"""W&B for studies: the run mode, Ray's WandbLoggerCallback with a flat config and per-trial tags, and a
-report's tables and figures as a W&B run. W&B never prompts for a login: without an API key it runs
+"""W&B for studies: the run mode, one W&B run per trial with a flat config and tags (written from the driver:
+study/wandb_callback.py), and a report's tables and figures as a W&B run. W&B never prompts for a login: without an API key it runs
 offline, with its run folders inside the experiment directory, and `wandb sync` uploads them later.
 
 Examples::
@@ -10,7 +10,6 @@ Examples::
 """
 from __future__ import annotations
 
-import functools
 import json
 import netrc
 import os
@@ -31,6 +30,8 @@ SUPERSEDED_SUBDIR = "superseded"
 TAG_KEYS = ("dataset", "pattern")
 # Settings every W&B run of a study gets: no prompts or console capture, no code or git snapshot.
 SETTINGS = {"silent": True, "save_code": False, "disable_code": True, "disable_git": True, "console": "off"}
+# A trial's run is written by the driver: the driver's system metrics and hardware are not the trial's.
+TRIAL_SETTINGS = {**SETTINGS, "x_disable_stats": True, "x_disable_machine_info": True}
 
 
 def _netrc_file() -> Path | None:
@@ -94,10 +95,7 @@ def runs_dir(experiment_dir: str | Path) -> Path:
 
 
 def configure_env(mode: str, directory: Path) -> None:
-    """Point W&B (here and in the Ray workers started after this) at `directory`, in `mode`, silently.
-
-    Ray's callback skips its API-key lookup only when WANDB_MODE is offline, so offline needs no key.
-    """
+    """Point W&B (here and in the Ray workers started after this) at `directory`, in `mode`, silently."""
     directory.mkdir(parents=True, exist_ok=True)
     os.environ.update({"WANDB_MODE": mode, "WANDB_DIR": str(directory), "WANDB_SILENT": "true",
                        "WANDB_DISABLE_CODE": "true", "WANDB_CONSOLE": "off"})
@@ -124,54 +122,11 @@ def run_tags(config: Mapping[str, Any]) -> list[str]:
     return [f"{k}:{config[k]}" for k in (*TAG_KEYS, "trainable") if config.get(k) is not None]
 
 
-@functools.cache
 def callback_class() -> type:
-    """Return the W&B callback class (built on first use: importing Ray's integration takes seconds)."""
-    from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
+    """Return the W&B callback class, study/wandb_callback.py (imported on first use: it imports Ray)."""
+    from study.wandb_callback import TrialRuns
 
-    class FlushingLoggingActor(_WandbLoggingActor):
-        """Ray's per-trial W&B actor, shutting W&B down before it returns: `finish` alone may leave the
-        run file half written when Ray then kills the actor."""
-
-        def run(self):
-            super().run()
-            self._wandb.teardown()
-
-    class StudyWandbCallback(WandbLoggerCallback):
-        """Ray's W&B callback with a flat, default-filled config, per-trial tags and complete run files.
-
-        Ray builds the wandb.init arguments in `log_trial_start` and hands them to `_start_logging_actor`
-        (Ray 2.60; tests/test_wandb.py checks these hooks), the one place to set a per-trial config and tags.
-        """
-
-        _logger_actor_cls = FlushingLoggingActor
-
-        def __init__(self, *args, provenance: Mapping[str, Any] | None = None, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.provenance = dict(provenance or {})  # study/provenance.py's record, under "provenance"
-
-        def _start_logging_actor(self, trial, exclude_results, **init_kwargs):
-            config = flat_config(trial.config, trial.trainable_name)
-            extra = {"provenance": self.provenance} if getattr(self, "provenance", None) else {}
-            init_kwargs.update(config={**config, **extra}, tags=run_tags(config))
-            if trial not in self._trial_logging_futures:  # a new W&B process for this trial
-                if init_kwargs.get("mode") == "online":
-                    init_kwargs["resume"] = "allow"  # a restarted trial continues its W&B run on the server
-                elif supersede_runs(init_kwargs.get("dir"), trial.trial_id):
-                    self._replay = {*getattr(self, "_replay", ()), trial.trial_id}
-            super()._start_logging_actor(trial, exclude_results, **init_kwargs)
-
-        def log_trial_result(self, iteration, trial, result):
-            # Ray also sends each result's config as a config update: keep it flat too.
-            if isinstance(result.get("config"), Mapping):
-                result = {**result, "config": flat_config(result["config"], trial.trainable_name)}
-            if trial.trial_id in getattr(self, "_replay", ()):
-                self._replay.discard(trial.trial_id)
-                for old in earlier_results(trial, result.get("training_iteration", iteration)):
-                    self.log_trial_result(old["training_iteration"], trial, old)
-            super().log_trial_result(iteration, trial, result)
-
-    return StudyWandbCallback
+    return TrialRuns
 
 
 def supersede_runs(directory: str | Path | None, run_id: str) -> bool:
@@ -258,8 +213,8 @@ class Logging:
 
     def reactivate(self, experiment_dir: str | Path) -> None:
         """Set up this process for a resumed study whose restored callbacks log per these settings: W&B's
-        mode and directory in the environment (Ray's callback looks for an API key unless WANDB_MODE says
-        offline); an online study needs a key here too (one-line error, never a prompt)."""
+        mode and directory in the environment; an online study needs a key here too (one-line error, never a
+        prompt)."""
         if self.mode == "off":
             return
         if self.mode == "online" and not api_key_configured():
@@ -277,8 +232,8 @@ def callbacks(mode: str, project: str | None, entity: str | None, experiment_dir
     """Return the Tune callbacks for `mode`: [] when off, else one W&B run per trial, grouped by `group`, its
     config holding the trial's flat config and the study's `provenance` (study/provenance.py).
 
-    No API key is passed to Ray (it would be pickled into tuner.pkl): online runs read WANDB_API_KEY or
-    the netrc file themselves.
+    No API key is passed to the callback (it would be pickled into tuner.pkl): online runs read
+    WANDB_API_KEY or the netrc file themselves.
     """
     if mode == "off":
         return []
@@ -286,22 +241,25 @@ def callbacks(mode: str, project: str | None, entity: str | None, experiment_dir
         raise SpuriousError(f"W&B mode {mode!r} must be resolved first (off, offline or online)")
     directory = wandb_dir(experiment_dir)
     configure_env(mode, directory)
-    init = {"mode": mode, "dir": str(directory), "settings": dict(SETTINGS), "job_type": "train"}
+    init = {"mode": mode, "dir": str(directory), "settings": dict(TRIAL_SETTINGS), "job_type": "train",
+            "project": project or DEFAULT_PROJECT, "group": group}
     if entity:
         init["entity"] = entity
+    if provenance:
+        init["config"] = {"provenance": dict(provenance)}  # study/provenance.py's record, in every trial's run
     # the run's config holds the trial's config; its history leaves out the copy every result row carries, and
     # the packed per-image indicators (a 1.7 kB string for analysis, not a curve)
     from spurious.metrics import INDICATORS_KEY  # here: the quick commands import no torch
 
     excludes = [*config_lib.field_names(), INDICATORS_KEY]
-    # How long the end of a study waits for W&B processes to finish: offline there is nothing to upload, and a
-    # process that never ends (seen after Ctrl-C) must not hold the terminal for Ray's default 30 minutes.
-    wait = {"upload_timeout": OFFLINE_FINISH_S} if mode == "offline" else {}
-    return [callback_class()(project=project or DEFAULT_PROJECT, group=group, excludes=excludes,
-                             provenance=provenance, **wait, **init)]
+    # How long the end of a study waits for W&B to finish its runs: offline there is nothing to upload, and a
+    # run that never finishes (seen after Ctrl-C) must not hold the terminal for half an hour.
+    wait = OFFLINE_FINISH_S if mode == "offline" else ONLINE_FINISH_S
+    return [callback_class()(init, excludes=excludes, finish_timeout=wait)]
 
 
 OFFLINE_FINISH_S = 30
+ONLINE_FINISH_S = 1800  # Ray's default wait for uploads
 
 
 def offline_runs(directory: str | Path) -> list[Path]:

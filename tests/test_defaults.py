@@ -55,9 +55,11 @@ def test_every_tuner_gets_its_own_callbacks_list():
     shared = [object()]
     first = runner.run_config(options_lib.RunOptions(), "a", shared)
     second = runner.run_config(options_lib.RunOptions(), "b", shared)
-    assert first.callbacks == shared and first.callbacks is not shared and second.callbacks is not first.callbacks
+    assert first.callbacks[:-1] == shared and first.callbacks is not shared and second.callbacks is not first.callbacks
+    # each ends with its own result.json logger
+    assert isinstance(first.callbacks[-1], runner.ResultLogger) and first.callbacks[-1] is not second.callbacks[-1]
     first.callbacks.append("reporter")
-    assert second.callbacks == shared == [shared[0]]
+    assert second.callbacks[:-1] == shared == [shared[0]]
 
 
 def test_logging_settings_give_fresh_callbacks_and_round_trip_through_study_json(tmp_path):
@@ -111,7 +113,7 @@ def test_a_restarted_trial_keeps_one_offline_run_with_every_epoch_once(tmp_path)
 
 
 def test_the_callback_replays_earlier_epochs_into_a_restarted_trials_new_run(tmp_path, monkeypatch):
-    from ray.air.integrations.wandb import WandbLoggerCallback
+    from study.wandb_callback import TrialRuns
 
     trial_dir = tmp_path / "trial"
     trial_dir.mkdir()
@@ -119,15 +121,14 @@ def test_the_callback_replays_earlier_epochs_into_a_restarted_trials_new_run(tmp
                                                      for i in (1, 2, 3)))
     (tmp_path / "exp" / "wandb" / "offline-run-20260101_000000-abcde_00001").mkdir(parents=True)
     (callback,) = wandb_setup.callbacks("offline", None, None, tmp_path / "exp", "exp")
-    logged = []
-    monkeypatch.setattr(WandbLoggerCallback, "_start_logging_actor", lambda self, trial, exclude, **kw: None)
-    monkeypatch.setattr(WandbLoggerCallback, "log_trial_result",
-                        lambda self, iteration, trial, result: logged.append(result["epoch"]))
+    jobs = []  # what the callback hands its W&B thread
+    monkeypatch.setattr(TrialRuns, "_submit", lambda self, job, *args: jobs.append((job.__name__, args)))
     trial = Trial(trial_dir)
     callback.log_trial_start(trial)
     callback.log_trial_result(3, trial, {"training_iteration": 3, "epoch": 3})
     callback.log_trial_result(4, trial, {"training_iteration": 4, "epoch": 4})
-    assert logged == [1, 2, 3, 4]
+    assert jobs[0][0] == "_start" and jobs[0][1][0] == "abcde_00001"
+    assert [args[1]["epoch"] for name, args in jobs if name == "_write"] == [1, 2, 3, 4]
 
 
 @pytest.fixture

@@ -24,6 +24,14 @@ METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "spurious_score",
            "patterned_acc", "patterned_target_rate")
 
 
+def assert_tune_wrote_only_what_is_read(exp: Path) -> None:
+    """Each trial directory has result.json and params.json, and none of Tune's unread files."""
+    trials = [p.parent for p in exp.glob("*/params.json")]
+    assert trials and all((t / "result.json").exists() for t in trials)
+    for pattern in ("progress.csv", "events.out.tfevents.*", "params.pkl"):
+        assert not list(exp.glob(f"*/{pattern}")), f"Tune wrote {pattern}"
+
+
 def study(*argv, env=None, timeout=600, **kw):
     return subprocess.run([sys.executable, "-m", "study.cli", *argv], capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})}, **kw)
@@ -61,6 +69,7 @@ def test_smoke_study_completes_with_all_metrics_in_the_result_grid(tmp_path):
     assert sorted(tidy["spurious_score"]) == pytest.approx(sorted(df["spurious_score"]))
     assert all(Path(c).exists() for c in tidy["checkpoint"])
     assert json.loads((tmp_path / "smoke" / "study.json").read_text())["study"] == "demo"
+    assert_tune_wrote_only_what_is_read(tmp_path / "smoke")  # ResultGrid above reads result.json
     from spurious import config as config_lib
 
     for result in (tmp_path / "smoke").glob("*/result.json"):  # every row carries the full canonical config
@@ -92,6 +101,7 @@ def test_killed_driver_then_resume_finishes_without_rerunning_finished_trials(tm
     assert len(meta["resumed"]) == 1 and f"resume {exp}" in meta["resumed"][0]["command"]
     df = frames.load(exp)
     assert len(df) == 4 and (df["status"] == "TERMINATED").all()
+    assert_tune_wrote_only_what_is_read(exp)  # the restored Tuner carries the study's logger too
     for path, text in before.items():
         assert path.read_text() == text, f"finished trial {path.parent.name} was run again"
     epochs = frames.load_epochs(exp)
@@ -115,6 +125,7 @@ def test_trial_fault_is_retried_from_its_last_checkpoint_and_stays_one_wandb_run
     assert frames.load(tmp_path / "fault")["status"].tolist() == ["TERMINATED"]
     (run,) = wandb_setup.offline_runs(wandb_setup.runs_dir(tmp_path / "fault"))
     assert [row["epoch"] for row in read_run(run)["history"] if "epoch" in row] == [1, 2, 3]
+    assert_tune_wrote_only_what_is_read(tmp_path / "fault")
 
 
 def test_diverging_trial_errors_with_one_line_and_the_study_goes_on(tmp_path):

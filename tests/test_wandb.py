@@ -1,6 +1,6 @@
-"""W&B: the mode, the flat config and tags Ray's callback gets, offline runs that never prompt (read back
-with wandb's own record schema), and an API key that is never written anywhere."""
-import inspect
+"""W&B: the mode, the per-trial runs the driver writes (flat config, tags, every epoch, a restarted trial
+replayed), offline runs that never prompt (read back with wandb's own record schema), and an API key that is
+never written anywhere."""
 import json
 import os
 import shutil
@@ -75,44 +75,123 @@ def test_flat_config_fills_defaults_and_flattens_variant_dicts():
     assert clash == {"a.lr": 0.1, "b.lr": 0.2}
 
 
-def test_rays_hook_for_per_trial_init_arguments_is_still_there():
-    from ray.air.integrations.wandb import WandbLoggerCallback
+def test_trial_runs_is_a_tune_logger_callback_that_pickles_without_its_thread(no_credentials, tmp_path):
+    from ray import cloudpickle
+    from ray.tune.logger import LoggerCallback
 
-    params = list(inspect.signature(WandbLoggerCallback._start_logging_actor).parameters)
-    assert params == ["self", "trial", "exclude_results", "wandb_init_kwargs"]
-    actor = wandb_setup.callback_class()._logger_actor_cls
-    assert issubclass(actor, WandbLoggerCallback._logger_actor_cls) and "run" in vars(actor)
+    cls = wandb_setup.callback_class()
+    # Tune's LoggerCallback turns on_trial_start/result/complete/error into these hooks
+    assert issubclass(cls, LoggerCallback) and {"log_trial_start", "log_trial_result", "log_trial_end"} <= set(vars(cls))
+    (callback,) = wandb_setup.callbacks("offline", None, None, tmp_path / "exp", "exp")
+    callback._submit(lambda: None)  # its worker thread is running now
+    restored = cloudpickle.loads(cloudpickle.dumps(callback))  # as tuner.pkl keeps it
+    assert restored.init == callback.init and restored.excludes == callback.excludes and restored._worker is None
+    callback.on_experiment_end([])
+
+
+def test_a_result_splits_into_history_numbers_and_tunes_bookkeeping_for_the_config():
+    from study.wandb_callback import split_result
+
+    result = {"epoch": 2, "spurious_score": 0.5, "pattern": "s3", "done": False, "should_checkpoint": True,
+              "config": {"lr": 0.1}, "trial_id": "abcde_00001", "date": "2026-11-30", "hostname": "vm",
+              "nested": {"a": 1, "text": "x"}, "indicators": "AAAA", "flag": True}
+    row, config = split_result(result, excludes=["pattern", "indicators"])
+    assert row == {"epoch": 2, "spurious_score": 0.5, "nested/a": 1, "flag": True}
+    assert config == {"trial_id": "abcde_00001", "date": "2026-11-30", "hostname": "vm"}
 
 
 class FakeTrial:
-    trial_id = "abcde_00001"
     trainable_name = "train_classifier"
     experiment_dir_name = "exp"
     config = {"optim": {"optimizer": "sgd", "lr": 0.01}, "pattern": "r3", "n_spurious": 3}
+
+    def __init__(self, folder: Path, number: int = 1):
+        self.trial_id = f"abcde_{number:05d}"
+        self.local_path = str(folder / f"trial_{number}")
+        Path(self.local_path).mkdir(parents=True, exist_ok=True)
 
     def __str__(self):
         return f"train_classifier_{self.trial_id}"
 
 
-def test_callback_gives_each_trial_a_flat_config_tags_group_and_offline_dir(no_credentials, tmp_path, monkeypatch):
-    from ray.air.integrations.wandb import WandbLoggerCallback
+def report(trial: FakeTrial, epoch: int) -> dict:
+    """Return a trial's result as Tune hands it to callbacks (metrics, its config keys, Tune's bookkeeping)."""
+    return {"epoch": epoch, "spurious_score": epoch / 10, "pattern": "corner_square_5", "lr": 0.01,
+            "training_iteration": epoch, "trial_id": trial.trial_id, "pid": 4242, "done": False,
+            "config": trial.config}
 
-    (callback,) = wandb_setup.callbacks("offline", None, "team", tmp_path / "exp", "exp")
-    assert isinstance(callback, WandbLoggerCallback) and os.environ["WANDB_MODE"] == "offline"
-    callback.setup()  # offline: Ray looks for no API key
-    seen = {}
-    monkeypatch.setattr(WandbLoggerCallback, "_start_logging_actor",
-                        lambda self, trial, exclude, **kwargs: seen.update(kwargs))
-    monkeypatch.setattr(WandbLoggerCallback, "log_trial_result",
-                        lambda self, iteration, trial, result: seen.update(result=result))
-    callback.log_trial_start(FakeTrial())
-    assert seen["config"]["optimizer"] == "sgd" and seen["config"]["l2"] == 0.0 and "optim" not in seen["config"]
-    assert seen["tags"] == ["dataset:fashion", "pattern:r3", "trainable:train_classifier"]
-    assert (seen["group"], seen["project"], seen["entity"]) == ("exp", "rare-spurious-study", "team")
-    assert seen["mode"] == "offline" and seen["dir"] == str((tmp_path / "exp").resolve())
-    assert seen["settings"]["silent"] and not seen["settings"]["save_code"]
-    callback.log_trial_result(1, FakeTrial(), {"spurious_score": 0.5, "config": FakeTrial.config})
-    assert seen["result"]["config"]["optimizer"] == "sgd" and "optim" not in seen["result"]["config"]
+
+def test_each_trial_is_one_offline_run_with_flat_config_tags_group_and_every_epoch(no_credentials, tmp_path):
+    exp = tmp_path / "exp"
+    (callback,) = wandb_setup.callbacks("offline", None, "team", exp, "exp")
+    assert os.environ["WANDB_MODE"] == "offline"
+    trials = [FakeTrial(exp, 1), FakeTrial(exp, 2)]
+    init = callback.init_kwargs(trials[0])
+    assert (init["group"], init["project"], init["entity"], init["id"]) == ("exp", "rare-spurious-study", "team",
+                                                                            "abcde_00001")
+    assert init["mode"] == "offline" and init["dir"] == str(exp.resolve()) and init["reinit"] == "create_new"
+    assert init["settings"]["silent"] and not init["settings"]["save_code"] and init["settings"]["x_disable_stats"]
+    callback.setup()
+    for trial in trials:
+        callback.on_trial_start(0, trials, trial)
+    for epoch in (1, 2):
+        for trial in trials:
+            callback.on_trial_result(epoch, trials, trial, report(trial, epoch))
+    callback.on_trial_complete(2, trials, trials[0])
+    callback.on_trial_error(2, trials, trials[1])
+    callback.on_experiment_end(trials)
+    runs = wandb_setup.offline_runs(wandb_setup.runs_dir(exp))
+    assert sorted(run.name.split("-")[-1] for run in runs) == ["abcde_00001", "abcde_00002"]
+    for run in runs:
+        trial_id = run.name.split("-")[-1]
+        logged = read_run(run)
+        assert logged["group"] == "exp" and logged["name"] == f"train_classifier_{trial_id}"
+        assert logged["tags"] == ["dataset:fashion", "pattern:r3", "trainable:train_classifier"]
+        config = logged["config"]
+        assert config["optimizer"] == "sgd" and config["l2"] == 0.0 and "optim" not in config
+        assert config["trial_id"] == trial_id and config["pid"] == 4242
+        history = [row for row in logged["history"] if "epoch" in row]
+        assert [(row["epoch"], row["spurious_score"]) for row in history] == [(1, 0.1), (2, 0.2)]
+        assert not {"pattern", "lr", "config", "done", "trial_id"} & set(history[0])  # in the config instead
+
+
+def test_a_restarted_trial_replaces_its_offline_run_and_replays_its_earlier_epochs(no_credentials, tmp_path):
+    from ray import cloudpickle
+
+    exp = tmp_path / "exp"
+    (callback,) = wandb_setup.callbacks("offline", None, None, exp, "exp")
+    pickled = cloudpickle.dumps(callback)  # tuner.pkl: what `study resume` restores
+    trial = FakeTrial(exp)
+    for epoch in (1, 2):
+        callback.on_trial_result(epoch, [trial], trial, report(trial, epoch))
+    callback.on_experiment_end([trial])  # the driver stopped with the trial unfinished
+    (Path(trial.local_path) / "result.json").write_text("".join(json.dumps(report(trial, e)) + "\n" for e in (1, 2)))
+
+    restored = cloudpickle.loads(pickled)
+    restored.on_trial_start(0, [trial], trial)
+    restored.on_trial_result(3, [trial], trial, report(trial, 3))
+    restored.on_trial_complete(3, [trial], trial)
+    restored.on_experiment_end([trial])
+    (run,) = wandb_setup.offline_runs(wandb_setup.runs_dir(exp))
+    assert [row["epoch"] for row in read_run(run)["history"] if "epoch" in row] == [1, 2, 3]
+    (old,) = wandb_setup.offline_runs(wandb_setup.runs_dir(exp) / wandb_setup.SUPERSEDED_SUBDIR)
+    assert [row["epoch"] for row in read_run(old)["history"] if "epoch" in row] == [1, 2]
+
+
+def test_wandb_trouble_is_a_warning_and_never_stops_the_study(no_credentials, tmp_path, monkeypatch, caplog):
+    from study.wandb_callback import TrialRuns
+
+    def broken(self, trial_id, kwargs):
+        raise RuntimeError("no W&B today")
+
+    monkeypatch.setattr(TrialRuns, "_start", broken)
+    (callback,) = wandb_setup.callbacks("offline", None, None, tmp_path / "exp", "exp")
+    trial = FakeTrial(tmp_path / "exp")
+    callback.on_trial_result(1, [trial], trial, report(trial, 1))
+    callback.on_trial_complete(1, [trial], trial)
+    callback.on_experiment_end([trial])
+    assert "W&B: broken failed: no W&B today" in caplog.text
+    assert wandb_setup.offline_runs(wandb_setup.runs_dir(tmp_path / "exp")) == []
 
 
 def test_sync_hint_names_the_offline_run_folders(tmp_path):
