@@ -136,23 +136,17 @@ def test_resume_appends_its_provenance_and_keeps_the_launch(tmp_path):
     assert [r["command"] for r in meta["resumed"]] == ["study resume a", "study resume b"]
 
 
-def test_wandb_runs_carry_the_provenance_and_study_json_keeps_it_apart(no_key, tmp_path, monkeypatch):
-    from ray.air.integrations.wandb import WandbLoggerCallback
-
+def test_wandb_runs_carry_the_provenance_and_study_json_keeps_it_apart(no_key, tmp_path):
     logging = replace(wandb_setup.Logging("offline"), provenance=RECORD)
     assert logging.to_meta() == {"mode": "offline", "project": "rare-spurious-study", "entity": None}
     (callback,) = logging.callbacks(tmp_path / "exp", "exp")
-    seen = {}
-    monkeypatch.setattr(WandbLoggerCallback, "_start_logging_actor",
-                        lambda self, trial, exclude, **kwargs: seen.update(kwargs))
 
     class Trial:
         trial_id, trainable_name, experiment_dir_name = "abcde_00001", "train_classifier", "exp"
         config = {"pattern": "s3", "n_spurious": 3}
 
-    callback.setup()
-    callback.log_trial_start(Trial())
-    assert seen["config"]["provenance"] == RECORD and seen["config"]["n_spurious"] == 3
+    config = callback.init_kwargs(Trial())["config"]
+    assert config["provenance"] == RECORD and config["n_spurious"] == 3
 
 
 # ---------------------------------------------------------------- showing
