@@ -201,9 +201,10 @@ def test_batched_bundle_resumed_mid_way_from_engine_snapshots_matches_separate_r
     assert_close(resumed, separate(tiny_data, cfgs))
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_bundle_resume_equals_uninterrupted_bundle(tiny_data, tmp_path, optimizer):
-    cfgs = [cfg(**{**m, "optimizer": optimizer, "epochs": 3}) for m in MEMBERS]
+@pytest.mark.parametrize("optimizer,clip", [("sgd", True), ("sgd", False), ("adam", True)])
+def test_bundle_resume_equals_uninterrupted_bundle(tiny_data, tmp_path, optimizer, clip):
+    members = MEMBERS if clip else [{key: v for key, v in m.items() if key != "grad_clip"} for m in MEMBERS]
+    cfgs = [cfg(**{**m, "optimizer": optimizer, "epochs": 3}) for m in members]
     datas = bundle.plant_members(cfgs, tiny_data)
     full = bundle.train_bundle(cfgs, datas)
     saved = {}
