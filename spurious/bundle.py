@@ -32,10 +32,10 @@ Equivalence with separate runs: per member, the model init (`torch.manual_seed(s
 `Engine`'s order), the loss, the SGD/Adam arithmetic, the `train.lr_at` schedule, divergence handling
 and the checkpoint format are those of `train.Engine`. With one member per pass (`vmap_chunk=1`) the
 results are bit-identical to Engine's. Batched matmuls and vmap change float rounding only: the matmuls
-block differently for some shapes (on this 2-core machine batch 128 matched Engine bit for bit, 96 and 64
-did not), and fused SGD rounds momentum·buf + g in one operation and adds L2 after the gradient.
-tests/test_bundle.py bounds it on small data (21 steps: metrics within 5e-7, parameters within 3e-8 for
-SGD, 7e-6 for Adam). Training amplifies such differences over many steps: after 3 epochs on full
+block differently for some shapes (on the 2-core Xeon measured, batch 128 matched Engine bit for bit,
+96 and 64 did not), and fused SGD computes momentum·buf + g inside the matmul and adds L2 after it.
+tests/test_bundle.py bounds it on small data (observed over 21 steps: metrics within 5e-7, parameters
+within 3e-8 for SGD, 7e-6 for Adam). Training amplifies such differences over many steps: after 3 epochs on full
 Fashion-MNIST (1,407 steps) metrics differed by up to 2e-3 and parameters by up to 4e-2, batched and
 vmapped passes alike, so bundled and separate runs agree statistically, not bit for bit.
 Only models without dropout, BatchNorm or buffers can be bundled (dropout under vmap cannot draw the
