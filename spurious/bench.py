@@ -121,39 +121,34 @@ def epoch_flops(shapes: Sequence[tuple[int, int]], n_train: int, n_eval: int) ->
     return {"train": float(train_flops), "eval": float(eval_flops), "total": float(train_flops + eval_flops)}
 
 
-def _best_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Return the fastest of `repeats` timed calls of `fn` after two warm-up calls (others' load only slows)."""
-    fn(), fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def matmul_limit(shapes: Sequence[tuple[int, int]], batch: int = 128, k: int = 1, repeats: int = 20,
+def matmul_limit(shapes: Sequence[tuple[int, int]], batch: int = 128, k: int = 1, repeats: int = 50,
                  device: str | torch.device = "cpu") -> dict:
     """Return this machine's float32 matmul speed at the training shapes (`step_matmuls`), measured with torch.
 
     k = 1 times plain `torch.mm` products (one model); k > 1 times `torch.bmm` over (k, M, K) @ (k, K, N), the
-    shapes of a batched bundle pass of k members. Each product's time is the best of `repeats`. Returns
+    shapes of a batched bundle pass of k members. The products take turns for `repeats` rounds after one
+    warm-up round, and each keeps its fastest time (load from other processes only slows). Returns
     {"k", "batch", "rows": [{"name", "shape", "gflops"}], "gflops"}: "gflops" (GFLOP/s, 1e9 FLOPs per second)
     is the step's FLOPs over the sum of its products' best times, the speed a training step could reach if it
     did nothing but its matmuls.
     """
-    gen = torch.Generator().manual_seed(0)
-    rows, flops, seconds = [], 0, 0.0
-    for name, m, kk, n in step_matmuls(shapes, batch):
-        lead = (k,) if k > 1 else ()
-        a = torch.rand(*lead, m, kk, generator=gen).to(device)
-        b = torch.rand(*lead, kk, n, generator=gen).to(device)
-        product = torch.bmm if k > 1 else torch.mm
-        best = _best_seconds(lambda: _synced(product(a, b)), repeats)
-        shape = " @ ".join("x".join(map(str, (*lead, *dims))) for dims in ((m, kk), (kk, n)))
-        rows.append({"name": name, "shape": shape, "gflops": 2 * k * m * kk * n / best / 1e9})
-        flops, seconds = flops + 2 * k * m * kk * n, seconds + best
-    return {"k": k, "batch": batch, "rows": rows, "gflops": flops / seconds / 1e9}
+    gen, lead = torch.Generator().manual_seed(0), (k,) if k > 1 else ()
+    products = [(name, torch.rand(*lead, m, kk, generator=gen).to(device), torch.rand(*lead, kk, n, generator=gen)
+                 .to(device)) for name, m, kk, n in step_matmuls(shapes, batch)]
+    product = torch.bmm if k > 1 else torch.mm
+    for _, a, b in products:  # warm-up: thread pool, allocator, caches
+        _synced(product(a, b))
+    best = [float("inf")] * len(products)
+    for _ in range(repeats):
+        for i, (_, a, b) in enumerate(products):
+            start = time.perf_counter()
+            _synced(product(a, b))
+            best[i] = min(best[i], time.perf_counter() - start)
+    rows, flops = [], [2 * a.numel() * b.shape[-1] for _, a, b in products]
+    for (name, a, b), seconds, count in zip(products, best, flops):
+        shape = " @ ".join("x".join(map(str, t.shape)) for t in (a, b))
+        rows.append({"name": name, "shape": shape, "gflops": count / seconds / 1e9})
+    return {"k": k, "batch": batch, "rows": rows, "gflops": sum(flops) / sum(best) / 1e9}
 
 
 def _synced(out: torch.Tensor) -> torch.Tensor:

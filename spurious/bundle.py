@@ -31,9 +31,13 @@ Equivalence with separate runs: per member, the model init (`torch.manual_seed(s
 `models.build`), the shuffling, noise and aug01 draws (a generator seeded with `seed`, drawn in
 `Engine`'s order), the loss, the SGD/Adam arithmetic, the `train.lr_at` schedule, divergence handling
 and the checkpoint format are those of `train.Engine`. With one member per pass (`vmap_chunk=1`) the
-results are bit-identical to Engine's; passes of several members (batched matmuls or vmap) change float
-rounding only: matmuls block differently, and fused SGD adds L2 after the gradient (tests/test_bundle.py
-bounds it; observed after 3 epochs: metrics within 5e-7, parameters within 3e-8 for SGD, 7e-6 for Adam).
+results are bit-identical to Engine's. Batched matmuls and vmap change float rounding only: the matmuls
+block differently for some shapes (on the 2-core Xeon measured, batch 128 matched Engine bit for bit,
+96 and 64 did not), and fused SGD computes momentum·buf + g inside the matmul and adds L2 after it.
+tests/test_bundle.py bounds it on small data (observed over 21 steps: metrics within 5e-7, parameters
+within 3e-8 for SGD, 7e-6 for Adam). Training amplifies such differences over many steps: after 3 epochs on full
+Fashion-MNIST (1,407 steps) metrics differed by up to 2e-3 and parameters by up to 4e-2, batched and
+vmapped passes alike, so bundled and separate runs agree statistically, not bit for bit.
 Only models without dropout, BatchNorm or buffers can be bundled (dropout under vmap cannot draw the
 masks separate runs draw); in the registry those are the MLPs, where the reference grids are.
 
@@ -319,19 +323,16 @@ class _Pass:
     """The members [a, b) of one forward/backward pass: leaf views of their parameters and optimiser state.
 
     The leaves share storage with the stacked tensors, so in-place updates through them update the bundle.
-    With one member the views drop the member axis and the pass runs the plain model, as Engine does.
+    A pass that runs one member's plain model, as Engine does, has views without the member axis (`index`
+    is an int) and that model as `module`.
     """
 
     a: int
     b: int
+    index: int | slice  # selects the pass's members from a stacked tensor
     params: dict[str, torch.Tensor]
     state: dict[str, list[torch.Tensor]]
-    module: Optional[nn.Module] = None  # single-member passes: the model, its parameters being `params`
-
-    @property
-    def index(self) -> int | slice:
-        """Return the index selecting this pass's members from a stacked tensor."""
-        return self.a if self.b - self.a == 1 else slice(self.a, self.b)
+    module: Optional[nn.Module] = None  # plain one-member passes: the model, its parameters being `params`
 
 OPTIMIZERS = {"sgd": _StackedSGD, "adam": _StackedAdam}
 
@@ -359,11 +360,13 @@ class BundleEngine:
 
     `vmap_chunk` is how many members share one forward/backward pass: all of them by default on a GPU,
     where one wide pass per step keeps the device busy; CPU_CHUNK on the CPU (passes of 4 to 16 members
-    trained at the same speed on 2 cores; 24 and more evaluated slower). With 1 each member's pass runs
-    the plain model, bit-identical to Engine. `batched` picks how passes of several members run: as
-    batched matmuls (`spurious.stacked_mlp`; True, or None on the CPU; Flatten/Linear/ReLU models only)
-    or under vmap (False, or None on a GPU). Within an epoch each pass runs its steps back to back; all
-    members finish an epoch before the next begins, and evaluation runs a pass's members together.
+    trained at the same speed on 2 cores; 24 and more evaluated slower). `batched` picks how passes run:
+    True (the default on the CPU unless vmap_chunk is 1; Flatten/Linear/ReLU models only) runs every
+    pass, even of one member, as batched matmuls (`spurious.stacked_mlp`), so a member's arithmetic does
+    not depend on its place in the bundle; False (the default on a GPU) runs passes of several members
+    under vmap and passes of one member as the plain model, bit-identical to Engine (`vmap_chunk=1`).
+    Within an epoch each pass runs its steps back to back; all members finish an epoch before the next
+    begins, and evaluation runs a pass's members together.
     A member whose training loss becomes non-finite is dropped: its rows become None and `failed`
     holds the message `Engine` would raise; the others go on (all failing raises TrainingError). Setting
     `drop_diverged = False` makes the first diverging member raise that message instead, as Engine does.
@@ -379,7 +382,7 @@ class BundleEngine:
         self.members = [PlantedRows.of(d) for d in datas]
         _check_data(self.members)
         self._init_models()
-        self.stack = self._stack_of(batched)
+        self.stack = self._stack_of(batched, vmap_chunk)
         self.chunk = max(1, min(self.k, vmap_chunk or self._default_chunk()))
         self._init_data()
         self.optimizer = OPTIMIZERS[cfgs[0].optimizer](self.params, cfgs[0].momentum)
@@ -404,14 +407,15 @@ class BundleEngine:
         self.params = {n: p.detach().to(self.device).contiguous() for n, p in stacked.items()}
         self.names = list(self.params)
 
-    def _stack_of(self, batched: Optional[bool]) -> Optional[stacked_mlp.StackedMLP]:
-        """Return the batched-matmul runner of the members when they run that way (by default on the CPU, for
-        Flatten/Linear/ReLU models), else None: then passes of several members run under vmap."""
+    def _stack_of(self, batched: Optional[bool], vmap_chunk: Optional[int]) -> Optional[stacked_mlp.StackedMLP]:
+        """Return the batched-matmul runner when every pass runs that way (by default on the CPU for
+        Flatten/Linear/ReLU models, unless vmap_chunk is 1), else None: passes of one member then run the
+        plain model and passes of several run under vmap."""
         layers = stacked_mlp.linear_layers(self.template)
         if batched and layers is None:
             raise SpuriousError(f"model {self.cfgs[0].model!r} is not made of Flatten, Linear and ReLU only; "
                                 "it cannot run as batched matmuls (batched=False runs it under vmap)")
-        wanted = self.device.type == "cpu" if batched is None else batched
+        wanted = self.device.type == "cpu" and vmap_chunk != 1 if batched is None else batched
         return stacked_mlp.StackedMLP(layers) if wanted and layers is not None else None
 
     def _default_chunk(self) -> int:
@@ -458,19 +462,15 @@ class BundleEngine:
         passes = []
         for a in range(0, self.k, self.chunk):
             b = min(a + self.chunk, self.k)
-            index = a if b - a == 1 else slice(a, b)
-            leaves = {n: p[index].detach().requires_grad_(self._autograd(b - a)) for n, p in self.params.items()}
-            passes.append(_Pass(a, b, leaves, self.optimizer.views(index), self._module_of(leaves, b - a)))
+            plain = b - a == 1 and self.stack is None
+            index = a if plain else slice(a, b)
+            leaves = {n: p[index].detach().requires_grad_(self.stack is None) for n, p in self.params.items()}
+            passes.append(_Pass(a, b, index, leaves, self.optimizer.views(index),
+                                self._module_of(leaves) if plain else None))
         return passes
 
-    def _autograd(self, members: int) -> bool:
-        """Return whether a pass of `members` members runs under autograd (not as hand-differentiated bmm)."""
-        return members == 1 or self.stack is None
-
-    def _module_of(self, leaves: dict[str, torch.Tensor], members: int) -> Optional[nn.Module]:
-        """Return a model whose parameters share storage with one member's `leaves` (None for several)."""
-        if members > 1:
-            return None
+    def _module_of(self, leaves: dict[str, torch.Tensor]) -> nn.Module:
+        """Return a model whose parameters share storage with one member's `leaves`."""
         module = copy.deepcopy(self.template)
         module.load_state_dict(leaves, assign=True)
         return module
@@ -494,12 +494,12 @@ class BundleEngine:
     def _fuses_momentum(self, p: _Pass, clip: float | torch.Tensor) -> bool:
         """Return whether a pass adds its gradients straight into SGD's momentum buffers (batched matmuls, SGD
         with momentum, no member clipping: nothing needs the bare gradient)."""
-        return (not self._autograd(p.b - p.a) and isinstance(self.optimizer, _StackedSGD)
+        return (self.stack is not None and isinstance(self.optimizer, _StackedSGD)
                 and self.optimizer.momentum != 0 and isinstance(clip, float) and clip == float("inf"))
 
     def _gradients(self, p: _Pass, x: torch.Tensor, y: torch.Tensor) -> tuple[list, torch.Tensor, torch.Tensor, list]:
         """Return a pass's parameter leaves, members' losses and hits, and gradients (in `names` order)."""
-        if not self._autograd(p.b - p.a):
+        if self.stack is not None:
             with torch.no_grad():
                 loss, right, named = self.stack.loss_and_grads(p.params, x, y)
             return list(p.params.values()), loss, right, [named[n] for n in self.names]
@@ -515,7 +515,7 @@ class BundleEngine:
         y = self.pool.y[rows]
         if not self.perturbed:
             return x, y
-        if p.b - p.a == 1:
+        if p.module is not None:
             return self._perturb(p.a, x), y
         return torch.stack([self._perturb(k, x[i]) for i, k in enumerate(range(p.a, p.b))]), y
 
@@ -575,7 +575,7 @@ class BundleEngine:
     def _chunk_logits(self, chunk: list[int], x: torch.Tensor) -> torch.Tensor:
         """Return (len(chunk), N, classes) logits of the members `chunk` on `x`."""
         bs = self.cfgs[0].eval_batch_size
-        if len(chunk) == 1:
+        if len(chunk) == 1 and self.stack is None:
             params = {n: p[chunk[0]] for n, p in self.params.items()}
             return torch.cat([self._member_logits(params, x[i:i + bs]) for i in range(0, len(x), bs)])[None]
         params = {n: p[chunk] for n, p in self.params.items()}

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from spurious import models
@@ -92,10 +93,10 @@ class StackedMLP:
         gradients of its loss (`backward`, with its `into` and `beta`), for inputs x (K, B, ...) and labels y (K, B)."""
         z, inputs = self.forward(params, x.flatten(2))
         logp = z.log_softmax(2)
-        picked = logp.gather(2, y.unsqueeze(2)).squeeze(2)
+        loss = torch.stack([F.nll_loss(member, labels) for member, labels in zip(logp, y)])  # Engine's reduction
         grad_logp = torch.zeros_like(logp).scatter_(2, y.unsqueeze(2), -1.0 / y.shape[1])
         dz = torch._log_softmax_backward_data(grad_logp, logp, 2, logp.dtype)
-        return -picked.mean(1), (z.argmax(2) == y).sum(1), self.backward(params, inputs, dz, into, beta)
+        return loss, (z.argmax(2) == y).sum(1), self.backward(params, inputs, dz, into, beta)
 
     @torch.no_grad()
     def logits(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
