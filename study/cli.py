@@ -59,7 +59,8 @@ COMMANDS = (
             "study.mia_cmd:arguments", "study.mia_cmd:handle"),
     Command("doctor", "check cluster, storage, datasets and W&B before a launch", "study.doctor_cmd:arguments",
             "study.doctor_cmd:handle"),
-    Command("bench", "benchmark the engine, bundling, the harness and CLI start-up", "study.cli:bench_arguments",
+    Command("bench", "benchmark the engine, bundling, the harness, CLI start-up, W&B and Tune's output",
+            "study.cli:bench_arguments",
             "study.cli:cmd_bench"),
 )
 
@@ -135,8 +136,10 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="bundle sizes K to measure, comma-separated (e.g. 1,8,32,128 on a GPU; empty: skip)")
     p.add_argument("--bundle-epochs", type=int, default=2, help="timed epochs per setting (best of)")
     p.add_argument("--train-subset", type=int, help="use only the first N training images (large K on a CPU)")
-    p.add_argument("--only", choices=["engine", "bundle", "harness", "cli"],
-                   help="run one section only (default: all)")
+    p.add_argument("--only", choices=["engine", "bundle", "harness", "cli", "wandb", "tune-output"],
+                   help="run one section only (default: all but tune-output)")
+    p.add_argument("--trials", type=int, default=1000,
+                   help="trials of the tune-output section's grid of 1-epoch trials (default 1000)")
 
 
 def cmd_list(args) -> int:
@@ -220,8 +223,10 @@ def cmd_bench(args) -> int:
         raise UsageError(f"--bundle-sizes {args.bundle_sizes!r} must be comma-separated integers") from None
     if any(k < 1 for k in sizes) or args.bundle_epochs < 1 or (args.train_subset is not None and args.train_subset < 1):
         raise UsageError("--bundle-sizes, --bundle-epochs and --train-subset must be >= 1")
+    if args.trials < 1:
+        raise UsageError("--trials must be >= 1")
     bench.main(data_dir=args.data_dir, repeats=args.repeats, harness=not args.skip_harness, bundle_sizes=sizes,
-               bundle_epochs=args.bundle_epochs, train_subset=args.train_subset, only=args.only)
+               bundle_epochs=args.bundle_epochs, train_subset=args.train_subset, only=args.only, trials=args.trials)
     return 0
 
 
