@@ -1,20 +1,24 @@
-"""`study bench`: engine speed against a reference-shaped loop, bundling, Ray Tune harness overhead and the
-CLI's start-up time, in one run.
+"""`study bench`: engine speed against a reference-shaped loop, bundling, Ray Tune harness overhead, the CLI's
+start-up time and W&B's overhead, in one run; `--only tune-output` the files Tune writes for a 1,000-trial grid.
 
 Numbers are printed, never asserted by tests (speed targets are benchmark targets).
 """
 from __future__ import annotations
 
+import fnmatch
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+from unittest import mock
 
 import torch
 
 from spurious import bench, datasets, train
 from spurious.config import TrainConfig
+from spurious.errors import SpuriousError
 from spurious.planted import plant_config
 
 HARNESS_TRIALS = 8
@@ -26,6 +30,15 @@ QUICK_TARGET_S = 1.0
 # the matmul limit (`spurious.bench.matmul_limit`) reached.
 BUNDLE_TARGET = 1.5
 LIMIT_TARGET_PCT = 50.0
+# W&B: the demo study at reduced size (8 trials × 2 epochs), off and offline, each PAIRS times.
+WANDB_STUDY = ("--yes", "-v", "0", "--set", "epochs=2", "--set", "n_spurious=[3,10]")
+WANDB_PAIRS = 2
+WANDB_TARGET = 0.10
+# Tune's output: a grid of 1-epoch trials on this many images, and the kinds of files counted.
+TUNE_OUTPUT_TRIALS = 1000
+TINY_TRAIN, TINY_TEST = 1000, 500
+OUTPUT_KINDS = ("result.json", "params.json", "params.pkl", "progress.csv", "events.out.tfevents.*", "error.*",
+                "*state-*.json", "tuner.pkl", "study.json")
 
 
 def engine_section(data_dir: str | None, repeats: int) -> dict:
@@ -151,11 +164,121 @@ def cli_section(repeats: int = 3) -> dict:
     return out
 
 
+def _timed_run(argv: list[str]) -> float:
+    """Return the wall time of one fresh `study run` process; SpuriousError (its last line) if it fails."""
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "study.cli", "run", *argv], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    if done.returncode:
+        raise SpuriousError(f"study run {' '.join(argv)} failed: {(done.stderr.strip().splitlines() or [''])[-1]}")
+    return time.perf_counter() - start
+
+
+def wandb_section(data_dir: str | None, pairs: int = WANDB_PAIRS) -> dict:
+    """Print and return the wall times of a small real study, `study run demo` at 8 trials × 2 epochs in fresh
+    processes, with W&B off and offline (the default without an API key), in pairs (off, offline, then
+    offline, off: load from elsewhere hits both alike), and W&B's overhead: the median of the pairs' ratios."""
+    print(f"W&B overhead — `study run demo {' '.join(WANDB_STUDY)}` (8 trials × 2 epochs), fresh processes, "
+          f"{pairs} interleaved pairs of --wandb off and offline (target <= {WANDB_TARGET:.0%})")
+    times: dict[str, list[float]] = {"off": [], "offline": []}
+    extra = ["--data-dir", data_dir] if data_dir else []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(pairs):
+            for mode in ("off", "offline")[::1 if i % 2 == 0 else -1]:
+                times[mode].append(_timed_run(["demo", *WANDB_STUDY, "--wandb", mode, "--storage-path", tmp,
+                                               "--name", f"{mode}-{i}", *extra]))
+    overhead = statistics.median(on / off - 1 for on, off in zip(times["offline"], times["off"]))
+    for mode, runs in times.items():
+        print(f"  --wandb {mode:<8s}: {', '.join(f'{t:.1f} s' for t in runs)}")
+    print(f"  overhead {overhead:+.0%}  {'ok' if overhead <= WANDB_TARGET else 'over target'}")
+    return {**times, "overhead": overhead}
+
+
+def tiny_dataset(data: datasets.Dataset, train: int = TINY_TRAIN, test: int = TINY_TEST) -> datasets.Dataset:
+    """Return the first `train` training and `test` test images of `data`: trials that take a fraction of a
+    second, so Tune's own costs dominate."""
+    return datasets.Dataset(data.name, data.x_train[:train], data.y_train[:train], data.x_test[:test],
+                            data.y_test[:test], data.class_names)
+
+
+def output_files(path: str | Path) -> dict:
+    """Return the number and bytes of the files under an experiment directory, in all and per kind."""
+    kinds: dict[str, list[int]] = {}
+    for file in Path(path).rglob("*"):
+        if file.is_file():
+            kind = next((k for k in OUTPUT_KINDS if fnmatch.fnmatch(file.name, k)), "other")
+            if file.parent.name.startswith("checkpoint_"):
+                kind = "checkpoint_*/"
+            kinds.setdefault(kind, [0, 0])
+            kinds[kind][0] += 1
+            kinds[kind][1] += file.stat().st_size
+    return {"files": sum(n for n, _ in kinds.values()), "bytes": sum(b for _, b in kinds.values()),
+            "kinds": {k: tuple(v) for k, v in sorted(kinds.items())}}
+
+
+def _run_grid(spec, data, options, loggers: tuple[str, ...]) -> float:
+    """Return the wall time of a training study on `data` whose RunConfig carries `loggers` (runner.TUNE_LOGGERS;
+    none: Tune adds its CSV, JSON and TensorBoard loggers)."""
+    from study import runner
+
+    prepared = runner.prepare(spec, options)
+    prepared.data = data
+    with mock.patch.object(runner, "TUNE_LOGGERS", loggers):
+        start = time.perf_counter()
+        runner.launch(runner.train_launch(prepared, options), options, runner.train_trainable)
+        return time.perf_counter() - start
+
+
+def tune_output_section(data_dir: str | None, trials: int = TUNE_OUTPUT_TRIALS) -> dict:
+    """Print and return, for a grid of `trials` 1-epoch trials on tiny data (W&B off), the wall time and the
+    files Tune writes with its default loggers and with the study's (result.json and params.json only), and
+    whether the analysis frames of the two are equal."""
+    from analysis import frames
+    from study import catalog, runner, space as space_lib
+
+    space = {"dataset": "fashion", "model": "mlp", "epochs": 1, "pattern": "s3", "n_spurious": 3,
+             "data_seed": space_lib.grid(list(range(trials)))}
+    spec = catalog.StudySpec("bench-tune-output", "Tune output benchmark", space, checkpoint_every=1)
+    data = {"fashion": tiny_dataset(datasets.load("fashion", data_dir))}
+    print(f"Tune output — {trials} trials × 1 epoch (MLP, {TINY_TRAIN} training and {TINY_TEST} test images of "
+          f"Fashion-MNIST), W&B off, embedded Ray started beforehand")
+    out, loaded = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        warm = runner.RunOptions(storage_path=tmp, name="warm-up", data_dir=data_dir, verbose=0)
+        runner.start_ray(warm)
+        _run_grid(catalog.StudySpec("warm-up", "", {**space, "data_seed": space_lib.grid([0, 1])}), data, warm,
+                  runner.TUNE_LOGGERS)
+        for label, loggers in (("Tune's loggers (CSV, JSON, TensorBoard)", ()),
+                               ("result.json + params.json", runner.TUNE_LOGGERS)):
+            name = "defaults" if not loggers else "study"
+            options = runner.RunOptions(storage_path=tmp, name=name, data_dir=data_dir, verbose=0)
+            wall = _run_grid(spec, data, options, loggers)
+            files = output_files(Path(tmp) / name)
+            out[name] = {"wall_s": wall, **files}
+            loaded[name] = frames.load(Path(tmp) / name)
+            print(f"  {label:<42s} {wall:7.1f} s  {files['files']:>7,d} files  {files['bytes'] / 1e6:8.2f} MB")
+            print("    " + ", ".join(f"{k} {n:,d} ({b / 1e6:.2f} MB)" for k, (n, b) in files["kinds"].items()))
+    out["frames_equal"] = _same_rows(*loaded.values())
+    print(f"  analysis frames equal (metrics and config by data seed): {'yes' if out['frames_equal'] else 'NO'}")
+    return out
+
+
+def _same_rows(a, b) -> bool:
+    """Return whether two studies' analysis frames hold the same configs and metrics, trial by trial."""
+    from analysis.frames import CONFIG_COLUMNS, METRICS
+
+    columns = [c for c in (*CONFIG_COLUMNS, *METRICS, "status", "epochs_done") if c in a.columns]
+    rows = [df[columns].astype(str).sort_values(list(columns)).reset_index(drop=True) for df in (a, b)]
+    return len(a) == len(b) and rows[0].equals(rows[1])
+
+
 def main(data_dir: str | None = None, repeats: int = 3, harness: bool = True,
          bundle_sizes: tuple[int, ...] = (1, 8, 32), bundle_epochs: int = 2,
          train_subset: int | None = None, only: str | None = None, packing_trials: int = 8,
-         packing_models: tuple[str, ...] = ("large_mlp", "cnn002")) -> dict:
-    """Run every benchmark section (or `only` one: engine, bundle, harness, cli) and return the numbers."""
+         packing_models: tuple[str, ...] = ("large_mlp", "cnn002"), trials: int = TUNE_OUTPUT_TRIALS) -> dict:
+    """Run every benchmark section but tune-output and gpu (or `only` one: engine, bundle, layout, harness, cli,
+    wandb, tune-output with `trials` trials, gpu with `packing_trials` and `packing_models`) and return the
+    numbers."""
     out = {}
     if only in (None, "cli"):
         out["cli"] = cli_section(repeats)
@@ -172,4 +295,8 @@ def main(data_dir: str | None = None, repeats: int = 3, harness: bool = True,
         out["layout"] = layout_section(data_dir, bundle_sizes, bundle_epochs, train_subset)
     if only in (None, "harness") and (harness or only == "harness"):
         out["harness"] = harness_section(data_dir)
+    if only in (None, "wandb"):
+        out["wandb"] = wandb_section(data_dir)
+    if only == "tune-output":
+        out["tune-output"] = tune_output_section(data_dir, trials)
     return out

@@ -59,7 +59,8 @@ COMMANDS = (
             "study.mia_cmd:arguments", "study.mia_cmd:handle"),
     Command("doctor", "check cluster, storage, datasets and W&B before a launch", "study.doctor_cmd:arguments",
             "study.doctor_cmd:handle"),
-    Command("bench", "benchmark the engine, bundling, the harness and CLI start-up", "study.cli:bench_arguments",
+    Command("bench", "benchmark the engine, bundling, the harness, CLI start-up, W&B and Tune's output",
+            "study.cli:bench_arguments",
             "study.cli:cmd_bench"),
 )
 
@@ -139,8 +140,11 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="gpu section: trials of the Tune packing measurement (default 8)")
     p.add_argument("--packing-models", default="large_mlp,cnn002",
                    help="gpu section: models whose Tune packing is measured, comma-separated (default large_mlp,cnn002)")
-    p.add_argument("--only", choices=["engine", "bundle", "layout", "harness", "cli", "gpu"],
-                   help="run one section only (default: all but gpu; gpu: what scripts/gpu-bench.sh runs)")
+    p.add_argument("--only", choices=["engine", "bundle", "layout", "harness", "cli", "wandb", "tune-output", "gpu"],
+                   help="run one section only (default: all but tune-output and gpu; gpu: what scripts/gpu-bench.sh "
+                        "runs)")
+    p.add_argument("--trials", type=int, default=1000,
+                   help="trials of the tune-output section's grid of 1-epoch trials (default 1000)")
 
 
 def cmd_list(args) -> int:
@@ -228,6 +232,8 @@ def cmd_bench(args) -> int:
         raise UsageError("--bundle-sizes, --bundle-epochs and --train-subset must be >= 1")
     if args.packing_trials < 1:
         raise UsageError(f"--packing-trials must be >= 1, got {args.packing_trials}")
+    if args.trials < 1:
+        raise UsageError(f"--trials must be >= 1, got {args.trials}")
     from spurious import models
 
     packed = tuple(m.strip() for m in args.packing_models.split(",") if m.strip())
@@ -236,7 +242,7 @@ def cmd_bench(args) -> int:
         raise UsageError(f"--packing-models {unknown[0]!r} is not a model; allowed: {', '.join(models.names())}")
     bench.main(data_dir=args.data_dir, repeats=args.repeats, harness=not args.skip_harness, bundle_sizes=sizes,
                bundle_epochs=args.bundle_epochs, train_subset=args.train_subset, only=args.only,
-               packing_trials=args.packing_trials, packing_models=packed)
+               packing_trials=args.packing_trials, packing_models=packed, trials=args.trials)
     return 0
 
 

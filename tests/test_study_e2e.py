@@ -153,3 +153,20 @@ def test_replicate_clean_models_give_a_real_standard_error_and_are_each_trained_
     assert (df.groupby("training_id")["test_acc"].nunique() == 1).all(), "one model per training"
     summary = frames.summarize(df, metric="test_acc")  # (a 1-epoch S3 score can be 0 for both models)
     assert (summary["count"] == 2).all() and (summary["se"] > 0).all(), summary
+
+
+def test_tunes_default_files_go_and_the_analysis_frame_stays_the_same():
+    """The same grid with Tune's default loggers and with the study's: equal frames, only the unread files gone
+    (the tune-output benchmark at 4 trials; no timing is checked)."""
+    import ray
+
+    from study import bench
+
+    try:
+        out = bench.tune_output_section(None, trials=4)
+    finally:
+        ray.shutdown()
+    assert out["frames_equal"]
+    assert {"progress.csv", "events.out.tfevents.*", "params.pkl"} <= set(out["defaults"]["kinds"])
+    assert set(out["study"]["kinds"]) & {"progress.csv", "events.out.tfevents.*", "params.pkl"} == set()
+    assert out["study"]["kinds"]["result.json"][0] == out["study"]["kinds"]["params.json"][0] == 4
