@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ray.tune.logger import LoggerCallback
 
-from study import wandb_setup
+from study import wandb_runs
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class TrialRuns(LoggerCallback):
     `init` holds the wandb.init arguments every run shares (mode, dir, project, group, settings, …); each
     run adds the trial's id, name, flat config and tags. A trial retried within a session continues its run;
     a trial restarted by `study resume` gets a new offline run that replaces its earlier one
-    (`wandb_setup.supersede_runs`) and first receives the trial's earlier results. A W&B failure is logged as
+    (`wandb_runs.supersede_runs`) and first receives the trial's earlier results. A W&B failure is logged as
     a warning and never stops the study.
     """
 
@@ -93,8 +93,8 @@ class TrialRuns(LoggerCallback):
 
     def init_kwargs(self, trial) -> dict:
         """Return the wandb.init arguments of a trial's run."""
-        config = wandb_setup.flat_config(trial.config, trial.trainable_name)
-        kwargs = {**self.init, "id": trial.trial_id, "name": str(trial), "tags": wandb_setup.run_tags(config),
+        config = wandb_runs.flat_config(trial.config, trial.trainable_name)
+        kwargs = {**self.init, "id": trial.trial_id, "name": str(trial), "tags": wandb_runs.run_tags(config),
                   "group": self.init.get("group") or trial.experiment_dir_name,
                   "config": {**self.init.get("config", {}), **config,
                              "trial_log_path": getattr(trial, "local_path", None)},
@@ -108,7 +108,7 @@ class TrialRuns(LoggerCallback):
             return  # a trial retried after a fault continues its run
         self._open.add(trial.trial_id)
         kwargs = self.init_kwargs(trial)
-        if kwargs.get("mode") != "online" and wandb_setup.supersede_runs(kwargs.get("dir"), trial.trial_id):
+        if kwargs.get("mode") != "online" and wandb_runs.supersede_runs(kwargs.get("dir"), trial.trial_id):
             self._replay.add(trial.trial_id)
         self._submit(self._start, trial.trial_id, kwargs)
 
@@ -117,7 +117,7 @@ class TrialRuns(LoggerCallback):
             self.log_trial_start(trial)
         if trial.trial_id in self._replay:
             self._replay.discard(trial.trial_id)
-            for old in wandb_setup.earlier_results(trial, result.get("training_iteration", iteration)):
+            for old in wandb_runs.earlier_results(trial, result.get("training_iteration", iteration)):
                 self._log(trial.trial_id, old)
         self._log(trial.trial_id, result)
 

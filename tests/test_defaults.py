@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from spurious.errors import SpuriousError
-from study import cli, cluster, options as options_lib, wandb_setup
+from study import cli, cluster, options as options_lib, wandb_runs, wandb_setup
 from tests.conftest import requires_fashion
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,18 +98,18 @@ def test_a_restarted_trial_keeps_one_offline_run_with_every_epoch_once(tmp_path)
     other = runs / "offline-run-20260101_000000-abcde_00002"
     first.mkdir(parents=True)
     other.mkdir()
-    assert wandb_setup.supersede_runs(tmp_path, "abcde_00001")
+    assert wandb_runs.supersede_runs(tmp_path, "abcde_00001")
     assert not first.exists() and (runs / "superseded" / first.name).is_dir() and other.is_dir()
     assert wandb_setup.offline_runs(runs) == [other]
-    assert not wandb_setup.supersede_runs(tmp_path, "abcde_00001")
+    assert not wandb_runs.supersede_runs(tmp_path, "abcde_00001")
 
     trial_dir = tmp_path / "trial"
     trial_dir.mkdir()
     rows = [{"training_iteration": i, "epoch": i} for i in (1, 2, 3)] + [{"training_iteration": 3, "epoch": 3.5}]
     (trial_dir / "result.json").write_text("\n".join(map(json.dumps, rows)) + '\n{"training_iteration": 4, "ep')
-    replay = wandb_setup.earlier_results(Trial(trial_dir), before_iteration=3)
+    replay = wandb_runs.earlier_results(Trial(trial_dir), before_iteration=3)
     assert [r["epoch"] for r in replay] == [1, 2], "epochs the restarted trial reports again are not replayed"
-    assert [r["epoch"] for r in wandb_setup.earlier_results(Trial(trial_dir), 9)] == [1, 2, 3.5]
+    assert [r["epoch"] for r in wandb_runs.earlier_results(Trial(trial_dir), 9)] == [1, 2, 3.5]
 
 
 def test_the_callback_replays_earlier_epochs_into_a_restarted_trials_new_run(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import pytest
 
 from analysis.frames import SUMMARY_COLUMNS
 from spurious.errors import SpuriousError
-from study import wandb_setup
+from study import wandb_runs, wandb_setup
 from tests.conftest import requires_fashion
 from tests.wandb_records import read_run
 
@@ -64,14 +64,14 @@ def test_online_without_a_key_is_an_error_not_a_prompt(no_credentials):
 def test_flat_config_fills_defaults_and_flattens_variant_dicts():
     nested = {"optim": {"optimizer": "adam", "lr": 1e-3}, "mitigation": {"l2": 1e-3, "noise_sigma": 0.0},
               "pattern": "s3", "n_spurious": 10}
-    flat = wandb_setup.flat_config(nested, "train_classifier")
+    flat = wandb_runs.flat_config(nested, "train_classifier")
     assert {k: flat[k] for k in ("optimizer", "lr", "l2", "noise_sigma", "pattern", "n_spurious")} == {
         "optimizer": "adam", "lr": 1e-3, "l2": 1e-3, "noise_sigma": 0.0, "pattern": "s3", "n_spurious": 10}
     assert flat["dataset"] == "fashion" and flat["trainable"] == "train_classifier"
     assert not any(isinstance(v, dict) for v in flat.values())
-    assert wandb_setup.run_tags(flat) == ["dataset:fashion", "pattern:s3", "trainable:train_classifier"]
-    assert wandb_setup.flat_config({"source": {"trial": "x"}, "k": 1}) == {"trial": "x", "k": 1}  # other kinds
-    clash = wandb_setup.flat_config({"a": {"lr": 0.1}, "b": {"lr": 0.2}})
+    assert wandb_runs.run_tags(flat) == ["dataset:fashion", "pattern:s3", "trainable:train_classifier"]
+    assert wandb_runs.flat_config({"source": {"trial": "x"}, "k": 1}) == {"trial": "x", "k": 1}  # other kinds
+    clash = wandb_runs.flat_config({"a": {"lr": 0.1}, "b": {"lr": 0.2}})
     assert clash == {"a.lr": 0.1, "b.lr": 0.2}
 
 
@@ -174,7 +174,7 @@ def test_a_restarted_trial_replaces_its_offline_run_and_replays_its_earlier_epoc
     restored.on_experiment_end([trial])
     (run,) = wandb_setup.offline_runs(wandb_setup.runs_dir(exp))
     assert [row["epoch"] for row in read_run(run)["history"] if "epoch" in row] == [1, 2, 3]
-    (old,) = wandb_setup.offline_runs(wandb_setup.runs_dir(exp) / wandb_setup.SUPERSEDED_SUBDIR)
+    (old,) = wandb_setup.offline_runs(wandb_setup.runs_dir(exp) / wandb_runs.SUPERSEDED_SUBDIR)
     assert [row["epoch"] for row in read_run(old)["history"] if "epoch" in row] == [1, 2]
 
 
