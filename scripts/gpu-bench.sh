@@ -4,7 +4,7 @@
 # GPU memory per bundle; projected wall time of paper-mlp (G1) and paper-fashion on this one GPU. Under
 # 8 minutes on one current GPU. Usage, from the project root:
 #
-#   scripts/gpu-bench.sh                      # uses .venv/bin/python if present, else $PYTHON or python3
+#   scripts/gpu-bench.sh                      # uses $PYTHON if set, else .venv/bin/python, else python3
 #   scripts/gpu-bench.sh --data-dir DIR       # extra arguments go to `study bench --only gpu`
 #
 # Needs torch with CUDA, ray, and Fashion-MNIST (the usual places, see `study doctor`). Without a GPU it

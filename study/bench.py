@@ -140,9 +140,12 @@ def layout_section(data_dir: str | None, ks: tuple[int, ...], epochs: int, train
               f"side by side")
     best = layout.best_candidate(candidates, cores, bundling=True)
     print(f"  best: {best['threads']} thread(s) per trial, bundle {best['bundle']}")
-    if save:
-        print(f"  saved as this machine's layout profile: {layout.save_profile(candidates)} (`study run` uses it "
-              f"unless --cpus-per-trial/--bundle are given)")
+    if save and train_subset:
+        print("  not saved as this machine's layout profile: measured on a --train-subset (run without it to save)")
+    elif save:
+        path = layout.save_profile(candidates, epochs_timed=epochs, bundle_sizes=list(ks))
+        print(f"  saved as this machine's layout profile: {path} (`study run` uses it unless --cpus-per-trial/"
+              f"--bundle are given)")
     return {"candidates": candidates, "best": best}
 
 

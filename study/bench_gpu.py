@@ -147,9 +147,10 @@ def main(data_dir: Optional[str] = None, ks: Sequence[int] = (8, 32, 128), epoch
     packed = {m: packing(m, data_dir, packing_trials, epochs) for m in models}
     for model, p in packed.items():
         label = f"Tune packing {p['at_once']}×" + (f"{p['share']:g} GPU" if p["share"] else "1 CPU")
+        full = ", full training set" if train_subset else ""
         print(f"  {label:>22s}: {p['models_per_hour']:>12,.0f} models/hour ({model}; "
-              f"{p['models_per_hour'] / reference:.1f}x reference)" if model == "large_mlp" else
-              f"  {label:>22s}: {p['models_per_hour']:>12,.0f} models/hour ({model})")
+              f"{p['models_per_hour'] / reference:.1f}x reference{full})" if model == "large_mlp" else
+              f"  {label:>22s}: {p['models_per_hour']:>12,.0f} models/hour ({model}{full})")
     memory = {}
     for k in ks:
         row = rows[f"bundle_{k}"]
@@ -164,6 +165,10 @@ def main(data_dir: Optional[str] = None, ks: Sequence[int] = (8, 32, 128), epoch
     rates = {m: p["models_per_hour"] for m, p in packed.items()}
     proj = projection({**rates, "large_mlp": best_mlp})
     for study, p in proj.items():
+        if train_subset:
+            print(f"  projected {study}: not computed (the in-process rows ran on --train-subset {train_subset}, "
+                  f"Tune packing on the full training set)")
+            continue
         counts = ", ".join(f"{n:,} {m}" for m, n in p["trainings"].items())
         missing = [m for m in p["trainings"] if m not in rates]
         if missing:

@@ -16,6 +16,7 @@ import argparse
 import importlib
 import os
 import sys
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -198,6 +199,10 @@ def cmd_run(args) -> int:
     if spec.kind == "tune-mitigation":
         from study import mitigation_cmd
 
+        if not options.auto_bundle:
+            raise UsageError(f"--bundle {options.bundle} applies to training studies; a tune-mitigation trial "
+                             f"already trains its models in lock-step (leave --bundle out)")
+
         return mitigation_cmd.run_spec(spec, options, args)
     prepared = runner.prepare(spec, options)
     runner.check_local_resources(options)  # before the banner: a refused launch is one line
@@ -228,8 +233,14 @@ def cmd_bench(args) -> int:
         sizes = tuple(int(k) for k in args.bundle_sizes.split(",") if k.strip())
     except ValueError:
         raise UsageError(f"--bundle-sizes {args.bundle_sizes!r} must be comma-separated integers") from None
-    if any(k < 1 for k in sizes) or args.bundle_epochs < 1 or (args.train_subset is not None and args.train_subset < 1):
-        raise UsageError("--bundle-sizes, --bundle-epochs and --train-subset must be >= 1")
+    for flag, values in (("--bundle-sizes", sizes), ("--bundle-epochs", (args.bundle_epochs,)),
+                         ("--train-subset", () if args.train_subset is None else (args.train_subset,)),
+                         ("--repeats", (args.repeats,))):
+        bad = [v for v in values if v < 1]
+        if bad:
+            raise UsageError(f"{flag} must be >= 1, got {bad[0]}")
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        raise UsageError(f"--data-dir {args.data_dir!r} is not a directory")
     if args.packing_trials < 1:
         raise UsageError(f"--packing-trials must be >= 1, got {args.packing_trials}")
     if args.trials < 1:

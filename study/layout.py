@@ -46,6 +46,7 @@ class Layout:
     bundle: int
     source: str  # "user", "bench" (this machine's profile), "builtin" or "fixed" (GPU or cluster)
     detail: str = ""
+    user_set: tuple = ()  # the flags the user set when the rest was picked: "--cpus-per-trial", "--bundle"
 
     def describe(self, cores: Optional[int] = None, max_concurrent: Optional[int] = None) -> str:
         """Return one line: concurrent trials × threads, bundling, and why (for the banner and the run's end)."""
@@ -57,6 +58,8 @@ class Layout:
         bundling = f"bundles of up to {self.bundle} models" if self.bundle > 1 else "one model per trial"
         why = {"user": "as set", "bench": f"auto: from `study bench` {self.detail}",
                "builtin": f"auto: built-in rule, {self.detail}", "fixed": f"defaults: {self.detail}"}[self.source]
+        if self.user_set and self.source != "user":
+            why = f"{' and '.join(self.user_set)} as set; the rest {why}"
         return f"layout: {at_once}{threads} each, {bundling} ({why})"
 
     def to_meta(self) -> dict:
@@ -97,15 +100,15 @@ def machine() -> dict[str, Any]:
     return {"cpu": cpu_model(), "cores": os.cpu_count() or 1, "torch": torch_version, "gpu": gpu}
 
 
-def save_profile(candidates: Sequence[dict], path: Optional[Path] = None) -> Path:
+def save_profile(candidates: Sequence[dict], path: Optional[Path] = None, **measured: Any) -> Path:
     """Save the bench's candidates ({"threads", "bundle", "models_per_hour"} each) for this machine; return
-    the path. Profiles of other machines in the same file are kept."""
+    the path. Profiles of other machines in the same file are kept; `measured` adds how (epochs timed...)."""
     path = path or profile_path()
     profiles = _read(path)
     me = machine()
     profiles = [p for p in profiles if p.get("machine") != me]
     profiles.append({"machine": me, "measured": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                     "candidates": [dict(c) for c in candidates]})
+                     "candidates": [dict(c) for c in candidates], **measured})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(profiles, indent=2))
@@ -161,10 +164,15 @@ def choose(user_cpus: Optional[float], user_bundle: Optional[int], *, trainings:
         source, detail = "bench", f"of {profile.get('measured', '?')}"
     else:
         best = {"threads": BUILTIN_THREADS, "bundle": BUILTIN_BUNDLE if bundling else 1}
-        source, detail = "builtin", "no `study bench` profile for this machine"
+        source, detail = "builtin", "no usable `study bench` profile for this machine"
+    if profile is not None and user_cpus is not None:  # the best bundle measured at the user's thread count
+        at = [c for c in profile["candidates"] if c["threads"] == max(1, int(user_cpus))]
+        best = best_candidate(at, cores, bundling) if at else {"threads": user_cpus, "bundle": 1}
     cpus = float(user_cpus if user_cpus is not None else best["threads"])
     bundle = user_bundle if user_bundle is not None else int(best["bundle"])
     if user_bundle is None and bundle > 1:
         slots = max(1, min(int(cores // cpus), max_concurrent or cores))
         bundle = max(1, min(bundle, math.ceil(trainings / slots)))
-    return Layout(cpus, bundle, source, detail)
+    user_set = tuple(flag for flag, value in (("--cpus-per-trial", user_cpus), ("--bundle", user_bundle))
+                     if value is not None)
+    return Layout(cpus, bundle, source, detail, user_set)

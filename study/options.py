@@ -17,6 +17,7 @@ import yaml
 from spurious.errors import SpuriousError
 
 CONFIRM_ABOVE = 100
+MIN_CPUS = 0.0001  # Ray tracks resources to 4 decimals
 WANDB_MODES = ("auto", "off", "offline", "online")
 
 
@@ -113,7 +114,7 @@ def add_run_options(p: argparse.ArgumentParser, smoke_help: str | None = None, d
     p.add_argument("--name", help=f"experiment name (default {default_name or '<study>-<timestamp>'})")
     p.add_argument("--cpus-per-trial", type=float,
                    help="CPUs (torch threads) per trial (default: " + ("picked by `study run` from `study bench`, "
-                        "see the README's Speed section" if trains else "1") + ")")
+                        "see the README's trial layout section; 1 for tune-mitigation" if trains else "1") + ")")
     p.add_argument("--gpus-per-trial", type=float, help="GPU share per trial, e.g. 0.25 (default 0.25 if GPUs, else 0)")
     p.add_argument("--max-concurrent", type=int, help="cap on trials running at once")
     if trains:
@@ -137,9 +138,10 @@ def add_run_options(p: argparse.ArgumentParser, smoke_help: str | None = None, d
 
 def check_resources(args: argparse.Namespace) -> None:
     """Raise UsageError for a resource flag outside its range."""
-    if args.cpus_per_trial is not None and args.cpus_per_trial <= 0:
-        raise UsageError(f"--cpus-per-trial must be > 0, got {args.cpus_per_trial}")
-    if args.gpus_per_trial is not None and args.gpus_per_trial < 0:
+    if args.cpus_per_trial is not None and not args.cpus_per_trial >= MIN_CPUS:  # NaN fails too
+        raise UsageError(f"--cpus-per-trial must be at least {MIN_CPUS} (Ray's resource precision), got "
+                         f"{args.cpus_per_trial}")
+    if args.gpus_per_trial is not None and not args.gpus_per_trial >= 0:
         raise UsageError(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise UsageError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")

@@ -26,7 +26,7 @@ def test_builtin_rule_bundles_bundlable_grid_studies_on_one_thread_per_trial():
     got = pick()
     assert (got.cpus_per_trial, got.bundle, got.source) == (1.0, layout.BUILTIN_BUNDLE, "builtin")
     assert "2 trials at a time × 1 CPU thread each, bundles of up to 8 models" in got.describe(2)
-    assert "no `study bench` profile" in got.describe(2)
+    assert "no usable `study bench` profile" in got.describe(2)
 
 
 @pytest.mark.parametrize("kw", [{"grid": False}, {"bundlable": False}])
@@ -55,6 +55,12 @@ def test_what_the_user_sets_wins():
     assert (got.cpus_per_trial, got.bundle, got.source) == (2.0, 1, "user")
     assert pick(user_bundle=4, trainings=2).bundle == 4  # a user's K is not capped
     assert pick(user_cpus=2.0).cpus_per_trial == 2.0
+    # a layout the user set in part says which part
+    assert "(--cpus-per-trial as set; the rest auto: built-in rule" in pick(user_cpus=1.0).describe(2)
+    assert "(--bundle as set; the rest auto" in pick(user_bundle=2).describe(2)
+    # with a profile, the bundle is the best measured at the user's thread count
+    prof = profile_of((1, 1, 100.0), (1, 8, 180.0), (2, 1, 150.0), (2, 32, 500.0))
+    assert pick(prof, user_cpus=1.0).bundle == 8 and pick(prof, user_cpus=2.0).bundle == 32
 
 
 def test_profile_picks_the_most_models_per_hour_for_the_whole_machine():
@@ -85,6 +91,26 @@ def test_profile_round_trip_is_per_machine_and_survives_a_bad_file(tmp_path, mon
     assert len(saved) == 2 and layout.load_profile()["candidates"][0]["bundle"] == 32
     path.write_text("{not json")
     assert layout.load_profile() is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--cpus-per-trial", "nan"], "--cpus-per-trial must be at least 0.0001"),
+    (["--cpus-per-trial", "1e-9"], "--cpus-per-trial must be at least 0.0001"),
+    (["--gpus-per-trial", "nan"], "--gpus-per-trial must be >= 0, got nan"),
+])
+def test_bad_resource_values_are_one_line(tmp_path, argv, message):
+    proc = subprocess.run([sys.executable, "-m", "study.cli", "run", "demo", "--smoke", "--storage-path", str(tmp_path),
+                           *argv], capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_bundle_is_refused_for_tuning_studies(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "study.cli", "run", "mitigation", "--smoke", "--bundle", "2",
+                           "--storage-path", str(tmp_path)], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=120)
+    assert proc.returncode == 2 and "--bundle 2 applies to training studies" in proc.stderr
+    assert not list(tmp_path.iterdir())
 
 
 @requires_fashion
