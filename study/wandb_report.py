@@ -59,8 +59,9 @@ def check(experiment: Path, meta: Mapping[str, Any]) -> None:
     if wandb_setup.resolve_mode("auto") != "online":
         hint = (f"; this experiment logged offline, sync it first with `wandb sync "
                 f"{wandb_setup.runs_dir(experiment)}/offline-run-*`" if logged == "offline" else "")
-        raise SpuriousError("--wandb-report needs W&B online (an API key: set WANDB_API_KEY or run `wandb login`)"
-                            + hint)
+        why = ("WANDB_MODE is set to offline or disabled in this shell; unset it" if wandb_setup.api_key_configured()
+               else "an API key: set WANDB_API_KEY or run `wandb login`")
+        raise SpuriousError(f"--wandb-report needs W&B online ({why})" + hint)
 
 
 def group_keys(frame: pd.DataFrame) -> list[str]:

@@ -178,12 +178,16 @@ def test_report_of_an_experiment_without_provenance_says_so(tmp_path, capsys):
     ("offline", None, "this experiment logged offline, sync it first with `wandb sync "),
     ("online", None, "--wandb-report needs W&B online (an API key"),
     ("off", FAKE_KEY, "logged none (it ran with --wandb off)"),
+    ("online", FAKE_KEY + ":offline", "(WANDB_MODE is set to offline or disabled in this shell; unset it)"),
 ])
 def test_wandb_report_refusals_are_one_line_and_write_nothing(no_key, tmp_path, capsys, monkeypatch, logged, key,
                                                                message):
     pytest.importorskip("wandb_workspaces")
     if key:
+        key, _, mode = key.partition(":")
         monkeypatch.setenv("WANDB_API_KEY", key)
+        if mode:
+            monkeypatch.setenv("WANDB_MODE", mode)
     exp = golden_copy(tmp_path, wandb={"mode": logged, "project": "p", "entity": "team"})
     assert cli.main(["report", str(exp), "--wandb-report"]) == 2
     err = capsys.readouterr().err
