@@ -31,7 +31,7 @@ QUICK_TARGET_S = 1.0
 BUNDLE_TARGET = 1.5
 LIMIT_TARGET_PCT = 50.0
 # W&B: the demo study at reduced size (8 trials × 2 epochs), off and offline, each PAIRS times.
-WANDB_STUDY = ("--yes", "-v", "0", "--set", "epochs=2", "--set", "n_spurious=[3,10]")
+WANDB_STUDY = ("--yes", "-v", "0", "--set", "epochs=2", "--set", "n_spurious=[3,10]", "--bundle", "1")  # a run per model
 WANDB_PAIRS = 2
 WANDB_TARGET = 0.10
 # Tune's output: a grid of 1-epoch trials on this many images, and the kinds of files counted.
