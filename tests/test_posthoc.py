@@ -510,8 +510,9 @@ def assert_ok(proc, code=0):
 @requires_fashion
 def test_deletion_studies_from_a_smoke_training_study(tmp_path):
     run = ("--storage-path", str(tmp_path), "--wandb", "off")  # W&B is the walk-through's subject, not this one's
+    # --bundle 1: one trial per model, so that one model's checkpoint can be corrupted below by its trial's name
     assert_ok(study("run", "demo", "--smoke", "--set", "epochs=2", "--set", "n_spurious=[0,100]", "--set",
-                    "data_seed=[0,1]", "--name", "src", *run))
+                    "data_seed=[0,1]", "--name", "src", "--bundle", "1", *run))
     retrain = study("delete", "--from", str(tmp_path / "src"), "--method", "retrain", *run)
     assert_ok(retrain)
     assert "skipping 2 source trial(s) with nothing planted" in retrain.stdout
