@@ -8,7 +8,8 @@ this machine's matmul speed at the training shapes each setting reached (`matmul
 
     python -c "from spurious import bench, datasets; from spurious.config import TrainConfig; \
 print(bench.bundle_throughput(TrainConfig(n_spurious=100, device='cpu'), datasets.load('fashion'), ks=(1, 8)))"
-    python -c "from spurious import bench; print(bench.matmul_limit(bench.linear_shapes('large_mlp', (1, 28, 28)), k=8))"
+    python -c "from spurious import bench; \
+print(bench.matmul_limit(bench.linear_shapes('large_mlp', (1, 28, 28)), k=8))"
 """
 from __future__ import annotations
 

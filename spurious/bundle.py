@@ -9,9 +9,10 @@ passes of several members at once, so each operation does the work of many model
   each layer is one `torch.baddbmm` over (members, B, D) activations and (members, D_out, D_in) weights,
   with a hand-written backward (`torch.bmm`); with SGD momentum and no clipping the weight gradients are
   added straight into the momentum buffers (`baddbmm_`, buf = momentum·buf + g). Evaluation runs the
-  members of a pass together too. On 2 cores this trains LargeMLP at about 1.7-1.8x the engine's models
-  per hour (`spurious.bench.bundle_throughput`; one member per pass ran at 0.9x). Other bundlable models
-  run one member per pass on the CPU by default.
+  members of a pass together too. On 2 cores this trained LargeMLP on Fashion-MNIST at 1.9-2.2x the
+  engine's models per hour for K = 8 and 32, at 55-60 % of the matmul limit (`bench.bundle_throughput`,
+  `bench.matmul_limit`); one member per pass had run at 0.9x. Other bundlable models run one member per
+  pass on the CPU by default.
 - GPU (default: one pass of all K members): `functional_call` under `vmap`, so every kernel does K
   models' work.
 - `vmap_chunk=1`: each member runs its own plain model, pass by pass, the very kernels `Engine` runs.
