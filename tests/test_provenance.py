@@ -3,7 +3,6 @@
 offline study logs."""
 import hashlib
 import json
-import os
 import platform
 import shutil
 import subprocess
@@ -17,7 +16,7 @@ from analysis import frames
 from spurious import datasets
 from study import cli, provenance, runner, wandb_setup
 from tests.conftest import requires_fashion
-from tests.wandb_records import read_run
+from tests.wandb_records import read_run, run_offline_smoke
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "demo-smoke"
@@ -284,15 +283,7 @@ def test_wandb_report_of_a_tuning_study_has_a_pareto_panel():
 def offline_study(tmp_path_factory):
     """`study run demo --smoke --wandb offline` as a user runs it from this checkout: (experiment, stdout)."""
     root = tmp_path_factory.mktemp("prov")
-    home = root / "home"
-    home.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "NETRC"}
-    env.update(HOME=str(home), WANDB_BASE_URL="http://127.0.0.1:9", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "study.cli", "run", "demo", "--smoke", "--wandb", "offline",
-           "--storage-path", str(root), "--name", "prov", "-v", "0"]
-    done = subprocess.run(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    run_offline_smoke(root, "prov")
     return root / "prov"
 
 

@@ -4,8 +4,6 @@ never written anywhere."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +12,8 @@ from analysis.frames import SUMMARY_COLUMNS
 from spurious.errors import SpuriousError
 from study import wandb_runs, wandb_setup
 from tests.conftest import requires_fashion
-from tests.wandb_records import read_run
+from tests.wandb_records import read_run, run_offline_smoke
 
-REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "demo-smoke"
 FAKE_KEY = "f4ke" * 10  # 40 characters, like a real key
 CHANGED_BY_CONFIGURE = ("WANDB_MODE", "WANDB_DIR", "WANDB_SILENT", "WANDB_DISABLE_CODE", "WANDB_CONSOLE")
@@ -241,15 +238,7 @@ def test_api_key_never_reaches_callbacks_metadata_report_or_wandb_files(no_crede
 def test_offline_study_without_key_or_network_never_blocks_and_logs_config_and_metrics(tmp_path):
     from analysis import frames
 
-    home = tmp_path / "home"
-    home.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "NETRC"}
-    env.update(HOME=str(home), WANDB_BASE_URL="http://127.0.0.1:9", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "study.cli", "run", "demo", "--smoke", "--wandb", "offline",
-           "--storage-path", str(tmp_path), "--name", "wb", "-v", "0"]
-    done = subprocess.run(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=300)  # a login prompt would fail on the closed stdin or hit the timeout
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    done = run_offline_smoke(tmp_path, "wb")  # a login prompt would fail on the closed stdin or hit the timeout
     exp = tmp_path / "wb"
     runs = wandb_setup.offline_runs(wandb_setup.runs_dir(exp))
     assert len(runs) == 2 and all(exp in run.parents for run in runs)

@@ -8,7 +8,10 @@ undoes only the framing: a 7-byte file header (":W&B", magic, version), then Lev
 from __future__ import annotations
 
 import json
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -69,3 +72,20 @@ def read_run(run_dir: str | Path) -> dict:
         elif kind == "history":
             out["history"].append(_items(record.history.item))
     return out
+
+
+def run_offline_smoke(storage: Path, name: str) -> subprocess.CompletedProcess:
+    """Run `study run demo --smoke --wandb offline -v 0` from this checkout as a user without W&B credentials
+    or network would (a fresh HOME, no WANDB_* variables, an unreachable W&B host, a closed stdin, so a login
+    prompt fails instead of waiting); return the finished process (exit code 0 is asserted)."""
+    repo = Path(__file__).resolve().parents[1]
+    home = storage / f"{name}-home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "NETRC"}
+    env.update(HOME=str(home), WANDB_BASE_URL="http://127.0.0.1:9", PYTHONPATH=str(repo))
+    cmd = [sys.executable, "-m", "study.cli", "run", "demo", "--smoke", "--wandb", "offline",
+           "--storage-path", str(storage), "--name", name, "-v", "0"]
+    done = subprocess.run(cmd, cwd=repo, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done
