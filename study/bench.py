@@ -112,10 +112,11 @@ def bundle_section(data_dir: str | None, ks: tuple[int, ...], epochs: int, train
 
 
 def layout_section(data_dir: str | None, ks: tuple[int, ...], epochs: int, train_subset: int | None,
-                   save: bool = True) -> dict:
+                   save: bool = True, measured: dict | None = None) -> dict:
     """Print and return models per hour of the 70-epoch LargeMLP Fashion-MNIST trial for the engine and each
     bundle size at 1 thread and at all cores, the layout `study run` picks from them, and save them as this
-    machine's profile (study/layout.py) unless `save` is False."""
+    machine's profile (study/layout.py) unless `save` is False. `measured`: `bundle_section`'s result for the
+    same sizes, timed at this process's thread count, which is then not timed again."""
     from study import cluster, layout
 
     cores = cluster.local_node()["cpus"]
@@ -127,9 +128,12 @@ def layout_section(data_dir: str | None, ks: tuple[int, ...], epochs: int, train
           f"(epochs timed: {epochs}, best of{subset})")
     try:
         for threads in sorted({1, cores}):
-            torch.set_num_threads(threads)
-            res = bench.bundle_throughput(cfg, data, tuple(k for k in ks if k > 1), epochs, train_subset)
-            for row in res["rows"][1:]:
+            if measured is not None and threads == before:
+                res = measured
+            else:
+                torch.set_num_threads(threads)
+                res = bench.bundle_throughput(cfg, data, tuple(k for k in ks if k > 1), epochs, train_subset)
+            for row in (r for r in res["rows"][1:] if r["setting"] == "engine" or r["k"] > 1):
                 candidates.append({"threads": threads, "bundle": row["k"], "models_per_hour": row["models_per_hour"]})
     finally:
         torch.set_num_threads(before)
@@ -295,7 +299,8 @@ def main(data_dir: str | None = None, repeats: int = 3, harness: bool = True,
         out["gpu"] = bench_gpu.main(data_dir, bundle_sizes, bundle_epochs, train_subset, packing_trials,
                                     packing_models)
     if only in (None, "layout") and bundle_sizes:
-        out["layout"] = layout_section(data_dir, bundle_sizes, bundle_epochs, train_subset)
+        out["layout"] = layout_section(data_dir, bundle_sizes, bundle_epochs, train_subset,
+                                       measured=out.get("bundle"))
     if only in (None, "harness") and (harness or only == "harness"):
         out["harness"] = harness_section(data_dir)
     if only in (None, "wandb"):
