@@ -19,7 +19,6 @@ import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import numpy as np
 import pandas as pd
 
 from analysis import stats
@@ -45,7 +44,7 @@ SUMMARY_COLUMNS = ("mean", "se", "count", "p_welch_replicates", "p_welch_replica
 REPLICATE_KEYS = ("data_seed", "seed")
 # Post-hoc kinds: their params.json holds the post-hoc settings and their one report the source model's config;
 # the column naming the source trial fills the config of trials that errored before reporting.
-SOURCE_ID_COLUMNS = {"delete": "source_trial_id", "mia": "target_trial_id"}
+SOURCE_ID_COLUMNS = {"delete": "source_trial_id", "mia": "target_trial_id", "detect": "source_trial_id"}
 TUNING_PHASES = ("baseline", "search", "confirm")  # the Tune experiments inside a tune-mitigation directory
 # Tune's bookkeeping in result.json, left out of the rows (the columns below carry what is kept of it).
 TUNE_KEYS = ("config", "done", "timestamp", "date", "pid", "node_ip", "checkpoint_dir_name", "should_checkpoint",
@@ -106,14 +105,15 @@ def _read_results(trial_dir: Path) -> list[dict]:
 
 def _reports(rows: list[dict]) -> list[dict]:
     """Return the reports that count: the last report of each epoch in epoch order (a restored trial repeats
-    the epochs after its checkpoint), or every row of a trainable that reports no epochs (delete, mia)."""
+    the epochs after its checkpoint), or every row of a trainable that reports no epochs (delete, mia,
+    detect)."""
     by_epoch = {r["epoch"]: r for r in rows if "epoch" in r}
     return [by_epoch[e] for e in sorted(by_epoch)] if by_epoch else rows
 
 
 def is_final(report: dict, config: dict) -> bool:
     """Return whether `report` is a trial's final one: it reports the configured last epoch (`epochs`), or it
-    is a report of a trainable that reports once, when done, and counts no epochs (delete, mia)."""
+    is a report of a trainable that reports once, when done, and counts no epochs (delete, mia, detect)."""
     return bool(report) and ("epoch" not in report or report["epoch"] == config.get("epochs"))
 
 
@@ -237,8 +237,8 @@ def _experiment_rows(path: Path) -> tuple[list[dict], dict]:
 
 def load(paths: str | Path | Iterable[str | Path], fill_from_source: bool = True) -> pd.DataFrame:
     """Return one row per model of one or more experiment (or trial) directories of any kind: per trial, per
-    bundle member, per deletion, per attack, per tuning setting (tune-mitigation: the baseline and each search
-    trial, `phase`).
+    bundle member, per deletion, per attack, per detection, per tuning setting (tune-mitigation: the baseline
+    and each search trial, `phase`).
 
     Columns: experiment, kind (study.json's; "train" without one), phase (tune-mitigation), source_experiment
     (post-hoc), trial_id, status, error (the cause line of error.txt, or the member's error, unless finished),
@@ -252,8 +252,8 @@ def load(paths: str | Path | Iterable[str | Path], fill_from_source: bool = True
 
     Status, one rule for every kind (`status`): TERMINATED when the last counted report (the last report of
     each epoch, so a resumed trial counts its re-run epochs once) is final, i.e. reports the configured last
-    epoch, or is the one report of a trainable that counts no epochs (delete, mia); else ERROR with an error
-    line; else RUNNING when it has reported (interrupted, or stopped early by a scheduler: Tune's own status is
+    epoch, or is the one report of a trainable that counts no epochs (delete, mia, detect); else ERROR with an
+    error line; else RUNNING when it has reported (interrupted, or stopped early by a scheduler: Tune's own status is
     not in the trial's files), with its last metrics; else PENDING. Lines cut short by a killed driver are
     skipped. Raises SpuriousError for a missing directory or an unreadable params.json.
     """
@@ -291,11 +291,18 @@ def _fill_config(df: pd.DataFrame, meta: dict) -> pd.DataFrame:
         return df
     sources = load(source)
     config = sources.set_index("trial_id")[[c for c in CONFIG_COLUMNS if c in sources]]
-    looked_up = config.reindex(df[id_column]).reset_index(drop=True)
+    looked_up = config.reindex(_source_ids(df, id_column, set(config.index))).reset_index(drop=True)
     for column in looked_up:
         own = df[column] if column in df else pd.Series([None] * len(df))
         df[column] = [b if _missing(a) else a for a, b in zip(own, looked_up[column])]
     return df
+
+
+def _source_ids(df: pd.DataFrame, id_column: str, known: set) -> list:
+    """Return each row's source trial id as `load` names it: the id, or `<id>-m<k>` for a bundle member named by
+    its Tune trial id and `source_member` k (detect)."""
+    members = df["source_member"] if "source_member" in df else pd.Series(math.nan, index=df.index)
+    return [i if i in known or pd.isna(k) else f"{i}-m{int(k)}" for i, k in zip(df[id_column], members)]
 
 
 def _missing(value) -> bool:
