@@ -2,7 +2,8 @@
 
 Command: `study report results/demo-20261128-120000` writes results/demo-20261128-120000/report/:
 trials.csv/.parquet, epochs.csv/.parquet, summary_<metric>.csv, claims.txt, summary.md, figures/*.png,
-index.html.
+index.html; a detection study (`study detect`) adds detection.csv/.parquet, detection_controls.csv/.parquet
+and figures/detection_auroc.png.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ def write_report(experiment_dirs: str | Path | Iterable[str | Path],
     for metric, summary in summaries.items():
         summary.to_csv(out / f"summary_{metric}.csv", index=False)
     studies = posthoc_sections(df)
+    tables = [path.name for name, frame in posthoc_frames(df).items() for path in write_frame(frame, out / name)]
     found = {k: _display(v) for k, v in claims.claims(training, SIGNIFICANT).items()} if summaries else None
     if found is not None:
         (out / "claims.txt").write_text(claims.format_claims(found, SIGNIFICANT) + "\n")
@@ -51,7 +53,7 @@ def write_report(experiment_dirs: str | Path | Iterable[str | Path],
     pngs = write_figures(training, out / "figures")
     pngs += [style.save(fig, out / "figures" / f"{name}.png") for _, _, made in studies for name, fig in made]
     (out / "index.html").write_text(index_html(dirs, df, summaries, [p.relative_to(out) for p in pngs], studies,
-                                                  found))
+                                                  found, tables))
     return out
 
 
@@ -97,10 +99,10 @@ def provenance_markdown(dirs: Sequence[Path]) -> str:
 
 
 def posthoc_sections(df: pd.DataFrame) -> list[tuple[str, str, list[tuple[str, object]]]]:
-    """Return (title, plain-text table, [(figure name, figure)]) for the deletion and attack trials in `df`:
-    the deletion table and retrain figure (protocol §8.1), the attack table, MIA figure and ROC curves
-    (protocol §9.4)."""
-    from analysis import posthoc
+    """Return (title, plain-text table, [(figure name, figure)]) for the deletion, attack and detection trials in
+    `df`: the deletion table and retrain figure (protocol §8.1), the attack table, MIA figure and ROC curves
+    (protocol §9.4), the detection and control tables and the AUROC figure (`analysis.detection`)."""
+    from analysis import detection, posthoc
 
     out = []
     kinds = set(df["kind"]) if "kind" in df else set()
@@ -129,7 +131,22 @@ def posthoc_sections(df: pd.DataFrame) -> list[tuple[str, str, list[tuple[str, o
         if on_deleted.any():
             out.append(("Membership inference after deletion: forget set (planted examples) and other members",
                         posthoc.mia_deletion_table(part[on_deleted]), []))
+    if "detect" in kinds:
+        part = df[df["kind"] == "detect"]
+        out.append(("Detection: finding the planted training examples without knowing the pattern",
+                    detection.detection_text(part), [("detection_auroc", detection.detection_figure(part))]))
     return out
+
+
+def posthoc_frames(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Return the post-hoc tables the report also writes as files, by file stem: for detection trials
+    `detection` (`detection.detection_table`) and `detection_controls` (`detection.control_table`)."""
+    from analysis import detection
+
+    if "kind" not in df or not (df["kind"] == "detect").any():
+        return {}
+    part = df[df["kind"] == "detect"]
+    return {"detection": detection.detection_table(part), "detection_controls": detection.control_table(part)}
 
 
 def write_frame(df: pd.DataFrame, stem: Path) -> list[Path]:
@@ -268,8 +285,9 @@ def _safe(name: str) -> str:
 
 def index_html(dirs: Sequence[Path], df: pd.DataFrame, summaries: dict[str, pd.DataFrame],
                pngs: Sequence[Path], studies: Sequence[tuple[str, str, list]] = (),
-               found: dict[str, pd.DataFrame] | None = None) -> str:
-    """Return a self-contained HTML page showing the summary tables, figures and links to the data files."""
+               found: dict[str, pd.DataFrame] | None = None, tables: Sequence[str] = ()) -> str:
+    """Return a self-contained HTML page showing the summary tables, figures and links to the data files
+    (`tables`: the names of further table files in the report folder)."""
     esc = html.escape
     body = [f"<h1>Report: {esc(', '.join(d.name for d in dirs))}</h1>",
             f"<p>{len(df)} rows ({esc(_counts(df))}{esc(_models(df))}) from {esc(', '.join(str(d) for d in dirs))}.</p>"]
@@ -296,7 +314,7 @@ def index_html(dirs: Sequence[Path], df: pd.DataFrame, summaries: dict[str, pd.D
         text = "\n".join(provenance_lines(frames.study_meta(d)))
         body.append(f"<h3>{esc(d.name)}</h3><pre>{esc(text)}</pre>")
     files = ["summary.md", *[f"summary_{m}.csv" for m in summaries], *(["claims.txt"] if found else []),
-             "trials.csv", "trials.parquet", "epochs.csv", "epochs.parquet"]
+             "trials.csv", "trials.parquet", "epochs.csv", "epochs.parquet", *tables]
     body.append("<h2>Data</h2><ul>" + "".join(f'<li><a href="{f}">{f}</a></li>' for f in files) + "</ul>")
     css = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}"
            "table{border-collapse:collapse}td,th{padding:2px 10px;text-align:right}"
