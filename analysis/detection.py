@@ -22,6 +22,8 @@ from typing import Sequence
 import pandas as pd
 
 from analysis import frames, stats, style
+from spurious import patterns
+from spurious.errors import SpuriousError
 from spurious.patterns import short_name
 
 KIND = "detect"
@@ -42,10 +44,17 @@ def _detect_rows(df: pd.DataFrame) -> pd.DataFrame:
     n_spurious, as an integer."""
     done = frames.finished(df)
     done = done[done["kind"] == KIND] if "kind" in done else done
-    if "n_spurious" not in done:
-        return done.iloc[0:0].assign(n_spurious=0)
+    done = done.assign(**{c: None for c in ("method", "pattern", "n_spurious") if c not in done})
     done = done[pd.to_numeric(done["n_spurious"], errors="coerce").notna()]
-    return done.astype({"n_spurious": int})
+    return done.assign(pattern=done["pattern"].map(_canonical)).astype({"n_spurious": int})
+
+
+def _canonical(pattern):
+    """Return a pattern's canonical name (`s3` and `v8` -> `corner_square_5`); other values as they are."""
+    try:
+        return patterns.canonical(pattern) if isinstance(pattern, str) else pattern
+    except SpuriousError:
+        return pattern
 
 
 def _varied(df: pd.DataFrame) -> list[str]:
@@ -108,22 +117,23 @@ def _compact_detection(table: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame
         out[MEAN_SE[metric]] = [stats.cell(m, s, 2) for m, s in zip(table[f"{metric}_mean"], table[f"{metric}_se"])]
     for metric in ("precision_at_n", "precision_at_1pct"):
         out[MEAN_SE[metric]] = [_number(v, 2) for v in table[f"{metric}_mean"]]
-    out["worst rank"] = [_number(v) for v in table["worst_planted_rank_median"]]
+    out["worst rank"] = ["-" if pd.isna(v) else f"{v:g}" for v in table["worst_planted_rank_median"]]
     out["spur."] = [_number(v, 2) for v in table["source_spurious_score_mean"]]
     return out.set_index([k if k != "n_spurious" else "n" for k in keys])
 
 
-def _number(value, digits: int = 0) -> str:
+def _number(value, digits: int) -> str:
     return "-" if pd.isna(value) else f"{value:.{digits}f}"
 
 
 def _controls(done: pd.DataFrame) -> pd.DataFrame:
-    """Return the n = 0 rows, one per pattern each is the baseline for (`control_patterns`, else `pattern`)."""
+    """Return the n = 0 rows, one per pattern each is the baseline for (`control_patterns`, else `pattern`),
+    patterns by their canonical names."""
     controls = done[done["n_spurious"] == 0]
     listed = controls["control_patterns"] if "control_patterns" in controls else pd.Series(None, controls.index)
-    patterns = [[p.strip() for p in v.split(",") if p.strip()] if isinstance(v, str) and v.strip() else [p]
-                for v, p in zip(listed, controls["pattern"])]
-    return controls.assign(pattern=patterns).explode("pattern")
+    shared = [[_canonical(p.strip()) for p in v.split(",") if p.strip()] if isinstance(v, str) and v.strip() else [p]
+              for v, p in zip(listed, controls["pattern"])]
+    return controls.assign(pattern=shared).explode("pattern")
 
 
 def control_table(df: pd.DataFrame, compact: bool = False) -> pd.DataFrame:
