@@ -36,7 +36,6 @@ FACTORS = (*(c for c in frames.CONFIG_COLUMNS if c not in ("pattern", "n_spuriou
 # Metrics summarised as mean ± s.e. over replicates, and their short labels in the compact table.
 MEAN_SE = {"auroc": "AUROC", "average_precision": "AP", "precision_at_n": "P@n", "recall_at_n": "R@n",
            "precision_at_1pct": "P@1%"}
-COMPACT = ("auroc", "average_precision", "precision_at_n", "precision_at_1pct")
 
 
 def _detect_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -189,29 +188,26 @@ def detection_text(df: pd.DataFrame, width: int = 100) -> str:
     """Return both tables in their compact form, each under a caption that says what its cells are, for the
     end of a run (`study/posthoc.finish`) and the report; lines within `width` columns where the keys allow."""
     planted, controls = detection_table(df, compact=True), control_table(df, compact=True)
-    parts = []
-    if planted.empty:
-        parts.append("(no finished detection trials with planted examples)")
-    else:
-        parts.append(_fill("Finding the planted images (n > 0), over the replicates (source models, reps) of "
-                           "each row: AUROC and AP (average precision) of the planted images among the candidates, "
-                           "mean ± s.e.; mean precision among the n highest scores (P@n) and among the top 1 % of "
-                           "candidates (P@1%); worst rank: median number of images to inspect from the top to find "
-                           "every planted one; spur.: mean spurious score of the source models.", width)
-                     + "\n" + planted.to_string(line_width=width))
-    if controls.empty:
-        parts.append("(no finished n = 0 control trials)")
-    else:
-        parts.append(_fill("Clean models (n = 0 controls), the false-positive reference: mean ± s.e. over the "
-                           "controls of the highest score (top-1) and of the score at the top 1 %. Next to them, "
-                           "the trials with n > 0 of the same method and pattern (every n): their count (trials), "
-                           "the median of their median planted-image score (planted) and the share of them whose "
-                           "median planted-image score exceeds the mean clean top-1 score (above).", width) + "\n" + controls.to_string(line_width=width))
-    return "\n\n".join(parts)
+    return "\n\n".join([
+        _captioned(planted, PLANTED_CAPTION, "(no finished detection trials with planted examples)", width),
+        _captioned(controls, CONTROL_CAPTION, "(no finished n = 0 control trials)", width)])
 
 
-def _fill(text: str, width: int) -> str:
-    return textwrap.fill(text, width)
+PLANTED_CAPTION = ("Finding the planted images (n > 0), over the replicates (source models, reps) of each row: AUROC "
+                   "and AP (average precision) of the planted images among the candidates, mean ± s.e.; mean "
+                   "precision among the n highest scores (P@n) and among the top 1 % of candidates (P@1%); worst "
+                   "rank: median number of images to inspect from the top to find every planted one; spur.: mean "
+                   "spurious score of the source models.")
+CONTROL_CAPTION = ("Clean models (n = 0 controls), the false-positive reference: mean ± s.e. over the controls of the "
+                   "highest score (top-1) and of the score at the top 1 %. Next to them, the trials with n > 0 of the "
+                   "same method and pattern (every n): their count (trials), the median of their median "
+                   "planted-image score (planted) and the share of them whose median planted-image score exceeds "
+                   "the mean clean top-1 score (above).")
+
+
+def _captioned(table: pd.DataFrame, caption: str, empty: str, width: int) -> str:
+    """Return `caption` wrapped to `width` above `table`'s text, or `empty` for an empty table."""
+    return empty if table.empty else textwrap.fill(caption, width) + "\n" + table.to_string(line_width=width)
 
 
 def detection_figure(df: pd.DataFrame, metric: str = "auroc"):

@@ -195,8 +195,8 @@ def detect_study(tmp_path: Path, source: Path) -> Path:
         for source_index, (n, seed) in enumerate(SOURCE_MODELS):
             trial_id = f"ddddd_{k:05d}"
             auroc = 0.9 + 0.05 * seed if method == "loss" else 0.5
-            write_trial(exp, f"detect_{trial_id}_{k}_method={method}", {"method": method,
-                                                                          "source_trial_id": f"abcde_{source_index:05d}"},
+            params = {"method": method, "source_trial_id": f"abcde_{source_index:05d}"}
+            write_trial(exp, f"detect_{trial_id}_{k}_method={method}", params,
                         [detect_result(trial_id, method, source_index, n, seed, auroc)])
             k += 1
     write_trial(exp, "detect_ddddd_00098_98", {"method": "loss", "source_trial_id": "abcde_00004"}, [],
