@@ -5,6 +5,9 @@ A practitioner holds the trained model (and its saved checkpoints) and the train
 pattern in it, but not the pattern nor which rows carry it. Each method scores the candidate rows
 (`candidate_rows`: the target class's training images, or all of them), higher = more suspicious, from the
 model and the data alone; the planted indices are only the ground truth of `detection_metrics`.
+The directions below follow each method's source; they are hypotheses about rare planted images, not facts:
+with a salient pattern at n = 100 the planted images are their class's easiest, and the loss-based scores
+rank them last (tests/test_detection.py, Fashion-MNIST R3: AUROC 0.03 for loss and TracIn, 0.73 spectral).
 
 - `loss`: the cross-entropy at the final checkpoint (the small-loss criterion of noisy-label work);
 - `loss_trajectory`: the mean loss over the checkpoints (Jiang et al. 2021's learning-speed proxy);
@@ -201,8 +204,9 @@ def loss_scores(snapshots, x, y, rows, s: Settings) -> Scores:
     High loss = suspicious: networks fit clean, typical examples first and atypical or mislabelled ones late,
     so noisy-label methods treat the small-loss examples as clean (Han et al. 2018, co-teaching; Arazo et al.
     2019). A planted image is atypical for its class until the pattern is learnt, after which it may be
-    fitted as well as any: this is the baseline the other methods must beat. arrays: "rank_in_class"
-    (`ranks_within_class` of the loss among the candidates of the same class, 1 = highest loss).
+    fitted as well as any: this is the baseline the other methods must beat. extra: "checkpoint_epoch";
+    arrays: "rank_in_class" (`ranks_within_class` of the loss among the candidates of the same class,
+    1 = highest loss).
     """
     xr, yr = _take(x, y, rows)
     losses = per_example_loss(snapshots[-1].model, xr, yr, s.batch_size)
@@ -236,7 +240,7 @@ def _sample_wise_ok(model: nn.Module) -> bool:
 def tracin_self_influence(snapshots: Sequence[Snapshot], x: torch.Tensor, y: torch.Tensor,
                           batch_size: int = 500) -> np.ndarray:
     """Return Σ_t η_t ‖∇θ ℓ(z; θ_t)‖² (float64 (N,)) for every example z of (x, y): TracInCP self-influence
-    (Pruthi et al. 2020, eq. for TracInCP with z' = z), by captum's `TracInCP.self_influence`.
+    (Pruthi et al. 2020, TracInCP with z' = z), by captum's `TracInCP.self_influence`.
 
     θ: all trainable parameters; ℓ: cross-entropy on the logits; η_t: each snapshot's `lr`. captum's
     per-example gradients come from one batched pass (its sample-gradient hooks, loss with reduction "sum")
@@ -330,7 +334,7 @@ def spectral_scores(snapshots, x, y, rows, s: Settings) -> Scores:
     examples project far out on it (they remove the highest scores). Dividing by the class's mean score
     (σ₁²/n_c) keeps the order within a class and makes classes comparable with scope "all", where each
     class would otherwise be on the scale of its own top singular value; a class with identical
-    representations (or one candidate) scores 0. extra: "classes", "representation_dims";
+    representations (or one candidate) scores 0. extra: "classes", "representation_dims", "checkpoint_epoch";
     arrays: "signature" (the raw squared projections).
     """
     xr, yr = _take(x, y, rows)
@@ -366,7 +370,8 @@ def kmeans_pp(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarra
     return np.asarray(centres, np.float64)
 
 
-def lloyd(points: np.ndarray, centres: np.ndarray, max_iter: int = KMEANS_MAX_ITER) -> tuple[np.ndarray, np.ndarray, float]:
+def lloyd(points: np.ndarray, centres: np.ndarray,
+          max_iter: int = KMEANS_MAX_ITER) -> tuple[np.ndarray, np.ndarray, float]:
     """Return (labels (n,), centres (k, d), inertia): Lloyd's iterations from `centres` until the assignment
     stops changing (a centre left without points stays where it was); inertia = Σ squared distances."""
     labels = None
@@ -396,8 +401,8 @@ def kmeans(points: np.ndarray, k: int, restarts: int, seed: int) -> tuple[np.nda
 
 def two_means_score(acts: np.ndarray, dims: int, restarts: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Return (score (n,), in_small (n,) bool) of one class's activations `acts` (n, D): 2-means on their top
-    `dims` principal components; score = (‖a − c_large‖ − ‖a − c_small‖)/w, w = √(inertia/n) the root-mean-
-    square distance of the points to their own centre.
+    `dims` principal components; score = (‖a − c_large‖ − ‖a − c_small‖)/w, w = √(inertia/n) the
+    root-mean-square distance of the points to their own centre.
 
     The score is in units of the clusters' own spread, so it is scale-free and large only where the clusters
     are well apart: a point at the small centre scores ‖c_large − c_small‖/w, about 2.5 for a cluster 8σ away
@@ -428,9 +433,10 @@ def activation_clustering_scores(snapshots, x, y, rows, s: Settings) -> Scores:
     dimensions; this uses PCA, as IBM ART's ActivationDefence does by default (deterministic, no ICA
     convergence issues). The binary cluster label would give a step AUROC, so the score is the continuous
     `two_means_score`, in units of the class's within-cluster spread so that classes are comparable with
-    scope "all" (a clean class split in two scores lower than a class with a separate small cluster). extra: "small_cluster_size" (summed over classes), "small_cluster_fraction" (of all
-    candidates), "small_cluster_fraction_min" (the smallest per class: Chen et al.'s relative-size test);
-    arrays: "in_small_cluster" (bool).
+    scope "all" (a clean class split in two scores lower than a class with a separate small cluster).
+    extra: "small_cluster_size" (summed over classes), "small_cluster_fraction" (of all candidates),
+    "small_cluster_fraction_min" (the smallest per class: Chen et al.'s relative-size test),
+    "checkpoint_epoch"; arrays: "in_small_cluster" (bool).
     """
     xr, yr = _take(x, y, rows)
     acts, labels = penultimate(snapshots[-1].model, xr, s.batch_size), yr.cpu().numpy()
@@ -440,9 +446,9 @@ def activation_clustering_scores(snapshots, x, y, rows, s: Settings) -> Scores:
         scores[where], in_small[where] = two_means_score(acts[where], s.pca_dims, s.kmeans_restarts,
                                                          _class_seed(s.seed, c))
         fractions.append(in_small[where].mean())
-    return Scores(scores, {"small_cluster_size": int(in_small.sum()), "small_cluster_fraction": float(in_small.mean()),
-                           "small_cluster_fraction_min": float(min(fractions)),
-                           "checkpoint_epoch": snapshots[-1].epoch}, {"in_small_cluster": in_small})
+    extra = {"small_cluster_size": int(in_small.sum()), "small_cluster_fraction": float(in_small.mean()),
+             "small_cluster_fraction_min": float(min(fractions)), "checkpoint_epoch": snapshots[-1].epoch}
+    return Scores(scores, extra, {"in_small_cluster": in_small})
 
 
 def _class_seed(seed: int, label: int) -> int:
@@ -468,8 +474,8 @@ def fill_unsolved(grad_sq: np.ndarray, solved: np.ndarray, exact: np.ndarray) ->
 
     With s_min the lowest exact score and q the lowest ‖g‖² among the solved, an unsolved candidate with
     ‖g_j‖² gets ½·s_min·‖g_j‖²/q (in [0, ½·s_min], so strictly below s_min when s_min > 0, ordered by
-    ‖g‖²: the λ → ∞ limit ‖g‖²/λ of the score is proportional to ‖g‖², and this extrapolates the smallest
-    solved candidate's ratio, halved). If s_min ≤ 0 (a solved gradient was zero, so every unsolved one is
+    ‖g‖²: the λ → ∞ limit ‖g‖²/λ of the score is proportional to ‖g‖², and this extrapolates the
+    smallest solved candidate's ratio, halved). If s_min ≤ 0 (a solved gradient was zero, so every unsolved one is
     too) they get s_min − 1.
     """
     scores = np.empty(len(grad_sq))
@@ -494,19 +500,20 @@ def influence_scores(snapshots, x, y, rows, s: Settings) -> Scores:
     score is one `influence.cg_inverse_hvp` solve (tolerance `cg_tol`, at most `cg_max_iter` products), so
     only a subset is solved: as λ → ∞ the score tends to ‖g‖²/λ, so ‖g‖² (from `tracin_self_influence`
     with one checkpoint and η = 1) picks the subset. extra: "candidates_solved", "hessian_examples",
-    "cg_iterations_mean", "cg_iterations_max", "cg_converged" (all of them), "cg_residual_max";
-    arrays: "grad_norm_sq" (R,), "solved" (bool (R,)).
+    "checkpoint_epoch", "cg_iterations_mean", "cg_iterations_max", "cg_converged" (all of them),
+    "cg_residual_max"; arrays: "grad_norm_sq" (R,), "solved" (bool (R,)).
     """
     model = snapshots[-1].model
     xr, yr = _take(x, y, rows)
     grad_sq = tracin_self_influence([Snapshot(model, snapshots[-1].epoch, 1.0)], xr, yr, s.batch_size)
     solved = subset_order(grad_sq, s.influence_candidates)
     hess = hessian_rows(len(y), s.hessian_examples, s.seed).to(y.device)
-    exact, stats = zip(*(self_influence(model, xr[pos:pos + 1], yr[pos:pos + 1], x[hess], y[hess], s)
-                         for pos in solved))
+    xh, yh = x[hess], y[hess]
+    exact, stats = zip(*(self_influence(model, xr[pos:pos + 1], yr[pos:pos + 1], xh, yh, s) for pos in solved))
     iterations = [info["cg_iterations"] for info in stats]
-    extra = {"candidates_solved": len(solved), "hessian_examples": len(hess), "checkpoint_epoch": snapshots[-1].epoch,
-             "cg_iterations_mean": float(np.mean(iterations)), "cg_iterations_max": int(max(iterations)),
+    extra = {"candidates_solved": len(solved), "hessian_examples": len(hess),
+             "checkpoint_epoch": snapshots[-1].epoch, "cg_iterations_mean": float(np.mean(iterations)),
+             "cg_iterations_max": int(max(iterations)),
              "cg_converged": all(info["cg_converged"] for info in stats),
              "cg_residual_max": float(max(info["cg_residual"] for info in stats))}
     in_subset = np.zeros(len(rows), bool)
