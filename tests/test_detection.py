@@ -146,7 +146,7 @@ def loop_grad(model, x, y):
 def test_tracin_equals_the_per_example_loop(batchnorm):
     snaps, (x, y) = snapshots(batchnorm), tiny_data()
     rows = np.arange(3, 40, 2)
-    result = detection.score("tracin", snaps, x, y, rows, batch_size=7)
+    result = detection.score("tracin", snaps, x, y, rows, batch_size=7, direction="high")
     expected = [sum(s.lr * float(loop_grad(s.model, x[r], y[r]).pow(2).sum()) for s in snaps) for r in rows]
     np.testing.assert_allclose(result.scores, expected, rtol=1e-4)
     assert result.extra == {"checkpoints": 3, "checkpoint_epochs": "2,4,6", "lr_sum": pytest.approx(0.16)}
@@ -158,13 +158,13 @@ def test_loss_and_loss_trajectory():
     rows = np.arange(0, 40, 3)
     losses = np.stack([F.cross_entropy(s.model(x[rows]), y[rows], reduction="none").detach().numpy()
                        for s in snaps])
-    final = detection.score("loss", snaps, x, y, rows, batch_size=4)
+    final = detection.score("loss", snaps, x, y, rows, batch_size=4, direction="high")
     np.testing.assert_allclose(final.scores, losses[-1], rtol=1e-6)
     for c in range(3):
         mine = y[rows].numpy() == c
         order = np.argsort(-losses[-1][mine])
         assert final.arrays["rank_in_class"][mine][order].tolist() == list(range(1, mine.sum() + 1))
-    trajectory = detection.score("loss_trajectory", snaps, x, y, rows)
+    trajectory = detection.score("loss_trajectory", snaps, x, y, rows, direction="high")
     np.testing.assert_allclose(trajectory.arrays["losses"], losses, rtol=1e-6)
     np.testing.assert_allclose(trajectory.scores, losses.mean(0), rtol=1e-6)
     assert trajectory.extra == {"checkpoints": 3, "checkpoint_epochs": "2,4,6"}
@@ -195,7 +195,7 @@ def test_influence_equals_a_direct_solve_and_ranks_the_rest_below():
     snaps = [detection.Snapshot(tiny_mlp(1), 1, 0.1), detection.Snapshot(model, 3, 0.1)]
     rows = np.arange(0, 60, 2)
     result = detection.score("influence", snaps, x, y, rows, influence_candidates=6, hessian_examples=25,
-                             damping=0.5, cg_tol=1e-10, cg_max_iter=500, seed=3)
+                             damping=0.5, cg_tol=1e-10, cg_max_iter=500, seed=3, direction="high")
     hess = detection.hessian_rows(60, 25, 3)
     system = explicit_hessian(model, x[hess], y[hess]) + 0.5 * torch.eye(sum(p.numel() for p in model.parameters()),
                                                                            dtype=torch.float64)
@@ -214,6 +214,19 @@ def test_influence_equals_a_direct_solve_and_ranks_the_rest_below():
     assert np.all(np.diff(result.scores[rest][order]) >= 0)
     assert set(result.extra) == {"candidates_solved", "hessian_examples", "checkpoint_epoch", "cg_iterations_mean",
                                  "cg_iterations_max", "cg_converged", "cg_residual_max"}
+    # direction low (the default): the smallest ‖g‖² are solved, scored by minus their self-influence, the rest below
+    low = detection.score("influence", snaps, x, y, rows, influence_candidates=6, hessian_examples=25,
+                          damping=0.5, cg_tol=1e-10, cg_max_iter=500, seed=3)
+    solved_low = np.flatnonzero(low.arrays["solved"])
+    assert grad_sq[~low.arrays["solved"]].min() >= grad_sq[solved_low].max()
+    for pos in solved_low:
+        g = loop_grad(model, x[rows[pos]], y[rows[pos]])
+        assert low.scores[pos] == pytest.approx(-float(g @ torch.linalg.solve(system, g)), rel=1e-5)
+        assert low.arrays["statistic"][pos] == pytest.approx(-low.scores[pos])
+    rest_low = ~low.arrays["solved"]
+    assert low.scores[rest_low].max() < low.scores[solved_low].min()
+    order = np.argsort(grad_sq[rest_low])
+    assert np.all(np.diff(low.scores[rest_low][order]) <= 0)  # larger gradient, less suspicious
 
 
 def test_fill_unsolved_rule():
@@ -222,6 +235,28 @@ def test_fill_unsolved_rule():
     assert solved.tolist() == [3, 0]
     scores = detection.fill_unsolved(grad_sq, solved, np.array([0.3, 0.5]))
     assert scores.tolist() == [0.5, pytest.approx(0.5 * 0.3 * 1 / 4), pytest.approx(0.5 * 0.3 * 2 / 4), 0.3]
+    low = detection.subset_order(grad_sq, 2, "low")
+    assert low.tolist() == [1, 2]
+    scores = detection.fill_unsolved(grad_sq, low, np.array([0.2, 0.4]), "low")
+    # solved: −exact; unsolved: −2·s_max·‖g‖²/q_max with s_max = 0.4, q_max = 2
+    assert scores.tolist() == [pytest.approx(-2 * 0.4 * 4 / 2), -0.2, -0.4, pytest.approx(-2 * 0.4 * 8 / 2)]
+    degenerate = detection.fill_unsolved(grad_sq, low, np.array([0.0, 0.0]), "low")
+    assert degenerate[[1, 2]].tolist() == [0.0, 0.0] and degenerate[0] > degenerate[3] and degenerate[0] < 0
+
+
+def test_directed_methods_score_minus_the_statistic_by_default():
+    model, (x, y) = tiny_mlp(7), tiny_data(60)
+    snaps = [detection.Snapshot(model, 3, 0.1)]
+    rows = np.arange(60)
+    for method in ("loss", "loss_trajectory", "tracin"):
+        low = detection.score(method, snaps, x, y, rows)
+        high = detection.score(method, snaps, x, y, rows, direction="high")
+        np.testing.assert_array_equal(low.scores, -high.scores)
+        np.testing.assert_array_equal(high.arrays["statistic"], high.scores)
+    spectral = detection.score("spectral", snaps, x, y, rows, direction="high")
+    np.testing.assert_array_equal(spectral.scores, detection.score("spectral", snaps, x, y, rows).scores)
+    with pytest.raises(SpuriousError, match="direction 'up' is not one of low, high"):
+        detection.score("loss", snaps, x, y, rows, direction="up")
 
 
 # ---------------------------------------------------------------- representations
@@ -316,13 +351,14 @@ def test_unsorted_snapshots_and_bad_scope_raise():
 @requires_fashion
 def test_spectral_and_tracin_separate_a_planted_pattern_on_fashion_mnist():
     """100 R3 (noise) images planted into the ~600 of class 0 in a 6,000-image Fashion-MNIST subset, LargeMLP,
-    3 epochs (about 5 s). Measured: spectral 0.73, tracin 0.03, loss 0.03.
+    3 epochs (about 5 s). Measured: spectral 0.73; tracin and loss 0.97 with direction low (the default), 0.03
+    with direction high.
 
-    Spectral signatures find the planted images. TracIn (and the loss) separate them as strongly but the other
-    way round: with a pattern this salient the planted T-shirts are the class's EASIEST images (the pattern
-    makes them confidently class 0, while clean T-shirts are confused with shirts), so their loss and gradient
-    norms are the class's smallest, and "high self-influence = suspicious" ranks them last. The test pins
-    both facts, so a change of either method's direction shows up here.
+    Spectral signatures find the planted images. With a pattern this salient the planted T-shirts are the
+    class's EASIEST images (the pattern makes them confidently class 0, while clean T-shirts are confused with
+    shirts), so their loss and gradient norms are the class's smallest: "low = suspicious" (the default,
+    after Anti-Backdoor Learning) finds them, the sources' "high = suspicious" ranks them last. The test pins
+    both, so a change of either direction shows up here.
     """
     full = datasets.load("fashion", download=False)
     data = datasets.Dataset("fashion", full.x_train[:6000], full.y_train[:6000], full.x_test[:1000],
@@ -340,9 +376,12 @@ def test_spectral_and_tracin_separate_a_planted_pattern_on_fashion_mnist():
     rows = detection.candidate_rows(planted_data.y_train, [0], "class")
     planted = np.isin(rows, planted_data.spurious_idx)
     auroc = {}
-    for method in ("spectral", "tracin", "loss"):
-        result = detection.score(method, snaps, planted_data.x_train, planted_data.y_train, rows)
-        auroc[method] = detection.detection_metrics(result.scores, planted)["auroc"]
+    for method, direction in (("spectral", "low"), ("tracin", "low"), ("loss", "low"), ("tracin", "high"),
+                              ("loss", "high")):
+        result = detection.score(method, snaps, planted_data.x_train, planted_data.y_train, rows,
+                                 direction=direction)
+        auroc[f"{method}_{direction}"] = detection.detection_metrics(result.scores, planted)["auroc"]
     print("Fashion-MNIST r3, n=100, LargeMLP 3 epochs: AUROC", auroc)
-    assert auroc["spectral"] > 0.65, auroc
-    assert auroc["tracin"] < 0.2, f"TracIn should rank the (easy) planted images last here: {auroc}"
+    assert auroc["spectral_low"] > 0.65, auroc
+    assert auroc["tracin_low"] > 0.8 and auroc["loss_low"] > 0.8, auroc
+    assert auroc["tracin_high"] < 0.2, f"TracIn high should rank the (easy) planted images last here: {auroc}"
