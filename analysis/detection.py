@@ -40,12 +40,20 @@ MEAN_SE = {"auroc": "AUROC", "average_precision": "AP", "precision_at_n": "P@n",
 
 def _detect_rows(df: pd.DataFrame) -> pd.DataFrame:
     """Return the finished detect rows of `df` (every finished row of a frame without kinds) that know their
-    n_spurious, as an integer."""
+    n_spurious, as an integer; a directed method's `method` reads with its direction, e.g. "loss (low)"
+    (protocol §12.2: the end of its statistic that was flagged)."""
     done = frames.finished(df)
     done = done[done["kind"] == KIND] if "kind" in done else done
     done = done.assign(**{c: None for c in ("method", "pattern", "n_spurious") if c not in done})
     done = done[pd.to_numeric(done["n_spurious"], errors="coerce").notna()]
+    if "direction" in done:
+        done = done.assign(method=[method_label(m, d) for m, d in zip(done["method"], done["direction"])])
     return done.assign(pattern=done["pattern"].map(_canonical)).astype({"n_spurious": int})
+
+
+def method_label(method, direction) -> str:
+    """Return a method's display name: `loss (high)` for a directed method, the method itself otherwise."""
+    return f"{method} ({direction})" if isinstance(direction, str) and direction else str(method)
 
 
 def _canonical(pattern):
@@ -62,8 +70,10 @@ def _varied(df: pd.DataFrame) -> list[str]:
 
 
 def _method_rank(method) -> tuple[int, str]:
-    """Return the sort key of a method: its place in METHODS, others after them alphabetically."""
-    return (METHODS.index(method) if method in METHODS else len(METHODS), str(method))
+    """Return the sort key of a method (or a directed method's label): its place in METHODS, others after them
+    alphabetically; within a method, "high" before "low"."""
+    base = str(method).split(" (")[0]
+    return (METHODS.index(base) if base in METHODS else len(METHODS), str(method))
 
 
 def _ordered(table: pd.DataFrame) -> pd.DataFrame:
@@ -222,10 +232,14 @@ def detection_figure(df: pd.DataFrame, metric: str = "auroc"):
     panels = _panels(summary, keys[1:-1])
     fig, axes = style.grid(len(panels), width=4.2, height=3.4)
     for ax, (title, part) in zip(axes, panels):
+        colours = {}
         for method in sorted(set(part["method"]), key=_method_rank):
             line = part[part["method"] == method].sort_values("n_spurious")
+            base = str(method).split(" (")[0]  # a method's two directions: one colour, low dashed
+            colour = colours.setdefault(base, f"C{len(colours)}")
             ax.errorbar(line["n_spurious"], line["mean"], yerr=line["se"].astype(float).fillna(0).to_numpy(),
-                        marker="o", capsize=3, label=method)
+                        marker="o", capsize=3, label=method, color=colour,
+                        ls="--" if str(method).endswith("(low)") else "-")
         ax.axhline(0.5, color="grey", lw=0.8, ls="--", label="chance")
         style.n_axis(ax, part["n_spurious"])
         ax.set_ylim(0, 1)

@@ -7,14 +7,13 @@ pattern in it, but not the pattern nor which rows carry it. Each method scores t
 model and the data alone; the planted indices are only the ground truth of `detection_metrics`.
 
 Directions (protocol §12.2). `loss`, `loss_trajectory`, `tracin` and `influence` measure how hard an image is
-for the model, and take a `direction` (DIRECTED): `low` (default) flags the easiest images, `high` the
-hardest. `high` is the convention of the sources, which hunt *mislabelled* examples (Han et al. 2018; Pruthi
-et al. 2020; Koh & Liang 2017). Planted images are correctly labelled and carry an extra feature that is
-easy to learn: backdoor triggers are learnt faster than the clean task, and Anti-Backdoor Learning (Li et al.
-2021) isolates the *lowest*-loss examples. The project made `low` the default after its first measurement
-(Fashion-MNIST, R3, n = 100, LargeMLP: AUROC 0.03 for loss and TracIn with `high`, i.e. 0.97 with `low`);
-`direction=high` gives the sources' convention. `spectral` and `activation_clustering` are outlier scores
-with one direction.
+for the model, and take a `direction` (DIRECTED): `high` (default) flags the hardest images, the convention
+of the sources, which hunt *mislabelled* examples (Han et al. 2018; Pruthi et al. 2020; Koh & Liang 2017);
+`low` flags the easiest, as Anti-Backdoor Learning (Li et al. 2021) isolates backdoored examples, whose
+trigger is learnt faster than the clean task. Neither is right everywhere: a planted image is hard while its
+pattern is not yet learnt and easy once it is. On Fashion-MNIST with R3 (LargeMLP, SGD, 8 epochs) `high`
+found n = 3 planted images (loss AUROC 0.92) and `low` found n = 100 (0.76); `study detect` runs both.
+`spectral` and `activation_clustering` are outlier scores with one direction.
 
 - `loss`: the cross-entropy at the final checkpoint (the small-loss criterion of noisy-label work);
 - `loss_trajectory`: the mean loss over the checkpoints (Jiang et al. 2021's learning-speed proxy);
@@ -83,12 +82,12 @@ class Settings:
     seed: int = 0
     pca_dims: int = 10
     kmeans_restarts: int = 10
-    influence_candidates: int = 100
-    hessian_examples: int = 2000
+    influence_candidates: int = 50
+    hessian_examples: int = 1000
     damping: float = 1.0
     cg_tol: float = influence.DEFAULT_TOL
     cg_max_iter: int = influence.DEFAULT_MAX_ITER
-    direction: str = "low"
+    direction: str = "high"
 
     def __post_init__(self) -> None:
         counts = ("batch_size", "pca_dims", "kmeans_restarts", "influence_candidates", "hessian_examples",
@@ -131,9 +130,9 @@ def candidate_rows(y_train: torch.Tensor, targets: Sequence[int], scope: str) ->
 
 def score(method: str, snapshots: Sequence[Snapshot], x: torch.Tensor, y: torch.Tensor, rows: np.ndarray,
           *, batch_size: int = 500, seed: int = 0, pca_dims: int = 10, kmeans_restarts: int = 10,
-          influence_candidates: int = 100, hessian_examples: int = 2000, damping: float = 1.0,
+          influence_candidates: int = 50, hessian_examples: int = 1000, damping: float = 1.0,
           cg_tol: float = influence.DEFAULT_TOL, cg_max_iter: int = influence.DEFAULT_MAX_ITER,
-          direction: str = "low") -> Scores:
+          direction: str = "high") -> Scores:
     """Return `method`'s suspicion Scores for the training rows `rows` (higher = more suspicious).
 
     x (N, C, H, W): the patterned training set exactly as trained; y (N,): its labels; rows: candidate rows
@@ -141,8 +140,8 @@ def score(method: str, snapshots: Sequence[Snapshot], x: torch.Tensor, y: torch.
     of one checkpoint use it). `batch_size`: examples per forward/gradient pass; `seed`: the k-means
     initialisation and the Hessian subsample; `pca_dims`, `kmeans_restarts`: activation clustering's;
     `influence_candidates`, `hessian_examples`, `damping` (λ), `cg_tol`, `cg_max_iter`: influence's;
-    `direction` (DIRECTED methods only): `low` scores −statistic (the easiest images are suspicious), `high`
-    the statistic itself (module docstring); the statistic is saved as `arrays["statistic"]`. Models
+    `direction` (DIRECTED methods only): `high` scores the statistic itself (the hardest images are suspicious),
+    `low` −statistic (module docstring); the statistic is saved as `arrays["statistic"]`. Models
     are put in eval mode. Raises a one-line SpuriousError for an unknown method, no snapshots, snapshots out
     of epoch order, empty or out-of-range rows, mismatched x and y, or settings out of range.
     """
@@ -495,8 +494,9 @@ def fill_unsolved(grad_sq: np.ndarray, solved: np.ndarray, exact: np.ndarray, di
 
     The λ → ∞ limit ‖g‖²/λ of the self-influence is proportional to ‖g‖², so an unsolved candidate's
     self-influence is extrapolated from the solved one nearest it in ‖g‖², with a margin of 2:
-    - `high` (the largest ‖g‖² were solved): s_j = ½·s_min·‖g_j‖²/q_min, s_min the lowest exact score and q_min
-      the lowest ‖g‖² among the solved, so s_j ∈ [0, ½·s_min], strictly below every exact score when s_min > 0;
+    - `high` (the largest ‖g‖² were solved): s_j = ½·s_min·‖g_j‖²/q_min, s_min the lowest exact score and
+      q_min the lowest ‖g‖² among the solved, so s_j ∈ [0, ½·s_min], strictly below every exact score when
+      s_min > 0;
     - `low` (the smallest ‖g‖² were solved): s_j = 2·s_max·‖g_j‖²/q_max, s_max the highest exact score and
       q_max the highest solved ‖g‖², so s_j ≥ 2·s_max, and its suspicion −s_j lies strictly below.
     If the extrapolation is degenerate (a zero exact score or gradient), the unsolved candidates get the lowest

@@ -34,6 +34,7 @@ class StudySpec:
     kind: str = "train"
     num_samples: int = 1
     checkpoint_every: int = 5
+    keep_checkpoints: int = 2
     expected_time: str = ""
     tuning: dict = field(default_factory=dict)
     seed_policy: str = "replicate"
@@ -43,6 +44,17 @@ class StudySpec:
         object.__setattr__(self, "space", space_lib.normalise(self.space))
         if self.seed_policy not in SEED_POLICIES:
             raise SpuriousError(f"seed_policy {self.seed_policy!r} is not one of {', '.join(SEED_POLICIES)}")
+        if not (isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0):
+            raise SpuriousError(f"checkpoint_every must be an integer >= 0 (epochs; 0 = only the last), got "
+                                f"{self.checkpoint_every!r}")
+        if not (isinstance(self.keep_checkpoints, int) and self.keep_checkpoints >= 0):
+            raise SpuriousError(f"keep_checkpoints must be an integer >= 0 (0 = keep all), got "
+                                f"{self.keep_checkpoints!r}")
+
+    def with_checkpoints(self, every: int | None, keep: int | None) -> "StudySpec":
+        """Return the study with `--checkpoint-every` / `--keep-checkpoints` applied (None: the study's own)."""
+        return replace(self, checkpoint_every=self.checkpoint_every if every is None else every,
+                       keep_checkpoints=self.keep_checkpoints if keep is None else keep)
 
     def with_seed_policy(self, policy: str | None) -> "StudySpec":
         """Return the study with its seed policy replaced (None: unchanged); SpuriousError for an unknown one."""
@@ -115,6 +127,27 @@ def demo() -> StudySpec:
     return StudySpec("demo", _doc(demo), space, smoke={"epochs": 1, "n_spurious": [0, 100], "pattern": "s3",
                                                         "data_seed": 0},
                      checkpoint_every=2, expected_time="~4 min on 2 CPUs")
+
+
+@study("detect-demo")
+def detect_demo() -> StudySpec:
+    """The training half of the detection chain (protocol §12): S3 and R3 on real Fashion-MNIST with LargeMLP,
+    every second epoch's checkpoint kept for the trajectory methods.
+
+    Command: `study run detect-demo --name detect`, then `study detect --from results/detect --method all --yes`
+    and `study report results/detect-detect`. 16 cells, 14 trainings (2 patterns × n ∈ {3, 10, 100} × 2 data
+    seeds, and the n = 0 model of each seed, shared by both patterns), 8 epochs, checkpoints at epochs 2, 4,
+    6 and 8, all kept; the detection step scores the 14 models with 6 methods, the 4 directed ones in both
+    directions (140 trials). About 15 minutes for the chain on 2 CPU cores. Smoke: S3, n ∈ {0, 100}, data
+    seed 0, 2 epochs (one checkpoint, at epoch 2; `--checkpoint-every 1` keeps both).
+    """
+    space = ss.merge({"dataset": "fashion", "model": "large_mlp", "optimizer": "sgd", "lr": 0.01,
+                      "momentum": 0.9, "epochs": 8, "batch_size": 128},
+                     ss.rarity_grid(["s3", "r3"], [0, 3, 10, 100], [0], [0, 1]))
+    return StudySpec("detect-demo", _doc(detect_demo), space,
+                     smoke={"epochs": 2, "n_spurious": [0, 100], "pattern": "s3", "data_seed": 0},
+                     checkpoint_every=2, keep_checkpoints=0,
+                     expected_time="~2 min on 2 CPUs, then ~15 min of `study detect --method all`")
 
 
 @study("paper-mlp")
@@ -323,8 +356,8 @@ def _dedupe(items: list) -> list:
     return out
 
 
-YAML_KEYS = {"name", "description", "space", "smoke", "kind", "num_samples", "checkpoint_every", "expected_time",
-             "base", "tuning", "seed_policy"}
+YAML_KEYS = {"name", "description", "space", "smoke", "kind", "num_samples", "checkpoint_every", "keep_checkpoints",
+             "expected_time", "base", "tuning", "seed_policy"}
 
 
 def _inherited_smoke(base: StudySpec | None, own_space: dict) -> dict:
@@ -357,7 +390,8 @@ def load_yaml(path: str | Path) -> StudySpec:
     return StudySpec(name=str(raw.get("name", Path(path).stem)), description=str(raw.get("description", "")),
                      space=space, smoke=raw.get("smoke") or _inherited_smoke(base, raw.get("space") or {}), kind=kind,
                      num_samples=int(raw.get("num_samples", 1)),
-                     checkpoint_every=int(raw.get("checkpoint_every", base.checkpoint_every if base else 5)),
+                     checkpoint_every=raw.get("checkpoint_every", base.checkpoint_every if base else 5),
+                     keep_checkpoints=raw.get("keep_checkpoints", base.keep_checkpoints if base else 2),
                      expected_time=str(raw.get("expected_time", "")),
                      tuning=dict(raw.get("tuning") or (base.tuning if base else {})),
                      seed_policy=str(raw.get("seed_policy", base.seed_policy if base else "replicate")))

@@ -58,6 +58,8 @@ COMMANDS = (
     Command("mia", "membership-inference attacks on a membership study's target models, or on the original, "
                    "deleted and retrained models of a deletion study of one (protocol §9)",
             "study.mia_cmd:arguments", "study.mia_cmd:handle"),
+    Command("detect", "can the planted examples be found? score a training study's training images for suspicion "
+                      "(protocol §12)", "study.detect_cmd:arguments", "study.detect_cmd:handle"),
     Command("doctor", "check cluster, storage, datasets and W&B before a launch", "study.doctor_cmd:arguments",
             "study.doctor_cmd:handle"),
     Command("bench", "benchmark the engine, bundling, the harness, CLI start-up, W&B and Tune's output",
@@ -103,6 +105,7 @@ def show_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     add_seed_policy(p)
+    add_checkpoint_options(p)
 
 
 def add_seed_policy(p: argparse.ArgumentParser) -> None:
@@ -117,11 +120,28 @@ def run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key; a list makes a grid axis (repeatable)")
     add_seed_policy(p)
+    add_checkpoint_options(p)
     add_run_options(p, smoke_help="run the study's tiny smoke variant")
 
 
+def add_checkpoint_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint-every", type=int, metavar="N",
+                   help="save a checkpoint every N epochs and at the last (0: only the last; default: the study's)")
+    p.add_argument("--keep-checkpoints", type=int, metavar="N",
+                   help="checkpoints kept per trial, the latest N (0: all; default: the study's, 2 for most). A "
+                        "detection study's loss_trajectory and tracin read every kept checkpoint: see `study detect`")
+
+
+def checkpointed(spec, args):
+    """Return `spec` with `--checkpoint-every` / `--keep-checkpoints` applied; UsageError for a negative value."""
+    for flag, value in (("--checkpoint-every", args.checkpoint_every), ("--keep-checkpoints", args.keep_checkpoints)):
+        if value is not None and value < 0:
+            raise UsageError(f"{flag} must be >= 0, got {value}")
+    return spec.with_checkpoints(args.checkpoint_every, args.keep_checkpoints)
+
+
 def resume_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = ("Finish an interrupted study of any kind (run, tune-mitigation, delete, mia) in this or a "
+    p.description = ("Finish an interrupted study of any kind (run, tune-mitigation, delete, mia, detect) in this or a "
                      "fresh shell: data, resources and W&B are set up as study.json records them.")
     p.add_argument("experiment", type=expand_path, help="experiment directory (local path or URI)")
     p.add_argument("--retry-errored", action="store_true", help="also retry errored trials from their checkpoints")
@@ -161,7 +181,7 @@ def cmd_list(args) -> int:
 def cmd_show(args) -> int:
     from study import catalog, space as space_lib
 
-    spec = catalog.get(args.study).with_seed_policy(args.seed_policy)
+    spec = checkpointed(catalog.get(args.study).with_seed_policy(args.seed_policy), args)
     overrides = parse_set(args.set)
     space = spec.resolved(args.smoke, overrides)
     space_lib.check_domains(space)
@@ -180,7 +200,10 @@ def cmd_show(args) -> int:
     print(f"seed policy: {spec.seed_policy} ({SEED_POLICY_TEXT[spec.seed_policy]})"
           + ("; this study sets `seed` itself, which the policy leaves as set" if sets_seed else ""))
     expected = f"  expected: {spec.expected_time}" if spec.expected_time and not args.smoke else ""
-    print(f"checkpoint every {spec.checkpoint_every} epochs{expected}")
+    every = ("at the last epoch" if not spec.checkpoint_every else "every epoch" if spec.checkpoint_every == 1
+             else f"every {spec.checkpoint_every} epochs and at the last")
+    kept = "all kept" if spec.keep_checkpoints == 0 else f"the latest {spec.keep_checkpoints} kept"
+    print(f"checkpoints: {every}, {kept}{expected}")
     return 0
 
 
@@ -193,7 +216,8 @@ def cmd_run(args) -> int:
     from study import catalog, kinds, runner, wandb_setup
 
     options = run_options(args, parse_set(args.set))
-    spec = catalog.get(args.study).with_seed_policy(args.seed_policy)
+    spec = checkpointed(catalog.get(args.study).with_seed_policy(args.seed_policy), args)
+    options.keep_checkpoints = spec.keep_checkpoints
     logging = wandb_setup.Logging.from_flags(args.wandb, args.wandb_project, args.wandb_entity)
     confirm(spec.trial_count(options.smoke, options.overrides), args.yes)
     if spec.kind == "tune-mitigation":

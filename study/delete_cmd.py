@@ -143,7 +143,7 @@ def plan(source: str, method: str, overrides: dict, filters: dict, oracle: str,
     """Return the deletion study for `source` (validated, nothing started) and notes on what was skipped."""
     has_meta = not posthoc.is_uri(source) and (Path(source) / runner.META_FILE).is_file()
     kind = runner.read_meta(source).get("kind") if has_meta else None
-    if kind in ("delete", "mia"):
+    if kind in posthoc.KINDS:
         raise SpuriousError(f"--from {source!r} is a {kind} study; study delete deletes from the models of a training "
                             "study (study run)")
     df = posthoc.apply_filters(posthoc.source_trials(source), filters)

@@ -7,10 +7,11 @@ interrupted one, in any shell). A kind adds only what is its own:
 | kind              | trainable (from study.json)                       | end-of-run print                       |
 |-------------------|---------------------------------------------------|----------------------------------------|
 | `train`           | train_classifier, or train_bundle when bundle > 1 | spurious-score table (finish_training) |
-| `delete`, `mia`   | the post-hoc trainable with its source table      | deletion / attack table (posthoc.py)   |
+| `delete`, `mia`,  | the post-hoc trainable with its source table      | deletion / attack / detection table    |
+| `detect`          |                                                   | (posthoc.py)                           |
 | `tune-mitigation` | Tune experiments baseline, search, confirm        | Pareto set, recommendation, test check |
 
-A new kind (a detection study, say) registers here with the same three parts.
+A new kind registers here with the same three parts.
 """
 from __future__ import annotations
 
@@ -78,6 +79,7 @@ KINDS: Registry[Kind] = Registry("study kind")
 KINDS.register("train", Kind(runner.train_trainable, finish_training))
 KINDS.register("delete", Kind(posthoc.trainable_of, lambda path: posthoc.finish(path, "delete")))
 KINDS.register("mia", Kind(posthoc.trainable_of, lambda path: posthoc.finish(path, "mia")))
+KINDS.register("detect", Kind(posthoc.trainable_of, lambda path: posthoc.finish(path, "detect")))
 KINDS.register("tune-mitigation", Kind(None, lambda path: 0, _resume_tuning))
 
 

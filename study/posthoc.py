@@ -1,8 +1,8 @@
 """Post-hoc studies: Tune studies whose trials consume the checkpoints of an earlier training study
-(`study delete`, `study mia`; the CLI is in delete_cmd.py and mia_cmd.py).
+(`study delete`, `study mia`, `study detect`; the CLI is in delete_cmd.py, mia_cmd.py and detect_cmd.py).
 
 An experiment directory `<storage>/<name>/` is an ordinary Tune experiment, one trial directory per
-post-hoc trial, plus `study.json`: kind `delete` or `mia`, the source experiment, and the table of source
+post-hoc trial, plus `study.json`: kind `delete`, `mia` or `detect`, the source experiment, and the table of source
 checkpoints the trainable reads, which `study resume` uses to rebuild the trainable. The source may be a
 local or shared directory or a URI (s3://, gs://, file://): checkpoints are read through Ray's storage
 layer inside the trials, so a post-hoc study may run on other nodes than the training study did, as long
@@ -22,17 +22,19 @@ import yaml
 from ray import tune
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from analysis import frames, load, posthoc as posthoc_analysis
+from analysis import detection as detection_analysis, frames, load, posthoc as posthoc_analysis
 from spurious import checkpoint, config as config_lib
 from spurious.errors import SpuriousError
 from study import cluster, runner, space as space_lib, wandb_setup
 from study.options import confirm
 from trainables.delete import delete
+from trainables.detect import detect
 from trainables.mia import mia_attack
 
-KINDS = ("delete", "mia")
+KINDS = ("delete", "mia", "detect")
 # kind -> (trainable, the keyword under which it takes its source table)
-TRAINABLES: dict[str, tuple[Callable, str]] = {"delete": (delete, "sources"), "mia": (mia_attack, "targets")}
+TRAINABLES: dict[str, tuple[Callable, str]] = {"delete": (delete, "sources"), "mia": (mia_attack, "targets"),
+                                               "detect": (detect, "sources")}
 TRIAL_FILES = ("params.json", "result.json", "error.txt")
 
 
@@ -262,6 +264,8 @@ def finish(experiment_path: str, kind: str) -> int:
             print(f"not converged: {len(bad)} group-influence trial(s) stopped at cg_max_iter before cg_tol "
                   f"(cg_residual up to {bad['cg_residual'].max():.3g}); their update is a partial solve, see "
                   "ihvp_residual: " + ", ".join(map(str, bad["trial_id"])))
+    elif kind == "detect":
+        print(detection_analysis.detection_text(df))
     elif meta.get("deletion"):
         print(posthoc_analysis.mia_deletion_table(df))
     else:

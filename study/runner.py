@@ -163,7 +163,7 @@ def run_config(options: RunOptions, name: str, callbacks: list | None = None,
         callbacks=[*(callbacks or []), *tune_loggers()],
         verbose=options.verbose,
         failure_config=tune.FailureConfig(max_failures=options.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=options.keep_checkpoints))
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=options.keep_checkpoints or None))  # 0: keep all
 
 
 def default_name(spec: StudySpec, smoke: bool) -> str:

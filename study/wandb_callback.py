@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ray.tune.logger import LoggerCallback
 
+from spurious import config as config_lib
 from study import wandb_runs
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 SKIPPED_KEYS = ("done", "should_checkpoint", "config")
 # Tune's bookkeeping: to the run's config, not its history (as Ray's callback does).
 CONFIG_KEYS = ("trial_id", "experiment_tag", "node_ip", "experiment_id", "hostname", "pid", "date")
+CONFIG_FIELDS = frozenset(config_lib.field_names())  # a training config's keys
 _STOP = object()
 
 
@@ -46,15 +48,17 @@ def _excluded(key: str, excludes: Sequence[str]) -> bool:
     return any(key == name or key.startswith(name + "/") for name in excludes)
 
 
-def split_result(result: Mapping[str, Any], excludes: Sequence[str] = ()) -> tuple[dict, dict]:
-    """Return (history row, config update) of a Tune result: nested dicts flattened with "/", the `excludes`
-    and SKIPPED_KEYS dropped, Tune's bookkeeping (CONFIG_KEYS) to the config, and of the rest numbers only."""
+def split_result(result: Mapping[str, Any], excludes: Sequence[str] = (),
+                 to_config: Sequence[str] = ()) -> tuple[dict, dict]:
+    """Return (history row, config update) of a Tune result: nested dicts flattened with "/", Tune's
+    bookkeeping (CONFIG_KEYS) and the `to_config` keys to the config, the `excludes` and SKIPPED_KEYS dropped,
+    and of the rest numbers only."""
     row, config = {}, {}
     for key, value in _flatten(result).items():
-        if _excluded(key, (*SKIPPED_KEYS, *excludes)):
-            continue
-        if key in CONFIG_KEYS:
+        if key in CONFIG_KEYS or key in to_config:
             config[key] = value
+        elif _excluded(key, (*SKIPPED_KEYS, *excludes)):
+            continue
         elif isinstance(value, Number):
             row[key] = value
     return row, config
@@ -71,6 +75,9 @@ class TrialRuns(LoggerCallback):
     """
 
     def __init__(self, init: Mapping[str, Any], excludes: Sequence[str] = (), finish_timeout: float = 1800):
+        """`excludes`: result keys left out of the history (the training config every result carries); those a
+        trial's own config lacks (a post-hoc trial reports its source model's config) go to its run's config,
+        so W&B can filter and group post-hoc runs by pattern, n_spurious, seeds."""
         self.init = dict(init)
         self.excludes = tuple(excludes)
         self.finish_timeout = finish_timeout
@@ -80,6 +87,7 @@ class TrialRuns(LoggerCallback):
         self._open: set[str] = set()  # the driver's view: trials whose run is open
         self._replay: set[str] = set()  # restarted trials whose earlier results go to their new run first
         self._runs: dict[str, Any] = {}  # trial id -> wandb Run, touched by the worker thread only
+        self._to_config: dict[str, tuple[str, ...]] = {}  # trial id -> excluded result keys its config lacks
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
 
@@ -118,8 +126,8 @@ class TrialRuns(LoggerCallback):
         if trial.trial_id in self._replay:
             self._replay.discard(trial.trial_id)
             for old in wandb_runs.earlier_results(trial, result.get("training_iteration", iteration)):
-                self._log(trial.trial_id, old)
-        self._log(trial.trial_id, result)
+                self._log(trial, old)
+        self._log(trial, result)
 
     def log_trial_end(self, trial, failed: bool = False) -> None:
         if trial.trial_id in self._open:
@@ -140,9 +148,12 @@ class TrialRuns(LoggerCallback):
             log.warning("W&B: runs still not finished after %g s; leaving them", self.finish_timeout)
         self._worker = None
 
-    def _log(self, trial_id: str, result: Mapping[str, Any]) -> None:
-        row, config = split_result(result, self.excludes)
-        self._submit(self._write, trial_id, row, config)
+    def _log(self, trial, result: Mapping[str, Any]) -> None:
+        if trial.trial_id not in self._to_config:
+            own = wandb_runs.flat_config(trial.config, trial.trainable_name)
+            self._to_config[trial.trial_id] = tuple(k for k in self.excludes if k not in own and k in CONFIG_FIELDS)
+        row, config = split_result(result, self.excludes, self._to_config[trial.trial_id])
+        self._submit(self._write, trial.trial_id, row, config)
 
     def _submit(self, job: Callable, *args) -> None:
         if self._worker is None:

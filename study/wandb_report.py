@@ -6,8 +6,9 @@ only `save` talks to W&B. The report holds, for a training study, one panel grid
 experiment's W&B group, that pattern) grouped by the cell keys that vary (n_spurious, and e.g. l2 or model),
 so each bar is one cell's final spurious score or test accuracy, mean ± s.e. over its seeds, and each line
 a cell's per-epoch curve, mean ± s.e.; for a tune-mitigation study a Pareto panel (validation accuracy
-against validation spurious score, one point per run); then the local report's summary.md (the tables,
-claims and provenance).
+against validation spurious score, one point per run); for a detection study one grid per pattern, a bar
+per method and n of the AUROC and average precision, mean ± s.e. over seeds (protocol §12); then the local
+report's summary.md (the tables, claims and provenance).
 
 W&B line plots chart logged history against a logged step, and n_spurious is a config key, not a history
 key: the "against n" view is therefore the bar panel (one bar per n), the line panels run over epochs.
@@ -115,6 +116,20 @@ def pareto_grid(wr, experiment: str, entity: str, project: str):
     return wr.PanelGrid(runsets=[runset(wr, experiment, entity, project, experiment)], panels=[scatter])
 
 
+DETECTION_METRICS = ("auroc", "average_precision")
+DETECTION_NOTE = ("Each bar is one detection method at one n: the AUROC or average precision of its suspicion scores, "
+                  "planted against the other candidate training images, mean ± s.e. over seeds (protocol §12). The "
+                  "n = 0 controls have nothing planted, hence no bar; their top scores are in the tables below.")
+
+
+def detection_grid(wr, experiment: str, entity: str, project: str, pattern: str):
+    """Return a detection study's panel grid of one pattern: per metric a bar per (method, n)."""
+    panels = [wr.BarPlot(title=f"{metric} by method, n_spurious (mean ± s.e. over seeds)", metrics=[metric],
+                         orientation="v", layout=wr.Layout(**PANEL), **AGGREGATE) for metric in DETECTION_METRICS]
+    return wr.PanelGrid(runsets=[runset(wr, experiment, entity, project, f"{experiment}: {short_name(pattern)}",
+                                        pattern, ["method", "n_spurious"])], panels=panels)
+
+
 def build(meta: Mapping[str, Any], frame: pd.DataFrame, experiment: str, entity: str, summary_md: str = ""):
     """Return the W&B Report (not saved) of one experiment: its study.json `meta` (W&B project and kind), its
     `analysis.load` frame, its name (the W&B group of its runs), the W&B entity and the local summary.md."""
@@ -126,6 +141,12 @@ def build(meta: Mapping[str, Any], frame: pd.DataFrame, experiment: str, entity:
     if kind == "tune-mitigation":
         blocks += [wr.H2("Pareto: validation accuracy against validation spurious score"),
                    pareto_grid(wr, experiment, entity, project)]
+    elif kind == "detect" and "pattern" in frame and not frame.empty:
+        blocks.append(wr.MarkdownBlock(text=DETECTION_NOTE))
+        planted = frame[pd.to_numeric(frame["n_spurious"], errors="coerce") > 0]
+        for pattern in patterns(planted):
+            blocks += [wr.H2(f"Detection of pattern {short_name(pattern)} ({pattern})"),
+                       detection_grid(wr, experiment, entity, project, pattern)]
     elif "pattern" in training and not training.empty:
         keys = group_keys(training)
         blocks.append(wr.MarkdownBlock(

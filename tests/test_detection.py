@@ -214,9 +214,9 @@ def test_influence_equals_a_direct_solve_and_ranks_the_rest_below():
     assert np.all(np.diff(result.scores[rest][order]) >= 0)
     assert set(result.extra) == {"candidates_solved", "hessian_examples", "checkpoint_epoch", "cg_iterations_mean",
                                  "cg_iterations_max", "cg_converged", "cg_residual_max"}
-    # direction low (the default): the smallest ‖g‖² are solved, scored by minus their self-influence, the rest below
+    # direction low: the smallest ‖g‖² are solved, scored by minus their self-influence, the rest below
     low = detection.score("influence", snaps, x, y, rows, influence_candidates=6, hessian_examples=25,
-                          damping=0.5, cg_tol=1e-10, cg_max_iter=500, seed=3)
+                          damping=0.5, cg_tol=1e-10, cg_max_iter=500, seed=3, direction="low")
     solved_low = np.flatnonzero(low.arrays["solved"])
     assert grad_sq[~low.arrays["solved"]].min() >= grad_sq[solved_low].max()
     for pos in solved_low:
@@ -244,16 +244,16 @@ def test_fill_unsolved_rule():
     assert degenerate[[1, 2]].tolist() == [0.0, 0.0] and degenerate[0] > degenerate[3] and degenerate[0] < 0
 
 
-def test_directed_methods_score_minus_the_statistic_by_default():
+def test_directed_methods_score_the_statistic_by_default_and_minus_it_with_direction_low():
     model, (x, y) = tiny_mlp(7), tiny_data(60)
     snaps = [detection.Snapshot(model, 3, 0.1)]
     rows = np.arange(60)
     for method in ("loss", "loss_trajectory", "tracin"):
-        low = detection.score(method, snaps, x, y, rows)
-        high = detection.score(method, snaps, x, y, rows, direction="high")
+        low = detection.score(method, snaps, x, y, rows, direction="low")
+        high = detection.score(method, snaps, x, y, rows)
         np.testing.assert_array_equal(low.scores, -high.scores)
         np.testing.assert_array_equal(high.arrays["statistic"], high.scores)
-    spectral = detection.score("spectral", snaps, x, y, rows, direction="high")
+    spectral = detection.score("spectral", snaps, x, y, rows, direction="low")
     np.testing.assert_array_equal(spectral.scores, detection.score("spectral", snaps, x, y, rows).scores)
     with pytest.raises(SpuriousError, match="direction 'up' is not one of low, high"):
         detection.score("loss", snaps, x, y, rows, direction="up")
@@ -351,13 +351,13 @@ def test_unsorted_snapshots_and_bad_scope_raise():
 @requires_fashion
 def test_spectral_and_tracin_separate_a_planted_pattern_on_fashion_mnist():
     """100 R3 (noise) images planted into the ~600 of class 0 in a 6,000-image Fashion-MNIST subset, LargeMLP,
-    3 epochs (about 5 s). Measured: spectral 0.73; tracin and loss 0.97 with direction low (the default), 0.03
-    with direction high.
+    3 epochs (about 5 s). Measured: spectral 0.73; tracin and loss 0.97 with direction low, 0.03 with direction
+    high (the default).
 
     Spectral signatures find the planted images. With a pattern this salient the planted T-shirts are the
     class's EASIEST images (the pattern makes them confidently class 0, while clean T-shirts are confused with
-    shirts), so their loss and gradient norms are the class's smallest: "low = suspicious" (the default,
-    after Anti-Backdoor Learning) finds them, the sources' "high = suspicious" ranks them last. The test pins
+    shirts), so their loss and gradient norms are the class's smallest: "low = suspicious" (after
+    Anti-Backdoor Learning) finds them, the sources' "high = suspicious" ranks them last. The test pins
     both, so a change of either direction shows up here.
     """
     full = datasets.load("fashion", download=False)

@@ -260,3 +260,19 @@ def test_study_report_on_a_training_study_and_its_detect_study(tmp_path):
     assert len(pd.read_csv(out / "trials.csv")) == 8 + 14
     pngs = {p.name for p in (out / "figures").glob("*.png")}
     assert {"spurious_score_vs_n.png", "detection_auroc.png"} <= pngs
+
+
+def test_directed_methods_read_with_their_direction_in_tables_and_figure():
+    rows = [row("loss", "r3", n, s, auroc, direction=d) for n in (3, 100) for s in (0, 1)
+            for d, auroc in (("high", 0.9 if n == 3 else 0.2), ("low", 0.1 if n == 3 else 0.8))]
+    rows += [row("spectral", "r3", n, s, 0.5, direction="") for n in (3, 100) for s in (0, 1)]
+    frame = pd.DataFrame(rows)
+    table = detection.detection_table(frame)
+    assert list(dict.fromkeys(table["method"])) == ["loss (high)", "loss (low)", "spectral"]
+    cells = table.set_index(["method", "n_spurious"])["auroc_mean"]
+    assert cells[("loss (high)", 3)] == pytest.approx(0.9) and cells[("loss (low)", 100)] == pytest.approx(0.8)
+    fig = detection.detection_figure(frame)
+    curves = {c.get_label(): c.lines[0] for c in fig.axes[0].containers if isinstance(c, ErrorbarContainer)}
+    assert list(curves) == ["loss (high)", "loss (low)", "spectral"]
+    assert curves["loss (high)"].get_color() == curves["loss (low)"].get_color() != curves["spectral"].get_color()
+    assert curves["loss (high)"].get_linestyle() == "-" and curves["loss (low)"].get_linestyle() == "--"

@@ -43,9 +43,9 @@ def protocol_sections() -> set[str]:
     return {a or b for a, b in HEADING.findall(PROTOCOL.read_text(encoding="utf-8"))}
 
 
-def test_protocol_has_the_eleven_sections():
+def test_protocol_has_the_twelve_sections():
     sections = protocol_sections()
-    assert {str(n) for n in range(1, 12)} <= sections
+    assert {str(n) for n in range(1, 13)} <= sections
     assert all(s.split(".")[0] in sections for s in sections)
 
 

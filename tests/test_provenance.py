@@ -258,6 +258,26 @@ def test_wandb_report_structure_of_a_training_study():
             assert (config.group_agg, config.group_area, config.aggregate) == ("mean", "stderr", True)
 
 
+def test_wandb_report_of_a_detection_study_has_bars_per_method_and_n():
+    wr = pytest.importorskip("wandb_workspaces.reports.v2")
+    import pandas as pd
+
+    from study import wandb_report
+
+    meta = {"study": "detect", "kind": "detect", "wandb": {"mode": "online", "project": "p", "entity": "t"}}
+    frame = pd.DataFrame({"kind": ["detect"] * 3, "method": ["loss", "tracin", "loss"], "n_spurious": [3, 3, 0],
+                          "pattern": ["r3", "r3", "s3"], "trial_id": ["a", "b", "c"]})
+    report = wandb_report.build(meta, frame, "src-detect", "t", "TABLES")
+    headings = [b.text for b in report.blocks if isinstance(b, wr.H2)]
+    assert headings == ["Detection of pattern R3 (uniform_noise_1.0)", "Summary tables"]  # no grid for n = 0 only
+    (grid,) = grids(report)
+    (runset,) = grid.runsets
+    assert runset.groupby == ["config.method", "config.n_spurious"]
+    assert filters(runset) == {("run", "group"): "src-detect", ("run", "jobType"): "train",
+                               ("config", "pattern"): ["uniform_noise_1.0", "r3", "v20"]}
+    assert [p.metrics for p in grid.panels] == [["auroc"], ["average_precision"]]
+
+
 def test_wandb_report_of_a_tuning_study_has_a_pareto_panel():
     wr = pytest.importorskip("wandb_workspaces.reports.v2")
     import pandas as pd

@@ -58,6 +58,9 @@ WALK: dict[str, list[str]] = {
     "study delete --from results/rare --method incremental_retraining --set lr_policy=reset": ["--smoke"],
     "study delete --from results/rare --method group_influence --filter n_spurious=10": ["--smoke"],
     "study report results/rare results/rare-delete-retrain --out reports/rare": [],
+    "study run detect-demo --name detect": ["--smoke"],
+    "study detect --from results/detect --method all --yes": ["--smoke"],
+    "study report results/detect-detect": [],
     "study run mia-train --name mia": ["--smoke"],
     "study mia --from results/mia": ["--smoke"],
     "study delete --from results/mia --method retrain": ["--smoke"],
@@ -261,6 +264,24 @@ def test_deletion_studies(shell):
                              cwd=shell.cwd, env=shell.env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                              timeout=300)  # a post-hoc study resumes in a fresh shell too (not a README line)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+
+def test_detection_chain(shell):
+    done = shell.run("study run detect-demo --name detect")
+    assert "2 cells, 2 trainings" in done.stdout
+    done = shell.run("study detect --from results/detect --method all --yes")
+    assert "detect: 20 trials" in done.stdout and "AUROC" in done.stdout
+    exp = shell.cwd / "results" / "detect-detect"
+    meta = json.loads((exp / "study.json").read_text())
+    assert meta["kind"] == "detect" and meta["methods"] == ["loss", "loss_trajectory", "tracin", "spectral",
+                                                            "activation_clustering", "influence"]
+    assert meta["wandb"]["mode"] == "offline" and len(wandb_runs(exp)) == 20
+    df = load(exp)
+    assert (df["status"] == "TERMINATED").all() and df[df["n_spurious"] > 0]["auroc"].between(0, 1).all()
+    shell.run("study report results/detect-detect")
+    report = exp / "report"  # the default --out
+    assert (report / "figures" / "detection_auroc.png").exists(), sorted(p.name for p in report.iterdir())
+    assert "Detection" in (report / "summary.md").read_text()
 
 
 def test_membership_inference(shell):

@@ -95,6 +95,9 @@ def test_a_result_splits_into_history_numbers_and_tunes_bookkeeping_for_the_conf
     row, config = split_result(result, excludes=["pattern", "indicators"])
     assert row == {"epoch": 2, "spurious_score": 0.5, "nested/a": 1, "flag": True}
     assert config == {"trial_id": "abcde_00001", "date": "2026-11-30", "hostname": "vm"}
+    # a post-hoc trial reports its source model's config: those keys go to its run's config instead
+    row, config = split_result(result, excludes=["pattern", "indicators"], to_config=["pattern"])
+    assert "pattern" not in row and config["pattern"] == "s3"
 
 
 class FakeTrial:
