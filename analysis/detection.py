@@ -19,7 +19,9 @@ import math
 import textwrap
 from typing import Sequence
 
+import numpy as np
 import pandas as pd
+from scipy import stats as scipy_stats
 
 from analysis import frames, stats, style
 from spurious import patterns
@@ -99,22 +101,58 @@ def detection_table(df: pd.DataFrame, compact: bool = False) -> pd.DataFrame:
     done = _detect_rows(df)
     done = done[done["n_spurious"] > 0]
     keys = ["method", *_varied(done), "pattern", "n_spurious"]
-    columns = ["replicates", *(f"{m}_{s}" for m in MEAN_SE for s in ("mean", "se")), "worst_planted_rank_median",
+    columns = ["replicates", *(f"{m}_{s}" for m in MEAN_SE for s in ("mean", "se")), "average_precision_chance",
+               "auroc_p", "auroc_p_holm", "auroc_mark_suppressed", "worst_planted_rank_median",
                "planted_score_median_mean", "source_spurious_score_mean"]
     if done.empty:
         return pd.DataFrame(columns=keys + columns)
     done = done.assign(**{c: math.nan for c in ("worst_planted_rank", "planted_score_median", "source_spurious_score",
-                                             *MEAN_SE) if c not in done})
+                                             "n_planted", "n_candidates", *MEAN_SE) if c not in done})
+    done = done.assign(average_precision_chance=done["n_planted"].astype(float) / done["n_candidates"].astype(float))
     grouped = done.groupby(keys, dropna=False, sort=True)
     out = grouped.size().rename("replicates").reset_index()
     for metric in MEAN_SE:
         stat = stats.mean_se(done, keys, metric)
         out[f"{metric}_mean"], out[f"{metric}_se"] = stat["mean"].to_numpy(), stat["se"].to_numpy()
     for column, how in (("worst_planted_rank", "median"), ("planted_score_median", "mean"),
-                        ("source_spurious_score", "mean")):
-        out[f"{column}_{how}"] = grouped[column].agg(lambda v: v.astype(float).agg(how)).to_numpy()
+                        ("source_spurious_score", "mean"), ("average_precision_chance", "mean")):
+        name = column if column == "average_precision_chance" else f"{column}_{how}"
+        out[name] = grouped[column].agg(lambda v: v.astype(float).agg(how)).to_numpy()
+    aurocs = [part["auroc"].astype(float).dropna().to_numpy() for _, part in grouped]
+    out["auroc_p"] = [auroc_above_chance_p(v) for v in aurocs]
+    out["auroc_p_holm"] = stats.holm(out["auroc_p"].to_numpy())
+    out["auroc_mark_suppressed"] = [_suppression(v) for v in aurocs]
     out = _ordered(out[keys + columns])
     return _compact_detection(out, keys) if compact else out
+
+
+AUROC_TEST = ("one-sided one-sample t-test of the per-replicate AUROCs against 0.5 (chance), Holm-adjusted over "
+              "the table's rows")
+
+
+def auroc_above_chance_p(aurocs: Sequence[float] | np.ndarray) -> float:
+    """Return the p-value of AUROC_TEST before adjustment: the one-sided one-sample t-test that the mean of the
+    per-replicate AUROCs exceeds 0.5 (NaN with fewer than two values or no variance)."""
+    values = np.asarray(aurocs, dtype=float)
+    if len(values) < 2 or np.var(values) == 0:
+        return math.nan
+    return float(scipy_stats.ttest_1samp(values, 0.5, alternative="greater").pvalue)
+
+
+def _suppression(aurocs: np.ndarray) -> str:
+    """Return why a row's AUROC mark is not shown ("" when it is): fewer than stats.MIN_REPLICATES source models
+    (each detect trial of a row scores its own model), or no variance over them (protocol §4.3's rule)."""
+    if len(aurocs) < stats.MIN_REPLICATES:
+        return f"{len(aurocs)} source model{'s' * (len(aurocs) != 1)} < {stats.MIN_REPLICATES}"
+    if np.var(aurocs) == 0:
+        return "zero variance over replicates"
+    return ""
+
+
+def _mark(p_holm: float, suppressed: str) -> str:
+    if suppressed:
+        return "†"
+    return "*" if isinstance(p_holm, float) and p_holm < 0.05 else ""
 
 
 def _compact_detection(table: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
@@ -122,17 +160,31 @@ def _compact_detection(table: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame
     P@n, P@1% as means, to two decimals (so a row of the six methods' names fits 100 columns)."""
     out = table[list(keys)].rename(columns={"n_spurious": "n"})
     out["reps"] = table["replicates"]
-    for metric in ("auroc", "average_precision"):
-        out[MEAN_SE[metric]] = [stats.cell(m, s, 2) for m, s in zip(table[f"{metric}_mean"], table[f"{metric}_se"])]
+    out["AUROC"] = [stats.cell(m, s, 2) + _mark(p, why) for m, s, p, why in
+                    zip(table["auroc_mean"], table["auroc_se"], table["auroc_p_holm"], table["auroc_mark_suppressed"])]
+    out["AP"] = [_significant(m) for m in table["average_precision_mean"]]
+    out["AP/ch."] = [_number(m / c, 1) if c else "-" for m, c in
+                     zip(table["average_precision_mean"], table["average_precision_chance"])]
     for metric in ("precision_at_n", "precision_at_1pct"):
         out[MEAN_SE[metric]] = [_number(v, 2) for v in table[f"{metric}_mean"]]
-    out["worst rank"] = ["-" if pd.isna(v) else f"{v:g}" for v in table["worst_planted_rank_median"]]
+    out["worst"] = ["-" if pd.isna(v) else f"{v:g}" for v in table["worst_planted_rank_median"]]
     out["spur."] = [_number(v, 2) for v in table["source_spurious_score_mean"]]
     return out.set_index([k if k != "n_spurious" else "n" for k in keys])
 
 
 def _number(value, digits: int) -> str:
     return "-" if pd.isna(value) else f"{value:.{digits}f}"
+
+
+def _g3(value: float) -> str:
+    """Return `value` to three significant digits (scores of different methods differ in scale by orders of
+    magnitude)."""
+    return "-" if pd.isna(value) else f"{value:.3g}"
+
+
+def _significant(mean: float) -> str:
+    """Return `mean` to two significant digits (AP near its chance level n/N is small)."""
+    return "-" if pd.isna(mean) else f"{mean:.2g}"
 
 
 def _controls(done: pd.DataFrame) -> pd.DataFrame:
@@ -147,22 +199,22 @@ def _controls(done: pd.DataFrame) -> pd.DataFrame:
 
 def control_table(df: pd.DataFrame, compact: bool = False) -> pd.DataFrame:
     """Return the n = 0 controls (models trained without planted examples) per method × varied factor × pattern
-    (the paper's label; an n = 0 model counts for each pattern of its `control_patterns`), next to the planted
-    trials of the same method, factors and pattern: do planted images score above a clean model's most
-    suspicious images?
+    (the paper's label; an n = 0 model counts for each pattern of its `control_patterns`), next to the models
+    with planted examples of the same method, factors and pattern: does a model with planted images have
+    more extreme top scores than a clean one? (The same statistics of the same method on models of the same
+    recipe, so the two sides share a scale; raw scores of different methods do not.)
 
     Columns: the keys; controls (finished n = 0 trials); score_top1_mean / _se and score_at_1pct_mean / _se
     (mean ± s.e. over the controls of the highest score and of the k_1pct-th highest score: the false-positive
-    reference); planted_trials (finished trials with n > 0, every n pooled); planted_score_median_median (the
-    median over those trials of each trial's median planted-image score); share_planted_median_above_top1 (the
-    share of those trials whose median planted-image score exceeds score_top1_mean). `compact`: the keys as the
-    index and text cells, rounded, for printing (`detection_text`).
+    reference); planted_trials (finished trials with n > 0, every n pooled) and planted_top1_mean /
+    planted_at_1pct_mean (the same two statistics, mean over those trials). `compact`: the keys as the index
+    and text cells, rounded, for printing (`detection_text`).
     """
     done = _detect_rows(df)
     controls, planted = _controls(done), done[done["n_spurious"] > 0]
     keys = ["method", *_varied(pd.concat([controls, planted])), "pattern"]
     columns = ["controls", "score_top1_mean", "score_top1_se", "score_at_1pct_mean", "score_at_1pct_se",
-               "planted_trials", "planted_score_median_median", "share_planted_median_above_top1"]
+               "planted_trials", "planted_top1_mean", "planted_at_1pct_mean"]
     if controls.empty:
         return pd.DataFrame(columns=keys + columns)
     controls = controls.assign(**{c: math.nan for c in ("score_top1", "score_at_1pct") if c not in controls})
@@ -170,14 +222,13 @@ def control_table(df: pd.DataFrame, compact: bool = False) -> pd.DataFrame:
     for metric in ("score_top1", "score_at_1pct"):
         stat = stats.mean_se(controls, keys, metric)
         out[f"{metric}_mean"], out[f"{metric}_se"] = stat["mean"].to_numpy(), stat["se"].to_numpy()
-    planted = planted.assign(planted_score_median=planted.get("planted_score_median", math.nan))
-    out = out.merge(planted[keys + ["planted_score_median"]], on=keys, how="left")
-    out["above"] = out["planted_score_median"].astype(float) > out["score_top1_mean"]
-    known = out["planted_score_median"].notna()
-    out = out.assign(above=out["above"].astype(float).where(known), scored=known)
-    grouped = out.groupby(keys + columns[:5], dropna=False, sort=True)
-    out = grouped.agg(planted_trials=("scored", "sum"), planted_score_median_median=("planted_score_median", "median"),
-                      share_planted_median_above_top1=("above", "mean")).reset_index()
+    planted = planted.assign(**{c: planted.get(c, math.nan) for c in ("score_top1", "score_at_1pct")})
+    side = (planted.groupby(keys, dropna=False, sort=True)
+            .agg(planted_trials=("score_top1", "size"), planted_top1_mean=("score_top1", "mean"),
+                 planted_at_1pct_mean=("score_at_1pct", "mean")).reset_index()
+            if not planted.empty else pd.DataFrame(columns=[*keys, *columns[5:]]))
+    out = out.merge(side, on=keys, how="left")
+    out["planted_trials"] = out["planted_trials"].fillna(0)
     out = _ordered(out[keys + columns].astype({"planted_trials": int}))
     return _compact_controls(out, keys) if compact else out
 
@@ -186,11 +237,11 @@ def _compact_controls(table: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     """Return the printable form of a `control_table`: keys as the index, short headers, two decimals."""
     out = table[list(keys)].copy()
     out["controls"] = table["controls"]
-    out["top-1"] = [stats.cell(m, s, 2) for m, s in zip(table["score_top1_mean"], table["score_top1_se"])]
-    out["top 1%"] = [stats.cell(m, s, 2) for m, s in zip(table["score_at_1pct_mean"], table["score_at_1pct_se"])]
+    out["top-1"] = [_g3(m) for m in table["score_top1_mean"]]
+    out["top 1%"] = [_g3(m) for m in table["score_at_1pct_mean"]]
     out["trials"] = table["planted_trials"]
-    out["planted"] = [_number(v, 2) for v in table["planted_score_median_median"]]
-    out["above"] = [_number(v, 2) for v in table["share_planted_median_above_top1"]]
+    out["their top-1"] = [_g3(v) for v in table["planted_top1_mean"]]
+    out["their top 1%"] = [_g3(v) for v in table["planted_at_1pct_mean"]]
     return out.set_index(list(keys))
 
 
@@ -203,16 +254,23 @@ def detection_text(df: pd.DataFrame, width: int = 100) -> str:
         _captioned(controls, CONTROL_CAPTION, "(no finished n = 0 control trials)", width)])
 
 
-PLANTED_CAPTION = ("Finding the planted images (n > 0), over the replicates (source models, reps) of each row: AUROC "
-                   "and AP (average precision) of the planted images among the candidates, mean ± s.e.; mean "
-                   "precision among the n highest scores (P@n) and among the top 1 % of candidates (P@1%); worst "
-                   "rank: median number of images to inspect from the top to find every planted one; spur.: mean "
-                   "spurious score of the source models.")
-CONTROL_CAPTION = ("Clean models (n = 0 controls), the false-positive reference: mean ± s.e. over the controls of the "
-                   "highest score (top-1) and of the score at the top 1 %. Next to them, the trials with n > 0 of the "
-                   "same method and pattern (every n): their count (trials), the median of their median "
-                   "planted-image score (planted) and the share of them whose median planted-image score exceeds "
-                   "the mean clean top-1 score (above).")
+PLANTED_CAPTION = (
+    "Finding the planted images (n > 0), over the replicates (source models, reps) of each row: AUROC of the "
+    "planted images among the candidates, mean ± s.e. (* p < 0.05: " + AUROC_TEST + "; † mark not shown: fewer "
+    "than 3 source models); AP: mean average precision, and AP/ch.: its ratio to chance, n / candidates; the "
+    "means over the row of the precision among the n highest scores (P@n = R@n, recall at n) and among the top "
+    "1 % (P@1%); worst: median number of images to inspect from the top to find every planted one; spur.: "
+    "mean spurious score of the source models. (high)/(low): the end of the method's statistic flagged; for "
+    "loss, loss_trajectory and tracin the two rank the same values from either end, so AUROC(low) = 1 − "
+    "AUROC(high) and only AP, P@n, P@1% and ranks add information. influence solves only the "
+    "influence_candidates (50) at its end of the gradient norm and ranks the rest by the gradient norm, so over "
+    "all candidates its metrics are mostly the gradient norm's (protocol §12.2).")
+CONTROL_CAPTION = (
+    "Clean models (n = 0 controls), the false-positive reference: mean over the controls (s.e. in the report's "
+    "detection_controls.csv) of the highest "
+    "score (top-1) and of the score at the top 1 %; beside them the same two statistics, mean over the models "
+    "with planted images of the same method and pattern (trials, every n: their top-1, their top 1%): do "
+    "planted models show more extreme top scores than clean ones?")
 
 
 def _captioned(table: pd.DataFrame, caption: str, empty: str, width: int) -> str:
@@ -247,6 +305,7 @@ def detection_figure(df: pd.DataFrame, metric: str = "auroc"):
     axes[0].set_ylabel(style.label(metric))
     if panels:
         axes[0].legend(fontsize=style.LEGEND_SIZE)
+        fig.suptitle("mean ± s.e. over source models (seeds); a method's direction low dashed", fontsize=style.TITLE_SIZE)
     return fig
 
 

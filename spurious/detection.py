@@ -12,7 +12,8 @@ of the sources, which hunt *mislabelled* examples (Han et al. 2018; Pruthi et al
 `low` flags the easiest, as Anti-Backdoor Learning (Li et al. 2021) isolates backdoored examples, whose
 trigger is learnt faster than the clean task. Neither is right everywhere: a planted image is hard while its
 pattern is not yet learnt and easy once it is. On Fashion-MNIST with R3 (LargeMLP, SGD, 8 epochs) `high`
-found n = 3 planted images (loss AUROC 0.92) and `low` found n = 100 (0.76); `study detect` runs both.
+ranked n = 3 planted images above most of their class (loss AUROC 0.92) and `low` ranked n = 100 so (0.76);
+`study detect` runs both. For one statistic, AUROC(low) = 1 − AUROC(high).
 `spectral` and `activation_clustering` are outlier scores with one direction.
 
 - `loss`: the cross-entropy at the final checkpoint (the small-loss criterion of noisy-label work);

@@ -131,21 +131,22 @@ def demo() -> StudySpec:
 
 @study("detect-demo")
 def detect_demo() -> StudySpec:
-    """The training half of the detection chain (protocol §12): S3 and R3 on real Fashion-MNIST with LargeMLP,
-    every second epoch's checkpoint kept for the trajectory methods.
+    """The training half of the detection chain (protocol §12), checkpoints kept for `study detect`.
+
+    S3 and R3 on real Fashion-MNIST with LargeMLP, every second epoch's checkpoint kept for the trajectory
+    methods.
 
     Command: `study run detect-demo --name detect`, then `study detect --from results/detect --method all --yes`
     and `study report results/detect-detect`. 16 cells, 14 trainings (2 patterns × n ∈ {3, 10, 100} × 2 data
     seeds, and the n = 0 model of each seed, shared by both patterns), 8 epochs, checkpoints at epochs 2, 4,
     6 and 8, all kept; the detection step scores the 14 models with 6 methods, the 4 directed ones in both
-    directions (140 trials). About 15 minutes for the chain on 2 CPU cores. Smoke: S3, n ∈ {0, 100}, data
-    seed 0, 2 epochs (one checkpoint, at epoch 2; `--checkpoint-every 1` keeps both).
+    directions (140 trials). Smoke: S3, n ∈ {0, 100}, data seed 0, 4 epochs (checkpoints at epochs 2 and 4).
     """
     space = ss.merge({"dataset": "fashion", "model": "large_mlp", "optimizer": "sgd", "lr": 0.01,
                       "momentum": 0.9, "epochs": 8, "batch_size": 128},
                      ss.rarity_grid(["s3", "r3"], [0, 3, 10, 100], [0], [0, 1]))
     return StudySpec("detect-demo", _doc(detect_demo), space,
-                     smoke={"epochs": 2, "n_spurious": [0, 100], "pattern": "s3", "data_seed": 0},
+                     smoke={"epochs": 4, "n_spurious": [0, 100], "pattern": "s3", "data_seed": 0},
                      checkpoint_every=2, keep_checkpoints=0,
                      expected_time="~2 min on 2 CPUs, then ~15 min of `study detect --method all`")
 

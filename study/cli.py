@@ -246,7 +246,9 @@ def cmd_resume(args) -> int:
     from study import kinds, runner
 
     again = runner.reopen(args.experiment, args.address, args.verbose)
-    print(f"resuming {again.meta.get('kind', 'train')} study {again.meta.get('study')!r}: {again.path}", flush=True)
+    kind = again.meta.get("kind", "train")
+    named = f" {again.meta.get('study')!r}" if kind in ("train", "tune-mitigation") else ""  # post-hoc: the path says
+    print(f"resuming {kind} study{named}: {again.path}", flush=True)
     return kinds.resume(again, args.retry_errored)
 
 

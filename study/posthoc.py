@@ -109,6 +109,11 @@ def source_trials(source: str | Path) -> pd.DataFrame:
             raise SpuriousError(f"source experiment {str(source)!r} does not exist")
         if not path.is_dir():
             raise SpuriousError(f"source experiment {str(source)!r} is a file, not an experiment directory")
+        outer = next((p for p in path.parents if (p / runner.META_FILE).is_file()), None)
+        if not (path / runner.META_FILE).is_file() and outer is not None:
+            kind = runner.read_meta(outer).get("kind", "train")
+            raise SpuriousError(f"source {str(source)!r} is a folder inside the {kind} study {str(outer)!r}; pass "
+                                "the experiment directory of a training study")
         df = load(path)
         if df.empty:
             raise SpuriousError(f"source experiment {str(source)!r} holds no trials")

@@ -474,6 +474,13 @@ def resume(again: Reopened, trainable_of: Callable[[dict, dict, dict], Any],
     """Continue a reopened study of a Tune-experiment kind with its trainable `trainable_of(meta, data,
     resources)`: finished trials stay finished, unfinished ones restart from their checkpoints (errored ones
     too with `retry_errored`)."""
-    tuner = tune.Tuner.restore(str(again.path), trainable=trainable_of(again.meta, again.data, again.resources),
-                               resume_unfinished=True, resume_errored=retry_errored)
+    # Restoring reads every trial's results; those that never started before the interruption have none, which
+    # Ray reports as a warning with a FileNotFoundError per trial. They run now: nothing is missing.
+    quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level, quiet.level = quiet.level, logging.ERROR
+    try:
+        tuner = tune.Tuner.restore(str(again.path), trainable=trainable_of(again.meta, again.data, again.resources),
+                                   resume_unfinished=True, resume_errored=retry_errored)
+    finally:
+        quiet.setLevel(level)
     return tuner.fit()

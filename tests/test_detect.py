@@ -99,7 +99,13 @@ def test_bad_detect_inputs_are_one_line_exit_2_and_start_nothing(source, tmp_pat
     other = tmp_path / "other-kind"
     other.mkdir()
     (other / "study.json").write_text(json.dumps({"kind": "delete", "study": "delete"}))
+    tuning = tmp_path / "tuning"
+    (tuning / "baseline").mkdir(parents=True)  # a tune-mitigation study's phase folder is no training study
+    (tuning / "study.json").write_text(json.dumps({"kind": "tune-mitigation", "study": "mitigation"}))
+    trial = next(p for p in source.iterdir() if p.is_dir() and (p / "params.json").exists())
     cases = (
+        (["--from", str(tuning / "baseline"), "--method", "loss"], "is a folder inside the tune-mitigation study"),
+        (["--from", str(trial), "--method", "loss"], "is a folder inside the train study"),
         (["--from", str(source), "--method", "gradcam"], "--method 'gradcam' is not a detection method"),
         (["--from", str(other), "--method", "loss"], "is a delete study; study detect scores the models of a training"),
         (["--from", str(source), "--method", "loss", "--filter", "n_spurious=0"],

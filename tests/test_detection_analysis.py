@@ -79,12 +79,12 @@ def test_control_table_sets_clean_models_scores_beside_the_planted_scores_of_eac
     cell = table.loc[("loss", "R3")]  # the n = 0 models count for every pattern of control_patterns
     assert cell["controls"] == 2 and cell["score_top1_mean"] == 3.0 and cell["score_top1_se"] == 0.0
     assert cell["score_at_1pct_mean"] == pytest.approx(1.5) and cell["score_at_1pct_se"] == pytest.approx(0.5)
-    # planted medians 2 (seed 0) and 3 (seed 1) at n = 3 and 10: median 2.5, none above the clean top-1 of 3
-    assert cell["planted_trials"] == 4 and cell["planted_score_median_median"] == pytest.approx(2.5)
-    assert cell["share_planted_median_above_top1"] == 0.0
-    frame.loc[(frame["n_spurious"] == 10) & (frame["data_seed"] == 1), "planted_score_median"] = 9.0
+    # beside them the same statistics of the planted models (n = 3 and 10, seeds 0 and 1): top-1 3, at 1 % 1 + seed
+    assert cell["planted_trials"] == 4 and cell["planted_top1_mean"] == 3.0
+    assert cell["planted_at_1pct_mean"] == pytest.approx(1.5)
+    frame.loc[(frame["n_spurious"] == 10) & (frame["data_seed"] == 1), "score_top1"] = 7.0
     cell = detection.control_table(frame).set_index(["method", "pattern"]).loc[("loss", "S3")]
-    assert cell["share_planted_median_above_top1"] == pytest.approx(0.25)
+    assert cell["planted_top1_mean"] == pytest.approx(4.0) and cell["score_top1_mean"] == 3.0
 
 
 def test_a_control_without_control_patterns_counts_for_its_own_pattern(frame):
@@ -114,7 +114,25 @@ def test_compact_tables_print_within_100_columns(frame):
     assert "0.85 ± 0.05" in text and "AUROC" in text and "top-1" in text
     compact = detection.detection_table(frame, compact=True)
     assert compact.index.names == ["method", "pattern", "n"]
-    assert compact.loc[("loss", "S3", 3), "worst rank"] == "105"  # the median of 100 and 110
+    assert compact.loc[("loss", "S3", 3), "worst"] == "105"  # the median of 100 and 110
+    assert compact.loc[("loss", "S3", 3), "AP/ch."] == "-"  # the frame has no n_candidates: no chance level
+
+
+def test_auroc_is_tested_against_chance_with_holm_and_marks_need_three_source_models(frame):
+    rows = [row("loss", "s3", n, s, auroc) for n, aurocs in ((3, (0.9, 0.95, 0.92)), (10, (0.4, 0.6, 0.5)))
+            for s, auroc in enumerate(aurocs)]
+    table = detection.detection_table(pd.DataFrame(rows)).set_index("n_spurious")
+    from scipy import stats as scipy_stats
+    raw = [scipy_stats.ttest_1samp(v, 0.5, alternative="greater").pvalue for v in ((0.9, 0.95, 0.92), (0.4, 0.6, 0.5))]
+    assert list(table["auroc_p"]) == pytest.approx(raw)
+    assert list(table["auroc_p_holm"]) == pytest.approx([min(1.0, 2 * raw[0]), max(2 * raw[0], raw[1])])
+    assert (table["auroc_mark_suppressed"] == "").all()
+    compact = detection.detection_table(pd.DataFrame(rows), compact=True)
+    assert compact.loc[("loss", "S3", 3), "AUROC"].endswith("*") and not compact.loc[("loss", "S3", 10),
+                                                                                      "AUROC"].endswith("*")
+    two = detection.detection_table(pd.DataFrame(rows[:2]))  # two source models: no mark
+    assert two["auroc_mark_suppressed"].iloc[0] == "2 source models < 3"
+    assert detection.detection_table(pd.DataFrame(rows[:2]), compact=True)["AUROC"].iloc[0].endswith("†")
 
 
 def test_detection_figure_has_a_panel_per_pattern_and_a_curve_per_method(frame):

@@ -28,7 +28,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from spurious import checkpoint, config as config_lib, detection, influence, train
+from spurious import checkpoint, config as config_lib, detection, influence, mia, train
 from spurious.errors import SpuriousError, check
 from trainables.common import report, use_trial_threads
 from trainables.sources import planted_data, read_checkpoint, source_columns
@@ -69,7 +69,7 @@ class DetectSettings:
         check([
             (self.method in detection.METHODS, f"method {self.method!r} is not one of {', '.join(detection.METHODS)}"),
             (self.scope in detection.SCOPES, f"scope {self.scope!r} is not one of {', '.join(detection.SCOPES)}"),
-            (self.cg_tol < 1, f"cg_tol must be > 0 and < 1, got {self.cg_tol!r}"),
+            (0 < self.cg_tol < 1, f"cg_tol must be > 0 and < 1, got {self.cg_tol!r}"),
         ])
         self.scoring(1.0 if self.damping is None else self.damping)  # the one validator of the method settings
 
@@ -148,6 +148,10 @@ def detect(config: Mapping[str, Any], datasets: Mapping[str, Any], sources: Mapp
                              **asdict(s.scoring(damping)))
     planted = np.isin(rows, np.asarray(data.spurious_idx, np.int64))
     metrics = detection.detection_metrics(scored.scores, planted)
+    if "solved" in scored.arrays:  # influence: how the exact solve did on its own subset (protocol §12.2)
+        solved = np.asarray(scored.arrays["solved"], bool)
+        metrics.update(solved_planted=int(planted[solved].sum()),
+                       solved_auroc=mia.roc_auc(scored.scores[solved], planted[solved]))
     wall = time.perf_counter() - start
     epochs = [snap.epoch for snap in snaps]
     row = {**metrics, **scored.extra, "method": s.method, "scope": s.scope,
