@@ -2,7 +2,6 @@
 checkpoint through Ray's storage, rebuilding the data it was trained on, and typed settings."""
 from __future__ import annotations
 
-import typing
 from pathlib import Path
 from typing import Any, Mapping
 
