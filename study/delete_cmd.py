@@ -19,7 +19,6 @@ names the retrain study to load them from.
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,7 +28,8 @@ from analysis import load
 from spurious import datasets as datasets_lib
 from spurious.errors import SpuriousError
 from study import posthoc, runner, space as space_lib
-from study.options import add_run_options, expand_path, run_options
+from study import options as options_lib
+from study.options import add_run_options, add_source_arguments, run_options
 from trainables import delete as delete_trainable
 
 FIXED_KEYS = ("method", "source_trial_id")
@@ -44,13 +44,9 @@ def arguments(p: argparse.ArgumentParser) -> None:
     """Add the arguments of `study delete`."""
     p.description, p.epilog = __doc__.split("\n\n")[0], "\n\n".join(__doc__.split("\n\n")[1:])
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("--from", dest="source", required=True, metavar="EXPERIMENT_DIR", type=expand_path,
-                   help="the training study's experiment directory (local, shared or a URI)")
+    add_source_arguments(p, "the training study's experiment directory (local, shared or a URI)",
+                         "a deletion setting", setting_keys())
     p.add_argument("--method", required=True, choices=delete_trainable.METHODS)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help=f"a deletion setting ({', '.join(setting_keys())}); a list makes a grid axis")
-    p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
-                   help="keep source trials whose config column equals VALUE (or one of a list); repeatable")
     p.add_argument("--oracle", default="auto", help="auto (default), train, or a retrain deletion study")
     add_run_options(p, smoke_help="fast settings for a quick check: " + ", ".join(
         f"{k}={v}" for k, v in SMOKE_SETTINGS.items()) + "; " + "; ".join(
@@ -61,7 +57,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
 
 def setting_keys() -> list[str]:
     """Return the keys `--set` accepts."""
-    return [f.name for f in fields(delete_trainable.DeleteSettings) if f.name not in FIXED_KEYS]
+    return options_lib.setting_keys(delete_trainable.DeleteSettings, FIXED_KEYS)
 
 
 def smoke_settings(overrides: dict[str, Any]) -> dict[str, Any]:

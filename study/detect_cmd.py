@@ -27,7 +27,6 @@ trainables.detect.DetectSettings (a list makes a grid axis).
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -36,7 +35,8 @@ import pandas as pd
 from spurious import datasets as datasets_lib, detection
 from spurious.errors import SpuriousError
 from study import posthoc, runner, space as space_lib
-from study.options import add_run_options, expand_path, run_options
+from study import options as options_lib
+from study.options import add_run_options, add_source_arguments, run_options
 from trainables import detect as detect_trainable
 
 FIXED_KEYS = ("method", "source_trial_id")
@@ -52,14 +52,10 @@ def arguments(p: argparse.ArgumentParser) -> None:
     """Add the arguments of `study detect`."""
     p.description, p.epilog = __doc__.split("\n\n")[0], "\n\n".join(__doc__.split("\n\n")[1:])
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("--from", dest="source", required=True, metavar="EXPERIMENT_DIR", type=expand_path,
-                   help="the training study's experiment directory (local, shared or a URI)")
+    add_source_arguments(p, "the training study's experiment directory (local, shared or a URI)",
+                         "a detection setting", setting_keys())
     p.add_argument("--method", action="append", required=True, metavar="METHOD",
                    help=f"a detection method ({', '.join(detection.METHODS)}, or all); repeatable")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help=f"a detection setting ({', '.join(setting_keys())}); a list makes a grid axis")
-    p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
-                   help="keep source trials whose config column equals VALUE (or one of a list); repeatable")
     add_run_options(p, smoke_help="fast settings for a quick check: " + ", ".join(
         f"{k}={v}" for k, v in SMOKE_SETTINGS.items()) + " (for the methods that read them; --set overrides them)",
         default_name="<source>-detect, or <source>-detect-<method>-… for some methods", trains=False)
@@ -67,7 +63,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
 
 def setting_keys() -> list[str]:
     """Return the keys `--set` accepts."""
-    return [f.name for f in fields(detect_trainable.DetectSettings) if f.name not in FIXED_KEYS]
+    return options_lib.setting_keys(detect_trainable.DetectSettings, FIXED_KEYS)
 
 
 def parse_methods(items: Sequence[str]) -> list[str]:

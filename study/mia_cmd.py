@@ -28,7 +28,6 @@ continues them.
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
 from typing import Any, Sequence
 
 import pandas as pd
@@ -36,7 +35,8 @@ import pandas as pd
 from spurious import datasets as datasets_lib, mia
 from spurious.errors import SpuriousError
 from study import posthoc, runner, space as space_lib
-from study.options import add_run_options, expand_path, run_options
+from study import options as options_lib
+from study.options import add_run_options, add_source_arguments, run_options
 from trainables import mia as mia_trainable
 
 # A shadow mimics its target: same data (hence membership split) and the same training recipe; an online
@@ -53,15 +53,11 @@ def arguments(p: argparse.ArgumentParser) -> None:
     """Add the arguments of `study mia`."""
     p.description, p.epilog = __doc__.split("\n\n")[0], "\n\n".join(__doc__.split("\n\n")[1:])
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("--from", dest="source", required=True, metavar="EXPERIMENT_DIR", type=expand_path,
-                   help="a mia-train (or mia-online) study's experiment directory, or a `study delete` "
-                        "experiment of one (local, shared or a URI)")
+    add_source_arguments(p, "a mia-train (or mia-online) study's experiment directory, or a `study delete` "
+                            "experiment of one (local, shared or a URI)", "an attack setting", setting_keys(),
+                         "target trials")
     p.add_argument("--attack", action="append", choices=mia.ATTACKS,
                    help="attack to run (repeatable; default: every attack the study's shadow models allow)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help=f"an attack setting ({', '.join(setting_keys())}); a list makes a grid axis")
-    p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
-                   help="keep target trials whose config column equals VALUE (or one of a list); repeatable")
     add_run_options(p, smoke_help="fast settings for a quick check: " + ", ".join(
         f"{k}={v}" for k, v in SMOKE_SETTINGS.items()) + " (--set overrides them)",
         default_name="<source>-mia-<attacks>", trains=False)
@@ -69,7 +65,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
 
 def setting_keys() -> list[str]:
     """Return the keys `--set` accepts."""
-    return [f.name for f in fields(mia_trainable.MiaSettings) if f.name not in FIXED_KEYS]
+    return options_lib.setting_keys(mia_trainable.MiaSettings, FIXED_KEYS)
 
 
 def _key(row: pd.Series | Any, keys: Sequence[str]) -> tuple:

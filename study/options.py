@@ -136,6 +136,26 @@ def add_run_options(p: argparse.ArgumentParser, smoke_help: str | None = None, d
     p.add_argument("--wandb-entity", help="W&B entity (team or user; default: the key's default entity)")
 
 
+def add_source_arguments(p: argparse.ArgumentParser, source_help: str, setting: str, keys: Sequence[str],
+                         selected: str = "source trials") -> None:
+    """Add the arguments every post-hoc study takes (`study delete`, `mia`, `detect`): `--from` (the source
+    experiment, `source_help`), `--set` (a `setting` of `keys`; a list makes a grid axis) and `--filter`
+    (keep the `selected` whose config column matches)."""
+    p.add_argument("--from", dest="source", required=True, metavar="EXPERIMENT_DIR", type=expand_path,
+                   help=source_help)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"{setting} ({', '.join(keys)}); a list makes a grid axis")
+    p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"keep {selected} whose config column equals VALUE (or one of a list); repeatable")
+
+
+def setting_keys(settings_class: type, fixed: Sequence[str]) -> list[str]:
+    """Return the fields of a post-hoc trial's settings dataclass that `--set` accepts (all but `fixed`)."""
+    from dataclasses import fields
+
+    return [f.name for f in fields(settings_class) if f.name not in fixed]
+
+
 def check_resources(args: argparse.Namespace) -> None:
     """Raise UsageError for a resource flag outside its range."""
     if args.cpus_per_trial is not None and not args.cpus_per_trial >= MIN_CPUS:  # NaN fails too

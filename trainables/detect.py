@@ -22,7 +22,7 @@ scores, which were planted, the settings and the method's arrays).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 import numpy as np
@@ -38,31 +38,16 @@ TRAJECTORY_METHODS = ("loss_trajectory", "tracin")  # the methods that read ever
 
 
 @dataclass(frozen=True)
-class DetectSettings:
-    """One detection trial: the method, the source model (`source_trial_id`, a source-table key) and the
-    method's settings (protocol §12.2; `spurious.detection.score` validates and documents them).
+class DetectSettings(detection.Settings):
+    """One detection trial: `detection.Settings` (the method settings: batch size, seed, activation clustering's
+    and influence's, direction; protocol §12.2), plus the method, the source model (`source_trial_id`, a
+    source-table key), the `scope` (class: the target class's training images, or all) and `damping` None by
+    default: the project's group-influence damping for the source's dataset (protocol §8.2)."""
 
-    `scope`: class (the target class's training images) or all. `direction`: high or low, which end of loss,
-    loss_trajectory, tracin and influence is suspicious (`study detect` runs both unless told one).
-    `batch_size`: examples per forward or gradient pass. `seed`: the k-means initialisations and the
-    influence Hessian's subsample. `pca_dims`,
-    `kmeans_restarts`: activation clustering. `influence_candidates`, `hessian_examples`, `damping` (None:
-    the project's group-influence damping for the dataset, protocol §8.2), `cg_tol`, `cg_max_iter`: influence.
-    """
-
+    damping: float | None = None
     method: str = "loss"
     source_trial_id: str = ""
     scope: str = "class"
-    direction: str = "high"
-    batch_size: int = 500
-    seed: int = 0
-    pca_dims: int = 10
-    kmeans_restarts: int = 10
-    influence_candidates: int = 50
-    hessian_examples: int = 1000
-    damping: float | None = None
-    cg_tol: float = influence.DEFAULT_TOL
-    cg_max_iter: int = influence.DEFAULT_MAX_ITER
 
     def __post_init__(self) -> None:
         config_lib.check_types(self, "detection setting")
@@ -71,13 +56,12 @@ class DetectSettings:
             (self.scope in detection.SCOPES, f"scope {self.scope!r} is not one of {', '.join(detection.SCOPES)}"),
             (0 < self.cg_tol < 1, f"cg_tol must be > 0 and < 1, got {self.cg_tol!r}"),
         ])
-        self.scoring(1.0 if self.damping is None else self.damping)  # the one validator of the method settings
+        self.scoring(1.0 if self.damping is None else self.damping)  # detection.Settings checks the rest
 
     def scoring(self, damping: float) -> detection.Settings:
         """Return the method settings `detection.score` takes, with `damping` resolved."""
-        return detection.Settings(self.batch_size, self.seed, self.pca_dims, self.kmeans_restarts,
-                                  self.influence_candidates, self.hessian_examples, damping, self.cg_tol,
-                                  self.cg_max_iter, self.direction)
+        return detection.Settings(**{f.name: getattr(self, f.name) for f in fields(detection.Settings)
+                                     if f.name != "damping"}, damping=damping)
 
 
 # The settings each method reads (besides scope, batch_size); a `--set` of a setting no chosen method reads is
