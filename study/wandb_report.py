@@ -117,17 +117,18 @@ def pareto_grid(wr, experiment: str, entity: str, project: str):
 
 
 DETECTION_METRICS = ("auroc", "average_precision")
-DETECTION_NOTE = ("Each bar is one detection method at one n: the AUROC or average precision of its suspicion scores, "
+DETECTION_NOTE = ("Each bar is one detection method (and direction) at one n: the AUROC or average precision of its "
+                  "suspicion scores, "
                   "planted against the other candidate training images, mean ± s.e. over seeds (protocol §12). The "
                   "n = 0 controls have nothing planted, hence no bar; their top scores are in the tables below.")
 
 
 def detection_grid(wr, experiment: str, entity: str, project: str, pattern: str):
-    """Return a detection study's panel grid of one pattern: per metric a bar per (method, n)."""
-    panels = [wr.BarPlot(title=f"{metric} by method, n_spurious (mean ± s.e. over seeds)", metrics=[metric],
+    """Return a detection study's panel grid of one pattern: per metric a bar per (method, direction, n)."""
+    panels = [wr.BarPlot(title=f"{metric} by method, direction, n_spurious (mean ± s.e. over seeds)", metrics=[metric],
                          orientation="v", layout=wr.Layout(**PANEL), **AGGREGATE) for metric in DETECTION_METRICS]
     return wr.PanelGrid(runsets=[runset(wr, experiment, entity, project, f"{experiment}: {short_name(pattern)}",
-                                        pattern, ["method", "n_spurious"])], panels=panels)
+                                        pattern, ["method", "direction", "n_spurious"])], panels=panels)
 
 
 def build(meta: Mapping[str, Any], frame: pd.DataFrame, experiment: str, entity: str, summary_md: str = ""):

@@ -272,7 +272,7 @@ def test_wandb_report_of_a_detection_study_has_bars_per_method_and_n():
     assert headings == ["Detection of pattern R3 (uniform_noise_1.0)", "Summary tables"]  # no grid for n = 0 only
     (grid,) = grids(report)
     (runset,) = grid.runsets
-    assert runset.groupby == ["config.method", "config.n_spurious"]
+    assert runset.groupby == ["config.method", "config.direction", "config.n_spurious"]
     assert filters(runset) == {("run", "group"): "src-detect", ("run", "jobType"): "train",
                                ("config", "pattern"): ["uniform_noise_1.0", "r3", "v20"]}
     assert [p.metrics for p in grid.panels] == [["auroc"], ["average_precision"]]
