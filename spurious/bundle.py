@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from spurious import checkpoint, datasets, metrics, models, stacked_mlp, train
+from spurious import checkpoint, datasets, dp, metrics, models, stacked_mlp, train
 from spurious.config import TrainConfig
 from spurious.errors import SpuriousError
 from spurious.planted import PlantedData, PlantedRows, plant_config, plant_config_rows, split_arrays
@@ -707,4 +707,6 @@ def lockstep(cfgs: Sequence[TrainConfig], dataset: datasets.Dataset) -> "BundleE
 
 def check_bundlable(cfg: TrainConfig, input_shape: tuple[int, int, int], num_classes: int) -> None:
     """Raise a SpuriousError if `cfg.model` cannot be bundled (dropout, BatchNorm or buffers)."""
+    if dp.enabled(cfg):  # per-example clipping needs each member's own per-sample gradients: one Engine each
+        raise SpuriousError("DP-SGD runs are stepped as separate Engines (train.Lockstep), not batched")
     _check_bundlable(models.build(cfg.model, input_shape, num_classes), cfg.model)

@@ -13,6 +13,9 @@ from spurious.errors import SpuriousError, check
 OPTIMIZERS = ("sgd", "adam")
 AUGMENTATIONS = ("none", "aug01")
 SPLITS = ("full", "mia_target", "mia_shadow", "mia_online")
+# DP-SGD batch sampling: Poisson (each example joins a step's batch with probability batch_size/N), the
+# sampling the privacy accountant assumes (spurious/dp.py).
+DP_SAMPLING = ("poisson",)
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,10 @@ class TrainConfig:
     l2: float = 0.0
     grad_clip: float = 0.0
     noise_sigma: float = 0.0
+    dp_noise_multiplier: float = 0.0
+    dp_max_grad_norm: float = 1.0
+    dp_delta: float = 0.0
+    dp_sampling: str = "poisson"
     augmentation: str = "none"
     epochs: int = 70
     batch_size: int = 128
@@ -223,7 +230,8 @@ def from_tune(nested: Mapping[str, Any]) -> TrainConfig:
 
 
 def _check_values(cfg: TrainConfig) -> None:
-    finite = ("lr", "l2", "noise_sigma", "grad_clip", "momentum", "tau")
+    finite = ("lr", "l2", "noise_sigma", "grad_clip", "momentum", "tau", "dp_noise_multiplier", "dp_max_grad_norm",
+              "dp_delta")
     check([
         (cfg.optimizer in OPTIMIZERS, f"optimizer {cfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}"),
         (cfg.augmentation in AUGMENTATIONS,
@@ -234,6 +242,13 @@ def _check_values(cfg: TrainConfig) -> None:
         (cfg.l2 >= 0, f"l2 must be >= 0, got {cfg.l2!r}"),
         (cfg.noise_sigma >= 0, f"noise_sigma must be >= 0, got {cfg.noise_sigma!r}"),
         (cfg.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {cfg.grad_clip!r}"),
+        (cfg.dp_noise_multiplier >= 0, f"dp_noise_multiplier must be >= 0 (0 = DP off), got {cfg.dp_noise_multiplier!r}"),
+        (cfg.dp_max_grad_norm > 0, f"dp_max_grad_norm must be > 0, got {cfg.dp_max_grad_norm!r}"),
+        (0 <= cfg.dp_delta < 1, f"dp_delta must be in [0, 1) (0 = 1/N, N the training set), got {cfg.dp_delta!r}"),
+        (cfg.dp_sampling in DP_SAMPLING, f"dp_sampling {cfg.dp_sampling!r} is not one of {', '.join(DP_SAMPLING)}"),
+        (cfg.dp_noise_multiplier == 0 or cfg.grad_clip == 0,
+         "grad_clip (element-wise clipping of the batch gradient) and DP-SGD's per-example clipping exclude each "
+         f"other; set grad_clip=0 with dp_noise_multiplier={cfg.dp_noise_multiplier!r}"),
         (0 <= cfg.momentum < 1, f"momentum must be in [0, 1), got {cfg.momentum!r}"),
         (0 < cfg.tau < 1, f"tau must be in (0, 1), got {cfg.tau!r}"),
         *[(getattr(cfg, key) >= 1, f"{key} must be >= 1, got {getattr(cfg, key)!r}")

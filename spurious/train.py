@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from spurious import checkpoint, datasets, metrics, models, patterns
+from spurious import checkpoint, datasets, dp, metrics, models, patterns
 from spurious.config import AUGMENTATIONS, TrainConfig
 from spurious.errors import SpuriousError
 from spurious.planted import PlantedData, plant_config
@@ -156,6 +156,8 @@ class Engine:
         self.cfg, self.device = cfg, resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.model = (model_factory or default_model)(cfg, data).to(self.device)
+        if dp.enabled(cfg):
+            dp.check_model(self.model, cfg.model)
         self.data = data.to(self.device)
         self.optimizer = make_optimizer(cfg, self.model.parameters())
         self.schedule: Callable[[int], float] = partial(lr_at, cfg)
@@ -164,12 +166,15 @@ class Engine:
         self.epoch, self.history, self.failed = 0, [], {}
 
     def train_epoch(self) -> tuple[float, float]:
-        """Run one epoch over the shuffled patterned training set at `schedule(epoch)`'s learning rate;
-        return the running loss and accuracy."""
+        """Run one epoch over the shuffled patterned training set at `schedule(epoch)`'s learning rate (a
+        DP-SGD epoch of Poisson-sampled batches when the config says so: `spurious.dp`); return the running
+        loss and accuracy."""
         cfg, x, y = self.cfg, self.data.x_train, self.data.y_train
         for group in self.optimizer.param_groups:
             group["lr"] = self.schedule(self.epoch)
         self.model.train()
+        if dp.enabled(cfg):
+            return self._private_epoch()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         for idx in torch.randperm(len(y), generator=self.gen, device=self.device).split(cfg.batch_size):
@@ -185,10 +190,40 @@ class Engine:
             correct += (out.argmax(1) == yb).sum()
         return (loss_sum / len(y)).item(), (correct.double() / len(y)).item()
 
+    def _private_epoch(self) -> tuple[float, float]:
+        """Run one DP-SGD epoch (`spurious.dp`): ⌊N/B⌋ Poisson-sampled batches from the run's generator, each
+        step's gradient clipped per example and noised; return the loss and accuracy over the examples seen."""
+        cfg, x, y = self.cfg, self.data.x_train, self.data.y_train
+        n, q = len(y), dp.sample_rate(cfg, len(y))
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        seen = 0
+        for idx in dp.poisson_batches(n, q, dp.steps_per_epoch(cfg, n), self.gen):
+            xb, yb = perturb(x[idx], self.gen, cfg.noise_sigma, self.augment), y[idx]
+            self.optimizer.zero_grad(set_to_none=True)
+            losses, logits = dp.noisy_gradient(self.model, xb, yb, cfg.dp_noise_multiplier, cfg.dp_max_grad_norm,
+                                               q * n, self.gen)
+            self.optimizer.step()
+            loss_sum += losses.sum()
+            correct += (logits.argmax(1) == yb).sum() if len(yb) else 0
+            seen += len(yb)
+        return (loss_sum / max(seen, 1)).item(), (correct.double() / max(seen, 1)).item()
+
+    def privacy(self) -> dict[str, float]:
+        """Return {"dp_epsilon": ε at the run's δ after the epochs trained so far} for a DP run (`spurious.dp`),
+        else {}."""
+        if not dp.enabled(self.cfg):
+            return {}
+        n = len(self.data.y_train)
+        steps = self.epoch * dp.steps_per_epoch(self.cfg, n)
+        return {"dp_epsilon": dp.epsilon(self.cfg.dp_noise_multiplier, dp.sample_rate(self.cfg, n), steps,
+                                         dp.delta(self.cfg, n))}
+
     def evaluate(self) -> dict[str, float]:
-        """Return the clean and patterned test metrics of the current model (protocol §4.2), and the same on the
-        validation split (`metrics.VAL_KEYS`) when the data has one."""
-        return metrics.evaluate_data(self.model, self.data, self.data.target, self.cfg.tau, self.cfg.eval_batch_size)
+        """Return the clean and patterned test metrics of the current model (protocol §4.2), the same on the
+        validation split (`metrics.VAL_KEYS`) when the data has one, and `dp_epsilon` for a DP run."""
+        return {**metrics.evaluate_data(self.model, self.data, self.data.target, self.cfg.tau,
+                                        self.cfg.eval_batch_size), **self.privacy()}
 
     def step(self) -> dict:
         """Train and evaluate one epoch; return its metrics (raises TrainingError on divergence)."""

@@ -1,0 +1,105 @@
+"""DP-SGD (spurious/dp.py): per-example gradients against opacus' GradSampleModule, ε against opacus' RDP
+accountant stepped one step at a time, bundles equal separate DP runs, σ = 0 is the non-DP recipe, bad input."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spurious import bundle, dp, train
+from spurious.config import TrainConfig
+from spurious.errors import SpuriousError
+from spurious.planted import plant_config
+from tests.conftest import synthetic_dataset
+
+opacus = pytest.importorskip("opacus")
+
+
+def tiny():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def test_per_example_gradients_and_clipping_equal_opacus():
+    from opacus import GradSampleModule
+
+    model, x, y = tiny(), torch.randn(9, 1, 3, 4), torch.randint(0, 3, (9,))
+    grads, losses, logits = dp.per_example_grads(model, x, y)
+    wrapped = GradSampleModule(tiny(), loss_reduction="sum")
+    F.cross_entropy(wrapped(x), y, reduction="sum").backward()
+    for (name, p) in wrapped.named_parameters():
+        key = name.removeprefix("_module.")
+        torch.testing.assert_close(grads[key], p.grad_sample, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(losses, F.cross_entropy(model(x), y, reduction="none"), atol=1e-6)
+    summed, norms = dp.clipped_sum(grads, 0.5)
+    flat = torch.cat([p.grad_sample.reshape(9, -1) for p in wrapped.parameters()], 1)
+    assert torch.allclose(norms, flat.norm(dim=1), rtol=1e-5)
+    clipped = flat * (0.5 / (flat.norm(dim=1) + 1e-6)).clamp(max=1.0)[:, None]
+    assert torch.allclose(torch.cat([v.reshape(-1) for v in summed.values()]), clipped.sum(0), atol=1e-6)
+
+
+def test_epsilon_equals_opacus_accountant_stepped_one_step_at_a_time():
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    for _ in range(234 * 3):
+        accountant.step(noise_multiplier=1.1, sample_rate=128 / 60000)
+    assert dp.epsilon(1.1, 128 / 60000, 234 * 3, 1e-5) == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-12)
+    assert dp.epsilon(0.0, 0.1, 10, 1e-5) == math.inf and dp.epsilon(1.0, 0.1, 0, 1e-5) == 0.0
+    assert dp.group_epsilon(0.5, 1e-5, 3) == (1.5, pytest.approx(3 * math.exp(1.0) * 1e-5))
+
+
+def cfg(**changes):
+    base = dict(dataset="fashion", model="mlp", pattern="s3", n_spurious=10, epochs=2, batch_size=64, lr=0.05,
+                dp_noise_multiplier=1.0, dp_max_grad_norm=1.0, device="cpu")
+    return TrainConfig(**{**base, **changes})
+
+
+def test_a_dp_run_reports_epsilon_every_epoch_and_is_reproducible(tiny_data):
+    c = cfg()
+    rows = train.train(c, plant_config(tiny_data, c)).history
+    again = train.train(c, plant_config(tiny_data, c)).history
+    assert [r["dp_epsilon"] for r in rows] == [r["dp_epsilon"] for r in again]
+    n = len(tiny_data.y_train)
+    expected = [dp.epsilon(1.0, 64 / n, e * (n // 64), 1 / n) for e in (1, 2)]
+    assert [r["dp_epsilon"] for r in rows] == pytest.approx(expected)
+    assert rows[0]["train_loss"] == again[0]["train_loss"] and np.isfinite(rows[-1]["train_loss"])
+
+
+def test_noise_multiplier_zero_is_the_non_dp_recipe(tiny_data):
+    off = cfg(dp_noise_multiplier=0.0)
+    plain = cfg(dp_noise_multiplier=0.0, dp_max_grad_norm=5.0)  # DP settings are inert without noise
+    a, b = (train.train(c, plant_config(tiny_data, c)).history for c in (off, plain))
+    assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b] and "dp_epsilon" not in a[0]
+
+
+def test_a_bundle_with_dp_equals_separate_dp_runs(tiny_data):
+    cfgs = [cfg(seed=s, data_seed=s) for s in (0, 1)]
+    engine = bundle.lockstep(cfgs, tiny_data)
+    train.fit(engine)
+    for k, c in enumerate(cfgs):
+        alone = train.train(c, plant_config(tiny_data, c)).history
+        assert [r["train_loss"] for r in engine.histories[k]] == [r["train_loss"] for r in alone]
+        assert [r["dp_epsilon"] for r in engine.histories[k]] == [r["dp_epsilon"] for r in alone]
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"dp_noise_multiplier": -1.0}, "dp_noise_multiplier must be >= 0"),
+    ({"dp_max_grad_norm": 0.0}, "dp_max_grad_norm must be > 0"),
+    ({"dp_delta": 1.0}, "dp_delta must be in [0, 1)"),
+    ({"dp_sampling": "shuffle"}, "dp_sampling 'shuffle' is not one of poisson"),
+    ({"grad_clip": 0.1}, "grad_clip (element-wise clipping of the batch gradient) and DP-SGD's per-example"),
+])
+def test_bad_dp_settings_are_one_line(changes, message):
+    with pytest.raises(SpuriousError) as err:
+        cfg(**changes)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_dp_with_batchnorm_is_refused_in_one_line():
+    data = synthetic_dataset(n_train=64, n_test=32, shape=(3, 32, 32))
+    c = cfg(model="resnet20", epochs=1, n_spurious=3)
+    with pytest.raises(SpuriousError, match="model 'resnet20' has BatchNorm2d layers, which mix the examples"):
+        train.Engine(c, plant_config(data, c))
