@@ -5,7 +5,8 @@ A training run is DP when `cfg.dp_noise_multiplier` σ > 0. Each epoch then take
 examples, B = `batch_size`); each step's batch holds every example independently with probability q = B / N
 (Poisson sampling, the accountant's assumption, drawn from the run's own generator). For the batch b:
 
-    g_i = ∇θ ℓ(z_i; θ) per example (torch.func vmap over grad),  ḡ_i = g_i · min(1, C / ‖g_i‖)   (C = dp_max_grad_norm)
+    g_i = ∇θ ℓ(z_i; θ) per example (torch.func vmap over grad)
+    ḡ_i = g_i · min(1, C / ‖g_i‖)                 (C = dp_max_grad_norm)
     g = (Σ_i ḡ_i + N(0, σ² C² I)) / (q N)        (divided by the expected batch size, as opacus does)
 
 and the run's optimiser (SGD with momentum or Adam, weight decay as configured) steps with g: post-processing

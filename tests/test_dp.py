@@ -14,7 +14,7 @@ from spurious.errors import SpuriousError
 from spurious.planted import plant_config
 from tests.conftest import synthetic_dataset
 
-opacus = pytest.importorskip("opacus")
+import opacus  # noqa: F401  (a dependency: the accountant; also the per-sample gradient oracle here)
 
 
 def tiny():
@@ -103,3 +103,27 @@ def test_dp_with_batchnorm_is_refused_in_one_line():
     c = cfg(model="resnet20", epochs=1, n_spurious=3)
     with pytest.raises(SpuriousError, match="model 'resnet20' has BatchNorm2d layers, which mix the examples"):
         train.Engine(c, plant_config(data, c))
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_dp_study_runs_from_the_cli_and_reports_epsilon(tmp_path):
+    """`study run demo --smoke --set dp_noise_multiplier=1.0` on real Fashion-MNIST, as the README says."""
+    import subprocess
+    import sys
+
+    from analysis import load
+    from tests.conftest import FASHION_DIR
+
+    if not FASHION_DIR.exists():
+        pytest.skip("real Fashion-MNIST not installed")
+    # --wandb off -v 0: this test is about the DP setting, not W&B or Tune's output; batch 512: fewer DP steps
+    done = subprocess.run([sys.executable, "-m", "study.cli", "run", "demo", "--smoke", "--set",
+                           "dp_noise_multiplier=1.0", "--set", "batch_size=512", "--name", "dp", "--storage-path",
+                           str(tmp_path), "--wandb", "off",
+                           "-v", "0"], capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    df = load(tmp_path / "dp")
+    n = 60000
+    expected = dp.epsilon(1.0, 512 / n, n // 512, 1 / n)
+    assert (df["dp_noise_multiplier"] == 1.0).all() and df["dp_epsilon"].to_numpy() == pytest.approx(expected)
