@@ -14,7 +14,6 @@ from spurious.errors import SpuriousError
 from spurious.planted import plant_config
 from tests.conftest import synthetic_dataset
 
-import opacus  # noqa: F401  (a dependency: the accountant; also the per-sample gradient oracle here)
 
 
 def tiny():
