@@ -102,7 +102,7 @@ def parse_settings(items: Sequence[str]) -> dict[str, Any]:
 
 def deletable(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """Return the source trials that have planted examples, and a note on those skipped."""
-    nothing = (pd.to_numeric(df["n_spurious"]) == 0) | df["split"].isin(["mia_shadow", "mia_online"])
+    nothing = (pd.to_numeric(df["n_spurious"]) == 0) | df["split"].isin(posthoc.SHADOW_SPLITS)
     notes = [f"skipping {int(nothing.sum())} source trial(s) with nothing planted (n_spurious = 0) or shadow "
              "models: nothing to delete"] if nothing.any() else []
     return df[~nothing], notes

@@ -44,7 +44,6 @@ FIXED_KEYS = ("method", "source_trial_id")
 # its default: on a few hundred images the sampled Hessian's negative curvature can exceed the damping, which
 # CG refuses, see spurious/influence.py.)
 SMOKE_SETTINGS = {"influence_candidates": 8, "cg_max_iter": 10, "kmeans_restarts": 2}
-SHADOW_SPLITS = ("mia_shadow", "mia_online")
 DIRECTION_WORDS = {"high": "hardest (direction high)", "low": "easiest (direction low)"}
 
 
@@ -153,7 +152,7 @@ def plan(source: str, methods: Sequence[str], overrides: dict, filters: dict,
                             "study (study run)")
     df = posthoc.apply_filters(posthoc.source_trials(source), filters)
     df, notes = posthoc.finished(df)
-    shadows = df["split"].isin(SHADOW_SPLITS) if "split" in df else pd.Series(False, index=df.index)
+    shadows = df["split"].isin(posthoc.SHADOW_SPLITS) if "split" in df else pd.Series(False, index=df.index)
     if shadows.any():
         notes.append(f"skipping {int(shadows.sum())} shadow model(s) of a membership study")
     df = df[~shadows]

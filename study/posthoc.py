@@ -32,6 +32,7 @@ from trainables.detect import detect
 from trainables.mia import mia_attack
 
 KINDS = ("delete", "mia", "detect")
+SHADOW_SPLITS = ("mia_shadow", "mia_online")  # membership studies' reference models: nothing of their own to study
 # kind -> (trainable, the keyword under which it takes its source table)
 TRAINABLES: dict[str, tuple[Callable, str]] = {"delete": (delete, "sources"), "mia": (mia_attack, "targets"),
                                                "detect": (detect, "sources")}

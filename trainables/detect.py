@@ -80,28 +80,33 @@ def settings(config: Mapping[str, Any]) -> DetectSettings:
     return config_lib.from_values(DetectSettings, {**flat, **dict(config.get("detector") or {})}, "detection setting")
 
 
-def snapshots(entry: Mapping[str, Any], method: str, data,
-              device: torch.device) -> tuple[dict, list[detection.Snapshot]]:
-    """Return the final checkpoint state of a source-table entry and the snapshots `method` reads (the final
-    one, or every kept checkpoint for TRAJECTORY_METHODS), sorted by epoch; each snapshot's `lr` is the rate
-    the source trained its last epoch with (`train.lr_at(cfg, epoch − 1)`, protocol §6.2)."""
+def checkpoint_states(entry: Mapping[str, Any], method: str) -> list[dict]:
+    """Return the checkpoint states of a source-table entry that `method` reads (the final one, or every kept
+    checkpoint for TRAJECTORY_METHODS), sorted by epoch, the final last; each read once. Raise a one-line
+    SpuriousError when they disagree on the config or the planted examples (not one training run)."""
     dirs = list(entry.get("checkpoints") or [entry["checkpoint"]]) if method in TRAJECTORY_METHODS \
         else [entry["checkpoint"]]
-    states = [read_checkpoint(d, entry.get("file")) for d in dirs]
-    states.sort(key=lambda s: int(s.get("epoch", 0)))
+    states = sorted((read_checkpoint(d, entry.get("file")) for d in dirs), key=lambda s: int(s.get("epoch", 0)))
     final = states[-1]
-    cfg = config_lib.from_dict(final["config"])
+    cfg = config_lib.from_dict(final["config"])  # as configs, not dicts: older checkpoints lack newer keys
     planted = np.sort(np.asarray(final.get("spurious_idx", []), np.int64))
-    out = []
-    for state in states:
+    for state in states[:-1]:
         if config_lib.from_dict(state["config"]) != cfg or not np.array_equal(
                 np.sort(np.asarray(state.get("spurious_idx", []), np.int64)), planted):
             raise SpuriousError(f"the checkpoints of source {entry['checkpoint']!r} disagree on the config or the "
                                 "planted examples; they are not one training run")
+    return states
+
+
+def snapshots(states: list[dict], cfg, data, device: torch.device) -> list[detection.Snapshot]:
+    """Return the models of `states` as snapshots; each snapshot's `lr` is the rate the source trained its last
+    epoch with (`train.lr_at(cfg, epoch − 1)`, protocol §6.2)."""
+    out = []
+    for state in states:
         epoch = int(state.get("epoch", 0))
         model = checkpoint.model_from_checkpoint(state, data.input_shape, data.num_classes).to(device).eval()
         out.append(detection.Snapshot(model, epoch, train.lr_at(cfg, max(epoch - 1, 0))))
-    return final, out
+    return out
 
 
 def detect(config: Mapping[str, Any], datasets: Mapping[str, Any], sources: Mapping[str, dict]) -> None:
@@ -119,12 +124,10 @@ def detect(config: Mapping[str, Any], datasets: Mapping[str, Any], sources: Mapp
         raise SpuriousError(f"source trial {s.source_trial_id!r} is not among this study's sources")
     entry = sources[s.source_trial_id]
     start = time.perf_counter()
-    final_state = read_checkpoint(entry["checkpoint"], entry.get("file"))
-    cfg, data = planted_data(final_state, datasets)
+    states = checkpoint_states(entry, s.method)
+    cfg, data = planted_data(states[-1], datasets)
     device = train.resolve_device(cfg.device)
-    final, snaps = snapshots(entry, s.method, data, device)
-    if int(final.get("epoch", 0)) != int(final_state.get("epoch", 0)):
-        raise SpuriousError(f"source {s.source_trial_id}: the latest checkpoint is not its final one")
+    snaps = snapshots(states, cfg, data, device)
     rows = detection.candidate_rows(data.y_train, cfg.targets or (cfg.target,), s.scope)
     damping = s.damping if s.damping is not None else \
         influence.defaults_for(cfg.dataset, max(cfg.n_spurious, 1))["damping"]
