@@ -210,18 +210,24 @@ class Engine:
         return (loss_sum / max(seen, 1)).item(), (correct.double() / max(seen, 1)).item()
 
     def privacy(self) -> dict[str, float]:
-        """Return {"dp_epsilon": ε at the run's δ after the epochs trained so far} for a DP run (`spurious.dp`),
-        else {}."""
+        """Return the privacy guarantee of a DP run after the epochs trained so far (`spurious.dp`, protocol
+        §10.5), else {}: `dp_epsilon` at `dp_delta_used` (δ: `cfg.dp_delta`, or 1/N), and the group-privacy bound
+        for the k planted training images (k = `len(data.spurious_idx)`, at least 1): `dp_group_epsilon` = kε
+        and `dp_group_delta` = k·e^{(k−1)ε}·δ (capped at 1: a bound of δ = 1 says nothing)."""
         if not dp.enabled(self.cfg):
             return {}
         n = len(self.data.y_train)
         steps = self.epoch * dp.steps_per_epoch(self.cfg, n)
-        return {"dp_epsilon": dp.epsilon(self.cfg.dp_noise_multiplier, dp.sample_rate(self.cfg, n), steps,
-                                         dp.delta(self.cfg, n))}
+        target_delta = dp.delta(self.cfg, n)
+        eps = dp.epsilon(self.cfg.dp_noise_multiplier, dp.sample_rate(self.cfg, n), steps, target_delta)
+        group_eps, group_delta = dp.group_epsilon(eps, target_delta, max(1, len(self.data.spurious_idx)))
+        return {"dp_epsilon": eps, "dp_delta_used": target_delta, "dp_group_epsilon": group_eps,
+                "dp_group_delta": group_delta}
 
     def evaluate(self) -> dict[str, float]:
         """Return the clean and patterned test metrics of the current model (protocol §4.2), the same on the
-        validation split (`metrics.VAL_KEYS`) when the data has one, and `dp_epsilon` for a DP run."""
+        validation split (`metrics.VAL_KEYS`) when the data has one, and the privacy guarantee of a DP run
+        (`privacy`)."""
         return {**metrics.evaluate_data(self.model, self.data, self.data.target, self.cfg.tau,
                                         self.cfg.eval_batch_size), **self.privacy()}
 

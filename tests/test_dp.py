@@ -65,6 +65,9 @@ def test_a_dp_run_reports_epsilon_every_epoch_and_is_reproducible(tiny_data):
     expected = [dp.epsilon(1.0, 64 / n, e * (n // 64), 1 / n) for e in (1, 2)]
     assert [r["dp_epsilon"] for r in rows] == pytest.approx(expected)
     assert rows[0]["train_loss"] == again[0]["train_loss"] and np.isfinite(rows[-1]["train_loss"])
+    last = rows[-1]  # group privacy for the 10 planted images: (10ε, 10·e^{9ε}·δ), capped at 1
+    assert last["dp_delta_used"] == pytest.approx(1 / n) and last["dp_group_epsilon"] == pytest.approx(10 * expected[1])
+    assert last["dp_group_delta"] == pytest.approx(min(1.0, 10 * math.exp(9 * expected[1]) / n))
 
 
 def test_noise_multiplier_zero_is_the_non_dp_recipe(tiny_data):
