@@ -18,12 +18,18 @@ import pandas as pd
 from analysis import stats, style
 from analysis.frames import load, study_meta
 
-SETTING_KEYS = ("l2", "noise_sigma", "lr")
+SETTING_KEYS = ("l2", "noise_sigma", "dp_noise_multiplier", "dp_max_grad_norm", "lr")
+# A setting's value of a key older studies (before DP) did not report: the training default.
+SETTING_DEFAULTS = {"dp_noise_multiplier": 0.0, "dp_max_grad_norm": 1.0}
+# A DP setting's privacy guarantee (trainables/tune_mitigation.PRIVACY_KEYS): NaN without DP.
+PRIVACY_KEYS = ("dp_epsilon", "dp_delta_used", "dp_group_epsilon", "dp_group_delta")
+EPSILON = "dp_epsilon"
 # Seed means ± s.e. over seeds that selection reads (validation split) and that confirmation reports (test).
 SELECTION_KEYS = ("val_spurious_score", "val_spurious_score_se", "val_acc", "val_acc_se")
 TEST_VALUE_KEYS = ("spurious_score", "spurious_score_se", "test_acc", "test_acc_se")
-SEARCH_COLUMNS = ("trial_id", *SETTING_KEYS, *SELECTION_KEYS, "epochs_done", "status")
-CONFIRM_COLUMNS = ("trial_id", *SETTING_KEYS, "data_seed", "seeds", *TEST_VALUE_KEYS, "epochs_done", "status")
+SEARCH_COLUMNS = ("trial_id", *SETTING_KEYS, *SELECTION_KEYS, *PRIVACY_KEYS, "n_spurious", "epochs_done", "status")
+CONFIRM_COLUMNS = ("trial_id", *SETTING_KEYS, "data_seed", "seeds", *TEST_VALUE_KEYS, *PRIVACY_KEYS, "n_spurious",
+                   "epochs_done", "status")
 SCORE, ACC = "val_spurious_score", "val_acc"
 
 
@@ -31,36 +37,48 @@ def _phase(df: pd.DataFrame, phase: str) -> pd.DataFrame:
     return df[df["phase"] == phase] if "phase" in df else df.iloc[0:0]
 
 
+def _with_defaults(df: pd.DataFrame) -> pd.DataFrame:
+    for key, value in SETTING_DEFAULTS.items():
+        df[key] = df[key].fillna(value)
+    return df
+
+
 def search_trials(df: pd.DataFrame) -> pd.DataFrame:
     """Return the search trials of a tune-mitigation `load` frame, one row per setting: trial_id, setting
-    (l2, noise_sigma, lr), seed-averaged final VALIDATION metrics ± s.e. over seeds (NaN until reported; the
-    test metrics the trials also report are left out: selection must not see them), epochs_done, status (a
-    setting a scheduler stopped early is RUNNING: it never reported its last epoch)."""
-    return _phase(df, "search").reindex(columns=list(SEARCH_COLUMNS)).reset_index(drop=True)
+    (SETTING_KEYS), seed-averaged final VALIDATION metrics ± s.e. over seeds (NaN until reported; the test
+    metrics the trials also report are left out: selection must not see them), the privacy guarantee of a DP
+    setting (PRIVACY_KEYS, NaN without DP), n_spurious, epochs_done, status (a setting a scheduler stopped early
+    is RUNNING: it never reported its last epoch)."""
+    return _with_defaults(_phase(df, "search").reindex(columns=list(SEARCH_COLUMNS)).reset_index(drop=True))
 
 
 def confirm_trials(df: pd.DataFrame) -> pd.DataFrame:
     """Return the confirmation trials of a tune-mitigation `load` frame, one row per confirmed setting: trial_id,
     setting, data_seed (the first fresh seed), seeds, seed-averaged final TEST metrics ± s.e., epochs_done,
     status."""
-    return _phase(df, "confirm").reindex(columns=list(CONFIRM_COLUMNS)).reset_index(drop=True)
+    return _with_defaults(_phase(df, "confirm").reindex(columns=list(CONFIRM_COLUMNS)).reset_index(drop=True))
 
 
-def pareto_front(df: pd.DataFrame, minimize: str = SCORE, maximize: str = ACC) -> pd.DataFrame:
-    """Return the rows no other row dominates (≤ on `minimize`, ≥ on `maximize`, strictly better on one);
-    by default on the validation score and validation accuracy."""
-    a, b = df[minimize].to_numpy(float), df[maximize].to_numpy(float)
-    keep = [not np.any((a <= a[i]) & (b >= b[i]) & ((a < a[i]) | (b > b[i]))) for i in range(len(df))]
-    return df[np.array(keep, dtype=bool)].sort_values(minimize)
+def pareto_front(df: pd.DataFrame, minimize: str | tuple[str, ...] = SCORE, maximize: str = ACC) -> pd.DataFrame:
+    """Return the rows no other row dominates (≤ on every `minimize` column and ≥ on `maximize`, strictly
+    better on one), sorted by the first `minimize` column; by default on the validation score and validation
+    accuracy, with `minimize=(SCORE, EPSILON)` also on ε (the third objective of a DP search)."""
+    lower = [minimize] if isinstance(minimize, str) else list(minimize)
+    values = np.column_stack([df[c].to_numpy(float) for c in lower] + [-df[maximize].to_numpy(float)])
+    keep = [not np.any(np.all(values <= v, axis=1) & np.any(values < v, axis=1)) for v in values]
+    return df[np.array(keep, dtype=bool)].sort_values(lower[0])
 
 
 def recommend(df: pd.DataFrame, baseline_acc: float, max_acc_drop: float,
-              baseline_score: float | None = None) -> dict | None:
+              baseline_score: float | None = None, max_epsilon: float = 0.0) -> dict | None:
     """Return the lowest-validation-score setting with validation accuracy ≥ `baseline_acc` (the baseline's
     validation accuracy) − D (ties: higher validation accuracy); None when no setting qualifies. With
     `baseline_score` (the baseline's validation score), a setting must also score strictly below it: a
-    mitigation that removes nothing is not recommended over no mitigation."""
+    mitigation that removes nothing is not recommended over no mitigation. With `max_epsilon` > 0 a setting
+    must also be DP with ε ≤ max_epsilon."""
     feasible = df[df[ACC] >= baseline_acc - max_acc_drop]
+    if max_epsilon > 0:
+        feasible = feasible[feasible[EPSILON] <= max_epsilon]
     if baseline_score is not None:
         feasible = feasible[feasible[SCORE] < baseline_score]
     if feasible.empty:
@@ -69,31 +87,39 @@ def recommend(df: pd.DataFrame, baseline_acc: float, max_acc_drop: float,
     return {k: (float(v) if isinstance(v, (int, float, np.floating)) else v) for k, v in best.items()}
 
 
-def select(root: str | Path, baseline: dict, max_acc_drop: float) -> dict:
-    """Return the selection of a study from its search trials' validation metrics: `trials` (search_trials),
-    `finished` (TERMINATED), `front` (their Pareto set) and `recommended` (or None); `baseline` holds the
-    baseline's validation metrics (SELECTION_KEYS)."""
+def select(root: str | Path, baseline: dict, max_acc_drop: float, epsilon_objective: bool = False,
+           max_epsilon: float = 0.0) -> dict:
+    """Return the selection of a study from its search trials' validation metrics (and ε): `trials`
+    (search_trials), `finished` (TERMINATED), `front` (their Pareto set: on score and accuracy, and on ε with
+    `epsilon_objective`) and `recommended` (or None; ε ≤ `max_epsilon` when that is > 0); `baseline` holds
+    the baseline's validation metrics (SELECTION_KEYS)."""
     df = search_trials(load(root))
     finished = df[df["status"] == "TERMINATED"]
-    front = pareto_front(finished) if len(finished) else finished
+    minimize = (SCORE, EPSILON) if epsilon_objective else SCORE
+    front = pareto_front(finished, minimize) if len(finished) else finished
     return {"trials": df, "finished": finished, "front": front,
-            "recommended": recommend(finished, baseline[ACC], max_acc_drop, baseline[SCORE])}
+            "recommended": recommend(finished, baseline[ACC], max_acc_drop, baseline[SCORE], max_epsilon)}
+
+
+def _value(row: dict, key: str) -> float:
+    value = row.get(key, SETTING_DEFAULTS.get(key))
+    return float(SETTING_DEFAULTS[key] if value is None or (key in SETTING_DEFAULTS and pd.isna(value)) else value)
 
 
 def _same(a: dict, b: dict) -> bool:
-    return all(math.isclose(float(a[k]), float(b[k]), rel_tol=1e-9, abs_tol=0.0) for k in SETTING_KEYS)
+    return all(math.isclose(_value(a, k), _value(b, k), rel_tol=1e-9, abs_tol=0.0) for k in SETTING_KEYS)
 
 
 def confirm_settings(selection: dict, base_lr: float, pareto: bool = False) -> list[dict]:
-    """Return the settings to confirm, each {"roles": [...], l2, noise_sigma, lr}: the baseline (l2 = 0, σ = 0,
-    `base_lr`), the recommended setting (if any) and with `pareto` every Pareto setting; a setting with two
+    """Return the settings to confirm, each {"roles": [...], **SETTING_KEYS}: the baseline (l2 = 0, σ = 0, no
+    DP, `base_lr`), the recommended setting (if any) and with `pareto` every Pareto setting; a setting with two
     roles (the recommended one is on the Pareto front) is listed once."""
-    out = [{"roles": ["baseline"], "l2": 0.0, "noise_sigma": 0.0, "lr": float(base_lr)}]
+    out = [{"roles": ["baseline"], "l2": 0.0, "noise_sigma": 0.0, **SETTING_DEFAULTS, "lr": float(base_lr)}]
     chosen = [("recommended", selection["recommended"])] if selection["recommended"] else []
     if pareto:
         chosen += [("pareto", row) for row in selection["front"].to_dict(orient="records")]
     for role, row in chosen:
-        setting = {k: float(row[k]) for k in SETTING_KEYS}
+        setting = {k: _value(row, k) for k in SETTING_KEYS}
         match = next((s for s in out if _same(s, setting)), None)
         if match is None:
             out.append({"roles": [role], **setting})
@@ -113,7 +139,8 @@ def confirmation(df: pd.DataFrame, settings: list[dict]) -> list[dict]:
         row = max(rows, key=lambda r: r["status"] == "TERMINATED", default={})  # a finished one first
         finished = row.get("status") == "TERMINATED"
         values = {k: (float(row[k]) if finished else math.nan) for k in TEST_VALUE_KEYS}
-        records.append({**setting, "status": row.get("status", "PENDING"), **values})
+        privacy = {k: float(row.get(k, math.nan)) for k in (*PRIVACY_KEYS, "n_spurious")}
+        records.append({**setting, "status": row.get("status", "PENDING"), **values, **privacy})
     base = records[0]
     for rec in records:
         for key in ("spurious_score", "test_acc"):
@@ -143,17 +170,20 @@ def provenance(val_size: int, search_seeds: list[int], confirm_seeds: list[int])
 
 
 def write_summary(root: str | Path, baseline: dict, max_acc_drop: float, objective: str, *, val_size: int,
-                  search_seeds: list[int], confirm_seeds: list[int], settings: list[dict]) -> dict:
+                  search_seeds: list[int], confirm_seeds: list[int], settings: list[dict],
+                  epsilon_objective: bool = False, max_epsilon: float = 0.0) -> dict:
     """Write tuning.json, pareto.csv and tradeoff.png into the experiment directory; return the summary.
 
     `baseline` is the search baseline's validation metrics; `settings` the confirmed settings
-    (`confirm_settings`). The Pareto set and the recommendation hold validation values (accuracies and scores
-    are fractions in [0, 1]); `confirmation` holds the test values of the confirmation phase."""
+    (`confirm_settings`); `epsilon_objective` and `max_epsilon` as in `select`. The Pareto set and the
+    recommendation hold validation values (accuracies and scores are fractions in [0, 1]) and a DP setting's ε;
+    `confirmation` holds the test values of the confirmation phase."""
     root = Path(root)
-    selection = select(root, baseline, max_acc_drop)
+    selection = select(root, baseline, max_acc_drop, epsilon_objective, max_epsilon)
     front = selection["front"]
     front.to_csv(root / "pareto.csv", index=False)
-    summary = {"objective": objective, "max_acc_drop": max_acc_drop,
+    summary = {"objective": objective, "max_acc_drop": max_acc_drop, "epsilon_objective": epsilon_objective,
+               "max_epsilon": max_epsilon,
                "selection": {"split": "validation", "val_size": val_size, "search_data_seeds": search_seeds,
                              "confirm_data_seeds": confirm_seeds,
                              "note": provenance(val_size, search_seeds, confirm_seeds)},
@@ -169,12 +199,16 @@ def write_summary(root: str | Path, baseline: dict, max_acc_drop: float, objecti
 
 def tradeoff_figure(df: pd.DataFrame, front: pd.DataFrame, baseline: dict):
     """Return the scatter of validation spurious score vs validation accuracy per setting (colour = log10 l2,
-    size = σ), with the Pareto front and the unmitigated baseline."""
+    or log10 ε when the settings are DP; size = input-noise σ), with the Pareto front and the unmitigated
+    baseline."""
     fig, (ax,) = style.grid(1, width=6.1, height=3.9)
     if len(df):
-        points = ax.scatter(df[ACC], df[SCORE], c=np.log10(df["l2"].clip(lower=1e-12)),
-                            s=30 + 120 * df["noise_sigma"], cmap="viridis", alpha=0.8, edgecolors="k")
-        fig.colorbar(points, ax=ax, label="log10 L2 weight (marker size: noise σ)")
+        private = EPSILON in df and df[EPSILON].notna().all()
+        colour = np.log10(df[EPSILON] if private else df["l2"].clip(lower=1e-12))
+        points = ax.scatter(df[ACC], df[SCORE], c=colour, s=30 + 120 * df["noise_sigma"], cmap="viridis",
+                            alpha=0.8, edgecolors="k")
+        fig.colorbar(points, ax=ax, label=("log10 ε of DP-SGD" if private else "log10 L2 weight")
+                     + " (marker size: noise σ)")
         ax.plot(front[ACC], front[SCORE], "r--", lw=1, label="Pareto front")
     ax.scatter([baseline[ACC]], [baseline[SCORE]], marker="*", s=250, c="red",
                edgecolors="k", label="unmitigated baseline", zorder=5)
@@ -187,11 +221,28 @@ def tradeoff_figure(df: pd.DataFrame, front: pd.DataFrame, baseline: dict):
 
 
 def _setting(row: dict) -> str:
-    return f"l2={row['l2']:.3g}  σ={row['noise_sigma']:.3g}  lr={row['lr']:.3g}"
+    dp = _value(row, "dp_noise_multiplier")
+    private = f"  DP σ={dp:.3g} C={_value(row, 'dp_max_grad_norm'):.3g}" if dp > 0 else ""
+    return f"l2={row['l2']:.3g}  σ={row['noise_sigma']:.3g}{private}  lr={row['lr']:.3g}"
+
+
+def privacy_text(row: dict) -> str:
+    """Return "  ε=… (δ=…), n planted: group ε=…, δ=…" for a DP row (group privacy for its k = n planted
+    images, `spurious.dp.group_epsilon`; "vacuous" when the group δ reaches 1), "" without DP."""
+    eps = float(row.get(EPSILON, math.nan) if row.get(EPSILON) is not None else math.nan)
+    if math.isnan(eps):
+        return ""
+    text = f"  ε={eps:.3g} (δ={float(row['dp_delta_used']):.2g})"
+    k = row.get("n_spurious")
+    if k is not None and not pd.isna(k) and int(k) > 1:
+        group_delta = float(row["dp_group_delta"])
+        bound = "vacuous: δ = 1" if group_delta >= 1 else f"δ={group_delta:.2g}"
+        text += f", {int(k)} planted: group ε={float(row['dp_group_epsilon']):.3g} ({bound})"
+    return text
 
 
 def _fmt(row: dict) -> str:
-    return (f"{_setting(row)}  val score={_pm(row, SCORE, 3)}  val acc={_pm(row, ACC, 4)}")
+    return (f"{_setting(row)}  val score={_pm(row, SCORE, 3)}  val acc={_pm(row, ACC, 4)}{privacy_text(row)}")
 
 
 def _fmt_confirm(rec: dict) -> str:
@@ -201,7 +252,7 @@ def _fmt_confirm(rec: dict) -> str:
     diff = ("" if rec["roles"][0] == "baseline" else
             f"  vs baseline: score {_pm(rec, 'd_spurious_score', 3, '+')}, acc {_pm(rec, 'd_test_acc', 4, '+')}")
     return (f"{roles:<21} {_setting(rec)}  test score={_pm(rec, 'spurious_score', 3)}  "
-            f"test acc={_pm(rec, 'test_acc', 4)}{diff}")
+            f"test acc={_pm(rec, 'test_acc', 4)}{diff}{privacy_text(rec)}")
 
 
 def format_summary(summary: dict) -> str:
@@ -209,11 +260,15 @@ def format_summary(summary: dict) -> str:
     confirmation table (test values over the fresh seeds) as text."""
     b, sel = summary["baseline"], summary["selection"]
     lines = [sel["note"] + ".",
-             f"unmitigated baseline (l2=0, σ=0), validation: score={_pm(b, SCORE, 3)}  acc={_pm(b, ACC, 4)}",
-             f"Pareto set on validation ({len(summary['pareto'])} of {summary['finished']} finished settings):"]
+             f"unmitigated baseline (l2=0, σ=0, no DP), validation: score={_pm(b, SCORE, 3)}  acc={_pm(b, ACC, 4)}"]
+    axes = "score, accuracy and ε" if summary.get("epsilon_objective") else "score and accuracy"
+    lines.append(f"Pareto set on validation {axes} ({len(summary['pareto'])} of {summary['finished']} finished "
+                 f"settings):")
     lines += [f"  {_fmt(row)}" for row in summary["pareto"]]
     rec = summary["recommended"]
     rule = f"lowest validation score with validation accuracy >= baseline - {summary['max_acc_drop']}"
+    if summary.get("max_epsilon"):
+        rule += f" and ε <= {summary['max_epsilon']}"
     lines.append(f"recommended ({rule}): {_fmt(rec) if rec else 'none of the settings qualifies'}")
     seeds = sel["confirm_data_seeds"]
     lines.append(f"confirmed on test (mean ± s.e. over {len(seeds)} fresh seed{'s' if len(seeds) > 1 else ''}, "

@@ -48,15 +48,44 @@ def optimizer_space(variants: Sequence[dict]) -> dict:
     return {"optim": grid(variants)}
 
 
+# The mitigations `study tune-mitigation --mitigations` can search (protocol §10.3, §10.5).
+MITIGATIONS = ("l2", "noise", "dp")
+# Documented DP-SGD search bounds (protocol §10.5): noise multiplier and per-example clip norm, both log-uniform.
+DP_NOISE_RANGE = (0.5, 4.0)
+DP_CLIP_RANGE = (0.1, 10.0)
+
+
+def _bounds(name: str, bounds: tuple[float, float], low_inclusive_zero: bool = False) -> tuple[float, float]:
+    lo, hi = bounds
+    ok = (0 <= lo <= hi) if low_inclusive_zero else (0 < lo < hi)
+    if not ok:
+        rule = "0 <= low <= high" if low_inclusive_zero else "0 < low < high"
+        raise SpuriousError(f"{name} bounds must satisfy {rule}, got {bounds}")
+    return float(lo), float(hi)
+
+
+def l2_space(l2: tuple[float, float] = (1e-6, 1e-1)) -> dict:
+    """Return the weight-decay (L2) search: log-uniform over `l2` (its floor stands in for "off")."""
+    return {"l2": {"loguniform": list(_bounds("l2", l2))}}
+
+
+def noise_space(noise_sigma: tuple[float, float] = (0.0, NOISE_SIGMA_MAX)) -> dict:
+    """Return the Gaussian input-noise search: σ uniform over `noise_sigma` (pixel units, images in [0, 1])."""
+    return {"noise_sigma": {"uniform": list(_bounds("noise_sigma", noise_sigma, low_inclusive_zero=True))}}
+
+
+def dp_space(noise_multiplier: tuple[float, float] = DP_NOISE_RANGE,
+             max_grad_norm: tuple[float, float] = DP_CLIP_RANGE) -> dict:
+    """Return the DP-SGD search (protocol §10.5): noise multiplier σ_DP and per-example clip norm C, both
+    log-uniform; every setting trains with DP (σ_DP > 0)."""
+    return {"dp_noise_multiplier": {"loguniform": list(_bounds("dp noise multiplier", noise_multiplier))},
+            "dp_max_grad_norm": {"loguniform": list(_bounds("dp clip norm", max_grad_norm))}}
+
+
 def mitigation_space(l2: tuple[float, float] = (1e-6, 1e-1),
                      noise_sigma: tuple[float, float] = (0.0, NOISE_SIGMA_MAX)) -> dict:
     """Return a sampled space: L2 weight log-uniform (its floor stands in for "off") and input-noise σ uniform."""
-    lo, hi = l2
-    if not 0 < lo < hi:
-        raise SpuriousError(f"l2 bounds must satisfy 0 < low < high, got {l2}")
-    if not 0 <= noise_sigma[0] <= noise_sigma[1]:
-        raise SpuriousError(f"noise_sigma bounds must satisfy 0 <= low <= high, got {noise_sigma}")
-    return {"l2": {"loguniform": [lo, hi]}, "noise_sigma": {"uniform": list(noise_sigma)}}
+    return merge(l2_space(l2), noise_space(noise_sigma))
 
 
 def mitigation_grid(l2: Sequence[float] = (), noise_sigma: Sequence[float] = (),

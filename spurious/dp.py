@@ -131,3 +131,17 @@ def group_epsilon(eps: float, target_delta: float, k: int) -> tuple[float, float
         return eps, target_delta
     return k * eps, min(1.0, k * math.exp((k - 1) * eps) * target_delta) if math.isfinite(eps) else 1.0
 
+
+
+def noise_for_epsilon(target_epsilon: float, q: float, steps: int, target_delta: float) -> float:
+    """Return the smallest noise multiplier σ (to opacus' tolerance, 0.01 in ε) whose RDP ε at `target_delta`
+    after `steps` steps of sample rate q is at most `target_epsilon` (opacus' `get_noise_multiplier`): the floor
+    of a σ search held to a privacy budget. Raises SpuriousError for a budget no σ ≤ 1e4 meets."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    try:
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=q,
+                                          steps=steps, accountant="rdp"))
+    except ValueError as exc:
+        raise SpuriousError(f"no noise multiplier reaches epsilon {target_epsilon} at delta {target_delta:.3g} in "
+                            f"{steps} steps of sample rate {q:.3g}: {exc}") from None

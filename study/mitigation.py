@@ -37,14 +37,18 @@ from ray.tune.search.optuna import OptunaSearch
 
 import search_spaces as ss
 from analysis import tuning as tuning_analysis
-from spurious import config as config_lib
+from spurious import config as config_lib, dp
+from spurious.planted import plant_config
 from spurious.errors import SpuriousError, check
 from study import runner, space as space_lib, wandb_setup
 from study.catalog import StudySpec
 from trainables import tune_mitigation as trainable_lib
+from trainables.common import dataset_for
 from trainables.tune_mitigation import tune_mitigation
 
 OBJECTIVES = ("pareto", "constrained")
+# The training settings tune-mitigation owns: off in the baseline, searched or off in the search.
+MITIGATION_KEYS = ("l2", "noise_sigma", "dp_noise_multiplier", "dp_max_grad_norm")
 SAMPLERS = ("tpe", "nsga2")
 JOURNAL = "optuna.journal"
 
@@ -69,9 +73,17 @@ class TuningOptions:
     val_size: int = 5000
     confirm_seeds: int = 3
     confirm_pareto: bool = False
+    mitigations: tuple = ("l2", "noise")
+    dp_noise_low: float = ss.DP_NOISE_RANGE[0]
+    dp_noise_high: float = ss.DP_NOISE_RANGE[1]
+    dp_clip_low: float = ss.DP_CLIP_RANGE[0]
+    dp_clip_high: float = ss.DP_CLIP_RANGE[1]
+    max_epsilon: float = 0.0
 
     def __post_init__(self) -> None:
         config_lib.check_types(self, "tuning option")
+        object.__setattr__(self, "mitigations", tuple(self.mitigations))
+        unknown = [m for m in self.mitigations if m not in ss.MITIGATIONS]
         checks = [
             (self.objective in OBJECTIVES, f"objective {self.objective!r} is not one of {', '.join(OBJECTIVES)}"),
             (self.sampler in SAMPLERS, f"sampler {self.sampler!r} is not one of {', '.join(SAMPLERS)}"),
@@ -85,8 +97,26 @@ class TuningOptions:
                                              f"[{self.l2_low}, {self.l2_high}]"),
             (self.sigma_max >= 0 and math.isfinite(self.sigma_max),
              f"--sigma-max must be a finite number >= 0, got {self.sigma_max}"),
+            (not unknown and len(self.mitigations) > 0,
+             f"--mitigations {','.join(map(str, unknown or self.mitigations)) or '(none)'} is not a list of "
+             f"{', '.join(ss.MITIGATIONS)}"),
+            (len(set(self.mitigations)) == len(self.mitigations), f"--mitigations names one twice: "
+                                                                   f"{','.join(self.mitigations)}"),
+            (0 < self.dp_noise_low < self.dp_noise_high < math.inf,
+             f"--dp-noise-range must satisfy 0 < low < high, got [{self.dp_noise_low}, {self.dp_noise_high}]"),
+            (0 < self.dp_clip_low < self.dp_clip_high < math.inf,
+             f"--dp-clip-range must satisfy 0 < low < high, got [{self.dp_clip_low}, {self.dp_clip_high}]"),
+            (self.max_epsilon >= 0 and math.isfinite(self.max_epsilon),
+             f"--max-epsilon must be a finite number > 0 (0 = no budget), got {self.max_epsilon}"),
+            (self.max_epsilon == 0 or "dp" in self.mitigations,
+             f"--max-epsilon {self.max_epsilon} needs DP-SGD in the search: add dp to --mitigations"),
         ]
         check(checks)
+
+    @property
+    def epsilon_objective(self) -> bool:
+        """Whether ε is a third objective of the Pareto search: DP is searched and no --max-epsilon is set."""
+        return "dp" in self.mitigations and self.max_epsilon == 0 and self.objective == "pareto"
 
     def search_seeds(self, data_seed: int) -> list[int]:
         """Return the data seeds (= training seeds) of every search and baseline trial."""
@@ -96,9 +126,18 @@ class TuningOptions:
         """Return the fresh data seeds (= training seeds) of the confirmation: the next ones after the search's."""
         return list(range(data_seed + self.seeds, data_seed + self.seeds + self.confirm_seeds))
 
-    def space(self, base_lr: float) -> dict:
-        """Return the Tune search space (converted to Optuna distributions by OptunaSearch)."""
-        space = ss.mitigation_space((self.l2_low, self.l2_high), (0.0, self.sigma_max))
+    def space(self, base_lr: float, dp_noise_floor: float = 0.0) -> dict:
+        """Return the Tune search space (converted to Optuna distributions by OptunaSearch): the searched
+        mitigations' spaces (`search_spaces`), the others fixed off (l2 = 0, σ = 0, no DP). `dp_noise_floor`
+        raises the noise multiplier's lower bound (the σ that meets --max-epsilon, `dp_noise_floor`)."""
+        space: dict = {"l2": 0.0, "noise_sigma": 0.0, "dp_noise_multiplier": 0.0}
+        if "l2" in self.mitigations:
+            space.update(ss.l2_space((self.l2_low, self.l2_high)))
+        if "noise" in self.mitigations:
+            space.update(ss.noise_space((0.0, self.sigma_max)))
+        if "dp" in self.mitigations:
+            space.update(ss.dp_space((max(self.dp_noise_low, dp_noise_floor), self.dp_noise_high),
+                                     (self.dp_clip_low, self.dp_clip_high)))
         if self.tune_lr:
             space["lr"] = {"loguniform": [base_lr / 10, base_lr * 10]}
         return space_lib.to_tune(space)
@@ -122,6 +161,8 @@ def make_searcher(options: TuningOptions, journal: Path, study_name: str):
     storage = JournalStorage(JournalFileBackend(str(journal)))
     score, acc = trainable_lib.SELECTION_SCORE, trainable_lib.SELECTION_ACC
     metric, mode = ((score, "min") if constrained else ([score, acc], ["min", "max"]))
+    if options.epsilon_objective:  # ε is known before training, but a third objective lets Optuna trade it
+        metric, mode = [*metric, trainable_lib.EPSILON], [*mode, "min"]
     return ConstrainedOptunaSearch(metric=metric, mode=mode, sampler=sampler, storage=storage,
                                    study_name=study_name)
 
@@ -143,7 +184,11 @@ def base_config(spec: StudySpec, smoke: bool, overrides: dict, val_size: int = 0
         if isinstance(value, dict):
             raise SpuriousError(f"tune-mitigation needs one value for {key!r}, got a search axis; "
                                 f"set it with --set {key}=VALUE")
-    for key in ("l2", "noise_sigma"):
+    owned = [k for k in MITIGATION_KEYS if k in space and space[k] != getattr(config_lib.TrainConfig, k)]
+    if owned:
+        raise SpuriousError(f"tune-mitigation sets {owned[0]} itself (off in the baseline; searched or off in the "
+                            f"search, see --mitigations): drop {owned[0]}={space[owned[0]]!r} from the study or --set")
+    for key in MITIGATION_KEYS:
         space.pop(key, None)
     if val_size:
         if space.get("val_size", val_size) != val_size:
@@ -151,6 +196,25 @@ def base_config(spec: StudySpec, smoke: bool, overrides: dict, val_size: int = 0
                                 f"drop val_size={space['val_size']!r} from the study or --set")
         space["val_size"] = val_size
     return config_lib.from_dict(space).to_dict()
+
+
+def dp_noise_floor(base: dict, tuning: TuningOptions, data) -> float:
+    """Return the smallest DP noise multiplier whose ε after the study's epochs is at most --max-epsilon
+    (`spurious.dp.noise_for_epsilon`; N the training images after the validation split, q = batch_size / N,
+    δ the configured one or 1/N), 0 without a budget. Raises a one-line SpuriousError when that floor is
+    not below the search's upper bound (no setting could meet the budget)."""
+    if tuning.max_epsilon == 0:
+        return 0.0
+    cfg = config_lib.from_dict(base)
+    n = len(plant_config(dataset_for(data, cfg.dataset), cfg).y_train)
+    q, steps, target_delta = dp.sample_rate(cfg, n), cfg.epochs * dp.steps_per_epoch(cfg, n), dp.delta(cfg, n)
+    top = dp.epsilon(tuning.dp_noise_high, q, steps, target_delta)
+    if top > tuning.max_epsilon:
+        raise SpuriousError(f"--max-epsilon {tuning.max_epsilon} is below the ε {top:.3g} of the noise multiplier "
+                            f"{tuning.dp_noise_high} over {cfg.epochs} epochs of batch {cfg.batch_size}, "
+                            f"above --dp-noise-range's upper bound: raise it, or train fewer epochs or smaller "
+                            f"batches")
+    return dp.noise_for_epsilon(tuning.max_epsilon, q, steps, target_delta)
 
 
 def _trainable(data, seeds: int, checkpoint_every: int, resources: dict, min_acc: float | None):
@@ -203,7 +267,8 @@ def run_search(root: Path, base: dict, tuning: TuningOptions, data, resources: d
     searcher = make_searcher(tuning, root / JOURNAL, root.name)
     tune_config = tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(tuning, base["epochs"]),
                                   num_samples=tuning.trials, max_concurrent_trials=options.max_concurrent)
-    tuner = tune.Tuner(trainable, param_space={**base, **tuning.space(base["lr"])}, tune_config=tune_config,
+    space = tuning.space(base["lr"], dp_noise_floor(base, tuning, data))
+    tuner = tune.Tuner(trainable, param_space={**base, **space}, tune_config=tune_config,
                        run_config=runner.run_config(options, "search", logging.callbacks(root, root.name),
                                                     storage_path=str(root)))
     return tuner.fit()
@@ -254,13 +319,15 @@ def run(spec: StudySpec, options: runner.RunOptions, tuning: TuningOptions,
     if "://" in str(options.storage_uri()):
         raise SpuriousError("tune-mitigation keeps its Optuna journal next to the results: use a local or "
                             "shared-file-system --storage-path, not a URI")
+    dp_noise_floor(base, tuning, prepared.data)  # an unreachable --max-epsilon fails here, before anything runs
     resources = runner.begin(options)
     meta = runner.session_meta("tune-mitigation", spec.name, options, logging, resources, sorted(prepared.data)[:1],
                                trial_budget(tuning), base=base, tuning=asdict(tuning),
                                checkpoint_every=spec.checkpoint_every)
     runner.write_meta(root, meta)
     logging = replace(logging, provenance=meta["provenance"])  # each W&B run's config carries it too
-    print(f"tune-mitigation {spec.name}: baseline + {tuning.trials} settings × {tuning.seeds} seeds, selected on "
+    print(f"tune-mitigation {spec.name}: baseline + {tuning.trials} settings of {'+'.join(tuning.mitigations)} × "
+          f"{tuning.seeds} seeds, selected on "
           f"{tuning.val_size} validation images, confirmed on test with {tuning.confirm_seeds} fresh seeds -> {root}",
           flush=True)
     return _execute(root, base, tuning, prepared.data, resources, spec.checkpoint_every, options, logging)
@@ -274,13 +341,14 @@ def _execute(root: Path, base: dict, tuning: TuningOptions, data, resources: dic
     runner.save_state_often(trial_budget(tuning))
     baseline = run_baseline(root, base, tuning, data, resources, checkpoint_every, options, logging)
     run_search(root, base, tuning, data, resources, checkpoint_every, options, baseline, logging, retry_errored)
-    selection = tuning_analysis.select(root, baseline, tuning.max_acc_drop)
+    selection = tuning_analysis.select(root, baseline, tuning.max_acc_drop, tuning.epsilon_objective,
+                                       tuning.max_epsilon)
     settings = tuning_analysis.confirm_settings(selection, base["lr"], tuning.confirm_pareto)
     run_confirm(root, base, tuning, settings, data, resources, checkpoint_every, options, logging, retry_errored)
     summary = tuning_analysis.write_summary(
         root, baseline, tuning.max_acc_drop, tuning.objective, val_size=tuning.val_size,
         search_seeds=tuning.search_seeds(base["data_seed"]), confirm_seeds=tuning.confirm_seeds_from(base["data_seed"]),
-        settings=settings)
+        settings=settings, epsilon_objective=tuning.epsilon_objective, max_epsilon=tuning.max_epsilon)
     print()
     print(tuning_analysis.format_summary(summary))
     print(f"\nOptuna study: optuna-dashboard {root / JOURNAL}")
@@ -292,5 +360,6 @@ def resume(again: "runner.Reopened", retry_errored: bool) -> Path:
     """Continue a tune-mitigation study killed in any phase: finish the baseline if needed, then the search with
     its history, then the confirmation; phases not started yet get the study's W&B callbacks."""
     meta = again.meta
-    return _execute(Path(again.path), meta["base"], TuningOptions(**meta["tuning"]), again.data, again.resources,
+    tuning = config_lib.from_values(TuningOptions, meta["tuning"], "tuning option")
+    return _execute(Path(again.path), meta["base"], tuning, again.data, again.resources,
                     meta["checkpoint_every"], again.options, again.logging, retry_errored)

@@ -12,7 +12,8 @@ SMOKE_TUNING = {"confirm_seeds": 2}  # with the catalog's smoke tuning (3 settin
 
 def arguments(p: argparse.ArgumentParser) -> None:
     """Add the arguments of `study tune-mitigation`."""
-    p.description = ("Search L2 weight and input-noise σ (optionally lr) with Optuna through Ray Tune, after "
+    p.description = ("Search mitigations (L2 weight, input-noise σ, DP-SGD; optionally lr) with Optuna through "
+                     "Ray Tune, after "
                      "evaluating the unmitigated baseline; select on a validation split held out of training, then "
                      "confirm the chosen settings on test with fresh seeds (protocol §10.3).")
     p.add_argument("--study", default="mitigation", type=expand_path,
@@ -34,6 +35,16 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--l2-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
                    help="log-uniform L2 range (default 1e-6 0.1; the floor stands in for 'off')")
     p.add_argument("--tune-lr", action="store_true", help="also search lr (log-uniform, base/10 … base×10)")
+    p.add_argument("--mitigations", metavar="LIST",
+                   help="comma-separated mitigations to search together: l2, noise, dp (default l2,noise; the "
+                        "others stay off). dp searches DP-SGD's noise multiplier and clip norm, and reports ε")
+    p.add_argument("--dp-noise-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="log-uniform DP noise multiplier range (default 0.5 4)")
+    p.add_argument("--dp-clip-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="log-uniform DP per-example clip norm range (default 0.1 10)")
+    p.add_argument("--max-epsilon", type=float,
+                   help="privacy budget: only settings with ε <= this (at δ = dp_delta, default 1/N) are searched, "
+                        "by raising the noise multiplier's floor; without it ε is a third Pareto objective")
     add_run_options(p, smoke_help="3 settings × 2 seeds, 1 epoch; confirmation on 2 fresh seeds")
 
 
@@ -49,6 +60,13 @@ def tuning_options(spec, smoke: bool, args: argparse.Namespace | None = None):
                       "confirm_seeds": args.confirm_seeds, "confirm_pareto": args.confirm_pareto or None}
         if args.l2_range:
             cli_values.update(l2_low=args.l2_range[0], l2_high=args.l2_range[1])
+        if args.mitigations is not None:
+            cli_values["mitigations"] = tuple(m.strip() for m in args.mitigations.split(",") if m.strip())
+        if args.dp_noise_range:
+            cli_values.update(dp_noise_low=args.dp_noise_range[0], dp_noise_high=args.dp_noise_range[1])
+        if args.dp_clip_range:
+            cli_values.update(dp_clip_low=args.dp_clip_range[0], dp_clip_high=args.dp_clip_range[1])
+        cli_values["max_epsilon"] = args.max_epsilon
         values.update({k: v for k, v in cli_values.items() if v is not None})
     return config_lib.from_values(TuningOptions, values, "tuning option")
 

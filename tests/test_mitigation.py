@@ -139,8 +139,10 @@ def test_confirm_settings_are_the_baseline_the_recommendation_and_optionally_the
     front = pd.DataFrame({"l2": [0.1, 0.01], "noise_sigma": [0.0, 0.1], "lr": [0.01, 0.01]})
     selection = {"front": front, "recommended": front.iloc[1].to_dict()}
     assert tuning.confirm_settings(selection, 0.01) == [
-        {"roles": ["baseline"], "l2": 0.0, "noise_sigma": 0.0, "lr": 0.01},
-        {"roles": ["recommended"], "l2": 0.01, "noise_sigma": 0.1, "lr": 0.01}]
+        {"roles": ["baseline"], "l2": 0.0, "noise_sigma": 0.0, "dp_noise_multiplier": 0.0, "dp_max_grad_norm": 1.0,
+         "lr": 0.01},
+        {"roles": ["recommended"], "l2": 0.01, "noise_sigma": 0.1, "dp_noise_multiplier": 0.0, "dp_max_grad_norm": 1.0,
+         "lr": 0.01}]  # a study of l2 and noise: DP off, its clip norm the training default
     assert [s["roles"] for s in tuning.confirm_settings(selection, 0.01, pareto=True)] == [
         ["baseline"], ["recommended", "pareto"], ["pareto"]]
     assert len(tuning.confirm_settings({"front": front, "recommended": None}, 0.01)) == 1
@@ -201,6 +203,15 @@ def test_bad_tuning_options(kwargs, message):
     (["--confirm-seeds", "0"], "--confirm-seeds must be >= 1"),
     (["--set", "val_size=100"], "tune-mitigation sets val_size with --val-size (5000)"),
     (["--set", "val_size=0"], "tune-mitigation sets val_size with --val-size (5000)"),
+    (["--set", "l2=0.001"], "tune-mitigation sets l2 itself"),
+    (["--set", "dp_noise_multiplier=1.0"], "tune-mitigation sets dp_noise_multiplier itself"),
+    (["--mitigations", "dp,dropout"], "--mitigations dropout is not a list of l2, noise, dp"),
+    (["--mitigations", "dp,dp"], "--mitigations names one twice: dp,dp"),
+    (["--max-epsilon", "2"], "--max-epsilon 2.0 needs DP-SGD in the search: add dp to --mitigations"),
+    (["--mitigations", "dp", "--max-epsilon", "-1"], "--max-epsilon must be a finite number > 0"),
+    (["--mitigations", "dp", "--dp-noise-range", "2", "1"], "--dp-noise-range must satisfy 0 < low < high"),
+    (["--mitigations", "dp", "--dp-clip-range", "0", "1"], "--dp-clip-range must satisfy 0 < low < high"),
+    (["--mitigations", "dp", "--max-epsilon", "0.001"], "above --dp-noise-range's upper bound"),
 ])
 def test_cli_rejects_bad_tuning_input_with_one_line(capsys, tmp_path, argv, message):
     code = cli.main(["tune-mitigation", *argv, "--storage-path", str(tmp_path / "results")])
@@ -391,3 +402,89 @@ def reported_rows(experiment):
     for path in experiment.glob("*/result.json"):
         out[path.parent] = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip().endswith("}")]
     return out
+
+
+# --- DP-SGD as a searched mitigation (issue 17, protocol §10.5) ---
+
+def test_the_space_searches_only_the_chosen_mitigations_and_keeps_the_others_off():
+    from study import space as space_lib
+
+    dp_only = TuningOptions(mitigations=("dp",)).space(0.05, dp_noise_floor=0.8)
+    assert {k: dp_only[k] for k in ("l2", "noise_sigma")} == {"l2": 0.0, "noise_sigma": 0.0}
+    assert dp_only["dp_noise_multiplier"].lower == 0.8 and dp_only["dp_noise_multiplier"].upper == 4.0
+    assert (dp_only["dp_max_grad_norm"].lower, dp_only["dp_max_grad_norm"].upper) == (0.1, 10.0)
+    both = TuningOptions(mitigations=("l2", "dp"), dp_clip_low=0.5, dp_clip_high=2.0).space(0.05)
+    assert both["noise_sigma"] == 0.0 and both["l2"].lower == 1e-6 and both["dp_noise_multiplier"].lower == 0.5
+    assert both["dp_max_grad_norm"].upper == 2.0
+    default = TuningOptions().space(0.05)
+    assert default["dp_noise_multiplier"] == 0.0 and "dp_max_grad_norm" not in default
+    assert set(space_lib.to_tune(ss_dp())) == {"dp_noise_multiplier", "dp_max_grad_norm"}
+
+
+def ss_dp():
+    import search_spaces as ss
+
+    return ss.dp_space()
+
+
+@pytest.mark.parametrize("options,metric,mode", [
+    ({"mitigations": ("dp",)}, ["val_spurious_score", "val_acc", "dp_epsilon"], ["min", "max", "min"]),
+    ({"mitigations": ("dp", "l2"), "max_epsilon": 2.0}, ["val_spurious_score", "val_acc"], ["min", "max"]),
+    ({"mitigations": ("dp",), "objective": "constrained"}, "val_spurious_score", "min"),
+])
+def test_epsilon_is_a_third_objective_unless_it_is_a_budget(tmp_path, options, metric, mode):
+    from study import mitigation
+
+    searcher = mitigation.make_searcher(TuningOptions(**options), tmp_path / "j.journal", "s")
+    assert (searcher._metric, searcher._mode) == (metric, mode)
+
+
+def test_the_noise_floor_meets_the_epsilon_budget_and_is_tight():
+    from spurious import dp
+    from study import mitigation
+
+    base = TrainConfig(dataset="fashion", batch_size=256, epochs=4, val_size=500).to_dict()
+    data = {"fashion": synthetic_dataset(n_train=3000, n_test=100)}
+    n = len(plant_config(data["fashion"], TrainConfig(**base)).y_train)
+    q, steps = 256 / n, 4 * (n // 256)
+    floor = mitigation.dp_noise_floor(base, TuningOptions(mitigations=("dp",), max_epsilon=3.0), data)
+    assert dp.epsilon(floor, q, steps, 1 / n) <= 3.0 < dp.epsilon(floor * 0.97, q, steps, 1 / n)
+    assert mitigation.dp_noise_floor(base, TuningOptions(mitigations=("dp",)), data) == 0.0
+    with pytest.raises(SpuriousError, match="noise multiplier 4.0 over 4 epochs of batch 256, above --dp-noise-range's upper bound"):
+        mitigation.dp_noise_floor(base, TuningOptions(mitigations=("dp",), max_epsilon=0.01), data)
+
+
+def test_a_three_objective_pareto_front_is_the_non_dominated_set_and_the_budget_filters_the_recommendation():
+    rng = np.random.default_rng(1)
+    df = pd.DataFrame({"val_spurious_score": rng.random(40), "val_acc": rng.random(40), "dp_epsilon": rng.random(40),
+                       "l2": 0.0, "noise_sigma": 0.0, "lr": 0.01})
+    front = tuning.pareto_front(df, ("val_spurious_score", "dp_epsilon"))
+    v = df[["val_spurious_score", "dp_epsilon"]].to_numpy()
+    a = df["val_acc"].to_numpy()
+    dominated = [any((v[j] <= v[i]).all() and a[j] >= a[i] and ((v[j] < v[i]).any() or a[j] > a[i])
+                     for j in range(40)) for i in range(40)]
+    assert sorted(front.index) == [i for i in range(40) if not dominated[i]]
+    assert len(front) > len(tuning.pareto_front(df))  # a third objective keeps more settings
+    best = tuning.recommend(df, baseline_acc=0.5, max_acc_drop=0.1)
+    budget = tuning.recommend(df, baseline_acc=0.5, max_acc_drop=0.1, max_epsilon=0.3)
+    assert budget["dp_epsilon"] <= 0.3 and budget["val_spurious_score"] >= best["val_spurious_score"]
+
+
+def test_the_summary_prints_epsilon_and_the_planted_group_bound_for_dp_settings():
+    val = {"l2": 0.0, "noise_sigma": 0.0, "dp_noise_multiplier": 1.2, "dp_max_grad_norm": 0.5, "lr": 0.05,
+           "val_spurious_score": 0.05, "val_spurious_score_se": 0.01, "val_acc": 0.8, "val_acc_se": 0.002,
+           "dp_epsilon": 1.5, "dp_delta_used": 1.8e-5, "dp_group_epsilon": 15.0, "dp_group_delta": 1.0,
+           "n_spurious": 10}
+    small = {**val, "n_spurious": 3, "dp_group_epsilon": 4.5, "dp_group_delta": 3 * np.exp(3.0) * 1.8e-5}
+    summary = {"objective": "pareto", "max_acc_drop": 0.02, "finished": 2, "pareto": [val, small],
+               "recommended": small, "epsilon_objective": False, "max_epsilon": 2.0,
+               "baseline": {"val_spurious_score": 0.2, "val_spurious_score_se": 0.02, "val_acc": 0.85,
+                            "val_acc_se": 0.003},
+               "selection": {"note": tuning.provenance(5000, [0, 1], [2, 3]), "confirm_data_seeds": [2, 3]},
+               "confirmation": []}
+    text = tuning.format_summary(summary)
+    assert "DP σ=1.2 C=0.5  lr=0.05" in text and "ε=1.5 (δ=1.8e-05)" in text
+    assert "10 planted: group ε=15 (vacuous: δ = 1)" in text and "3 planted: group ε=4.5 (δ=0.0011)" in text
+    assert "and ε <= 2.0" in text and "(l2=0, σ=0, no DP)" in text
+    assert "ε=" not in tuning.format_summary({**summary, "pareto": [{**val, "dp_epsilon": float("nan")}],
+                                              "recommended": None})

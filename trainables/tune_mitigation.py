@@ -1,4 +1,4 @@
-"""`tune_mitigation`: one mitigation setting (L2, σ, optionally lr) scored over K replicate seeds in one trial.
+"""`tune_mitigation`: one mitigation setting (L2, input-noise σ, DP-SGD, optionally lr) scored over K replicate seeds in one trial.
 
 The K models are trained in lock-step inside the trial, epoch by epoch (as one bundle, `spurious.bundle`,
 when the model allows it), so the trial reports the seed-averaged metrics every epoch. That makes the
@@ -26,12 +26,18 @@ from trainables.common import (checkpoint_due, dataset_for, maybe_inject_fault, 
 AVERAGED = TRAIN_KEYS + TEST_KEYS + VAL_KEYS
 # What selection reads (Optuna's objectives and constraint, ASHA, the Pareto set, the recommendation).
 SELECTION_SCORE, SELECTION_ACC = "val_spurious_score", "val_acc"
+# A DP setting's privacy guarantee (`spurious.train.Engine.privacy`): the same for every replicate (it depends on
+# the noise multiplier, sample rate, steps, δ and the planted count, not on the seed), so reported once. ε is a
+# property of the training recipe, not of any split: selection may read it.
+EPSILON = "dp_epsilon"
+PRIVACY_KEYS = (EPSILON, "dp_delta_used", "dp_group_epsilon", "dp_group_delta")
 
 
 def seed_average(rows: list[dict]) -> dict:
     """Return the mean of each metric over seeds (those of AVERAGED the rows have: VAL_KEYS only with a
     validation split), with `<metric>_se` standard errors (sample s.d. / √K; NaN for one seed) and the per-seed
-    test and validation scores (`spurious_score_per_seed`, `val_spurious_score_per_seed`)."""
+    test and validation scores (`spurious_score_per_seed`, `val_spurious_score_per_seed`); a DP setting's
+    PRIVACY_KEYS are the first replicate's (all replicates share them)."""
     out: dict = {"epoch": rows[0]["epoch"], "epoch_lr": rows[0]["epoch_lr"], "n_seeds": len(rows)}
     for key in [k for k in AVERAGED if k in rows[0]]:
         values = np.array([r[key] for r in rows], dtype=float)
@@ -40,6 +46,7 @@ def seed_average(rows: list[dict]) -> dict:
     for key in ("spurious_score", SELECTION_SCORE):
         if key in rows[0]:
             out[f"{key}_per_seed"] = [float(r[key]) for r in rows]
+    out.update({key: float(rows[0][key]) for key in PRIVACY_KEYS if key in rows[0]})
     return out
 
 
