@@ -1,7 +1,6 @@
 """Optuna mitigation tuning: Pareto logic, option checking, and end-to-end runs with kill + resume."""
 import copy
 import json
-import os
 import signal
 import subprocess
 import sys
