@@ -25,18 +25,18 @@ from analysis import stats
 from spurious import checkpoint
 from spurious.config import field_names
 from spurious.errors import SpuriousError
-from spurious.metrics import INDICATORS_KEY, TEST_KEYS, TRAIN_KEYS, VAL_KEYS, unpack_indicators
+from spurious.metrics import INDICATORS_KEY, PRIVACY_KEYS, TEST_KEYS, TRAIN_KEYS, VAL_KEYS, unpack_indicators
 
 # Every training-config key: a trainable records them all, canonical, in each report (spurious.config).
 TRAIN_FIELDS = tuple(field_names())
 CONFIG_COLUMNS = ("dataset", "model", "pattern", "n_spurious", "target", "targets", "data_seed", "seed", "split",
-                  "val_size", "optimizer", "lr", "momentum", "l2", "grad_clip", "noise_sigma", "augmentation",
-                  "epochs", "batch_size", "tau")
+                  "val_size", "optimizer", "lr", "momentum", "l2", "grad_clip", "noise_sigma", "dp_noise_multiplier",
+                  "dp_max_grad_norm", "dp_delta", "dp_sampling", "augmentation", "epochs", "batch_size", "tau")
 # The per-epoch metrics every training trial reports: the one key list of spurious.metrics.
 METRICS = (*TRAIN_KEYS, *TEST_KEYS)
 # Reported values kept in the frames but not summarised (`load_epochs` also has `epoch_lr`, the epoch's
 # scheduled rate; `lr` is the configured base rate).
-EXTRAS = ("epoch_time_s", "n_planted", "pattern_l2", *VAL_KEYS)
+EXTRAS = ("epoch_time_s", "n_planted", "pattern_l2", *VAL_KEYS, *PRIVACY_KEYS)
 # The columns `summarize` adds to the cell keys (protocol §4.3): p_<test> and p_<test>_holm per stats.TESTS.
 SUMMARY_COLUMNS = ("mean", "se", "count", "p_welch_replicates", "p_welch_replicates_holm", "mark_suppressed",
                    "p_welch_per_example", "p_welch_per_example_holm", "n_test_images", "mark_suppressed_per_example")

@@ -17,13 +17,13 @@ import pandas as pd
 
 from analysis import stats, style
 from analysis.frames import load, study_meta
+from spurious.metrics import PRIVACY_KEYS
 
 SETTING_KEYS = ("l2", "noise_sigma", "dp_noise_multiplier", "dp_max_grad_norm", "lr")
 # A setting's value of a key older studies (before DP) did not report: the training default.
 SETTING_DEFAULTS = {"dp_noise_multiplier": 0.0, "dp_max_grad_norm": 1.0}
-# A DP setting's privacy guarantee (trainables/tune_mitigation.PRIVACY_KEYS): NaN without DP.
-PRIVACY_KEYS = ("dp_epsilon", "dp_delta_used", "dp_group_epsilon", "dp_group_delta")
-EPSILON = "dp_epsilon"
+# A DP setting's privacy guarantee (spurious.metrics.PRIVACY_KEYS) is NaN without DP.
+EPSILON = PRIVACY_KEYS[0]
 # Seed means ± s.e. over seeds that selection reads (validation split) and that confirmation reports (test).
 SELECTION_KEYS = ("val_spurious_score", "val_spurious_score_se", "val_acc", "val_acc_se")
 TEST_VALUE_KEYS = ("spurious_score", "spurious_score_se", "test_acc", "test_acc_se")

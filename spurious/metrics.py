@@ -18,6 +18,9 @@ TEST_KEYS = ("test_loss", "test_acc", "spurious_score", "spurious_score_nontarge
 # The same metrics on the validation split (protocol §3.4), reported when a run has one: val_loss, val_acc,
 # val_spurious_score, …; model selection and tuning read only these.
 VAL_KEYS = tuple("val_" + key.removeprefix("test_") for key in TEST_KEYS)
+# A DP-SGD run's privacy guarantee, reported every epoch (`train.Engine.privacy`, protocol §10.5): ε at the δ used,
+# and the group-privacy bound (kε, δ_k) for its k planted images. Properties of the training, not of a split.
+PRIVACY_KEYS = ("dp_epsilon", "dp_delta_used", "dp_group_epsilon", "dp_group_delta")
 # The final epoch's per-test-image indicators r(x) (protocol §4.4), bit-packed (`pack_indicators`).
 INDICATORS_KEY = "spurious_indicators"
 

@@ -221,8 +221,7 @@ class Engine:
         target_delta = dp.delta(self.cfg, n)
         eps = dp.epsilon(self.cfg.dp_noise_multiplier, dp.sample_rate(self.cfg, n), steps, target_delta)
         group_eps, group_delta = dp.group_epsilon(eps, target_delta, max(1, len(self.data.spurious_idx)))
-        return {"dp_epsilon": eps, "dp_delta_used": target_delta, "dp_group_epsilon": group_eps,
-                "dp_group_delta": group_delta}
+        return dict(zip(metrics.PRIVACY_KEYS, (eps, target_delta, group_eps, group_delta)))
 
     def evaluate(self) -> dict[str, float]:
         """Return the clean and patterned test metrics of the current model (protocol §4.2), the same on the

@@ -19,7 +19,7 @@ import numpy as np
 
 from spurious import bundle, config as config_lib, train
 from spurious.datasets import Dataset
-from spurious.metrics import TEST_KEYS, TRAIN_KEYS, VAL_KEYS
+from spurious.metrics import PRIVACY_KEYS, TEST_KEYS, TRAIN_KEYS, VAL_KEYS
 from trainables.common import (checkpoint_due, dataset_for, maybe_inject_fault, report_states,
                                restored_states, use_trial_threads)
 
@@ -29,8 +29,7 @@ SELECTION_SCORE, SELECTION_ACC = "val_spurious_score", "val_acc"
 # A DP setting's privacy guarantee (`spurious.train.Engine.privacy`): the same for every replicate (it depends on
 # the noise multiplier, sample rate, steps, δ and the planted count, not on the seed), so reported once. ε is a
 # property of the training recipe, not of any split: selection may read it.
-EPSILON = "dp_epsilon"
-PRIVACY_KEYS = (EPSILON, "dp_delta_used", "dp_group_epsilon", "dp_group_delta")
+EPSILON = PRIVACY_KEYS[0]
 
 
 def seed_average(rows: list[dict]) -> dict:
