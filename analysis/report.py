@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from analysis import claims, figures, frames, stats, style
+from analysis import claims, figures, frames, privacy, stats, style
 from spurious.errors import SpuriousError
 
 SUMMARY_METRICS = ("spurious_score", "test_acc")
@@ -42,7 +42,7 @@ def write_report(experiment_dirs: str | Path | Iterable[str | Path],
     summaries = {m: frames.summarize(training, metric=m) for m in SUMMARY_METRICS} if not training.empty else {}
     for metric, summary in summaries.items():
         summary.to_csv(out / f"summary_{metric}.csv", index=False)
-    studies = posthoc_sections(df)
+    studies = posthoc_sections(df) + privacy.sections(training)
     tables = [path.name for name, frame in posthoc_frames(df).items() for path in write_frame(frame, out / name)]
     found = {k: _display(v) for k, v in claims.claims(training, SIGNIFICANT).items()} if summaries else None
     if found is not None:
