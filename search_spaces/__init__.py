@@ -89,11 +89,18 @@ def mitigation_space(l2: tuple[float, float] = (1e-6, 1e-1),
 
 
 def mitigation_grid(l2: Sequence[float] = (), noise_sigma: Sequence[float] = (),
-                    grad_clip: Sequence[float] = ()) -> dict:
-    """Return a grid over one mitigation at a time plus the unmitigated baseline (protocol §10.2)."""
+                    grad_clip: Sequence[float] = (), dp_noise_multiplier: Sequence[float] = (),
+                    dp_max_grad_norm: float = 1.0) -> dict:
+    """Return a grid over one mitigation at a time plus the unmitigated baseline (protocol §10.2); with
+    `dp_noise_multiplier` values also DP-SGD at each noise multiplier with clip norm `dp_max_grad_norm`
+    (protocol §10.5; the other variants then carry dp_noise_multiplier = 0)."""
     variants = [{"l2": 0.0, "noise_sigma": 0.0, "grad_clip": 0.0}]
-    for key, values in (("l2", l2), ("noise_sigma", noise_sigma), ("grad_clip", grad_clip)):
-        variants += [{**variants[0], key: float(v)} for v in values]
+    if dp_noise_multiplier:
+        variants[0]["dp_noise_multiplier"] = 0.0
+    for key, values in (("l2", l2), ("noise_sigma", noise_sigma), ("grad_clip", grad_clip),
+                        ("dp_noise_multiplier", dp_noise_multiplier)):
+        extra = {"dp_max_grad_norm": float(dp_max_grad_norm)} if key == "dp_noise_multiplier" else {}
+        variants += [{**variants[0], key: float(v), **extra} for v in values]
     return {"mitigation": grid(variants)}
 
 
@@ -168,6 +175,24 @@ def regularization_space(dataset: str = "mnist") -> dict:
         counts = (0, 1, 3, 5, 10, 20, 100)
     return merge({**base, "optimizer": "adam", "lr": 0.01, "epochs": 70, "batch_size": 128},
                  rarity_grid(["s3"], counts, [0], SEEDS), mitigations)
+
+
+# DP-SGD against L2 and input noise (protocol §10.5): noise multipliers (clip norm 1) and the L2 and σ values
+# whose clean accuracies bracket theirs on Fashion-MNIST with LargeMLP.
+DP_COMPARE_NOISE = (0.5, 1.0, 2.0)
+DP_COMPARE_L2 = (1e-3, 3e-3, 1e-2)
+DP_COMPARE_SIGMA = (0.2, 0.4, 0.6)
+
+
+def dp_compare_space(patterns: Sequence[str] = ("s3", "r3"), counts: Sequence[int] = (0, 3, 10, 100),
+                     data_seeds: Sequence[int] = (0, 1, 2), epochs: int = 4) -> dict:
+    """Return the DP comparison (protocol §10.5): Fashion-MNIST, LargeMLP, SGD 0.05 with momentum, batch 256,
+    class 0, patterns × counts × data seeds × {unmitigated, DP at each of DP_COMPARE_NOISE, L2 at each of
+    DP_COMPARE_L2, input noise at each of DP_COMPARE_SIGMA}."""
+    return merge({"dataset": "fashion", "model": "large_mlp", "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
+                  "epochs": epochs, "batch_size": 256},
+                 rarity_grid(patterns, counts, [0], data_seeds),
+                 mitigation_grid(l2=DP_COMPARE_L2, noise_sigma=DP_COMPARE_SIGMA, dp_noise_multiplier=DP_COMPARE_NOISE))
 
 
 MIA_COUNTS = (1, 3, 5, 10, 20, 100, 1000)

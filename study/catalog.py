@@ -263,6 +263,43 @@ def mitigation() -> StudySpec:
                      tuning={"trials": 20, "seeds": 3, "objective": "pareto"})
 
 
+@study("mitigation-dp")
+def mitigation_dp() -> StudySpec:
+    """Optuna search of DP-SGD's noise multiplier and clip norm against R3 (n = 10, class 0) on Fashion-MNIST.
+
+    Command: `study tune-mitigation --study mitigation-dp` — the unmitigated baseline, then 12 DP settings
+    (noise multiplier 0.5–4, clip norm 0.1–10, both log-uniform) × 2 data seeds of LargeMLP (SGD 0.05 with
+    momentum, batch 256, 4 epochs), Pareto on validation score, validation accuracy and ε (`--max-epsilon
+    E` makes ε a budget instead; protocol §10.3 and §10.5), then the baseline and the recommended setting on 2
+    fresh seeds on test. Sized for 2 CPUs (DP epochs by ghost norms). Smoke: 3 settings × 2 seeds, 1 epoch.
+    """
+    base = {"dataset": "fashion", "model": "large_mlp", "pattern": "r3", "n_spurious": 10, "target": 0,
+            "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "epochs": 4, "batch_size": 256}
+    return StudySpec("mitigation-dp", _doc(mitigation_dp), base, smoke={"epochs": 1}, kind="tune-mitigation",
+                     checkpoint_every=2, expected_time="~30 min on 2 CPUs",
+                     tuning={"trials": 12, "seeds": 2, "confirm_seeds": 2, "objective": "pareto",
+                             "mitigations": ["dp"]})
+
+
+@study("dp-compare")
+def dp_compare() -> StudySpec:
+    """DP-SGD against L2 and input noise at matched clean accuracy (protocol §10.5) on Fashion-MNIST.
+
+    Command: `study run dp-compare` — S3 and R3 in class 0 at n ∈ {0, 3, 10, 100}, 3 data seeds, LargeMLP
+    (SGD 0.05 with momentum, batch 256, 4 epochs), unmitigated and each of: DP-SGD at noise multiplier 0.5,
+    1, 2 (clip norm 1), L2 1e-3, 3e-3, 1e-2, input noise σ 0.2, 0.4, 0.6. `study report` prints each DP
+    setting's ε and the planted group's bound beside its score, and matches it with the L2 and noise
+    settings of closest clean accuracy. Smoke: R3, n ∈ {0, 10}, one seed, 1 epoch, unmitigated, DP 1.0 and
+    L2 1e-2.
+    """
+    smoke = {"pattern": "r3", "n_spurious": [0, 10], "data_seed": 0, "epochs": 1,
+             "mitigation": [v for v in ss.dp_compare_space()["mitigation"]["grid"]
+                            if (v["dp_noise_multiplier"], v["l2"], v["noise_sigma"]) in
+                            ((0.0, 0.0, 0.0), (1.0, 0.0, 0.0), (0.0, 1e-2, 0.0))]}
+    return StudySpec("dp-compare", _doc(dp_compare), ss.dp_compare_space(), smoke=smoke, checkpoint_every=2,
+                     expected_time="~210 trainings; about an hour on 2 CPUs")
+
+
 @study("mia-train")
 def mia_train() -> StudySpec:
     """Target and shadow models for membership inference (protocol §9) on Fashion-MNIST, pattern R3 (v20).
