@@ -190,7 +190,8 @@ def study(*argv, cwd, timeout=600):
 @requires_fashion
 def test_membership_inference_on_dp_targets_from_the_cli(tmp_path):
     """`study run mia-train --smoke --set dp_noise_multiplier=[0,1.0]` then `study mia --smoke`: each target is
-    attacked with shadows of its own σ, every row carries its target's ε, and the report shows ε and the bound."""
+    attacked with shadows of its own σ, every row carries its target's ε, and the report shows ε and the bound.
+    About 3 minutes on 2 CPUs, most of it the three DP models' one epoch each (per-example gradients)."""
     done = study("run", "mia-train", "--smoke", "--set", "dp_noise_multiplier=[0,1.0]", "--name", "mia-dp",
                  cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -199,11 +200,12 @@ def test_membership_inference_on_dp_targets_from_the_cli(tmp_path):
     private = trained[trained["dp_noise_multiplier"] == 1.0]
     assert private["dp_epsilon"].notna().all() and trained.loc[trained["dp_noise_multiplier"] == 0,
                                                                "dp_epsilon"].isna().all()
-    done = study("mia", "--from", "results/mia-dp", "--smoke", cwd=tmp_path)
+    done = study("mia", "--from", "results/mia-dp", "--smoke", "--attack", "loss", "--attack", "lira",
+                 cwd=tmp_path)  # two attacks of the four: the test stays near 3 minutes on 2 CPUs
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "2 target(s); offline shadows per target: 2" in done.stdout
-    df = load(tmp_path / "results" / "mia-dp-mia-loss-shadow-lira-rmia")
-    assert len(df) == 8 and (df["status"] == "TERMINATED").all()
+    df = load(tmp_path / "results" / "mia-dp-mia-loss-lira")
+    assert len(df) == 4 and (df["status"] == "TERMINATED").all()
     sigma_of = dict(zip(trained["trial_id"], trained["dp_noise_multiplier"]))
     eps_of = dict(zip(trained["trial_id"], trained["dp_epsilon"]))
     handed, _ = mia_cmd.plan(str(tmp_path / "results" / "mia-dp"), None, {"shadows": 2}, {}, RunOptions())
@@ -218,7 +220,7 @@ def test_membership_inference_on_dp_targets_from_the_cli(tmp_path):
             assert math.isnan(trial.dp_epsilon)
     table = analysis.mia_privacy_table(df)
     assert "∞ (no DP)" in table and "(vacuous)" in table  # n = 10 planted: the group bound says nothing
-    out = report.write_report(tmp_path / "results" / "mia-dp-mia-loss-shadow-lira-rmia")
+    out = report.write_report(tmp_path / "results" / "mia-dp-mia-loss-lira")
     summary = (out / "summary.md").read_text()
     assert "DP guarantee" in summary and (out / "figures" / "mia_privacy.png").exists()
     print(table)
