@@ -325,9 +325,10 @@ def mia_privacy_table(df: pd.DataFrame) -> str:
         "bound for its k = n planted images together, kε and δ_k = k·e^{(k−1)ε}·δ, capped at 1 (vacuous: δ_k = 1 "
         "bounds nothing). TPR@x: the planted members against all non-members at FPR below x, mean ± s.e. over "
         "targets; online: their per-example TPR across the online shadows (protocol §9.7). Bound: the highest "
-        "TPR any membership test reaches at FPR x under (ε, δ)-DP, min(1, e^ε·x + δ, 1 − e^−ε·(1 − δ − x)) (Kairouz, Oh "
-        "& Viswanath 2015, Thm 2.1), for one example / for the planted group at (kε, δ_k). The measured FPR is "
-        "over other (clean) images, not over the same images left out, so the comparison is indicative.", 110)
+        "TPR any membership test reaches at FPR x under (ε, δ)-DP, min(1, e^ε·x + δ, 1 − e^−ε·(1 − δ − x)) "
+        "(Kairouz, Oh & Viswanath 2015, Thm 2.1), for one example / for the planted group at (kε, δ_k). The "
+        "measured FPR is over other (clean) images, not over the same images left out, so the comparison is "
+        "indicative.", 110)
     return caption + "\n" + out.to_string(index=False)
 
 
