@@ -8,6 +8,8 @@ inference (`study mia`, protocol §9), from `analysis.load` frames.
     mia = load("results/mia-train-mia-loss-lira")
     posthoc.mia_figure(mia).savefig("mia.png")               # spurious vs other members against n
     posthoc.roc_figure(mia).savefig("roc.png")               # ROC curves on log axes
+    print(posthoc.mia_privacy_table(mia))                    # DP targets: planted TPR beside ε and its bound
+    posthoc.privacy_figure(mia).savefig("privacy.png")       # planted TPR at 0.1 % / 1 % FPR against ε
 
 `load` gives one row per post-hoc trial with its settings, its one final report (the source model's config
 among it) and its status; `frames.join_source(df, load(source), on="source_trial_id")` (`target_trial_id`
