@@ -8,6 +8,8 @@ inference (`study mia`, protocol §9), from `analysis.load` frames.
     mia = load("results/mia-train-mia-loss-lira")
     posthoc.mia_figure(mia).savefig("mia.png")               # spurious vs other members against n
     posthoc.roc_figure(mia).savefig("roc.png")               # ROC curves on log axes
+    print(posthoc.mia_privacy_table(mia))                    # DP targets: planted TPR beside ε and its bound
+    posthoc.privacy_figure(mia).savefig("privacy.png")       # planted TPR at 0.1 % / 1 % FPR against ε
 
 `load` gives one row per post-hoc trial with its settings, its one final report (the source model's config
 among it) and its status; `frames.join_source(df, load(source), on="source_trial_id")` (`target_trial_id`
@@ -51,6 +53,12 @@ DELETE_SETTINGS = ("retrain_epochs", "lr_policy", "mode", "solver", "damping", "
 MIA_SETTINGS = ("shadows", "online_shadows", "lira_variance", "fpr_rule", "rmia_gamma", "rmia_offline_a",
                 "rmia_population")
 FACTORS = ("dataset", "model", "pattern")
+# DP-SGD settings of the trained models (protocol §10.5): a row of their own when the models differ in them.
+DP_SETTINGS = ("dp_noise_multiplier", "dp_max_grad_norm", "dp_delta")
+# The planted members' TPR at low FPR shown beside the targets' DP guarantee: column -> (FPR, label).
+PRIVACY_TPRS = {"spurious_tpr_at_0_1pct_fpr": (0.001, "TPR@0.1%"), "spurious_tpr_at_1pct_fpr": (0.01, "TPR@1%"),
+                "planted_tpr_at_0_1pct_fpr": (0.001, "online TPR@0.1%"),
+                "planted_tpr_at_1pct_fpr": (0.01, "online TPR@1%")}
 
 
 def _summary(df: pd.DataFrame, keys: Sequence[str], columns: dict[str, str], name: str) -> pd.DataFrame:
@@ -87,10 +95,11 @@ def _varying(df: pd.DataFrame, keys: Sequence[str]) -> list[str]:
 
 def _cells(df: pd.DataFrame, first: str, settings: Sequence[str], every_factor: bool) -> list[str]:
     """Return the keys of a cell: `first` (method or attack), the settings that vary among trials of one
-    method or attack, the data factors (all, or only those that vary) and n_spurious."""
+    method or attack, the data factors (all, or only those that vary), the DP-SGD settings of the models
+    when they vary, and n_spurious."""
     factors = _keys(df, FACTORS) if every_factor else _varying(df, FACTORS)
     varied = [k for k in settings if k in df and (df.groupby(first)[k].nunique(dropna=False) > 1).any()]
-    return [first, *varied, *factors, "n_spurious"]
+    return [first, *varied, *factors, *_varying(df, DP_SETTINGS), "n_spurious"]
 
 
 def _text(value) -> str:
@@ -156,7 +165,7 @@ def mia_table(df: pd.DataFrame, metrics: Sequence[str] = MIA_TABLE) -> str:
 
 def _caption(done: pd.DataFrame) -> str:
     """Return the lines that say what an attack table's cells are (protocol §9.4, §9.6)."""
-    counts = done.groupby([k for k in ("attack", "n_spurious") if k in done]).size()
+    counts = done.groupby([k for k in ("attack", *_varying(done, DP_SETTINGS), "n_spurious") if k in done]).size()
     seeds = f"{counts.min()}" if counts.min() == counts.max() else f"{counts.min()}–{counts.max()}"
     return textwrap.fill(f"Cells: mean ± s.e. over {seeds} target model(s) (data seeds) per row; no s.e. with one. "
             "auc: AUROC; tpr_at_X_fpr: TPR at FPR below X. attack_acc: accuracy over all members and "
@@ -225,6 +234,144 @@ def planted_vulnerability(df: pd.DataFrame, max_n: int = 10) -> pd.DataFrame:
                          int(state["vulnerability_n_in"][r]), float(state["vulnerability_tpr_at_1pct_fpr"][r]),
                          float(state["vulnerability_tpr_at_0_1pct_fpr"][r])])
     return pd.DataFrame(rows, columns=columns)
+
+
+def has_dp(df: pd.DataFrame) -> bool:
+    """Return whether any row of `df` is of a model trained with DP-SGD (dp_noise_multiplier > 0)."""
+    return "dp_noise_multiplier" in df and bool((pd.to_numeric(df["dp_noise_multiplier"], errors="coerce") > 0).any())
+
+
+def _privacy_keys(done: pd.DataFrame) -> list[str]:
+    """Return the cells of the privacy summary: the attack table's, with dp_noise_multiplier always."""
+    keys = _cells(done, "attack", MIA_SETTINGS, every_factor=False)
+    return keys if "dp_noise_multiplier" in keys else [*keys[:-1], "dp_noise_multiplier", keys[-1]]
+
+
+def _mean(part: pd.DataFrame, column: str) -> float:
+    return float(pd.to_numeric(part[column], errors="coerce").mean()) if column in part else math.nan
+
+
+def privacy_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Return one row per attack × varied setting × DP setting × n of the attacks on targets, when any target was
+    trained with DP-SGD (else an empty frame): the cell keys; `epsilon`, `delta` (the targets' final ε at δ,
+    `dp_epsilon` at `dp_delta_used`; ε = inf and δ NaN for targets without DP), `group_epsilon`, `group_delta`
+    (the bound for the n planted images together, `dp_group_epsilon`, `dp_group_delta`); `targets` (their
+    count); and for each column of PRIVACY_TPRS that was measured: its mean, `<column>_se` (over targets) and
+    `<column>_bound`, `<column>_group_bound`: the highest TPR any membership test can reach at that FPR under
+    (ε, δ) and under the group's (kε, δ_k) (`spurious.mia.dp_tpr_bound`, protocol §10.5)."""
+    from spurious.mia import dp_tpr_bound
+
+    done = _attack_trials(df, deletion=False)
+    if done.empty or not has_dp(done):
+        return pd.DataFrame()
+    keys = _privacy_keys(done)
+    measured = [c for c in PRIVACY_TPRS if c in done and done[c].notna().any()]
+    rows = []
+    for key, part in done.groupby(keys, sort=True, dropna=False):
+        row = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
+        private = float(row["dp_noise_multiplier"]) > 0
+        row.update(epsilon=_mean(part, "dp_epsilon") if private else math.inf,
+                   delta=_mean(part, "dp_delta_used") if private else math.nan,
+                   group_epsilon=_mean(part, "dp_group_epsilon") if private else math.inf,
+                   group_delta=_mean(part, "dp_group_delta") if private else math.nan, targets=len(part))
+        for column in measured:
+            values = pd.to_numeric(part[column], errors="coerce").dropna()
+            fpr = PRIVACY_TPRS[column][0]
+            row.update({column: values.mean() if len(values) else math.nan,
+                        f"{column}_se": values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else math.nan,
+                        f"{column}_bound": dp_tpr_bound(row["epsilon"], row["delta"], fpr),
+                        f"{column}_group_bound": dp_tpr_bound(row["group_epsilon"], row["group_delta"], fpr)})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _epsilon_text(eps: float, delta: float) -> str:
+    if math.isinf(eps):
+        return "∞ (no DP)"
+    return "-" if math.isnan(eps) else f"{eps:.3g} at δ {delta:.2g}"
+
+
+def _group_text(eps: float, delta: float) -> str:
+    if math.isinf(eps):
+        return "∞ (no DP)"
+    if math.isnan(eps):
+        return "-"
+    return f"{eps:.3g}, δ_k {delta:.2g}" + (" (vacuous)" if delta >= 1 else "")
+
+
+def _bound_text(one: float, group: float) -> str:
+    return "-" if math.isnan(one) else f"{one:.3g} / {group:.3g}"
+
+
+def mia_privacy_table(df: pd.DataFrame) -> str:
+    """Return a plain-text table of the attacks on DP targets (protocol §10.5): rows attack × varied setting ×
+    DP setting × n (non-DP targets: ε = ∞), columns the targets' ε at δ, the planted group's bound (kε, δ_k) and,
+    per FPR, the planted members' measured TPR (mean ± s.e. over targets) beside the highest TPR (ε, δ)-DP
+    allows one example and the group (`privacy_summary`)."""
+    summary = privacy_summary(df)
+    if summary.empty:
+        return "(no attack trials on DP targets)"
+    keys = [k for k in summary.columns if k in _privacy_keys(_attack_trials(df, deletion=False))]
+    out = summary[keys].copy()
+    out["ε"] = [_epsilon_text(e, d) for e, d in zip(summary["epsilon"], summary["delta"])]
+    out["planted group: kε, δ_k"] = [_group_text(e, d) for e, d in zip(summary["group_epsilon"],
+                                                                       summary["group_delta"])]
+    for column, (_, label) in PRIVACY_TPRS.items():
+        if column in summary:
+            out[label] = [stats.cell(m, s) if not math.isnan(m) else "-"
+                          for m, s in zip(summary[column], summary[f"{column}_se"])]
+            out[f"{label} bound"] = [_bound_text(a, b) for a, b in zip(summary[f"{column}_bound"],
+                                                                       summary[f"{column}_group_bound"])]
+    caption = textwrap.fill(
+        "ε: the target's final ε at δ (dp_epsilon at dp_delta_used; ∞: trained without DP). Planted group: the "
+        "bound for its k = n planted images together, kε and δ_k = k·e^{(k−1)ε}·δ, capped at 1 (vacuous: δ_k = 1 "
+        "bounds nothing). TPR@x: the planted members against all non-members at FPR below x, mean ± s.e. over "
+        "targets; online: their per-example TPR across the online shadows (protocol §9.7). Bound: the highest "
+        "TPR any membership test reaches at FPR x under (ε, δ)-DP, min(1, e^ε·x + δ, 1 − e^−ε·(1 − δ − x)) "
+        "(Kairouz, Oh & Viswanath 2015, Thm 2.1), for one example / for the planted group at (kε, δ_k). The "
+        "measured FPR is over other (clean) images, not over the same images left out, so the comparison is "
+        "indicative.", 110)
+    return caption + "\n" + out.to_string(index=False)
+
+
+def privacy_figure(df: pd.DataFrame, columns: Sequence[str] = ("spurious_tpr_at_0_1pct_fpr",
+                                                                "spurious_tpr_at_1pct_fpr")):
+    """Return the planted members' TPR at low FPR against the targets' ε, one panel per attack (and varied
+    setting) and FPR, one line per n (mean ± s.e. over targets), ε evenly spaced in increasing order with
+    targets without DP at ε = ∞ ("no DP"); short bars beside each point: the highest TPR the planted group's
+    (kε, δ_k) allows (in the n's colour) and one example's (ε, δ) (grey) (`privacy_summary`)."""
+    summary = privacy_summary(df)
+    columns = [c for c in columns if c in summary]
+    if summary.empty or not columns:
+        fig, _ = style.grid(1)
+        return fig
+    within = [*DP_SETTINGS, "n_spurious"]
+    keys = [k for k in summary.columns if k in _privacy_keys(_attack_trials(df, deletion=False)) and k not in within]
+    panels = [(values if isinstance(values, tuple) else (values,), part, column)
+              for values, part in summary.groupby(keys, sort=True) for column in columns]
+    fig, axes = style.grid(len(panels), width=4.2, height=3.4)
+    for ax, (values, part, column) in zip(axes, panels):
+        levels = sorted(set(part["epsilon"].round(6)))
+        pos = {e: i for i, e in enumerate(levels)}
+        for n, line in part.groupby("n_spurious", sort=True):
+            line = line.sort_values("epsilon")
+            x = [pos[e] for e in line["epsilon"].round(6)]
+            drawn = ax.errorbar(x, line[column], yerr=line[f"{column}_se"].fillna(0).to_numpy(), marker="o",
+                                capsize=3, label=f"n={n}")
+            ax.plot(np.asarray(x) + 0.06, line[f"{column}_group_bound"], ls="none", marker="_", markersize=12,
+                    color=drawn[0].get_color())
+        one = part.groupby(part["epsilon"].round(6))[f"{column}_bound"].first()
+        ax.plot(np.asarray([pos[e] for e in one.index]) - 0.06, one.to_numpy(), ls="none", marker="_",
+                markersize=12, color="grey", label="bound, one example")
+        ax.set_xticks(list(pos.values()), ["no DP" if math.isinf(e) else f"{e:.3g}" for e in pos])
+        ax.set_xlabel("ε of the target (δ as reported)")
+        ax.set_xlim(-0.5, len(levels) - 0.5)
+        ax.set_ylim(-0.02, 1.02)
+        title = " · ".join(str(v) if k == "attack" else f"{k}={v}" for k, v in zip(keys, values) if v != "-")
+        ax.set_title(f"{title} · {PRIVACY_TPRS[column][1]}", fontsize=style.TITLE_SIZE)
+    axes[0].set_ylabel("planted members' TPR (bars: bounds)")
+    axes[0].legend(fontsize=style.LEGEND_SIZE)
+    return fig
 
 
 def _panels(summary: pd.DataFrame, within: Sequence[str]) -> list[tuple[str, pd.DataFrame]]:

@@ -101,7 +101,8 @@ def provenance_markdown(dirs: Sequence[Path]) -> str:
 def posthoc_sections(df: pd.DataFrame) -> list[tuple[str, str, list[tuple[str, object]]]]:
     """Return (title, plain-text table, [(figure name, figure)]) for the deletion, attack and detection trials in
     `df`: the deletion table and retrain figure (protocol §8.1), the attack table, MIA figure and ROC curves
-    (protocol §9.4), the detection and control tables and the AUROC figure (`analysis.detection`)."""
+    (protocol §9.4) and, for DP targets, the planted members' TPR against ε (protocol §10.5), the detection and
+    control tables and the AUROC figure (`analysis.detection`)."""
     from analysis import detection, posthoc
 
     out = []
@@ -125,9 +126,12 @@ def posthoc_sections(df: pd.DataFrame) -> list[tuple[str, str, list[tuple[str, o
                 if not planted.empty:
                     tables.append("Each planted member (n ≤ 10): TPR across the online shadows that trained on it\n"
                                   + planted.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-            out.append(("Membership inference", "\n\n".join(tables),
-                        [("mia_attack_success", posthoc.mia_figure(targets)),
-                         ("mia_roc", posthoc.roc_figure(targets))]))
+            made = [("mia_attack_success", posthoc.mia_figure(targets)), ("mia_roc", posthoc.roc_figure(targets))]
+            if posthoc.has_dp(targets):  # DP-SGD targets (protocol §10.5): their guarantee beside the planted TPR
+                tables.append("The planted members against the targets' DP guarantee:\n"
+                              + posthoc.mia_privacy_table(targets))
+                made.append(("mia_privacy", posthoc.privacy_figure(targets)))
+            out.append(("Membership inference", "\n\n".join(tables), made))
         if on_deleted.any():
             out.append(("Membership inference after deletion: forget set (planted examples) and other members",
                         posthoc.mia_deletion_table(part[on_deleted]), []))

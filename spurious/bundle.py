@@ -20,7 +20,7 @@ passes of several members at once, so each operation does the work of many model
 The optimisers update the stacked tensors with `torch._foreach_*` ops (`_StackedSGD`, `_StackedAdam`).
 Each member keeps its own planted data (data_seed, pattern, n_spurious, target), seed, lr, l2,
 grad_clip, noise_sigma and tau; the members must agree on the keys of `compatible_key` (architecture,
-epochs, batch size, optimiser type, momentum, augmentation, dataset and split). Example::
+epochs, batch size, optimiser type, momentum, augmentation, dataset, split and DP-SGD's noise multiplier). Example::
 
     from spurious import bundle, datasets
     from spurious.config import TrainConfig
@@ -69,9 +69,11 @@ from spurious.config import TrainConfig
 from spurious.errors import SpuriousError
 from spurious.planted import PlantedData, PlantedRows, plant_config, plant_config_rows, split_arrays
 
-# The config keys every member of a bundle shares; all other keys may differ per member.
+# The config keys every member of a bundle shares; all other keys may differ per member. DP-SGD's σ is among
+# them, so a DP run never shares a bundle with a non-DP one: the members of a DP bundle are stepped as separate
+# Engines (`lockstep`), and a batched BundleEngine trains no DP member.
 BUNDLE_KEYS = ("dataset", "split", "model", "augmentation", "epochs", "batch_size", "optimizer", "momentum",
-               "eval_batch_size", "device", "val_size")
+               "eval_batch_size", "device", "val_size", "dp_noise_multiplier")
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 # Members per batched-matmul pass on the CPU by default: 4 to 16 trained LargeMLP equally fast on 2 cores,
 # 24 and 32 evaluated about 40 % slower (issue 15; `spurious.bench.bundle_throughput` with vmap_chunk set).
@@ -376,6 +378,9 @@ class BundleEngine:
     def __init__(self, cfgs: Sequence[TrainConfig], datas: Sequence[PlantedData | PlantedRows],
                  vmap_chunk: Optional[int] = None, batched: Optional[bool] = None) -> None:
         check_compatible(cfgs)
+        if dp.enabled(cfgs[0]):
+            raise SpuriousError("a batched bundle cannot train DP-SGD runs (their per-example clipping needs each "
+                                "member's own gradients); `bundle.lockstep` steps them as separate Engines")
         if len(cfgs) != len(datas):
             raise SpuriousError(f"a bundle needs one data per config, got {len(cfgs)} configs and {len(datas)} datas")
         self.cfgs, self.k = list(cfgs), len(cfgs)

@@ -329,6 +329,22 @@ def per_example_tpr(scores, in_mask, fpr: float, rule: str = "lt") -> tuple[np.n
     return np.where(n_in > 0, hits / np.maximum(n_in, 1), np.nan), n_in
 
 
+def dp_tpr_bound(epsilon, delta, fpr):
+    """Return the highest TPR any membership test can reach at false-positive rate `fpr` against a model trained
+    by an (ε, δ)-DP algorithm: min(1, e^ε·FPR + δ, 1 − e^{−ε}·(1 − δ − FPR)), the hypothesis-testing region of
+    (ε, δ)-DP (Kairouz, Oh & Viswanath 2015, Theorem 2.1; Wasserman & Zhou 2010). For k examples together use
+    the group bound (kε, k·e^{(k−1)ε}·δ) (`spurious.dp.group_epsilon`). ε = ∞ (no DP) gives 1, NaN gives NaN;
+    elementwise over arrays (a float for scalars)."""
+    eps, dlt = np.asarray(epsilon, np.float64), np.asarray(delta, np.float64)
+    fpr = np.asarray(fpr, np.float64)
+    finite = np.isfinite(eps)
+    safe = np.where(finite, eps, 0.0)
+    with np.errstate(over="ignore"):
+        bound = np.minimum(np.exp(safe) * fpr + dlt, 1 - np.exp(-safe) * (1 - dlt - fpr))
+    out = np.where(finite, np.minimum(1.0, bound), np.where(np.isnan(eps), np.nan, 1.0))
+    return float(out) if out.ndim == 0 else out
+
+
 # ---------------------------------------------------------------- the loss and shadow attacks
 
 def loss_attack(target: SplitLogits) -> AttackScores:

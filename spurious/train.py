@@ -210,10 +210,11 @@ class Engine:
         return (loss_sum / max(seen, 1)).item(), (correct.double() / max(seen, 1)).item()
 
     def privacy(self) -> dict[str, float]:
-        """Return the privacy guarantee of a DP run after the epochs trained so far (`spurious.dp`,
-        protocol §10.5), else {}: `dp_epsilon` at `dp_delta_used` (δ: `cfg.dp_delta`, or 1/N), and the group-privacy bound
-        for the k planted training images (k = `len(data.spurious_idx)`, at least 1): `dp_group_epsilon` = kε
-        and `dp_group_delta` = k·e^{(k−1)ε}·δ (capped at 1: a bound of δ = 1 says nothing)."""
+        """Return the privacy guarantee of a DP run after the epochs trained so far (`spurious.dp`;
+        protocol §10.5), else {}: `dp_epsilon` at `dp_delta_used` (δ: `cfg.dp_delta`, or 1/N), and the
+        group-privacy bound for the k planted training images (k = `len(data.spurious_idx)`, at least 1):
+        `dp_group_epsilon` = kε and `dp_group_delta` = k·e^{(k−1)ε}·δ (capped at 1: a bound of δ = 1 says
+        nothing)."""
         if not dp.enabled(self.cfg):
             return {}
         n = len(self.data.y_train)

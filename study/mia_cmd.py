@@ -10,8 +10,9 @@ deleted models of a `study delete` experiment of one (protocol §9), one Tune tr
 
 Targets: the TERMINATED `split=mia_target` trials with a checkpoint that pass every `--filter`. Offline
 shadows: the `split=mia_shadow` trials with the target's dataset, model, data seed (hence the same
-membership split) and training recipe, one per subset, subset 0 first. Online shadows: the `split=mia_online`
-trials with, in addition, the target's pattern, count and class. Attacks: `loss` (loss threshold),
+membership split) and training recipe (DP-SGD settings included: a DP target is attacked with shadows of the
+same σ), one per subset, subset 0 first. Online shadows: the `split=mia_online` trials with, in addition, the
+target's pattern, count and class. Attacks: `loss` (loss threshold),
 `shadow` (the reference's logistic regression on shadow 0), `lira` and `rmia` (offline, over the offline
 shadows), `lira_online` and `rmia_online` (over the online shadows); the default is every attack the
 study's shadows allow. Every threshold is calibrated on a shadow model, never on the target's labels;
@@ -28,22 +29,28 @@ continues them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any, Sequence
 
+import numpy as np
 import pandas as pd
 
 from spurious import datasets as datasets_lib, mia
+from spurious.config import TrainConfig
 from spurious.errors import SpuriousError
 from study import posthoc, runner, space as space_lib
 from study import options as options_lib
 from study.options import add_run_options, add_source_arguments, run_options
 from trainables import mia as mia_trainable
 
-# A shadow mimics its target: same data (hence membership split) and the same training recipe; an online
-# shadow also holds the target's planted examples.
+# A shadow mimics its target: same data (hence membership split) and the same training recipe, DP-SGD's
+# settings included (a DP target is attacked with shadows trained with the same σ, C, δ and sampling); an
+# online shadow also holds the target's planted examples.
+DP_KEYS = ("dp_noise_multiplier", "dp_max_grad_norm", "dp_delta", "dp_sampling")
 MATCH_KEYS = ("dataset", "model", "data_seed", "optimizer", "lr", "momentum", "l2", "grad_clip", "noise_sigma",
-              "augmentation", "epochs", "batch_size")
+              "augmentation", "epochs", "batch_size", *DP_KEYS)
 ONLINE_KEYS = MATCH_KEYS + ("pattern", "n_spurious", "target", "targets")
+TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 FIXED_KEYS = ("attack", "target_trial_id")
 # `--smoke`: the first two matched offline shadows only (online attacks keep all their online shadows).
 SMOKE_SETTINGS = {"shadows": 2}
@@ -69,7 +76,14 @@ def setting_keys() -> list[str]:
 
 
 def _key(row: pd.Series | Any, keys: Sequence[str]) -> tuple:
-    return tuple(str(getattr(row, k)) for k in keys)
+    """Return a row's values of `keys` as comparable text: a key the frame lacks (a frame written before the
+    key existed) reads as the training default, and numbers compare by value (0 equals 0.0)."""
+    return tuple(_text(getattr(row, k, TRAIN_DEFAULTS.get(k))) for k in keys)
+
+
+def _text(value: Any) -> str:
+    is_number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    return repr(float(value)) if is_number else str(value)
 
 
 def _subset(row: Any) -> int:

@@ -14,7 +14,7 @@ from ray import tune
 from ray.tune.logger import JsonLoggerCallback
 from ray.tune.utils.util import SafeFallbackEncoder
 
-from spurious import bundle, cells, config as config_lib, datasets, planted, train
+from spurious import bundle, cells, config as config_lib, datasets, dp, planted, train
 from spurious.errors import SpuriousError
 from study import cluster, layout as layout_lib, provenance, space as space_lib, wandb_setup
 from study.catalog import StudySpec
@@ -105,7 +105,8 @@ def cells_space(configs: list[config_lib.TrainConfig], size: int, data: Mapping[
         if len(members) == 1:
             entries.append(members[0].to_dict())
             continue
-        if max(models) > 0:  # several models in lock-step: a bundle
+        # several models in lock-step: a bundle (DP members need no check: bundle.lockstep steps them as Engines)
+        if max(models) > 0 and not dp.enabled(members[0]):
             dataset = data[members[0].dataset]
             bundle.check_bundlable(members[0], dataset.input_shape, dataset.num_classes)
         entries.append({"bundle": [c.to_dict() for c in members], "models": models})

@@ -24,6 +24,11 @@ turn is the target, attacked with the others; an example's TPR at a fixed FPR is
 that hold it which flag it. The planted examples' values, and the mean over the other examples, are
 reported; the per-example arrays are in the checkpoint.
 
+A target trained with DP-SGD (protocol §10.5) is attacked with shadows trained the same way (`study mia`
+matches them), and its row carries the guarantee its training reported at its last epoch (`privacy`):
+`dp_epsilon` at `dp_delta_used`, and the bound for its n planted images together, `dp_group_epsilon` and
+`dp_group_delta` (in deletion mode the original model's, prefixed `original_`); a non-DP target has none.
+
 Deletion mode (`study mia --from <delete experiment>`, protocol §9.8): the target is a deletion trial; the original model
 (the deletion's source), the deleted model and the retrain oracle are attacked with the same shadows and
 threshold, and every metric is reported per role (`original_*`, `deleted_*`, `retrained_*`, the last the
@@ -48,6 +53,8 @@ from trainables.sources import planted_data, read_checkpoint, read_source, sourc
 SCORES_FORMAT = "mia-scores-2"
 ROLES = ("original", "deleted", "retrained")  # the retrained model is the deletion's retrain-from-scratch oracle
 VULNERABILITY_FPRS = {"1pct": 0.01, "0_1pct": 0.001}
+# The target's DP guarantee as its training reported it (`train.Engine.privacy`, protocol §10.5).
+PRIVACY_KEYS = ("dp_epsilon", "dp_delta_used", "dp_group_epsilon", "dp_group_delta")
 POPULATION_STREAM = 0x726D69  # "rmi": the RMIA population draw's own random stream
 
 
@@ -141,6 +148,14 @@ def membership(cfg: TrainConfig, pool: Pool) -> np.ndarray:
     else:
         mask[rows] = True
     return mask
+
+
+def privacy(state: Mapping[str, Any]) -> dict[str, float]:
+    """Return the privacy guarantee a training checkpoint's model was trained under, as its last epoch reported
+    it (the checkpoint's history): `dp_epsilon` at `dp_delta_used` and the planted group's bound
+    `dp_group_epsilon`, `dp_group_delta`; {} for a model trained without DP-SGD."""
+    history = state.get("history") or [{}]
+    return {k: float(history[-1][k]) for k in PRIVACY_KEYS if k in history[-1]}
 
 
 def _load(entry: Mapping[str, Any], data: PlantedData, device) -> tuple[dict, torch.nn.Module]:
@@ -389,6 +404,7 @@ def mia_attack(config: Mapping[str, Any], datasets: Mapping[str, Any], targets: 
         saved.update(arrays)
     if deletion_mode:
         row["deletion_method"] = str((state.get("deletion") or {}).get("method", ""))
+    row.update({f"{'original_' if deletion_mode else ''}{k}": v for k, v in privacy(original).items()})
     row.update(attack=s.attack, target_trial_id=s.target_trial_id, shadows_used=len(refs),
                n_spurious_members=int(planted.sum()), roles=",".join(models), **source_columns(cfg))
     report(row, saved)
