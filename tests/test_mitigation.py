@@ -487,3 +487,24 @@ def test_the_summary_prints_epsilon_and_the_planted_group_bound_for_dp_settings(
     assert "and ε <= 2.0" in text and "(l2=0, σ=0, no DP)" in text
     assert "ε=" not in tuning.format_summary({**summary, "pareto": [{**val, "dp_epsilon": float("nan")}],
                                               "recommended": None})
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@requires_fashion
+def test_a_dp_search_under_an_epsilon_budget_only_tries_settings_that_meet_it(tmp_path):
+    """`--max-epsilon` from the CLI: every searched setting's reported ε is within the budget, the objectives stay
+    two, and the recommendation rule names the budget (W&B off and one seed: this is about the budget; the
+    README walk runs the DP search with default flags)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "study.cli", "tune-mitigation", "--study", "mitigation-dp", "--smoke", "--trials", "2",
+         "--seeds", "1", "--confirm-seeds", "1", "--max-epsilon", "0.5", "--storage-path", str(tmp_path),
+         "--name", "budget", "--wandb", "off"], capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    root = tmp_path / "budget"
+    summary = json.loads((root / "tuning.json").read_text())
+    assert summary["max_epsilon"] == 0.5 and not summary["epsilon_objective"]
+    searched = tuning.search_trials(load(root))
+    assert len(searched) == 2 and (searched["dp_noise_multiplier"] > 0).all()
+    assert (searched["dp_epsilon"] <= 0.5).all()
+    assert "and ε <= 0.5" in done.stdout and "ε=" in done.stdout

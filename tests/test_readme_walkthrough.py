@@ -74,6 +74,9 @@ WALK: dict[str, list[str]] = {
         ["--smoke", "--trials", "2", "--seeds", "2"],
     "study tune-mitigation --objective constrained --max-acc-drop 0.01 --tune-lr": ["--smoke", "--trials", "2"],
     "study resume results/tune-s3": [],
+    "study tune-mitigation --study mitigation-dp --name tune-dp": ["--smoke"],
+    "study run dp-compare --name dp-compare": ["--smoke"],
+    "study report results/dp-compare": [],
 }
 
 
@@ -350,3 +353,16 @@ def test_tuning_with_default_flags_killed_and_resumed_then_constrained(shell, tm
     constrained = shell.run("study tune-mitigation --objective constrained --max-acc-drop 0.01 --tune-lr")
     assert "experiment:" in constrained.stdout
     print("tune-mitigation constrained:", last_line(constrained))
+
+
+def test_dp_tuning_and_the_dp_comparison(shell):
+    done = shell.run("study tune-mitigation --study mitigation-dp --name tune-dp")
+    summary = json.loads((shell.cwd / "results" / "tune-dp" / "tuning.json").read_text())
+    assert summary["epsilon_objective"] and summary["finished"] == 3
+    assert all(row["dp_noise_multiplier"] > 0 and row["dp_epsilon"] > 0 for row in summary["pareto"])
+    assert "Pareto set on validation score, accuracy and ε" in done.stdout and "10 planted: group ε=" in done.stdout
+    shell.run("study run dp-compare --name dp-compare")
+    shell.run("study report results/dp-compare")
+    text = (shell.cwd / "results" / "dp-compare" / "report" / "summary.md").read_text()
+    assert "DP-SGD: privacy guarantee and the planted pattern" in text and "matched clean accuracy" in text
+    assert "DP σ=1 C=1" in text and "L2 0.01" in text
