@@ -89,8 +89,8 @@ def dp_section(data_dir: str | None, train_subset: int | None = None) -> dict:
                  if row["extrapolated"] else "")
         print(f"  {row['model']:<10s} {row['setting']:<9s} {row['epoch_s']:8.2f} s/epoch{ratio}{timed}")
     by = {(r["model"], r["method"]): r["epoch_s"] for r in rows}
-    print(f"  LargeMLP: ghost norms {by['large_mlp', 'vmap'] / by['large_mlp', 'ghost']:.1f}x faster than "
-          f"per-example gradients (vmap); CNN002 has Conv2d layers and takes the vmap path")
+    print(f"  LargeMLP: DP by ghost norms {by['large_mlp', 'vmap'] / by['large_mlp', 'ghost']:.1f}x faster than "
+          f"per-example gradients (vmap); CNN002 (Conv2d) takes vmap")
     return {"rows": rows}
 
 
