@@ -290,3 +290,60 @@ def _summary(rows: list[dict]) -> dict:
             "recommendation": f"{best['setting']}: {best['models_per_hour']:,.0f} models/hour, "
                               f"{best['vs_reference']:.1f}x the reference-shaped loop and "
                               f"{best['vs_engine']:.2f}x the engine one model at a time"}
+
+
+# ------------------------------------------------------------------------------------------ DP-SGD
+
+
+@dataclass(frozen=True)
+class DPSetting:
+    """One timed setting of `dp_overhead`: `model`; `method` None for the non-DP epoch, else `spurious.dp`'s
+    "ghost" or "vmap"; `train_subset` the first N training images its epoch is timed on (None: all)."""
+
+    model: str
+    method: Optional[str]
+    train_subset: Optional[int] = None
+
+    @property
+    def name(self) -> str:
+        return "non-DP" if self.method is None else f"DP {self.method}"
+
+
+def _epoch_steps(n_train: int, batch: int, private: bool) -> int:
+    """Return the steps of one training epoch: ⌊N/B⌋ Poisson batches under DP (`dp.steps_per_epoch`), else
+    ⌈N/B⌉ shuffled batches."""
+    return max(1, n_train // batch) if private else -(-n_train // batch)
+
+
+def dp_overhead(cfg: TrainConfig, data: Dataset, settings: Sequence[DPSetting], noise_multiplier: float = 1.0,
+                max_norm: float = 1.0, train_subset: Optional[int] = None) -> list[dict]:
+    """Return seconds per training epoch (`Engine.train_epoch`, no evaluation) of each setting: `cfg` with the
+    setting's model, non-DP or DP-SGD (σ = `noise_multiplier`, C = `max_norm`) with the Engine's `dp_method` set
+    to the setting's method, on `data`'s first `train_subset` training images (None: all).
+
+    Each setting first trains one warm-up epoch on two batches, then one timed epoch. A setting with its own
+    `train_subset` (fewer images) is timed on those and scaled to the whole set by steps (the expected batch
+    is `cfg.batch_size` either way): `epoch_s` = `timed_s` · steps / `steps_timed`, `extrapolated` True. Rows:
+    setting, model, method, n_timed, steps_timed, steps, timed_s, epoch_s, extrapolated, and `vs_plain`: epoch_s
+    over that of the same model's non-DP row (NaN without one)."""
+    data = _subset(data, train_subset)
+    n_train, rows = len(data.y_train), []
+    for setting in settings:
+        private = setting.method is not None
+        run_cfg = cfg.replace(model=setting.model, split="full", dp_noise_multiplier=noise_multiplier if private
+                              else 0.0, dp_max_grad_norm=max_norm)
+        engine = train.Engine(run_cfg, plant_config(_subset(data, 2 * cfg.batch_size), run_cfg))
+        engine.dp_method = setting.method or "auto"
+        engine.train_epoch()  # warm-up: thread pools, allocator, kernels
+        n_timed = min(n_train, setting.train_subset or n_train)
+        engine = train.Engine(run_cfg, plant_config(_subset(data, n_timed), run_cfg))
+        engine.dp_method = setting.method or "auto"
+        timed = _epoch_seconds(engine.train_epoch, engine.device)
+        steps, steps_timed = (_epoch_steps(n, cfg.batch_size, private) for n in (n_train, n_timed))
+        rows.append({"setting": setting.name, "model": setting.model, "method": setting.method, "n_timed": n_timed,
+                     "steps_timed": steps_timed, "steps": steps, "timed_s": timed,
+                     "epoch_s": timed * steps / steps_timed, "extrapolated": n_timed < n_train})
+    plain = {row["model"]: row["epoch_s"] for row in rows if row["method"] is None}
+    for row in rows:
+        row["vs_plain"] = row["epoch_s"] / plain[row["model"]] if row["model"] in plain else float("nan")
+    return rows

@@ -152,6 +152,10 @@ class Engine:
     `schedule(epoch)` gives each epoch's learning rate (`lr_at` by default; deletion replaces it).
     """
 
+    # How a DP epoch computes the clipped per-example sum (`spurious.dp.noisy_gradient`'s method): "auto" takes
+    # ghost norms for Linear-only models; the DP benchmark (`spurious.bench.dp_overhead`) sets "ghost" or "vmap".
+    dp_method = "auto"
+
     def __init__(self, cfg: TrainConfig, data: PlantedData, model_factory: Optional[ModelFactory] = None):
         self.cfg, self.device = cfg, resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
@@ -202,7 +206,7 @@ class Engine:
             xb, yb = perturb(x[idx], self.gen, cfg.noise_sigma, self.augment), y[idx]
             self.optimizer.zero_grad(set_to_none=True)
             losses, logits = dp.noisy_gradient(self.model, xb, yb, cfg.dp_noise_multiplier, cfg.dp_max_grad_norm,
-                                               q * n, self.gen)
+                                               q * n, self.gen, method=self.dp_method)
             self.optimizer.step()
             loss_sum += losses.sum()
             correct += (logits.argmax(1) == yb).sum() if len(yb) else 0

@@ -1,5 +1,6 @@
-"""`study bench`: engine speed against a reference-shaped loop, bundling, Ray Tune harness overhead, the CLI's
-start-up time and W&B's overhead, in one run; `--only tune-output` the files Tune writes for a 1,000-trial grid.
+"""`study bench`: engine speed against a reference-shaped loop, DP-SGD's cost (ghost norms and per-example
+gradients), bundling, Ray Tune harness overhead, the CLI's start-up time and W&B's overhead, in one run;
+`--only tune-output` the files Tune writes for a 1,000-trial grid.
 
 Numbers are printed, never asserted by tests (speed targets are benchmark targets).
 """
@@ -37,6 +38,10 @@ WANDB_TARGET = 0.10
 # Tune's output: a grid of 1-epoch trials on this many images, and the kinds of files counted.
 TUNE_OUTPUT_TRIALS = 1000
 TINY_TRAIN, TINY_TEST = 1000, 500
+# DP-SGD: LargeMLP and CNN002 at batch 256; the slow settings are timed on a share of the training set.
+DP_BATCH = 256
+DP_VMAP_SHARE = 0.1  # LargeMLP's DP epoch by per-example gradients (vmap)
+DP_CNN_SHARE = 0.05  # CNN002's epochs, non-DP and DP (vmap: Conv2d layers have no ghost norms here)
 OUTPUT_KINDS = ("result.json", "params.json", "params.pkl", "progress.csv", "events.out.tfevents.*", "error.*",
                 "*state-*.json", "tuner.pkl", "study.json")
 
@@ -54,6 +59,39 @@ def engine_section(data_dir: str | None, repeats: int) -> dict:
     print(f"  with epoch metrics : engine {res['engine_full_s']:.3f} s/epoch, reference "
           f"{res['reference_full_s']:.3f} s/epoch, ratio {res['full_ratio']:.2f} (target <= 1.15)")
     return res
+
+
+def _share(n_train: int, share: float, batch: int) -> int:
+    """Return the training images a share of `n_train` stands for: at least two batches, at most all."""
+    return min(n_train, max(2 * batch, round(share * n_train)))
+
+
+def dp_section(data_dir: str | None, train_subset: int | None = None) -> dict:
+    """Print and return seconds per training epoch on full Fashion-MNIST (or its first `train_subset` images)
+    of LargeMLP non-DP, DP-SGD by ghost norms and by per-example gradients (vmap, timed on a share of the
+    steps), and of CNN002 non-DP and DP by vmap (both timed on a share), with each DP/non-DP ratio."""
+    cfg = TrainConfig(dataset="fashion", model="large_mlp", pattern="s3", n_spurious=10, batch_size=DP_BATCH)
+    data = datasets.load("fashion", data_dir)
+    n = min(len(data.y_train), train_subset or len(data.y_train))
+    vmap_n, cnn_n = _share(n, DP_VMAP_SHARE, DP_BATCH), _share(n, DP_CNN_SHARE, DP_BATCH)
+    setting = bench.DPSetting
+    settings = [setting("large_mlp", None), setting("large_mlp", "ghost"), setting("large_mlp", "vmap", vmap_n),
+                setting("cnn002", None, cnn_n), setting("cnn002", "vmap", cnn_n)]
+    device = train.resolve_device(cfg.device)
+    subset = f"first {n:,d}" if n < len(data.y_train) else f"full, {n:,d}"
+    print(f"DP-SGD — seconds per training epoch (no evaluation), Fashion-MNIST ({subset} training images), batch "
+          f"{DP_BATCH}, σ = 1, C = 1, {device}, {torch.get_num_threads()} threads (one epoch each after a "
+          f"warm-up)")
+    rows = bench.dp_overhead(cfg, data, settings, train_subset=train_subset)
+    for row in rows:
+        ratio = "" if row["method"] is None else f"  {row['vs_plain']:6.1f}x non-DP"
+        timed = (f"  (extrapolated: {row['steps_timed']} of {row['steps']} steps timed, {row['timed_s']:.1f} s)"
+                 if row["extrapolated"] else "")
+        print(f"  {row['model']:<10s} {row['setting']:<9s} {row['epoch_s']:8.2f} s/epoch{ratio}{timed}")
+    by = {(r["model"], r["method"]): r["epoch_s"] for r in rows}
+    print(f"  LargeMLP: DP by ghost norms {by['large_mlp', 'vmap'] / by['large_mlp', 'ghost']:.1f}x faster than "
+          f"per-example gradients (vmap); CNN002 (Conv2d) takes vmap")
+    return {"rows": rows}
 
 
 def harness_configs() -> list[TrainConfig]:
@@ -283,14 +321,16 @@ def main(data_dir: str | None = None, repeats: int = 3, harness: bool = True,
          bundle_sizes: tuple[int, ...] = (1, 8, 32), bundle_epochs: int = 2,
          train_subset: int | None = None, only: str | None = None, packing_trials: int = 8,
          packing_models: tuple[str, ...] = ("large_mlp", "cnn002"), trials: int = TUNE_OUTPUT_TRIALS) -> dict:
-    """Run every benchmark section but tune-output and gpu (or `only` one: engine, bundle, layout, harness, cli,
-    wandb, tune-output with `trials` trials, gpu with `packing_trials` and `packing_models`) and return the
+    """Run every benchmark section but tune-output and gpu (or `only` one: engine, dp, bundle, layout, harness,
+    cli, wandb, tune-output with `trials` trials, gpu with `packing_trials` and `packing_models`) and return the
     numbers."""
     out = {}
     if only in (None, "cli"):
         out["cli"] = cli_section(repeats)
     if only in (None, "engine"):
         out["engine"] = engine_section(data_dir, repeats)
+    if only in (None, "dp"):
+        out["dp"] = dp_section(data_dir, train_subset)
     if only in (None, "bundle") and bundle_sizes:
         out["bundle"] = bundle_section(data_dir, bundle_sizes, bundle_epochs, train_subset)
     if only == "gpu":  # not part of the default run: scripts/gpu-bench.sh runs it on a GPU machine

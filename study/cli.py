@@ -62,7 +62,7 @@ COMMANDS = (
                       "(protocol §12)", "study.detect_cmd:arguments", "study.detect_cmd:handle"),
     Command("doctor", "check cluster, storage, datasets and W&B before a launch", "study.doctor_cmd:arguments",
             "study.doctor_cmd:handle"),
-    Command("bench", "benchmark the engine, bundling, the harness, CLI start-up, W&B and Tune's output",
+    Command("bench", "benchmark the engine, DP-SGD, bundling, the harness, CLI start-up, W&B and Tune's output",
             "study.cli:bench_arguments",
             "study.cli:cmd_bench"),
 )
@@ -156,13 +156,16 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle-sizes", default="1,8,32",
                    help="bundle sizes K to measure, comma-separated (e.g. 1,8,32,128 on a GPU; empty: skip)")
     p.add_argument("--bundle-epochs", type=int, default=2, help="timed epochs per setting (best of)")
-    p.add_argument("--train-subset", type=int, help="use only the first N training images (large K on a CPU)")
+    p.add_argument("--train-subset", type=int,
+                   help="use only the first N training images (bundle, layout, dp, gpu; large K on a CPU)")
     p.add_argument("--packing-trials", type=int, default=8,
                    help="gpu section: trials of the Tune packing measurement (default 8)")
     p.add_argument("--packing-models", default="large_mlp,cnn002",
                    help="gpu section: models whose Tune packing is measured, comma-separated (default large_mlp,cnn002)")
-    p.add_argument("--only", choices=["engine", "bundle", "layout", "harness", "cli", "wandb", "tune-output", "gpu"],
-                   help="run one section only (default: all but tune-output and gpu; gpu: what scripts/gpu-bench.sh "
+    p.add_argument("--only", choices=["engine", "dp", "bundle", "layout", "harness", "cli", "wandb", "tune-output",
+                                      "gpu"],
+                   help="run one section only (default: all but tune-output and gpu; dp: seconds per epoch of DP-SGD "
+                        "by ghost norms and by per-example gradients against non-DP; gpu: what scripts/gpu-bench.sh "
                         "runs)")
     p.add_argument("--trials", type=int, default=1000,
                    help="trials of the tune-output section's grid of 1-epoch trials (default 1000)")

@@ -1,6 +1,9 @@
 """DP-SGD (spurious/dp.py): per-example gradients against opacus' GradSampleModule, ε against opacus' RDP
-accountant stepped one step at a time, bundles equal separate DP runs, σ = 0 is the non-DP recipe, bad input."""
+accountant stepped one step at a time, bundles equal separate DP runs, σ = 0 is the non-DP recipe, bad input;
+ghost norms (Linear-only models) against vmap and opacus, and the vmap path where ghost norms do not apply."""
 import math
+import re
+import warnings
 
 import numpy as np
 import pytest
@@ -129,3 +132,162 @@ def test_a_dp_study_runs_from_the_cli_and_reports_epsilon(tmp_path):
     n = 60000
     expected = dp.epsilon(1.0, 512 / n, n // 512, 1 / n)
     assert (df["dp_noise_multiplier"] == 1.0).all() and df["dp_epsilon"].to_numpy() == pytest.approx(expected)
+
+
+# ------------------------------------------------------------------ ghost norms (the fast path for Linear-only models)
+
+
+def project_model(name):
+    torch.manual_seed(0)
+    from spurious import models
+
+    return models.build(name, (1, 28, 28))
+
+
+def batch(n, shape, classes=10, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand((n, *shape), generator=gen), torch.randint(0, classes, (n,), generator=gen)
+
+
+@pytest.mark.parametrize("name", ["tiny", "mlp", "large_mlp"])
+def test_ghost_norms_and_clipped_sum_equal_vmap_and_opacus(name):
+    from opacus import GradSampleModule
+
+    model = tiny() if name == "tiny" else project_model(name)
+    x, y = batch(12, (1, 3, 4), 3) if name == "tiny" else batch(12, (1, 28, 28))
+    assert dp.ghost_supported(model)
+    grads, losses, logits = dp.per_example_grads(model, x, y)
+    norms = dp.clipped_sum(grads, 1.0)[1]
+    max_norm = float(norms.median())  # about half the examples are clipped
+    vmap_sum, _ = dp.clipped_sum(grads, max_norm)
+    ghost_sum, ghost_norms, ghost_losses, ghost_logits = dp.ghost_clipped_sum(model, x, y, max_norm)
+    assert 0 < int((norms > max_norm).sum()) < len(y)
+    torch.testing.assert_close(ghost_norms, norms, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ghost_losses, losses, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ghost_logits, logits, rtol=1e-5, atol=1e-6)
+    assert list(ghost_sum) == list(vmap_sum)
+    for key in vmap_sum:
+        torch.testing.assert_close(ghost_sum[key], vmap_sum[key], rtol=1e-5, atol=1e-6)
+    assert all(p.grad is None for p in model.parameters())  # nothing accumulated in `.grad`
+    wrapped = GradSampleModule(model, loss_reduction="sum")
+    F.cross_entropy(wrapped(x), y, reduction="sum").backward()
+    flat = torch.cat([p.grad_sample.reshape(len(y), -1) for p in wrapped.parameters()], 1)
+    torch.testing.assert_close(ghost_norms, flat.norm(dim=1), rtol=1e-5, atol=1e-6)
+
+
+def test_ghost_counts_only_trainable_parameters():
+    model, (x, y) = tiny(), batch(7, (1, 3, 4), 3)
+    model[1].bias.requires_grad_(False)
+    model[3].weight.requires_grad_(False)
+    grads = dp.per_example_grads(model, x, y)[0]
+    summed, norms = dp.clipped_sum(grads, 0.05)
+    ghost_sum, ghost_norms = dp.ghost_clipped_sum(model, x, y, 0.05)[:2]
+    assert list(ghost_sum) == list(summed) == ["1.weight", "3.bias"]
+    torch.testing.assert_close(ghost_norms, norms, rtol=1e-5, atol=1e-6)
+    for key in summed:
+        torch.testing.assert_close(ghost_sum[key], summed[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["tiny", "large_mlp"])
+def test_noisy_gradient_by_ghost_and_by_vmap_are_the_same_step(name):
+    x, y = batch(20, (1, 3, 4), 3) if name == "tiny" else batch(20, (1, 28, 28))
+    results = {}
+    for method in ("ghost", "vmap", "auto"):
+        model = tiny() if name == "tiny" else project_model(name)
+        gen = torch.Generator().manual_seed(5)
+        losses, logits = dp.noisy_gradient(model, x, y, 0.7, 0.1, 16.0, gen, method=method)
+        results[method] = ([p.grad for p in model.parameters()], losses, logits, gen.get_state())
+    for method in ("vmap", "auto"):
+        for a, b in zip(results["ghost"][0], results[method][0]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(results["ghost"][1], results[method][1], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(results["ghost"][2], results[method][2], rtol=1e-5, atol=1e-6)
+        assert torch.equal(results["ghost"][3], results[method][3])  # the same number of noise draws
+
+
+def test_models_with_other_layers_take_the_vmap_path():
+    model = project_model("cnn002")
+    assert not dp.ghost_supported(model) and dp.ghost_supported(project_model("mlp_v2"))
+    x, y = batch(4, (1, 28, 28))
+    model.eval()  # no dropout: the vmap path's draws are then deterministic
+    gen = torch.Generator().manual_seed(0)
+    losses, logits = dp.noisy_gradient(model, x, y, 0.0, 1.0, 4.0, gen)  # auto
+    expected = dp.clipped_sum(dp.per_example_grads(model, x, y)[0], 1.0)[0]
+    assert losses.shape == (4,) and logits.shape == (4, 10)
+    for key, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[key] / 4.0, rtol=1e-5, atol=1e-7)
+    with pytest.raises(dp.GhostUnsupported, match="every trainable parameter in an nn.Linear"):
+        dp.noisy_gradient(model, x, y, 1.0, 1.0, 4.0, gen, method="ghost")
+    with pytest.raises(SpuriousError, match="DP method 'fast' is not one of auto, ghost, vmap"):
+        dp.noisy_gradient(model, x, y, 1.0, 1.0, 4.0, gen, method="fast")
+
+
+class TwiceLinear(nn.Module):
+    """A Linear applied to (B, 2, 4) input: 3-D, which ghost norms do not cover."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner, self.out = nn.Linear(4, 4), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(self.inner(x.reshape(len(x), 2, 4)).flatten(1))
+
+
+class Reused(nn.Module):
+    """One Linear applied twice: its per-example gradient is a sum of two outer products."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner, self.out = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(self.inner(torch.relu(self.inner(x.flatten(1)))))
+
+
+def inplace_relu():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(8, 6), nn.ReLU(inplace=True), nn.Linear(6, 3))
+
+
+@pytest.mark.parametrize("make, message", [(TwiceLinear, "saw input of shape (5, 2, 4)"), (Reused, "ran 2 times"),
+                                           (inplace_relu, "changed in place")])
+def test_layers_ghost_norms_do_not_cover_fall_back_to_vmap_or_raise(make, message):
+    x, y = batch(5, (1, 2, 4), 3)
+    assert dp.ghost_supported(make())
+    with pytest.raises(dp.GhostUnsupported, match=re.escape(message)):
+        dp.ghost_clipped_sum(make(), x, y, 1.0)
+    with pytest.raises(dp.GhostUnsupported, match=re.escape(message)):
+        dp.noisy_gradient(make(), x, y, 1.0, 1.0, 5.0, torch.Generator().manual_seed(0), method="ghost")
+    grads, warned = {}, {}
+    for method in ("auto", "vmap"):
+        model = make()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dp.noisy_gradient(model, x, y, 1.0, 0.1, 5.0, torch.Generator().manual_seed(0), method=method)
+        grads[method], warned[method] = [p.grad for p in model.parameters()], [str(w.message) for w in caught]
+    assert len(warned["auto"]) == 1 and message in warned["auto"][0] and warned["vmap"] == []
+    for a, b in zip(grads["auto"], grads["vmap"]):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("method", dp.METHODS)
+def test_an_empty_batch_gives_noise_only(method):
+    model, x, y = tiny(), torch.zeros((0, 1, 3, 4)), torch.zeros(0, dtype=torch.long)
+    losses, logits = dp.noisy_gradient(model, x, y, 2.0, 0.5, 4.0, torch.Generator().manual_seed(3), method=method)
+    gen = torch.Generator().manual_seed(3)
+    assert losses.shape == (0,) and len(logits) == 0
+    for p in model.parameters():
+        expected = 2.0 * 0.5 * torch.randn(p.shape, generator=gen) / 4.0
+        torch.testing.assert_close(p.grad, expected)
+
+
+def test_a_dp_run_by_ghost_norms_equals_the_same_run_by_vmap(tiny_data, monkeypatch):
+    c = cfg(epochs=1)
+    ghost = train.train(c, plant_config(tiny_data, c))
+    monkeypatch.setattr(dp, "ghost_supported", lambda model: False)
+    vmap = train.train(c, plant_config(tiny_data, c))
+    assert ghost.history[0]["train_loss"] == pytest.approx(vmap.history[0]["train_loss"], rel=1e-5)
+    for a, b in zip(ghost.model.parameters(), vmap.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
