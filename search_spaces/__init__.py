@@ -187,10 +187,11 @@ DP_COMPARE_SIGMA = (0.2, 0.4, 0.6)
 def dp_compare_space(patterns: Sequence[str] = ("s3", "r3"), counts: Sequence[int] = (0, 3, 10, 100),
                      data_seeds: Sequence[int] = (0, 1, 2), epochs: int = 4) -> dict:
     """Return the DP comparison (protocol §10.5): Fashion-MNIST, LargeMLP, SGD 0.05 with momentum, batch 256,
-    class 0, patterns × counts × data seeds × {unmitigated, DP at each of DP_COMPARE_NOISE, L2 at each of
-    DP_COMPARE_L2, input noise at each of DP_COMPARE_SIGMA}."""
+    5000 validation images (what the settings are matched on), class 0, patterns × counts × data seeds ×
+    {unmitigated, DP at each of DP_COMPARE_NOISE, L2 at each of DP_COMPARE_L2, input noise at each of
+    DP_COMPARE_SIGMA}."""
     return merge({"dataset": "fashion", "model": "large_mlp", "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
-                  "epochs": epochs, "batch_size": 256},
+                  "epochs": epochs, "batch_size": 256, "val_size": 5000},
                  rarity_grid(patterns, counts, [0], data_seeds),
                  mitigation_grid(l2=DP_COMPARE_L2, noise_sigma=DP_COMPARE_SIGMA, dp_noise_multiplier=DP_COMPARE_NOISE))
 

@@ -249,7 +249,10 @@ def group_epsilon(eps: float, target_delta: float, k: int) -> tuple[float, float
     2014, Thm 2.2 with δ); k = 0 or 1 gives (ε, δ) back."""
     if k <= 1:
         return eps, target_delta
-    return k * eps, min(1.0, k * math.exp((k - 1) * eps) * target_delta) if math.isfinite(eps) else 1.0
+    if not math.isfinite(eps) or target_delta <= 0:
+        return k * eps, 1.0 if not math.isfinite(eps) else 0.0
+    log_delta = math.log(k) + (k - 1) * eps + math.log(target_delta)  # in logs: e^{(k−1)ε} overflows for large kε
+    return k * eps, 1.0 if log_delta >= 0 else math.exp(log_delta)
 
 
 

@@ -51,6 +51,8 @@ def test_epsilon_equals_opacus_accountant_stepped_one_step_at_a_time():
     assert dp.epsilon(1.1, 128 / 60000, 234 * 3, 1e-5) == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-12)
     assert dp.epsilon(0.0, 0.1, 10, 1e-5) == math.inf and dp.epsilon(1.0, 0.1, 0, 1e-5) == 0.0
     assert dp.group_epsilon(0.5, 1e-5, 3) == (1.5, pytest.approx(3 * math.exp(1.0) * 1e-5))
+    assert dp.group_epsilon(9.0, 1e-5, 100) == (900.0, 1.0)  # e^{99·9} overflows a float: capped, not raised
+    assert dp.group_epsilon(math.inf, 1e-5, 3) == (math.inf, 1.0)
 
 
 def cfg(**changes):

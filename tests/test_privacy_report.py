@@ -62,3 +62,16 @@ def test_the_section_appears_only_with_dp_trials():
     only_dp = frame[(frame.l2 == 0) & (frame.noise_sigma == 0)]
     (_, text, _), = privacy.sections(only_dp)
     assert "matched clean accuracy" not in text
+
+
+def test_matching_reads_validation_accuracy_when_the_study_has_it():
+    frame = study_frame()
+    frame["val_acc"] = frame["test_acc"]
+    frame.loc[frame.l2 == 1e-4, "val_acc"] = 0.80  # on validation L2 1e-4 is the closest to DP σ=1 (0.80)
+    assert privacy.match_column(frame) == "val_acc"
+    matched = privacy.matched_table(frame)
+    assert set(matched[matched.dp == "DP σ=1 C=1"].l2) == {"L2 0.0001"}
+    (_, text, _), = privacy.sections(frame)
+    assert "mean clean validation accuracy" in text
+    (_, text, _), = privacy.sections(study_frame())
+    assert "TEST accuracy (the study has no validation split" in text
