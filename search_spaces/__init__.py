@@ -180,8 +180,8 @@ def regularization_space(dataset: str = "mnist") -> dict:
 # DP-SGD against L2 and input noise (protocol §10.5): noise multipliers (clip norm 1) and the L2 and σ values
 # whose clean accuracies bracket theirs on Fashion-MNIST with LargeMLP.
 DP_COMPARE_NOISE = (0.5, 1.0, 2.0)
-DP_COMPARE_L2 = (1e-3, 3e-3, 1e-2)
-DP_COMPARE_SIGMA = (0.2, 0.4, 0.6)
+DP_COMPARE_L2 = (3e-3, 1e-2, 2e-2)
+DP_COMPARE_SIGMA = (0.4, 0.7, 1.0)
 
 
 def dp_compare_space(patterns: Sequence[str] = ("s3", "r3"), counts: Sequence[int] = (0, 3, 10, 100),

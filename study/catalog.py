@@ -287,7 +287,7 @@ def dp_compare() -> StudySpec:
 
     Command: `study run dp-compare` — S3 and R3 in class 0 at n ∈ {0, 3, 10, 100}, 3 data seeds, LargeMLP
     (SGD 0.05 with momentum, batch 256, 4 epochs), unmitigated and each of: DP-SGD at noise multiplier 0.5,
-    1, 2 (clip norm 1), L2 1e-3, 3e-3, 1e-2, input noise σ 0.2, 0.4, 0.6. `study report` prints each DP
+    1, 2 (clip norm 1), L2 3e-3, 1e-2, 2e-2, input noise σ 0.4, 0.7, 1.0. `study report` prints each DP
     setting's ε and the planted group's bound beside its score, and matches it with the L2 and noise
     settings of closest clean accuracy. Smoke: R3, n ∈ {0, 10}, one seed, 1 epoch, unmitigated, DP 1.0 and
     L2 1e-2.
