@@ -196,6 +196,10 @@ def cmd_show(args) -> int:
                  f"once and scored under every cell that needs it)")
     else:
         count = f"trials: {spec.trial_count(args.smoke, overrides)}"
+    if spec.kind == "tune-mitigation":  # what tune-mitigation searches and how (its defaults: see --help)
+        tuning = {**spec.tuning, **(spec.smoke_tuning if args.smoke else {})}
+        count += "; tuning: " + ", ".join(f"{k}={','.join(v) if isinstance(v, (list, tuple)) else v}"
+                                          for k, v in tuning.items())
     print(spec.description or spec.name)  # only now: a bad config above is one line, nothing else
     print(yaml.safe_dump(space, sort_keys=False, width=110))
     print(count)

@@ -508,3 +508,9 @@ def test_a_dp_search_under_an_epsilon_budget_only_tries_settings_that_meet_it(tm
     assert len(searched) == 2 and (searched["dp_noise_multiplier"] > 0).all()
     assert (searched["dp_epsilon"] <= 0.5).all()
     assert "and ε <= 0.5" in done.stdout and "ε=" in done.stdout
+
+
+def test_show_names_what_a_tuning_study_searches(capsys):
+    assert cli.main(["show", "mitigation-dp"]) == 0
+    out = capsys.readouterr().out
+    assert "trials: 13; tuning: trials=12, seeds=2, confirm_seeds=2, objective=pareto, mitigations=dp" in out
