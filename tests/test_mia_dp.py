@@ -56,6 +56,9 @@ def test_a_bundle_never_mixes_dp_and_non_dp_runs():
     assert sum(len(members) for members, _ in trials) == 6
     for members, _ in trials:
         assert len({c.dp_noise_multiplier for c in members}) == 1, [c.dp_noise_multiplier for c in members]
+    private = [members for members, _ in trials if dp.enabled(members[0])]
+    assert len(private) == 3 and all(len(m) == 1 for m in private), "each DP training is a trial of its own"
+    assert len(trials) == 5  # the non-DP target and the two non-DP shadows (one bundle: same split)
     data = synthetic_dataset(n_train=200, n_test=100)
     dp_cfgs = [c for c in cfgs if dp.enabled(c) and c.split == "mia_shadow"]
     with pytest.raises(SpuriousError, match="cannot train DP-SGD"):
