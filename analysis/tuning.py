@@ -190,6 +190,7 @@ def write_summary(root: str | Path, baseline: dict, max_acc_drop: float, objecti
                "baseline": baseline,
                "trials": int(len(selection["trials"])), "finished": int(len(selection["finished"])),
                "pareto": front.to_dict(orient="records"),
+               "errored": errored(load(root)),
                "recommended": selection["recommended"],
                "confirmation": confirmation(load(root), settings)}
     (root / "tuning.json").write_text(json.dumps(summary, indent=2, default=float))
@@ -274,7 +275,20 @@ def format_summary(summary: dict) -> str:
     lines.append(f"confirmed on test (mean ± s.e. over {len(seeds)} fresh seed{'s' if len(seeds) > 1 else ''}, "
                  f"{_seed_range(seeds)}):")
     lines += [f"  {_fmt_confirm(r)}" for r in summary["confirmation"]]
+    bad = summary.get("errored") or []
+    if bad:
+        lines.append(f"ERRORED: {len(bad)} trial(s) failed; the sets above leave them out:")
+        lines += [f"  {line}" for line in bad]
     return "\n".join(lines)
+
+
+def errored(df: pd.DataFrame) -> list[str]:
+    """Return "<phase> <trial_id>: <error>" for every errored trial of a tune-mitigation `load` frame."""
+    if "status" not in df:
+        return []
+    bad = df[df["status"] == "ERROR"]
+    return [f"{r.get('phase', '?')} {r.get('trial_id', '?')}: {r.get('error') or 'error'}"
+            for r in bad.to_dict(orient="records")]
 
 
 def write_report(root: str | Path, out_dir: str | Path | None = None) -> Path:

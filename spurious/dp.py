@@ -241,7 +241,9 @@ def epsilon(noise_multiplier: float, q: float, steps: int, target_delta: float) 
 
     accountant = RDPAccountant()
     accountant.history = [(float(noise_multiplier), float(q), int(steps))]
-    return float(accountant.get_epsilon(delta=target_delta))
+    with warnings.catch_warnings():  # "optimal order is the largest alpha": the bound is valid, only looser
+        warnings.simplefilter("ignore", UserWarning)
+        return float(accountant.get_epsilon(delta=target_delta))
 
 
 def group_epsilon(eps: float, target_delta: float, k: int) -> tuple[float, float]:
@@ -263,8 +265,10 @@ def noise_for_epsilon(target_epsilon: float, q: float, steps: int, target_delta:
     from opacus.accountants.utils import get_noise_multiplier
 
     try:
-        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=q,
-                                          steps=steps, accountant="rdp"))
+        with warnings.catch_warnings():  # as in `epsilon`
+            warnings.simplefilter("ignore", UserWarning)
+            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
+                                              sample_rate=q, steps=steps, accountant="rdp"))
     except ValueError as exc:
         raise SpuriousError(f"no noise multiplier reaches epsilon {target_epsilon} at delta {target_delta:.3g} in "
                             f"{steps} steps of sample rate {q:.3g}: {exc}") from None

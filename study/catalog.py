@@ -270,15 +270,17 @@ def mitigation_dp() -> StudySpec:
     Command: `study tune-mitigation --study mitigation-dp` — the unmitigated baseline, then 12 DP settings
     (noise multiplier 0.5–4, clip norm 0.1–10, both log-uniform) × 2 data seeds of LargeMLP (SGD 0.05 with
     momentum, batch 256, 4 epochs), Pareto on validation score, validation accuracy and ε (`--max-epsilon
-    E` makes ε a budget instead; protocol §10.3 and §10.5), then the baseline and the recommended setting on 2
-    fresh seeds on test. Sized for 2 CPUs (DP epochs by ghost norms). Smoke: 3 settings × 2 seeds, 1 epoch.
+    E` makes ε a budget instead; protocol §10.3 and §10.5), then the baseline and every Pareto setting on 2
+    fresh seeds on test. The accuracy budget is D = 0.1: DP-SGD costs this model about 8 points of clean
+    accuracy in 4 epochs, so with the default 0.02 no DP setting could be recommended. Sized for 2 CPUs (DP
+    epochs by ghost norms). Smoke: 3 settings × 2 seeds, 1 epoch.
     """
     base = {"dataset": "fashion", "model": "large_mlp", "pattern": "r3", "n_spurious": 10, "target": 0,
             "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "epochs": 4, "batch_size": 256}
     return StudySpec("mitigation-dp", _doc(mitigation_dp), base, smoke={"epochs": 1}, kind="tune-mitigation",
                      checkpoint_every=2, expected_time="~30 min on 2 CPUs",
                      tuning={"trials": 12, "seeds": 2, "confirm_seeds": 2, "objective": "pareto",
-                             "mitigations": ["dp"]})
+                             "mitigations": ["dp"], "max_acc_drop": 0.1, "confirm_pareto": True})
 
 
 @study("dp-compare")

@@ -71,8 +71,7 @@ def _resume_tuner(kind: Kind) -> Callable[[runner.Reopened, bool], int]:
 
 
 def _resume_tuning(again: runner.Reopened, retry_errored: bool) -> int:
-    mitigation.resume(again, retry_errored)
-    return 0
+    return mitigation.exit_code(mitigation.resume(again, retry_errored))
 
 
 KINDS: Registry[Kind] = Registry("study kind")

@@ -24,6 +24,7 @@ saw, and only its test metrics are the result (training seed = data seed through
 """
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from dataclasses import asdict, dataclass, replace
@@ -111,6 +112,16 @@ class TuningOptions:
             (self.max_epsilon == 0 or "dp" in self.mitigations,
              f"--max-epsilon {self.max_epsilon} needs DP-SGD in the search: add dp to --mitigations"),
         ]
+        # a bound of a mitigation that is not searched would be recorded but never used: refuse it
+        defaults = TuningOptions.__dataclass_fields__
+        for mitigation, keys, flag in (("dp", ("dp_noise_low", "dp_noise_high"), "--dp-noise-range"),
+                                       ("dp", ("dp_clip_low", "dp_clip_high"), "--dp-clip-range"),
+                                       ("l2", ("l2_low", "l2_high"), "--l2-range"),
+                                       ("noise", ("sigma_max",), "--sigma-max")):
+            changed = any(getattr(self, k) != defaults[k].default for k in keys)
+            checks.append((mitigation in self.mitigations or not changed,
+                           f"{flag} bounds the {mitigation} search, which --mitigations "
+                           f"{','.join(self.mitigations)} leaves out: add {mitigation} or drop {flag}"))
         check(checks)
 
     @property
@@ -176,7 +187,8 @@ class ConstrainedOptunaSearch(OptunaSearch):
         super().on_trial_complete(trial_id, result, error)
 
 
-def base_config(spec: StudySpec, smoke: bool, overrides: dict, val_size: int = 0) -> dict:
+def base_config(spec: StudySpec, smoke: bool, overrides: dict, val_size: int = 0,
+                mitigations: tuple = ()) -> dict:
     """Return the fixed training settings of the tuning study, with `val_size` held-out training images when
     it is ≥ 1; grid axes are not allowed here, nor a `val_size` of the study that differs from `val_size`."""
     space = spec.resolved(smoke, overrides)
@@ -190,6 +202,9 @@ def base_config(spec: StudySpec, smoke: bool, overrides: dict, val_size: int = 0
                             f"search, see --mitigations): drop {owned[0]}={space[owned[0]]!r} from the study or --set")
     for key in MITIGATION_KEYS:
         space.pop(key, None)
+    if "dp" in mitigations and space.get("grad_clip", 0.0):
+        raise SpuriousError(f"grad_clip={space['grad_clip']!r} (element-wise clipping of the batch gradient) cannot "
+                            "train with DP-SGD's per-example clipping: drop it to search --mitigations dp")
     if val_size:
         if space.get("val_size", val_size) != val_size:
             raise SpuriousError(f"tune-mitigation sets val_size with --val-size ({val_size}); "
@@ -210,10 +225,9 @@ def dp_noise_floor(base: dict, tuning: TuningOptions, data) -> float:
     q, steps, target_delta = dp.sample_rate(cfg, n), cfg.epochs * dp.steps_per_epoch(cfg, n), dp.delta(cfg, n)
     top = dp.epsilon(tuning.dp_noise_high, q, steps, target_delta)
     if top > tuning.max_epsilon:
-        raise SpuriousError(f"--max-epsilon {tuning.max_epsilon} is below the ε {top:.3g} of the noise multiplier "
-                            f"{tuning.dp_noise_high} over {cfg.epochs} epochs of batch {cfg.batch_size}, "
-                            f"above --dp-noise-range's upper bound: raise it, or train fewer epochs or smaller "
-                            f"batches")
+        raise SpuriousError(f"--max-epsilon {tuning.max_epsilon} is unreachable: even --dp-noise-range's upper bound "
+                            f"{tuning.dp_noise_high} gives ε = {top:.3g} after {cfg.epochs} epochs of batch "
+                            f"{cfg.batch_size}; raise that bound, or train fewer epochs or smaller batches")
     return dp.noise_for_epsilon(tuning.max_epsilon, q, steps, target_delta)
 
 
@@ -313,23 +327,30 @@ def run(spec: StudySpec, options: runner.RunOptions, tuning: TuningOptions,
     Returns the experiment directory.
     """
     logging = logging or wandb_setup.Logging()
-    base = base_config(spec, options.smoke, options.overrides, tuning.val_size)
+    base = base_config(spec, options.smoke, options.overrides, tuning.val_size, tuning.mitigations)
     prepared = runner.prepare(StudySpec(spec.name, spec.description, base), options)
     root = Path(options.storage_uri()) / prepared.name
     if "://" in str(options.storage_uri()):
         raise SpuriousError("tune-mitigation keeps its Optuna journal next to the results: use a local or "
                             "shared-file-system --storage-path, not a URI")
-    dp_noise_floor(base, tuning, prepared.data)  # an unreachable --max-epsilon fails here, before anything runs
+    if "dp" in tuning.mitigations:  # a model DP-SGD cannot train (BatchNorm) is refused before anything runs
+        runner.check_configs([config_lib.from_dict({**base, "dp_noise_multiplier": 1.0})], prepared.data)
+    floor = dp_noise_floor(base, tuning, prepared.data)  # an unreachable --max-epsilon fails here, too
     resources = runner.begin(options)
     meta = runner.session_meta("tune-mitigation", spec.name, options, logging, resources, sorted(prepared.data)[:1],
                                trial_budget(tuning), base=base, tuning=asdict(tuning),
-                               checkpoint_every=spec.checkpoint_every)
+                               checkpoint_every=spec.checkpoint_every,
+                               **({"dp_noise_floor": floor} if floor else {}))
     runner.write_meta(root, meta)
     logging = replace(logging, provenance=meta["provenance"])  # each W&B run's config carries it too
     print(f"tune-mitigation {spec.name}: baseline + {tuning.trials} settings of {'+'.join(tuning.mitigations)} × "
           f"{tuning.seeds} seeds, selected on "
           f"{tuning.val_size} validation images, confirmed on test with {tuning.confirm_seeds} fresh seeds -> {root}",
           flush=True)
+    if floor:
+        print(f"privacy budget ε <= {tuning.max_epsilon}: DP noise multiplier searched in [{floor:.4g}, "
+              f"{tuning.dp_noise_high}] (the floor reaches ε <= {tuning.max_epsilon} after {base['epochs']} epochs)",
+              flush=True)
     return _execute(root, base, tuning, prepared.data, resources, spec.checkpoint_every, options, logging)
 
 
@@ -354,6 +375,12 @@ def _execute(root: Path, base: dict, tuning: TuningOptions, data, resources: dic
     print(f"\nOptuna study: optuna-dashboard {root / JOURNAL}")
     print(f"experiment: {root}")
     return root
+
+
+def exit_code(root: str | Path) -> int:
+    """Return the exit code of a finished tune-mitigation study: 1 when a trial errored (tuning.json), else 0."""
+    summary = json.loads((Path(root) / "tuning.json").read_text())
+    return 1 if summary.get("errored") else 0
 
 
 def resume(again: "runner.Reopened", retry_errored: bool) -> Path:

@@ -77,8 +77,9 @@ def run_spec(spec, options, args: argparse.Namespace) -> int:
 
     tuning = tuning_options(spec, options.smoke, args if args.command == "tune-mitigation" else None)
     logging = wandb_setup.Logging.from_flags(args.wandb, args.wandb_project, args.wandb_entity)
-    logging.print_sync_hint(mitigation.run(spec, options, tuning, logging))
-    return 0
+    root = mitigation.run(spec, options, tuning, logging)
+    logging.print_sync_hint(root)
+    return mitigation.exit_code(root)
 
 
 def handle(args: argparse.Namespace) -> int:

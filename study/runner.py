@@ -14,7 +14,7 @@ from ray import tune
 from ray.tune.logger import JsonLoggerCallback
 from ray.tune.utils.util import SafeFallbackEncoder
 
-from spurious import bundle, cells, config as config_lib, datasets, dp, planted, train
+from spurious import bundle, cells, config as config_lib, datasets, dp, models, planted, train
 from spurious.errors import SpuriousError
 from study import cluster, layout as layout_lib, provenance, space as space_lib, wandb_setup
 from study.catalog import StudySpec
@@ -37,10 +37,18 @@ def validate(space: Mapping[str, Any], data: Mapping[str, datasets.Dataset]) -> 
 
 def check_configs(configs: list[config_lib.TrainConfig],
                   data: Mapping[str, datasets.Dataset]) -> list[config_lib.TrainConfig]:
-    """Return `configs` after checking that every name exists and that each planting and validation split can
-    be drawn from its dataset (raise a one-line SpuriousError on the first bad one, before any trial)."""
+    """Return `configs` after checking that every name exists, that each model can be built for its dataset
+    (and, for DP-SGD, has per-example gradients: `dp.check_model`), and that each planting and validation split
+    can be drawn from its dataset (raise a one-line SpuriousError on the first bad one, before any trial)."""
+    built: set = set()
     for cfg in configs:
         train.validate_names(cfg)
+        if (cfg.model, cfg.dataset, dp.enabled(cfg)) not in built:  # a model per kind: cheap, and catches
+            dataset = data[cfg.dataset]                              # what would fail in every trial
+            model = models.build(cfg.model, dataset.input_shape, dataset.num_classes)
+            if dp.enabled(cfg):
+                dp.check_model(model, cfg.model)
+            built.add((cfg.model, cfg.dataset, dp.enabled(cfg)))
         y = data[cfg.dataset].y_train  # canonical (config.from_tune)
         if cfg.targets:
             idx = planted.choose_spurious_two_class(y, cfg.targets[0], cfg.targets[1], cfg.n_spurious, cfg.data_seed)
@@ -101,15 +109,15 @@ def cells_space(configs: list[config_lib.TrainConfig], size: int, data: Mapping[
     a trial that trains one model for one cell holds that cell's config; any other holds {"bundle": cell
     configs, "models": the model index of each cell}. Each distinct model is trained once (protocol §7.3)."""
     entries = []
-    for members, models in cells.plan(configs, size):
+    for members, indices in cells.plan(configs, size):
         if len(members) == 1:
             entries.append(members[0].to_dict())
             continue
         # several models in lock-step: a bundle (DP members need no check: bundle.lockstep steps them as Engines)
-        if max(models) > 0 and not dp.enabled(members[0]):
+        if max(indices) > 0 and not dp.enabled(members[0]):
             dataset = data[members[0].dataset]
             bundle.check_bundlable(members[0], dataset.input_shape, dataset.num_classes)
-        entries.append({"bundle": [c.to_dict() for c in members], "models": models})
+        entries.append({"bundle": [c.to_dict() for c in members], "models": indices})
     return {"run": space_lib.grid(entries)}
 
 

@@ -293,3 +293,13 @@ def test_a_dp_run_by_ghost_norms_equals_the_same_run_by_vmap(tiny_data, monkeypa
     assert ghost.history[0]["train_loss"] == pytest.approx(vmap.history[0]["train_loss"], rel=1e-5)
     for a, b in zip(ghost.model.parameters(), vmap.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_dp_study_of_a_batchnorm_model_is_refused_before_any_trial():
+    from study import runner
+
+    data = {"cifar10": synthetic_dataset(n_train=300, n_test=50, shape=(3, 32, 32), name="cifar10")}
+    plain = TrainConfig(dataset="cifar10", model="resnet20", n_spurious=3)
+    assert runner.check_configs([plain], data) == [plain]
+    with pytest.raises(SpuriousError, match="model 'resnet20' has BatchNorm2d layers"):
+        runner.check_configs([plain, plain.replace(dp_noise_multiplier=1.0)], data)

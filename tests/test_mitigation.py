@@ -210,7 +210,11 @@ def test_bad_tuning_options(kwargs, message):
     (["--mitigations", "dp", "--max-epsilon", "-1"], "--max-epsilon must be a finite number > 0"),
     (["--mitigations", "dp", "--dp-noise-range", "2", "1"], "--dp-noise-range must satisfy 0 < low < high"),
     (["--mitigations", "dp", "--dp-clip-range", "0", "1"], "--dp-clip-range must satisfy 0 < low < high"),
-    (["--mitigations", "dp", "--max-epsilon", "0.001"], "above --dp-noise-range's upper bound"),
+    (["--mitigations", "dp", "--max-epsilon", "0.001"], "--max-epsilon 0.001 is unreachable: even --dp-noise-range"),
+    (["--mitigations", "dp", "--set", "grad_clip=0.5"], "grad_clip=0.5 (element-wise clipping of the batch gradient)"),
+    (["--dp-noise-range", "1", "2"], "--dp-noise-range bounds the dp search, which --mitigations l2,noise leaves out"),
+    (["--mitigations", "dp", "--sigma-max", "0.5"], "--sigma-max bounds the noise search"),
+    (["--mitigations", "noise", "--l2-range", "1e-5", "1e-2"], "--l2-range bounds the l2 search"),
 ])
 def test_cli_rejects_bad_tuning_input_with_one_line(capsys, tmp_path, argv, message):
     code = cli.main(["tune-mitigation", *argv, "--storage-path", str(tmp_path / "results")])
@@ -449,7 +453,7 @@ def test_the_noise_floor_meets_the_epsilon_budget_and_is_tight():
     floor = mitigation.dp_noise_floor(base, TuningOptions(mitigations=("dp",), max_epsilon=3.0), data)
     assert dp.epsilon(floor, q, steps, 1 / n) <= 3.0 < dp.epsilon(floor * 0.97, q, steps, 1 / n)
     assert mitigation.dp_noise_floor(base, TuningOptions(mitigations=("dp",)), data) == 0.0
-    with pytest.raises(SpuriousError, match="noise multiplier 4.0 over 4 epochs of batch 256, above --dp-noise-range's upper bound"):
+    with pytest.raises(SpuriousError, match="upper bound 4.0 gives ε = .* after 4 epochs of batch 256"):
         mitigation.dp_noise_floor(base, TuningOptions(mitigations=("dp",), max_epsilon=0.01), data)
 
 
@@ -487,6 +491,8 @@ def test_the_summary_prints_epsilon_and_the_planted_group_bound_for_dp_settings(
     assert "and ε <= 2.0" in text and "(l2=0, σ=0, no DP)" in text
     assert "ε=" not in tuning.format_summary({**summary, "pareto": [{**val, "dp_epsilon": float("nan")}],
                                               "recommended": None})
+    failed = tuning.format_summary({**summary, "errored": ["search a1: SpuriousError: bad"]})
+    assert "ERRORED: 1 trial(s) failed; the sets above leave them out:\n  search a1: SpuriousError: bad" in failed
 
 
 @pytest.mark.slow
@@ -513,4 +519,5 @@ def test_a_dp_search_under_an_epsilon_budget_only_tries_settings_that_meet_it(tm
 def test_show_names_what_a_tuning_study_searches(capsys):
     assert cli.main(["show", "mitigation-dp"]) == 0
     out = capsys.readouterr().out
-    assert "trials: 13; tuning: trials=12, seeds=2, confirm_seeds=2, objective=pareto, mitigations=dp" in out
+    assert ("trials: 13; tuning: trials=12, seeds=2, confirm_seeds=2, objective=pareto, mitigations=dp, "
+            "max_acc_drop=0.1, confirm_pareto=True") in out
