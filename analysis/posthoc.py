@@ -330,7 +330,8 @@ def mia_privacy_table(df: pd.DataFrame) -> str:
         "TPR any membership test reaches at FPR x under (ε, δ)-DP, min(1, e^ε·x + δ, 1 − e^−ε·(1 − δ − x)) "
         "(Kairouz, Oh & Viswanath 2015, Thm 2.1), for one example / for the planted group at (kε, δ_k). The "
         "measured FPR is over other (clean) images, not over the same images left out, so the comparison is "
-        "indicative.", 110)
+        "indicative. With k planted members a measured TPR moves in steps of 1/k (0.1 at k = 10): a bound below "
+        "1/k cannot be told apart from 0 by this measurement.", 110)
     return caption + "\n" + out.to_string(index=False)
 
 

@@ -23,6 +23,7 @@ import pandas as pd
 
 from analysis import stats
 from analysis.frames import finished
+from spurious.patterns import short_name
 
 # The mitigation settings of a training cell (protocol §10.1, §10.5); the rest of a cell is pattern × n.
 SETTING = ("l2", "noise_sigma", "grad_clip", "dp_noise_multiplier", "dp_max_grad_norm")
@@ -42,6 +43,8 @@ def _trials(df: pd.DataFrame) -> pd.DataFrame:
         if key not in done:
             done[key] = 0.0
     done["mitigation"] = [kind(r) for r in done[list(SETTING)].to_dict(orient="records")]
+    if "pattern" in done:  # the paper's names (R3, not uniform_noise_1.0), as the other tables
+        done["pattern"] = done["pattern"].map(lambda p: short_name(p) if isinstance(p, str) else p)
     return done
 
 
@@ -117,9 +120,10 @@ def matched_table(df: pd.DataFrame) -> pd.DataFrame:
     """Return, per DP setting and cell with n > 0, the DP setting's score and the scores of the L2 and the
     input-noise settings whose mean clean accuracy (`match_column`: validation when the study has it) over the
     cells they share is closest to the DP setting's (module docstring): columns cell keys, `dp` (label),
-    `dp_acc`, `dp_score`, `l2`, `l2_acc`, `l2_score`, `noise`, `noise_acc`, `noise_score` (accuracies: the
-    matched column's mean over the shared cells; scores: test spurious score as text, mean ± s.e. over the
-    cell's replicates). Empty when the study has no DP, or neither L2 nor noise settings."""
+    `dp_acc`, `dp_score`, `l2`, `l2_acc`, `l2_gap`, `l2_score`, `noise`, `noise_acc`, `noise_gap`,
+    `noise_score` (accuracies: the matched column's mean over the shared cells; gaps: rival − DP accuracy, so a
+    far match shows; scores: test spurious score as text, mean ± s.e. over the cell's replicates). Empty when
+    the study has no DP, or neither L2 nor noise settings."""
     column = match_column(df)
     done = _trials(df)
     cells = _cells(done)
@@ -153,7 +157,8 @@ def matched_table(df: pd.DataFrame) -> pd.DataFrame:
                 for c, v in zip(cells, key):
                     part = part[part[c] == v]
                 shared = cell_sets[private] & cell_sets.get(other, set())
-                row.update({m: other or "—", f"{m}_acc": round(accuracy(other, shared), 4) if other else math.nan,
+                acc = accuracy(other, shared) if other else math.nan
+                row.update({m: other or "—", f"{m}_acc": round(acc, 4), f"{m}_gap": round(acc - dp_acc, 4),
                             f"{m}_score": _pm(part["spurious_score"])})
             rows.append(row)
     return pd.DataFrame(rows)
@@ -172,8 +177,9 @@ def sections(df: pd.DataFrame) -> list[tuple[str, str, list]]:
         on = ("validation accuracy" if match_column(df) == "val_acc" else
               "TEST accuracy (the study has no validation split: the match reads the test split)")
         text += ("\n\nDP against L2 and input noise at matched clean accuracy: for each DP setting, the L2 and the "
-                 f"noise setting whose mean clean {on} (over the cells they share; the *_acc columns) is closest; "
-                 "the test spurious score of each per cell (mean ± s.e. over replicates). No test is run: compare "
-                 "means with their standard errors.\n\n"
+                 f"noise setting whose mean clean {on} (over the cells they share; the *_acc columns, *_gap = "
+                 "rival − DP: a large gap means no setting of the study matches) is closest; the test spurious "
+                 "score of each per cell (mean ± s.e. over replicates). No test is run: compare means with their "
+                 "standard errors.\n\n"
                  + matched.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     return [("DP-SGD: privacy guarantee and the planted pattern", text, [])]

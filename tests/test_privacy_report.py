@@ -35,7 +35,7 @@ def study_frame():
 def test_the_privacy_table_puts_epsilon_and_the_group_bound_beside_the_score():
     table = privacy.privacy_table(study_frame())
     assert len(table) == 2 * 2 * 2  # 2 DP settings × 2 patterns × n ∈ {3, 100}; n = 0 has no planted group
-    row = table[(table.pattern == "r3") & (table.n_spurious == 3) & (table.dp_noise_multiplier == 1.0)].iloc[0]
+    row = table[(table.pattern == "R3") & (table.n_spurious == 3) & (table.dp_noise_multiplier == 1.0)].iloc[0]
     assert row.epsilon == 0.9 and row.delta == 1e-5 and row.replicates == 3
     assert row.group_bound == f"2.7 (δ={3 * math.exp(1.8) * 1e-5:.2g})"
     assert row.spurious_score == "0.100 ± 0.000" and row.unmitigated_score == "0.500 ± 0.000"
@@ -49,8 +49,9 @@ def test_each_dp_setting_is_matched_with_the_l2_and_noise_setting_of_closest_cle
     assert set(strong.l2) == {"L2 0.01"} and set(strong.noise) == {"noise σ=0.5"}  # 0.805 is nearest to 0.80
     weak = matched[matched.dp == "DP σ=0.6 C=1"]
     assert set(weak.l2) == {"L2 0.0001"} and weak.iloc[0].dp_acc == pytest.approx(0.83)
-    row = strong[(strong.pattern == "s3") & (strong.n_spurious == 3)].iloc[0]
+    row = strong[(strong.pattern == "S3") & (strong.n_spurious == 3)].iloc[0]
     assert row.l2_score == "0.210 ± 0.006" and row.dp_score == "0.100 ± 0.000" and row.l2_acc == 0.805
+    assert row.l2_gap == pytest.approx(0.005) and row.noise_gap == pytest.approx(0.029) and row.pattern == "S3"
 
 
 def test_the_section_appears_only_with_dp_trials():
