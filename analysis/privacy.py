@@ -81,10 +81,13 @@ def group_text(n: int, group_epsilon: float, group_delta: float) -> str:
 def privacy_table(df: pd.DataFrame) -> pd.DataFrame:
     """Return one row per DP setting × cell with n > 0 (module docstring): the cell keys, `dp_noise_multiplier`,
     `dp_max_grad_norm`, `epsilon`, `delta`, `group_bound` (text), `spurious_score`, `test_acc` (text, mean ± s.e.),
-    `replicates`, `unmitigated_score` (the cell without any mitigation, text; "—" when the study has none)."""
+    `replicates`, `n0_score` (the same DP setting and cell at n = 0: the score a model without planted images
+    shows, the floor to read the others against), `unmitigated_score` (the cell without any mitigation; "—"
+    when the study has none)."""
     done = _trials(df)
     cells = _cells(done)
-    private = done[(done["mitigation"] == "dp") & (done["n_spurious"] > 0)]
+    dp_trials = done[done["mitigation"] == "dp"]
+    private = dp_trials[dp_trials["n_spurious"] > 0]
     plain = done[done["mitigation"] == "none"]
     rows = []
     for key, group in private.groupby(cells + ["dp_noise_multiplier", "dp_max_grad_norm"], sort=True):
@@ -93,11 +96,18 @@ def privacy_table(df: pd.DataFrame) -> pd.DataFrame:
         base = plain
         for c in cells:
             base = base[base[c] == where[c]]
+        clean = dp_trials[(dp_trials["n_spurious"] == 0)
+                          & (dp_trials["dp_noise_multiplier"] == where["dp_noise_multiplier"])
+                          & (dp_trials["dp_max_grad_norm"] == where["dp_max_grad_norm"])]
+        for c in cells:
+            if c != "n_spurious":
+                clean = clean[clean[c] == where[c]]
         rows.append({**where, "epsilon": float(first["dp_epsilon"]), "delta": float(first["dp_delta_used"]),
                      "group_bound": group_text(int(where["n_spurious"]), float(first["dp_group_epsilon"]),
                                                float(first["dp_group_delta"])),
                      "spurious_score": _pm(group["spurious_score"]), "test_acc": _pm(group["test_acc"], 4),
-                     "replicates": len(group), "unmitigated_score": _pm(base["spurious_score"])})
+                     "replicates": len(group), "n0_score": _pm(clean["spurious_score"]),
+                     "unmitigated_score": _pm(base["spurious_score"])})
     return pd.DataFrame(rows)
 
 
@@ -117,7 +127,7 @@ def match_column(df: pd.DataFrame) -> str:
 
 
 def matched_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Return, per DP setting and cell with n > 0, the DP setting's score and the scores of the L2 and the
+    """Return, per DP setting and cell (n = 0 included: the floor of each setting), the DP setting's score and the scores of the L2 and the
     input-noise settings whose mean clean accuracy (`match_column`: validation when the study has it) over the
     cells they share is closest to the DP setting's (module docstring): columns cell keys, `dp` (label),
     `dp_acc`, `dp_score`, `l2`, `l2_acc`, `l2_gap`, `l2_score`, `noise`, `noise_acc`, `noise_gap`,
@@ -147,7 +157,7 @@ def matched_table(df: pd.DataFrame) -> pd.DataFrame:
             scored = [(abs(accuracy(o, cell_sets[private] & cell_sets[o]) - dp_acc), o) for o in options
                       if cell_sets[private] & cell_sets[o]]
             matches[m] = min(scored)[1] if scored else None
-        for key, group in done[(done["setting"] == private) & (done["n_spurious"] > 0)].groupby(cells, sort=True):
+        for key, group in done[done["setting"] == private].groupby(cells, sort=True):
             key = key if isinstance(key, tuple) else (key,)
             row = {**dict(zip(cells, key)), "dp": private, "dp_acc": round(dp_acc, 4),
                    "dp_score": _pm(group["spurious_score"])}
@@ -170,8 +180,9 @@ def sections(df: pd.DataFrame) -> list[tuple[str, str, list]]:
         return []
     text = ("Each DP setting's ε at the δ used (RDP accountant, after the run's epochs) and the group-privacy bound "
             "for the n planted images (nε, δ_n = n·e^((n−1)ε)·δ; vacuous once δ_n reaches 1), beside the spurious "
-            "score and clean test accuracy it leaves (mean ± s.e. over replicates) and the unmitigated cell's "
-            "score (protocol §10.5).\n\n" + privacy_table(df).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+            "score and clean test accuracy it leaves (mean ± s.e. over replicates), the same setting's score at "
+            "n = 0 (no planted image: what the pattern does to a model that never saw it) and the unmitigated "
+            "cell's score (protocol §10.5).\n\n" + privacy_table(df).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     matched = matched_table(df)
     if not matched.empty:
         on = ("validation accuracy" if match_column(df) == "val_acc" else

@@ -39,6 +39,7 @@ def test_the_privacy_table_puts_epsilon_and_the_group_bound_beside_the_score():
     assert row.epsilon == 0.9 and row.delta == 1e-5 and row.replicates == 3
     assert row.group_bound == f"2.7 (δ={3 * math.exp(1.8) * 1e-5:.2g})"
     assert row.spurious_score == "0.100 ± 0.000" and row.unmitigated_score == "0.500 ± 0.000"
+    assert row.n0_score == "0.010 ± 0.000"  # the same DP setting without planted images
     big = table[(table.n_spurious == 100) & (table.dp_noise_multiplier == 0.6)].iloc[0]
     assert big.group_bound == "250 (vacuous: δ = 1)"
 
@@ -46,6 +47,7 @@ def test_the_privacy_table_puts_epsilon_and_the_group_bound_beside_the_score():
 def test_each_dp_setting_is_matched_with_the_l2_and_noise_setting_of_closest_clean_accuracy():
     matched = privacy.matched_table(study_frame())
     strong = matched[matched.dp == "DP σ=1 C=1"]
+    assert sorted(set(strong.n_spurious)) == [0, 3, 100]  # n = 0 too: each setting's floor
     assert set(strong.l2) == {"L2 0.01"} and set(strong.noise) == {"noise σ=0.5"}  # 0.805 is nearest to 0.80
     weak = matched[matched.dp == "DP σ=0.6 C=1"]
     assert set(weak.l2) == {"L2 0.0001"} and weak.iloc[0].dp_acc == pytest.approx(0.83)
