@@ -24,7 +24,7 @@ from analysis import frames, style
 from analysis.style import label, save
 from spurious.errors import SpuriousError
 
-MITIGATIONS = ("l2", "noise_sigma", "grad_clip")
+MITIGATIONS = ("l2", "noise_sigma", "grad_clip", "dp_noise_multiplier")  # each a sweep; the others held at 0
 MAX_PANELS = 12
 
 
@@ -112,7 +112,8 @@ def accuracy_vs_n(df: pd.DataFrame, out_dir: str | Path, metric: str = "test_acc
 
 
 def mitigation_knobs(df: pd.DataFrame) -> list[str]:
-    """Return the mitigation settings (l2, noise_sigma, grad_clip) that vary across the finished trials."""
+    """Return the mitigation settings (MITIGATIONS: l2, noise_sigma, grad_clip, dp_noise_multiplier) that vary
+    across the finished trials."""
     done = frames.finished(df)
     return [k for k in MITIGATIONS if k in done and done[k].nunique() > 1]
 

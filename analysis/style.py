@@ -18,7 +18,8 @@ from matplotlib.ticker import NullLocator
 
 LABELS = {"spurious_score": "spurious score", "spurious_score_nontarget": "spurious score (label ≠ c)",
           "test_acc": "clean test accuracy", "patterned_acc": "patterned test accuracy (label ≠ c)",
-          "l2": "L2", "noise_sigma": "σ", "grad_clip": "clip", "n_spurious": "n (planted training examples)",
+          "l2": "L2", "noise_sigma": "σ", "grad_clip": "clip", "dp_noise_multiplier": "DP noise multiplier",
+          "n_spurious": "n (planted training examples)",
           "auroc": "AUROC (planted vs other candidate images)",
           "average_precision": "average precision (planted images)"}
 COLUMNS = 4

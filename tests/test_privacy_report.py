@@ -78,3 +78,15 @@ def test_matching_reads_validation_accuracy_when_the_study_has_it():
     assert "mean clean validation accuracy" in text
     (_, text, _), = privacy.sections(study_frame())
     assert "TEST accuracy (the study has no validation split" in text
+
+
+def test_the_tradeoff_figure_sweeps_dp_and_keeps_dp_trials_out_of_the_other_sweeps():
+    from analysis import figures
+
+    frame = study_frame()
+    assert figures.mitigation_knobs(frame) == ["l2", "noise_sigma", "dp_noise_multiplier"]
+    l2 = figures.tradeoff_points(frame, "l2")
+    assert l2[l2.l2 == 0.0].test_acc.tolist() == [0.86, 0.86]  # the unmitigated models only, not DP's 0.80/0.83
+    dp = figures.tradeoff_points(frame, "dp_noise_multiplier")
+    assert sorted(dp.dp_noise_multiplier.unique()) == [0.0, 0.6, 1.0]
+    assert figures.tradeoff_figure(frame) is not None
