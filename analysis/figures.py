@@ -146,7 +146,7 @@ def tradeoff_figure(df: pd.DataFrame) -> Figure | None:
             first = (p["test_acc"].iloc[0], p["spurious_score"].iloc[0])
             ax.annotate(_short(pattern), first, xytext=(4, -10), textcoords="offset points",
                         color=line.get_color(), fontweight="bold")
-        ax.set_title(f"{label(knob)} sweep (points labelled with {label(knob)})", fontsize=style.TITLE_SIZE)
+        ax.set_title(f"{label(knob)} sweep (points labelled with its value)", fontsize=style.TITLE_SIZE)
         ax.margins(x=0.15, y=0.1)
         ax.set_xlabel(label("test_acc"))
         ax.set_ylabel(f"{label('spurious_score')} (mean over n)")
