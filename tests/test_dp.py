@@ -157,6 +157,20 @@ def test_a_dp_bundle_with_empty_batches_equals_separate_engines(tiny_data):
     _engines_equal_bundle(tiny_data, [cfg(seed=s, data_seed=s, batch_size=4, epochs=1) for s in range(3)])
 
 
+def test_a_dp_bundle_resumes_from_its_snapshot(tiny_data):
+    cfgs = [cfg(seed=s, data_seed=s, optimizer="adam", lr=1e-3) for s in range(2)]
+    whole = bundle.BundleEngine(cfgs, bundle.plant_members(cfgs, tiny_data))
+    whole.fit()
+    first = bundle.BundleEngine(cfgs, bundle.plant_members(cfgs, tiny_data))
+    first.step()
+    resumed = bundle.BundleEngine(cfgs, bundle.plant_members(cfgs, tiny_data))
+    resumed.restore(first.snapshot())
+    assert resumed.steps == first.steps == 600 // 64  # DP epochs take ⌊N/B⌋ steps (Adam's step count)
+    resumed.fit()
+    assert [[r["train_loss"] for r in h] for h in resumed.histories] == [[r["train_loss"] for r in h]
+                                                                         for h in whole.histories]
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"dp_noise_multiplier": -1.0}, "dp_noise_multiplier must be >= 0"),
     ({"dp_max_grad_norm": 0.0}, "dp_max_grad_norm must be > 0"),
