@@ -42,6 +42,19 @@ vmapped passes alike, so bundled and separate runs agree statistically, not bit 
 Only models without dropout, BatchNorm or buffers can be bundled (dropout under vmap cannot draw the
 masks separate runs draw); in the registry those are the MLPs, where the reference grids are.
 
+DP-SGD members (`spurious.dp`) are trained batched on the batched-matmul path only (Flatten/Linear/ReLU
+models, `batched` on: the CPU default; `dp_batched`): each member draws its own ⌊N/B⌋ Poisson batches from
+its own generator at the start of the epoch, then per step its input noise and its DP noise (one draw per
+parameter, in parameter order), exactly as `train.Engine._private_epoch` does. The members' batches differ
+in size, so a step pads them to the largest with a row mask (padding has zero loss weight, hence zero δ,
+zero norm and no clipped contribution; an empty batch adds noise only); the per-example norms are ghost
+norms taken for all members at once (`stacked_mlp.StackedMLP.ghost_clipped_sum`: (K, B, in) inputs and
+(K, B, out) output gradients give (K, B) norms and (K, out, in) clipped sums by `torch.bmm`), each member's
+noise is added and divided by its qN, and the stacked optimiser steps as for any bundle. A DP bundle equals
+K separate DP Engines of the same seeds up to float rounding (tests/test_dp.py), and its members share the
+training pool as other bundles do. The vmap path (batched=False, the GPU default) refuses DP members, and
+`lockstep` steps such runs as separate Engines (`train.Lockstep`, one copy of the data each).
+
 Memory model: members share one clean training tensor (`PlantedRows.base_x`; the dataset's own tensor
 for the full split, one per data seed for membership splits) and each stores only its planted rows,
 so a bundle holds one (N, C, H, W) pool plus the planted rows of all members (60k Fashion: 188 MB + 3 KB
@@ -70,8 +83,8 @@ from spurious.errors import SpuriousError
 from spurious.planted import PlantedData, PlantedRows, plant_config, plant_config_rows, split_arrays
 
 # The config keys every member of a bundle shares; all other keys may differ per member. DP-SGD's σ is among
-# them, so a DP run never shares a bundle with a non-DP one: the members of a DP bundle are stepped as separate
-# Engines (`lockstep`), and a batched BundleEngine trains no DP member.
+# them, so a DP run never shares a bundle with a non-DP one; DP bundles train batched only on the batched-matmul
+# path (module docstring), and `lockstep` steps other DP runs as separate Engines.
 BUNDLE_KEYS = ("dataset", "split", "model", "augmentation", "epochs", "batch_size", "optimizer", "momentum",
                "eval_batch_size", "device", "val_size", "dp_noise_multiplier")
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
@@ -370,6 +383,8 @@ class BundleEngine:
     under vmap and passes of one member as the plain model, bit-identical to Engine (`vmap_chunk=1`).
     Within an epoch each pass runs its steps back to back; all members finish an epoch before the next
     begins, and evaluation runs a pass's members together.
+    DP-SGD configs train only with batched matmuls (module docstring): each member's Poisson batches,
+    padded to the step's largest, stacked ghost norms, each member's noise; the vmap path refuses them.
     A member whose training loss becomes non-finite is dropped: its rows become None and `failed`
     holds the message `Engine` would raise; the others go on (all failing raises TrainingError). Setting
     `drop_diverged = False` makes the first diverging member raise that message instead, as Engine does.

@@ -341,7 +341,8 @@ def fit(engine, on_epoch: Optional[Callable[[list, Callable], Any]] = None) -> N
 
 class Lockstep:
     """K Engines stepped together, epoch by epoch, through `step` and `fit`: the member protocol over separate
-    runs, for models a bundle cannot hold (dropout, BatchNorm). Member k is exactly `engines[k]`'s run."""
+    runs, for models a bundle cannot hold (dropout, BatchNorm) and DP-SGD runs a bundle does not batch
+    (`bundle.dp_batched`). Member k is exactly `engines[k]`'s run."""
 
     drop_diverged = False
 
