@@ -57,7 +57,7 @@ training pool as other bundles do. The vmap path (batched=False, the GPU default
 epoch of 8 LargeMLPs on full Fashion-MNIST (batch 256, σ = 1, C = 1) took 11.8 s batched and 11.4-12.5 s as 8
 Engines on one thread of the 2-core Xeon (a busy machine; two threads stalled on the other load and were not
 measurable): the ghost-norm matmuls and the noise draws (335k normals per member and step) are the work, which
-batching does not shrink (padding to the largest batch adds ~13 % rows), so a DP bundle saves memory and trials,
+batching does not shrink (padding to the largest of 8 batches adds ~9 % rows), so a DP bundle saves memory and trials,
 not time.
 
 Memory model: members share one clean training tensor (`PlantedRows.base_x`; the dataset's own tensor
