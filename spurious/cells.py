@@ -27,10 +27,12 @@ def plan(cfgs: Sequence[TrainConfig], bundle_size: int = 1) -> list[tuple[list[T
     index of the trial's model that scores it (model m is trained with the config of its first cell).
 
     With `bundle_size` K > 1, up to K trainings that may share a bundle (`bundle.compatible_key`) share a trial;
-    otherwise each trial trains one model. A DP-SGD training always has a trial of its own: DP runs are not
-    batched (`bundle.lockstep` would step them as separate Engines, each holding its own copy of the data —
-    21 LargeMLP runs on Fashion-MNIST took 9.6 GB — for no gain in speed). Every cell appears in exactly one
-    trial.
+    otherwise each trial trains one model. A DP-SGD training shares a trial only when the bundle runs it as
+    batched matmuls (`bundle.dp_batched`: Flatten/Linear/ReLU models on the CPU), where the members' ghost
+    norms are taken together and the members share one copy of the training data; any other DP training has
+    a trial of its own, since `bundle.lockstep` would step it as separate Engines, each holding its own copy
+    of the data (21 LargeMLP runs on Fashion-MNIST took 9.6 GB), for no gain in speed. Every cell appears in
+    exactly one trial.
     """
     trainings = [[cfgs[i] for i in members] for members in group_by_training(cfgs)]
     if bundle_size <= 1:
@@ -38,7 +40,7 @@ def plan(cfgs: Sequence[TrainConfig], bundle_size: int = 1) -> list[tuple[list[T
     by_key: dict[tuple, list[list[TrainConfig]]] = {}
     trials = []
     for cells in trainings:
-        if dp.enabled(cells[0]):
+        if dp.enabled(cells[0]) and not bundle.dp_batched(cells[0]):
             trials.append((cells, [0] * len(cells)))
         else:
             by_key.setdefault(bundle.compatible_key(cells[0]), []).append(cells)

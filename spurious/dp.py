@@ -29,6 +29,10 @@ per-example gradients are not defined: they are refused in one line (`check_mode
   (B, out, in) tensor is ever made (`ghost_clipped_sum`). The same formula, the same noise draws: both
   methods give the same gradient up to float rounding. One forward means a layer with randomness (dropout;
   the project's MLPs have none) draws one mask per example, which is the gradient of that example's loss.
+
+A bundle of DP runs of a Flatten/Linear/ReLU model (`spurious.bundle`, on the CPU) takes the same ghost norms
+for all its members at once on stacked (K, B, ·) tensors (`stacked_mlp.StackedMLP.ghost_clipped_sum`), each
+member with its own Poisson batches (padded to the step's largest with a row mask) and its own noise draws.
 """
 from __future__ import annotations
 

@@ -8,6 +8,8 @@ mask, written out. A training step of K members thus costs a fixed ~25 tensor op
 is, where separate models pay Python, dispatch and autograd per member; it is `spurious.bundle`'s CPU path
 (issue 15). The arithmetic per member is that of `F.linear`, `F.relu` and `F.cross_entropy` (mean over the
 batch), so results equal a separate model's up to float rounding (the matmuls block differently).
+DP-SGD members use `ghost_clipped_sum` instead of `loss_and_grads`: the per-example clipped gradient sum of
+every member by ghost norms (`spurious.dp`), on padded batches with a row mask.
 """
 from __future__ import annotations
 
@@ -115,3 +117,36 @@ class StackedMLP:
             if i < len(self.layers) - 1:
                 h = h.relu_()
         return h
+
+    @torch.no_grad()
+    def ghost_clipped_sum(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                          mask: torch.Tensor, max_norm: float | torch.Tensor
+                          ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return DP-SGD's clipped per-example gradient sum of every member by ghost norms (`spurious.dp`), for
+        inputs x (K, B, ...), labels y (K, B) and a row mask (K, B) (1: a row of the member's batch, 0:
+        padding): ({name: (K, ...)} Σ_i c_i g_i, per-example norms (K, B), per-example cross-entropy losses (K, B)
+        (0 on padding), logits (K, B, classes)). `max_norm` is C, a float or per member (K, 1).
+
+        Per member and layer, δ (K, B, out) is the gradient of Σ_i mask_i ℓ_i w.r.t. the layer's output and a
+        (K, B, in) its input: ‖g_i‖² = Σ_layers ‖δ_i‖²(‖a_i‖² + 1), c_i = min(1, C / (‖g_i‖ + 1e-6)), and the
+        sums are bmm((c·δ)ᵀ, a) (K, out, in) and Σ_i c_i δ_i (K, out). A padded row has δ = 0, hence norm 0 and
+        no contribution."""
+        z, inputs = self.forward(params, x.flatten(2))
+        logp = z.log_softmax(2)
+        losses = -logp.gather(2, y.unsqueeze(2)).squeeze(2) * mask
+        grad_logp = torch.zeros_like(logp).scatter_(2, y.unsqueeze(2), -1.0) * mask.unsqueeze(2)
+        dz = torch._log_softmax_backward_data(grad_logp, logp, 2, logp.dtype)
+        deltas = [dz] * len(self.layers)
+        for i in reversed(range(1, len(self.layers))):
+            dz = torch.ops.aten.threshold_backward(torch.bmm(dz, params[self.layers[i][0]]), inputs[i], 0)
+            deltas[i - 1] = dz
+        square = torch.zeros_like(mask)
+        for a, delta in zip(inputs, deltas):
+            square += (a.square().sum(2) + 1) * delta.square().sum(2)
+        norms = square.sqrt()
+        scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        sums = {}
+        for (weight, bias), a, delta in zip(self.layers, inputs, deltas):
+            scaled = delta * scale.unsqueeze(2)
+            sums[weight], sums[bias] = torch.bmm(scaled.transpose(1, 2), a), scaled.sum(1)
+        return sums, norms, losses, z

@@ -219,14 +219,7 @@ class Engine:
         group-privacy bound for the k planted training images (k = `len(data.spurious_idx)`, at least 1):
         `dp_group_epsilon` = kε and `dp_group_delta` = k·e^{(k−1)ε}·δ (capped at 1: a bound of δ = 1 says
         nothing)."""
-        if not dp.enabled(self.cfg):
-            return {}
-        n = len(self.data.y_train)
-        steps = self.epoch * dp.steps_per_epoch(self.cfg, n)
-        target_delta = dp.delta(self.cfg, n)
-        eps = dp.epsilon(self.cfg.dp_noise_multiplier, dp.sample_rate(self.cfg, n), steps, target_delta)
-        group_eps, group_delta = dp.group_epsilon(eps, target_delta, max(1, len(self.data.spurious_idx)))
-        return dict(zip(metrics.PRIVACY_KEYS, (eps, target_delta, group_eps, group_delta)))
+        return privacy(self.cfg, len(self.data.y_train), self.epoch, len(self.data.spurious_idx))
 
     def evaluate(self) -> dict[str, float]:
         """Return the clean and patterned test metrics of the current model (protocol §4.2), the same on the
@@ -287,6 +280,18 @@ class Engine:
         self.epoch, self.history = int(state["epoch"]), [dict(r) for r in state["history"]]
 
 
+def privacy(cfg: TrainConfig, n_train: int, epochs: int, n_planted: int) -> dict[str, float]:
+    """Return `Engine.privacy`'s guarantee of a run of `cfg` on `n_train` examples after `epochs` epochs, the
+    group being its `n_planted` planted images (at least 1); {} when the run is not DP."""
+    if not dp.enabled(cfg):
+        return {}
+    steps = epochs * dp.steps_per_epoch(cfg, n_train)
+    target_delta = dp.delta(cfg, n_train)
+    eps = dp.epsilon(cfg.dp_noise_multiplier, dp.sample_rate(cfg, n_train), steps, target_delta)
+    group_eps, group_delta = dp.group_epsilon(eps, target_delta, max(1, n_planted))
+    return dict(zip(metrics.PRIVACY_KEYS, (eps, target_delta, group_eps, group_delta)))
+
+
 def divergence_message(loss: float, epoch: int, lr: float, cfg: TrainConfig) -> str:
     """Return the one-line message for a training loss that became non-finite in epoch `epoch` (1-based)."""
     return (f"training loss became {loss} at epoch {epoch} (lr={lr}, optimizer={cfg.optimizer}); "
@@ -336,7 +341,8 @@ def fit(engine, on_epoch: Optional[Callable[[list, Callable], Any]] = None) -> N
 
 class Lockstep:
     """K Engines stepped together, epoch by epoch, through `step` and `fit`: the member protocol over separate
-    runs, for models a bundle cannot hold (dropout, BatchNorm). Member k is exactly `engines[k]`'s run."""
+    runs, for models a bundle cannot hold (dropout, BatchNorm) and DP-SGD runs a bundle does not batch
+    (`bundle.dp_batched`). Member k is exactly `engines[k]`'s run."""
 
     drop_diverged = False
 

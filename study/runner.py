@@ -113,8 +113,8 @@ def cells_space(configs: list[config_lib.TrainConfig], size: int, data: Mapping[
         if len(members) == 1:
             entries.append(members[0].to_dict())
             continue
-        # several models in lock-step: a bundle (DP members need no check: bundle.lockstep steps them as Engines)
-        if max(indices) > 0 and not dp.enabled(members[0]):
+        # several models in lock-step: a bundle (DP ones only where cells.plan found them batched)
+        if max(indices) > 0:
             dataset = data[members[0].dataset]
             bundle.check_bundlable(members[0], dataset.input_shape, dataset.num_classes)
         entries.append({"bundle": [c.to_dict() for c in members], "models": indices})

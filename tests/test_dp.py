@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spurious import bundle, dp, train
+from spurious import bundle, dp, stacked_mlp, train
 from spurious.config import TrainConfig
 from spurious.errors import SpuriousError
 from spurious.planted import plant_config
@@ -85,11 +85,90 @@ def test_noise_multiplier_zero_is_the_non_dp_recipe(tiny_data):
 def test_a_bundle_with_dp_equals_separate_dp_runs(tiny_data):
     cfgs = [cfg(seed=s, data_seed=s) for s in (0, 1)]
     engine = bundle.lockstep(cfgs, tiny_data)
+    assert isinstance(engine, bundle.BundleEngine)  # an MLP on the CPU: batched
     train.fit(engine)
     for k, c in enumerate(cfgs):
         alone = train.train(c, plant_config(tiny_data, c)).history
-        assert [r["train_loss"] for r in engine.histories[k]] == [r["train_loss"] for r in alone]
+        assert [r["train_loss"] for r in engine.histories[k]] == pytest.approx([r["train_loss"] for r in alone],
+                                                                                rel=1e-5)
         assert [r["dp_epsilon"] for r in engine.histories[k]] == [r["dp_epsilon"] for r in alone]
+
+
+def _engines_equal_bundle(data, cfgs, **engine_kwargs):
+    engine = bundle.BundleEngine(cfgs, bundle.plant_members(cfgs, data), **engine_kwargs)
+    assert engine.stack is not None
+    results = engine.fit()
+    for k, c in enumerate(cfgs):
+        alone = train.train(c, plant_config(data, c))
+        for mine, theirs in zip(engine.histories[k], alone.history, strict=True):
+            for key in ("train_loss", "train_acc", "test_acc", "spurious_score"):
+                assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-5), (k, key)
+            for key in ("dp_epsilon", "dp_delta_used", "dp_group_epsilon", "dp_group_delta"):
+                assert mine[key] == theirs[key], (k, key)
+        for name, p in alone.model.named_parameters():
+            torch.testing.assert_close(results[k].model.get_parameter(name), p, rtol=1e-4, atol=1e-5)
+        assert results[k].state["rng"]["generator"].equal(alone.state["rng"]["generator"])  # same draws
+
+
+@pytest.mark.parametrize("members", [
+    [dict(seed=0, data_seed=0), dict(seed=1, data_seed=1, n_spurious=0), dict(seed=2, data_seed=3, lr=0.1)],
+    [dict(seed=5, data_seed=2)],
+])
+def test_a_batched_dp_bundle_equals_separate_dp_engines(tiny_data, members):
+    _engines_equal_bundle(tiny_data, [cfg(**m) for m in members])
+
+
+def test_a_batched_dp_bundle_with_adam_input_noise_and_member_clip_norms(tiny_data):
+    cfgs = [cfg(seed=s, data_seed=s, optimizer="adam", lr=1e-3, noise_sigma=0.1 * s, dp_max_grad_norm=0.5 + s)
+            for s in range(3)]
+    _engines_equal_bundle(tiny_data, cfgs, vmap_chunk=2)
+
+
+def test_padding_and_empty_batches_contribute_nothing():
+    torch.manual_seed(0)
+    models = [tiny() for _ in range(3)]
+    for m in models[1:]:
+        for p in m.parameters():
+            p.data.normal_()
+    stack = stacked_mlp.StackedMLP(stacked_mlp.linear_layers(models[0]))
+    params = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in models]) for n, _ in
+              models[0].named_parameters()}
+    sizes, width = (5, 0, 2), 7
+    x, y = torch.randn(3, width, 1, 3, 4), torch.randint(0, 3, (3, width))
+    mask = (torch.arange(width) < torch.tensor(sizes)[:, None]).float()
+    sums, norms, losses, logits = stack.ghost_clipped_sum(params, x, y, mask, 0.7)
+    for k, (model, size) in enumerate(zip(models, sizes)):
+        if size:
+            want, want_norms, want_losses, _ = dp.ghost_clipped_sum(model, x[k, :size], y[k, :size], 0.7)
+            torch.testing.assert_close(norms[k, :size], want_norms)
+            torch.testing.assert_close(losses[k, :size], want_losses)
+        else:
+            want = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+        assert (norms[k, size:] == 0).all() and (losses[k, size:] == 0).all()
+        for name in want:
+            torch.testing.assert_close(sums[name][k], want[name])
+    empty = stack.ghost_clipped_sum(params, x[:, :0], y[:, :0], mask[:, :0], 0.7)[0]
+    assert all((s == 0).all() and s.shape == params[n].shape for n, s in empty.items())
+
+
+def test_a_dp_bundle_with_empty_batches_equals_separate_engines(tiny_data):
+    # batch 4 of 600 rows: q = 1/150, so some steps of some members are empty and sizes differ every step
+    assert sum(not len(b) for b in dp.poisson_batches(600, 4 / 600, 150, torch.Generator().manual_seed(0)))
+    _engines_equal_bundle(tiny_data, [cfg(seed=s, data_seed=s, batch_size=4, epochs=1) for s in range(3)])
+
+
+def test_a_dp_bundle_resumes_from_its_snapshot(tiny_data):
+    cfgs = [cfg(seed=s, data_seed=s, optimizer="adam", lr=1e-3) for s in range(2)]
+    whole = bundle.BundleEngine(cfgs, bundle.plant_members(cfgs, tiny_data))
+    whole.fit()
+    first = bundle.BundleEngine(cfgs, bundle.plant_members(cfgs, tiny_data))
+    first.step()
+    resumed = bundle.BundleEngine(cfgs, bundle.plant_members(cfgs, tiny_data))
+    resumed.restore(first.snapshot())
+    assert resumed.steps == first.steps == 600 // 64  # DP epochs take ⌊N/B⌋ steps (Adam's step count)
+    resumed.fit()
+    assert [[r["train_loss"] for r in h] for h in resumed.histories] == [[r["train_loss"] for r in h]
+                                                                         for h in whole.histories]
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -57,12 +58,16 @@ def test_a_bundle_never_mixes_dp_and_non_dp_runs():
     for members, _ in trials:
         assert len({c.dp_noise_multiplier for c in members}) == 1, [c.dp_noise_multiplier for c in members]
     private = [members for members, _ in trials if dp.enabled(members[0])]
-    assert len(private) == 3 and all(len(m) == 1 for m in private), "each DP training is a trial of its own"
-    assert len(trials) == 5  # the non-DP target and the two non-DP shadows (one bundle: same split)
+    # an MLP on the CPU: DP trainings are bundled as non-DP ones are (batched ghost norms), by split
+    assert sorted(len(m) for m in private) == [1, 2] and len(trials) == 4
     data = synthetic_dataset(n_train=200, n_test=100)
     dp_cfgs = [c for c in cfgs if dp.enabled(c) and c.split == "mia_shadow"]
-    with pytest.raises(SpuriousError, match="cannot train DP-SGD"):
-        bundle.BundleEngine(dp_cfgs, bundle.plant_members(dp_cfgs, data))
+    assert bundle.BundleEngine(dp_cfgs, bundle.plant_members(dp_cfgs, data)).stack is not None
+    with pytest.raises(SpuriousError, match="trains DP-SGD runs only as batched matmuls"):
+        bundle.BundleEngine(dp_cfgs, bundle.plant_members(dp_cfgs, data), batched=False)
+    cnns = [replace(c, model="cnn002") for c in cfgs]  # not batched: each DP training is a trial of its own
+    private = [members for members, _ in cells.plan(cnns, bundle_size=8) if dp.enabled(members[0])]
+    assert len(private) == 3 and all(len(m) == 1 for m in private)
     with pytest.raises(SpuriousError, match="dp_noise_multiplier"):
         bundle.check_compatible([cfgs[1], cfgs[4]])
 
