@@ -64,11 +64,8 @@ def _pm(values: pd.Series, digits: int = 3) -> str:
     values = values.astype(float).dropna()
     if values.empty:
         return "—"
-    if len(values) < 2:
-        se = math.nan
-    else:  # equal replicates have s.e. 0 exactly, not a rounding residue
-        se = 0.0 if values.nunique() == 1 else values.std(ddof=1) / math.sqrt(len(values))
-    return stats.cell(float(values.mean()), float(se), digits)
+    cell = stats.mean_se(pd.DataFrame({"value": values, "cell": 0}), ["cell"], "value").iloc[0]
+    return stats.cell(float(cell["mean"]), float(cell["se"]), digits)
 
 
 def group_text(n: int, group_epsilon: float, group_delta: float) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import stats, style
+from analysis import privacy, stats, style
 from analysis.frames import load, study_meta
 from spurious.metrics import PRIVACY_KEYS
 
@@ -236,9 +236,8 @@ def privacy_text(row: dict) -> str:
     text = f"  ε={eps:.3g} (δ={float(row['dp_delta_used']):.2g})"
     k = row.get("n_spurious")
     if k is not None and not pd.isna(k) and int(k) > 1:
-        group_delta = float(row["dp_group_delta"])
-        bound = "vacuous: δ = 1" if group_delta >= 1 else f"δ={group_delta:.2g}"
-        text += f", {int(k)} planted: group ε={float(row['dp_group_epsilon']):.3g} ({bound})"
+        bound = privacy.group_text(int(k), float(row["dp_group_epsilon"]), float(row["dp_group_delta"]))
+        text += f", {int(k)} planted: group ε={bound}"
     return text
 
 

@@ -309,12 +309,6 @@ class DPSetting:
         return "non-DP" if self.method is None else f"DP {self.method}"
 
 
-def _epoch_steps(n_train: int, batch: int, private: bool) -> int:
-    """Return the steps of one training epoch: ⌊N/B⌋ Poisson batches under DP (`dp.steps_per_epoch`), else
-    ⌈N/B⌉ shuffled batches."""
-    return max(1, n_train // batch) if private else -(-n_train // batch)
-
-
 def dp_overhead(cfg: TrainConfig, data: Dataset, settings: Sequence[DPSetting], noise_multiplier: float = 1.0,
                 max_norm: float = 1.0, train_subset: Optional[int] = None) -> list[dict]:
     """Return seconds per training epoch (`Engine.train_epoch`, no evaluation) of each setting: `cfg` with the
@@ -339,7 +333,7 @@ def dp_overhead(cfg: TrainConfig, data: Dataset, settings: Sequence[DPSetting], 
         engine = train.Engine(run_cfg, plant_config(_subset(data, n_timed), run_cfg))
         engine.dp_method = setting.method or "auto"
         timed = _epoch_seconds(engine.train_epoch, engine.device)
-        steps, steps_timed = (_epoch_steps(n, cfg.batch_size, private) for n in (n_train, n_timed))
+        steps, steps_timed = (train.steps_per_epoch(run_cfg, n) for n in (n_train, n_timed))
         rows.append({"setting": setting.name, "model": setting.model, "method": setting.method, "n_timed": n_timed,
                      "steps_timed": steps_timed, "steps": steps, "timed_s": timed,
                      "epoch_s": timed * steps / steps_timed, "extrapolated": n_timed < n_train})

@@ -589,9 +589,9 @@ class BundleEngine:
         return loss_sum, correct
 
     def _steps_per_epoch(self) -> int:
-        """Return the optimiser steps of one epoch: ⌈N / B⌉, or DP-SGD's ⌊N / B⌋ (`dp.steps_per_epoch`)."""
+        """Return the optimiser steps of one epoch of the bundle's training set (`train.steps_per_epoch`)."""
         n, cfg = self.pool.table.shape[1], self.cfgs[0]
-        return dp.steps_per_epoch(cfg, n) if dp.enabled(cfg) else -(-n // cfg.batch_size)
+        return train.steps_per_epoch(cfg, n)
 
     def _private_epoch(self) -> tuple[list[float], list[float]]:
         """Run one DP-SGD epoch of every member, as `train.Engine._private_epoch` runs it: each member's ⌊N/B⌋

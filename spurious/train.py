@@ -292,6 +292,12 @@ def privacy(cfg: TrainConfig, n_train: int, epochs: int, n_planted: int) -> dict
     return dict(zip(metrics.PRIVACY_KEYS, (eps, target_delta, group_eps, group_delta)))
 
 
+def steps_per_epoch(cfg: TrainConfig, n_train: int) -> int:
+    """Return the optimiser steps of one training epoch on `n_train` examples: ⌈N / B⌉ shuffled batches, or
+    DP-SGD's ⌊N / B⌋ Poisson batches (`dp.steps_per_epoch`)."""
+    return dp.steps_per_epoch(cfg, n_train) if dp.enabled(cfg) else -(-n_train // cfg.batch_size)
+
+
 def divergence_message(loss: float, epoch: int, lr: float, cfg: TrainConfig) -> str:
     """Return the one-line message for a training loss that became non-finite in epoch `epoch` (1-based)."""
     return (f"training loss became {loss} at epoch {epoch} (lr={lr}, optimizer={cfg.optimizer}); "

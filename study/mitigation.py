@@ -267,9 +267,9 @@ def run_baseline(root: Path, base: dict, tuning: TuningOptions, data, resources:
 
 def run_search(root: Path, base: dict, tuning: TuningOptions, data, resources: dict, checkpoint_every: int,
                options: runner.RunOptions, baseline: dict, logging: wandb_setup.Logging,
-               retry_errored: bool = False) -> tune.ResultGrid:
+               retry_errored: bool = False, noise_floor: float = 0.0) -> tune.ResultGrid:
     """Run (or continue) the Optuna search over mitigation settings (the constraint: validation accuracy ≥ the
-    baseline's validation accuracy − D)."""
+    baseline's validation accuracy − D); `noise_floor` is `dp_noise_floor`'s, computed once at launch."""
     path = root / "search"
     min_acc = (baseline[trainable_lib.SELECTION_ACC] - tuning.max_acc_drop if tuning.objective == "constrained"
                else None)
@@ -281,7 +281,7 @@ def run_search(root: Path, base: dict, tuning: TuningOptions, data, resources: d
     searcher = make_searcher(tuning, root / JOURNAL, root.name)
     tune_config = tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(tuning, base["epochs"]),
                                   num_samples=tuning.trials, max_concurrent_trials=options.max_concurrent)
-    space = tuning.space(base["lr"], dp_noise_floor(base, tuning, data))
+    space = tuning.space(base["lr"], noise_floor)
     tuner = tune.Tuner(trainable, param_space={**base, **space}, tune_config=tune_config,
                        run_config=runner.run_config(options, "search", logging.callbacks(root, root.name),
                                                     storage_path=str(root)))
@@ -351,17 +351,20 @@ def run(spec: StudySpec, options: runner.RunOptions, tuning: TuningOptions,
         print(f"privacy budget ε <= {tuning.max_epsilon}: DP noise multiplier searched in [{floor:.4g}, "
               f"{tuning.dp_noise_high}] (the floor reaches ε <= {tuning.max_epsilon} after {base['epochs']} epochs)",
               flush=True)
-    return _execute(root, base, tuning, prepared.data, resources, spec.checkpoint_every, options, logging)
+    return _execute(root, base, tuning, prepared.data, resources, spec.checkpoint_every, options, logging,
+                    noise_floor=floor)
 
 
 def _execute(root: Path, base: dict, tuning: TuningOptions, data, resources: dict, checkpoint_every: int,
-             options: runner.RunOptions, logging: wandb_setup.Logging, retry_errored: bool = False) -> Path:
+             options: runner.RunOptions, logging: wandb_setup.Logging, retry_errored: bool = False,
+             noise_floor: float = 0.0) -> Path:
     if base.get("val_size", 0) != tuning.val_size:
         raise SpuriousError(f"{str(root)!r} trains with val_size={base.get('val_size', 0)} but its tuning options say "
                             f"{tuning.val_size}: it predates validation-based selection; start the study again")
     runner.save_state_often(trial_budget(tuning))
     baseline = run_baseline(root, base, tuning, data, resources, checkpoint_every, options, logging)
-    run_search(root, base, tuning, data, resources, checkpoint_every, options, baseline, logging, retry_errored)
+    run_search(root, base, tuning, data, resources, checkpoint_every, options, baseline, logging, retry_errored,
+               noise_floor)
     selection = tuning_analysis.select(root, baseline, tuning.max_acc_drop, tuning.epsilon_objective,
                                        tuning.max_epsilon)
     settings = tuning_analysis.confirm_settings(selection, base["lr"], tuning.confirm_pareto)
@@ -389,4 +392,5 @@ def resume(again: "runner.Reopened", retry_errored: bool) -> Path:
     meta = again.meta
     tuning = config_lib.from_values(TuningOptions, meta["tuning"], "tuning option")
     return _execute(Path(again.path), meta["base"], tuning, again.data, again.resources,
-                    meta["checkpoint_every"], again.options, again.logging, retry_errored)
+                    meta["checkpoint_every"], again.options, again.logging, retry_errored,
+                    noise_floor=meta.get("dp_noise_floor", 0.0))  # recorded at launch whenever it is not 0
