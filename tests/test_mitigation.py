@@ -39,6 +39,14 @@ def averaged(metrics):
     return {k: metrics[k] for k in metrics if k.endswith("_per_seed") or k.removesuffix("_se") in trainable.AVERAGED}
 
 
+def assert_close(got, want):
+    """Equal metrics up to float rounding (keys, and values to 1e-5 relative or 1e-6 absolute)."""
+    assert got.keys() == want.keys()
+    for key in got:
+        np.testing.assert_allclose(np.asarray(got[key], float), np.asarray(want[key], float), rtol=1e-5, atol=1e-6,
+                                   err_msg=key)
+
+
 @pytest.mark.parametrize("model", ["large_mlp", "cnn002"])  # a bundle, and Engines in lock-step (dropout)
 def test_mitigation_trial_reports_the_seed_mean_of_engines_in_lock_step_and_resumes(monkeypatch, model):
     config = dict(dataset="fashion", model=model, pattern="s3", n_spurious=15, target=0, epochs=3, lr=0.05,
@@ -51,7 +59,11 @@ def test_mitigation_trial_reports_the_seed_mean_of_engines_in_lock_step_and_resu
     assert [m["epoch"] for m, _ in reports] == [1, 2, 3]
     assert all(f"{k}_se" in reports[0][0] for k in VAL_KEYS) and reports[0][0]["seed"] == 0
     for epoch, (metrics, states) in enumerate(reports):
-        assert averaged(metrics) == averaged(trainable.seed_average([e.step() for e in engines]))
+        separate = averaged(trainable.seed_average([e.step() for e in engines]))
+        if model == "large_mlp":  # a bundle's stacked matmuls: exact on an Intel Xeon, 1e-7 off on an AMD EPYC
+            assert_close(averaged(metrics), separate)
+        else:  # Engines in lock-step compute exactly what separate Engines do
+            assert averaged(metrics) == separate
         assert "constraint" in metrics and (states is not None) == (epoch + 1 in (2, 3)), "every 2 and the last"
     resumed = run_trainable(monkeypatch, config, seeds=2, restored=reports[1][1])
     assert [averaged(m) for m, _ in resumed] == [averaged(m) for m, _ in reports[2:]]
