@@ -344,6 +344,19 @@ def join_source(df: pd.DataFrame, sources: pd.DataFrame, on: str = "source_trial
     return df.merge(renamed, how="left", left_on=on, right_on="trial_id_source")
 
 
+FINISHED_STATUSES = ("TERMINATED", "ERROR")
+
+
+def unfinished_trials(df: pd.DataFrame, planned: int) -> int:
+    """Return how many of the `planned` Tune trials of a study's frame `df` did not finish (an interrupted run):
+    planned minus the trials, bundle members counted once (trial ids `ID-mK` are members of trial ID), whose
+    status is TERMINATED or ERROR. Trials that never reported are absent from `df` and count as unfinished."""
+    if df.empty:
+        return planned
+    trial = df["trial_id"].astype(str).str.replace(r"-m\d+$", "", regex=True)
+    return max(0, planned - trial[df["status"].isin(FINISHED_STATUSES)].nunique())
+
+
 def errored(df: pd.DataFrame) -> list[str]:
     """Return `trial_id: reason` for each errored trial."""
     if df.empty:

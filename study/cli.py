@@ -51,7 +51,7 @@ COMMANDS = (
             "study.cli:cmd_resume"),
     Command("report", "write tables, figures and index.html for experiments", "study.report_cmd:arguments",
             "study.report_cmd:cmd_report"),
-    Command("tune-mitigation", "Optuna search for the L2 / noise setting that removes a pattern",
+    Command("tune-mitigation", "Optuna search for the L2 / noise / DP-SGD setting that removes a pattern",
             "study.mitigation_cmd:arguments", "study.mitigation_cmd:handle"),
     Command("delete", "delete the spurious examples from a training study's models (protocol §8)",
             "study.delete_cmd:arguments", "study.delete_cmd:handle"),
@@ -299,8 +299,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SpuriousError as err:
         print(f"study: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("study: interrupted; `study resume EXPERIMENT_DIR` continues a run", file=sys.stderr)
+    except KeyboardInterrupt as err:  # a message names the experiment (e.g. tune-mitigation's phases)
+        print(f"study: {err}" if str(err) else "study: interrupted; `study resume EXPERIMENT_DIR` continues a run",
+              file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader went away (`study show … | head`): stop quietly
         sys.stderr = open(os.devnull, "w")

@@ -37,7 +37,8 @@ class Kind:
 
 
 def finish_training(experiment_path: str) -> int:
-    """Print the spurious-score table and the experiment path; exit 1 if any trial errored."""
+    """Print the spurious-score table and the experiment path; return 130 when trials are left unfinished (an
+    interrupted run: `study resume` continues it), 1 if any trial errored, else 0."""
     if "://" in str(experiment_path):
         print(f"\nexperiment: {experiment_path}\n(copy it to a local folder and run `study report` on it for "
               f"tables and figures)")
@@ -53,6 +54,12 @@ def finish_training(experiment_path: str) -> int:
     if layout:
         print(f"\n{layout}")
     print(f"\nexperiment: {experiment_path}")
+    planned = int(runner.read_meta(experiment_path).get("trials", 0))
+    unfinished = frames.unfinished_trials(df, planned)
+    if unfinished:
+        print(f"interrupted: {unfinished} of {planned} trials did not finish; `study resume {experiment_path}` "
+              "continues them")
+        return 130
     return 1 if errored else 0
 
 

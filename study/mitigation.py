@@ -259,10 +259,21 @@ def run_baseline(root: Path, base: dict, tuning: TuningOptions, data, resources:
                            run_config=runner.run_config(options, "baseline", logging.callbacks(root, root.name),
                                                         storage_path=str(root)))
     grid = tuner.fit()
+    stop_if_interrupted(grid, 1, "baseline", root)
     result = grid[0]
     if result.error or not result.metrics or result.metrics.get("epoch") != base["epochs"]:
         raise SpuriousError(f"the unmitigated baseline did not finish: {result.error}")
     return {k: result.metrics[k] for k in tuning_analysis.SELECTION_KEYS}
+
+
+def stop_if_interrupted(grid: tune.ResultGrid, planned: int, phase: str, root: Path) -> None:
+    """Raise KeyboardInterrupt (the CLI prints its one line and exits 130) when fewer than `planned` trials of a
+    phase finished (TERMINATED or ERROR): Tune returns from a fit stopped by Ctrl+C, and the next
+    phase must not run on a partial search, nor the confirmation report on test as if it were the result."""
+    finished = grid.num_terminated + grid.num_errors
+    if finished < planned:
+        raise KeyboardInterrupt(f"interrupted in the {phase}: {planned - finished} of {planned} trials did not "
+                                f"finish; `study resume {root}` continues the study")
 
 
 def run_search(root: Path, base: dict, tuning: TuningOptions, data, resources: dict, checkpoint_every: int,
@@ -363,12 +374,15 @@ def _execute(root: Path, base: dict, tuning: TuningOptions, data, resources: dic
                             f"{tuning.val_size}: it predates validation-based selection; start the study again")
     runner.save_state_often(trial_budget(tuning))
     baseline = run_baseline(root, base, tuning, data, resources, checkpoint_every, options, logging)
-    run_search(root, base, tuning, data, resources, checkpoint_every, options, baseline, logging, retry_errored,
-               noise_floor)
+    search = run_search(root, base, tuning, data, resources, checkpoint_every, options, baseline, logging,
+                        retry_errored, noise_floor)
+    stop_if_interrupted(search, tuning.trials, "search", root)
     selection = tuning_analysis.select(root, baseline, tuning.max_acc_drop, tuning.epsilon_objective,
                                        tuning.max_epsilon)
     settings = tuning_analysis.confirm_settings(selection, base["lr"], tuning.confirm_pareto)
-    run_confirm(root, base, tuning, settings, data, resources, checkpoint_every, options, logging, retry_errored)
+    confirm = run_confirm(root, base, tuning, settings, data, resources, checkpoint_every, options, logging,
+                          retry_errored)
+    stop_if_interrupted(confirm, len(settings), "confirmation", root)
     summary = tuning_analysis.write_summary(
         root, baseline, tuning.max_acc_drop, tuning.objective, val_size=tuning.val_size,
         search_seeds=tuning.search_seeds(base["data_seed"]), confirm_seeds=tuning.confirm_seeds_from(base["data_seed"]),

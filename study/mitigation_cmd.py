@@ -44,7 +44,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
                    help="log-uniform DP per-example clip norm range (default 0.1 10)")
     p.add_argument("--max-epsilon", type=float,
                    help="privacy budget: only settings with ε <= this (at δ = dp_delta, default 1/N) are searched, "
-                        "by raising the noise multiplier's floor; without it ε is a third Pareto objective")
+                        "by raising the noise multiplier's floor; without it (or with 0) ε is a third Pareto objective")
     add_run_options(p, smoke_help="3 settings × 2 seeds, 1 epoch; confirmation on 2 fresh seeds")
 
 

@@ -282,7 +282,7 @@ def finish(experiment_path: str, kind: str) -> int:
         print(f"errored: {row.trial_id}: {row.error or row.status}")
     print(f"\nexperiment: {experiment_path}")
     planned = int(meta.get("trials", len(df)))
-    unfinished = planned - int(status.isin(["TERMINATED", "ERROR"]).sum())
+    unfinished = frames.unfinished_trials(df, planned)
     if unfinished > 0:
         print(f"interrupted: {unfinished} of {planned} trials did not finish; `study resume {experiment_path}` "
               "continues them")

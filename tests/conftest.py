@@ -19,6 +19,32 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
+# `python -c SIGNAL_AT_FIRST_RESULT ARGS…` runs `study ARGS…` with a Tune callback in every Tuner the run creates that
+# sends the driver a signal when a trial first reports, in the Tune experiment (run config name: a tuning's
+# "baseline", "search" or "confirm", a training study's experiment name) and with the signal that the environment
+# variable SIGNAL_AT_FIRST_RESULT names ("search:SIGINT"): an interruption at a known point, however short the
+# phase. The callback is added after the study's loggers, which write the result first. Tune pickles callbacks with
+# the experiment, so a later `study resume` restores them: they act only where the environment says so, and once.
+SIGNAL_AT_FIRST_RESULT = (
+    "import os, signal, sys\n"
+    "from ray import tune\n"
+    "from study import cli, runner\n"
+    "class SignalAtFirstResult(tune.Callback):\n"
+    "    def __init__(self, phase):\n"
+    "        self.phase, self.sent = phase, False\n"
+    "    def on_trial_result(self, iteration, trials, trial, result, **info):\n"
+    "        phase, _, name = os.environ.get('SIGNAL_AT_FIRST_RESULT', '').partition(':')\n"
+    "        if phase == self.phase and not self.sent:\n"
+    "            self.sent = True\n"
+    "            os.kill(os.getpid(), getattr(signal, name))\n"
+    "plain = runner.run_config\n"
+    "def run_config(options, name, callbacks=None, storage_path=None):\n"
+    "    config = plain(options, name, callbacks, storage_path)\n"
+    "    config.callbacks.append(SignalAtFirstResult(name))\n"
+    "    return config\n"
+    "runner.run_config = run_config\n"
+    "sys.exit(cli.main(sys.argv[1:]))\n")
+
 
 def synthetic_dataset(n_train=600, n_test=300, shape=(1, 28, 28), seed=0, name="synthetic"):
     """Return a learnable 10-class dataset: each class is a bright horizontal band at its own height."""

@@ -367,3 +367,12 @@ def test_rows_take_the_canonical_config_their_reports_record(tmp_path):
     assert list(df["model"]) == ["large_mlp"] * 2
     summary = frames.summarize(df)
     assert len(summary) == 1 and summary["count"].iloc[0] == 2
+
+
+def test_unfinished_trials_counts_bundle_members_once_and_absent_trials_as_unfinished():
+    df = pd.DataFrame({"trial_id": ["a_00000-m0", "a_00000-m1", "a_00001", "a_00002", "a_00003-m0"],
+                       "status": ["TERMINATED", "TERMINATED", "ERROR", "RUNNING", "PENDING"]})
+    assert frames.unfinished_trials(df, 4) == 2  # 00002 running, 00003 pending; the bundle 00000 counts once
+    assert frames.unfinished_trials(df, 5) == 3  # a fifth trial that never reported
+    assert frames.unfinished_trials(df.iloc[:3], 2) == 0
+    assert frames.unfinished_trials(df.iloc[:0], 3) == 3 and frames.unfinished_trials(df.iloc[:0], 0) == 0

@@ -19,7 +19,7 @@ from spurious.metrics import TEST_KEYS, VAL_KEYS
 from spurious.planted import plant_config
 from study import cli
 from study.mitigation import TuningOptions
-from tests.conftest import FASHION_DIR, requires_fashion, synthetic_dataset
+from tests.conftest import FASHION_DIR, SIGNAL_AT_FIRST_RESULT, requires_fashion, synthetic_dataset
 from trainables import tune_mitigation as trainable
 
 
@@ -255,28 +255,6 @@ def finished_search_trials(root, epochs):
     return out
 
 
-# `study` run in a process that kills itself (SIGKILL, as a lost node or an OOM kill would) when the first result of
-# a trial of the tuning's confirmation reaches the driver: a kill inside the confirmation at a known point (the
-# loggers' buffered rows are lost with the process, as in a real kill). Tune pickles the callback with the
-# confirmation's run config, so a later `study resume` restores it: it kills only where the environment says so.
-KILLED_AT_FIRST_CONFIRM_RESULT = (
-    "import os, signal, sys\n"
-    "from ray import tune\n"
-    "from study import cli, runner\n"
-    "class KillAtFirstResult(tune.Callback):\n"
-    "    def on_trial_result(self, iteration, trials, trial, result, **info):\n"
-    "        if os.environ.get('KILL_AT_FIRST_CONFIRM_RESULT'):  # Tuner.restore brings the callback back\n"
-    "            os.kill(os.getpid(), signal.SIGKILL)\n"
-    "plain = runner.run_config\n"
-    "def run_config(options, name, callbacks=None, storage_path=None):\n"
-    "    config = plain(options, name, callbacks, storage_path)\n"
-    "    if name == 'confirm':  # after the study's loggers, which write the result first\n"
-    "        config.callbacks.append(KillAtFirstResult())\n"
-    "    return config\n"
-    "runner.run_config = run_config\n"
-    "sys.exit(cli.main(sys.argv[1:]))\n")
-
-
 @pytest.mark.slow
 @pytest.mark.ray
 @requires_fashion
@@ -304,11 +282,11 @@ def test_smoke_tuning_killed_in_its_search_and_in_its_confirmation_resumes_each_
 
     # The confirmation can be one trial of a few seconds (when no setting qualifies, only the baseline is
     # confirmed), too short to kill from outside by polling: the driver kills itself with SIGKILL when its
-    # confirmation first reports (a Tune callback added by KILLED_AT_FIRST_CONFIRM_RESULT).
-    again = subprocess.run([sys.executable, "-c", KILLED_AT_FIRST_CONFIRM_RESULT, "resume", str(root)],
+    # confirmation first reports (a Tune callback added by SIGNAL_AT_FIRST_RESULT).
+    again = subprocess.run([sys.executable, "-c", SIGNAL_AT_FIRST_RESULT, "resume", str(root)],
                            stdout=(tmp_path / "resume.log").open("w"), stderr=subprocess.STDOUT,
                            stdin=subprocess.DEVNULL, timeout=600,
-                           env={**os.environ, "KILL_AT_FIRST_CONFIRM_RESULT": "1"})
+                           env={**os.environ, "SIGNAL_AT_FIRST_RESULT": "confirm:SIGKILL"})
     assert again.returncode == -signal.SIGKILL, (tmp_path / "resume.log").read_text()[-2000:]
     assert (root / "confirm").is_dir() and not (root / "tuning.json").exists()  # killed inside the confirmation
     search = {p: (p / "result.json").read_text() for p in reported_rows(root / "search")}
@@ -347,6 +325,32 @@ def test_smoke_tuning_killed_in_its_search_and_in_its_confirmation_resumes_each_
     assert "## Provenance" in (root / "report" / "summary.md").read_text()
     assert (root / "report" / "confirm.csv").exists()
     assert (root / "report" / "tradeoff.png").exists() and (root / "report" / "index.html").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@requires_fashion
+def test_a_tuning_interrupted_in_its_search_exits_130_without_confirming_and_resumes(tmp_path):
+    """Ctrl+C (SIGINT) during the search: Tune stops and returns, and the study must not go on to select from the
+    partial search and confirm on test: one line naming `study resume`, exit 130, no tuning.json, no confirmation.
+    The driver sends itself SIGINT when the search's first trial reports (SIGNAL_AT_FIRST_RESULT), so the point
+    of interruption does not depend on timing. (W&B off: this is about the phases.)"""
+    root = tmp_path / "tune"
+    args = ["tune-mitigation", "--smoke", "--max-concurrent", "1", "--storage-path", str(tmp_path), "--name", "tune",
+            "--wandb", "off"]
+    stopped = subprocess.run([sys.executable, "-c", SIGNAL_AT_FIRST_RESULT, *args], capture_output=True, text=True,
+                             stdin=subprocess.DEVNULL, timeout=600,
+                             env={**os.environ, "SIGNAL_AT_FIRST_RESULT": "search:SIGINT"})
+    assert stopped.returncode == 130, stopped.stdout[-2000:] + stopped.stderr[-2000:]
+    assert "study: interrupted in the search: " in stopped.stderr and f"`study resume {root}`" in stopped.stderr
+    assert not (root / "tuning.json").exists() and not (root / "confirm").exists()
+    assert "confirmed on test (mean" not in stopped.stdout  # the summary's confirmation block
+
+    resumed = subprocess.run([sys.executable, "-m", "study.cli", "resume", str(root)], capture_output=True,
+                             text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert "confirmed on test (mean" in resumed.stdout
+    assert json.loads((root / "tuning.json").read_text())["finished"] == 3
 
 
 # The shuffled test labels cannot match the md5 of the real file, which `datasets.load` checks by default (a file

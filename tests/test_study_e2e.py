@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from analysis import frames
-from tests.conftest import requires_fashion
+from tests.conftest import SIGNAL_AT_FIRST_RESULT, requires_fashion
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, requires_fashion]
 W_OFF = ("--wandb", "off")
@@ -75,6 +75,23 @@ def test_smoke_study_completes_with_all_metrics_in_the_result_grid(tmp_path):
     for result in (tmp_path / "smoke").glob("*/result.json"):  # every row carries the full canonical config
         for row in map(json.loads, result.read_text().splitlines()):
             assert set(config_lib.field_names()) <= set(row) and row["pattern"] == "corner_square_5"
+
+
+def test_a_study_interrupted_by_ctrl_c_exits_130_and_names_study_resume(tmp_path):
+    """Ctrl+C (SIGINT) stops Tune, which returns: the run must say that trials are unfinished and how to continue,
+    and exit 130, not print a partial table as the result with exit 0. The driver sends itself SIGINT when the
+    first trial reports (tests.conftest.SIGNAL_AT_FIRST_RESULT), so the point does not depend on timing. (W&B
+    off: this is about the exit.)"""
+    exp = tmp_path / "stopped"
+    args = ["run", "demo", "--smoke", "--set", "epochs=2", "--max-concurrent", "1", "--storage-path", str(tmp_path),
+            "--name", "stopped", "--wandb", "off"]  # 2 epochs: the first report is not the last
+    stopped = subprocess.run([sys.executable, "-c", SIGNAL_AT_FIRST_RESULT, *args], capture_output=True, text=True,
+                             stdin=subprocess.DEVNULL, timeout=600,
+                             env={**os.environ, "SIGNAL_AT_FIRST_RESULT": "stopped:SIGINT"})
+    assert stopped.returncode == 130, stopped.stdout[-2000:] + stopped.stderr[-2000:]
+    assert f"trials did not finish; `study resume {exp}` continues them" in stopped.stdout
+    resumed = study("resume", str(exp))
+    assert resumed.returncode == 0 and "did not finish" not in resumed.stdout, resumed.stdout[-2000:]
 
 
 def test_killed_driver_then_resume_finishes_without_rerunning_finished_trials(tmp_path):
