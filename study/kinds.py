@@ -50,25 +50,22 @@ def finish_training(experiment_path: str) -> int:
     errored = frames.errored(df)
     for line in errored:
         print(f"errored: {line}")
-    layout = _recorded_layout(experiment_path)
+    meta = _recorded_meta(experiment_path)
+    layout = (meta.get("layout") or {}).get("line")  # absent for studies run before layouts were recorded
     if layout:
         print(f"\n{layout}")
     print(f"\nexperiment: {experiment_path}")
-    planned = int(runner.read_meta(experiment_path).get("trials", 0))
-    unfinished = frames.unfinished_trials(df, planned)
-    if unfinished:
-        print(f"interrupted: {unfinished} of {planned} trials did not finish; `study resume {experiment_path}` "
-              "continues them")
+    if runner.print_unfinished(df, int(meta.get("trials", 0)), experiment_path):
         return 130
     return 1 if errored else 0
 
 
-def _recorded_layout(experiment_path: str) -> str | None:
-    """Return the layout line study.json records (None for studies run before layouts were recorded)."""
+def _recorded_meta(experiment_path: str) -> dict:
+    """Return the experiment's study.json record, or {} where it has none (nothing to add to the table)."""
     try:
-        return (runner.read_meta(experiment_path).get("layout") or {}).get("line")
+        return runner.read_meta(experiment_path)
     except SpuriousError:
-        return None
+        return {}
 
 
 def _resume_tuner(kind: Kind) -> Callable[[runner.Reopened, bool], int]:

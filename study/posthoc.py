@@ -281,10 +281,6 @@ def finish(experiment_path: str, kind: str) -> int:
     for row in errored.itertuples():
         print(f"errored: {row.trial_id}: {row.error or row.status}")
     print(f"\nexperiment: {experiment_path}")
-    planned = int(meta.get("trials", len(df)))
-    unfinished = frames.unfinished_trials(df, planned)
-    if unfinished > 0:
-        print(f"interrupted: {unfinished} of {planned} trials did not finish; `study resume {experiment_path}` "
-              "continues them")
+    if runner.print_unfinished(df, int(meta.get("trials", len(df))), experiment_path):
         return 130
     return 1 if len(errored) else 0

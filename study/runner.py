@@ -14,6 +14,7 @@ from ray import tune
 from ray.tune.logger import JsonLoggerCallback
 from ray.tune.utils.util import SafeFallbackEncoder
 
+from analysis import frames
 from spurious import bundle, cells, config as config_lib, datasets, dp, models, planted, train
 from spurious.errors import SpuriousError
 from study import cluster, layout as layout_lib, provenance, space as space_lib, wandb_setup
@@ -331,6 +332,16 @@ def read_text(path: str | Path) -> str:
         raise FileNotFoundError(path)
     with fs.open_input_stream(inner) as stream:
         return stream.read().decode()
+
+
+def print_unfinished(df, planned: int, experiment_path: str) -> bool:
+    """Print how many of the `planned` trials of a study's `load` frame `df` did not finish and how to continue
+    them (`analysis.frames.unfinished_trials`); return whether any did not (an interrupted run: exit 130)."""
+    unfinished = frames.unfinished_trials(df, planned)
+    if unfinished:
+        print(f"interrupted: {unfinished} of {planned} trials did not finish; `study resume {experiment_path}` "
+              "continues them")
+    return unfinished > 0
 
 
 def read_meta(path: str | Path) -> dict:
